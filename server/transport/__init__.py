@@ -1,0 +1,1 @@
+"""gRPC transport: thin grpc.aio servicers, interceptors, health, reflection."""
