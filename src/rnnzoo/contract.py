@@ -120,7 +120,9 @@ class Contract:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ContractError(f"{origin}: unknown contract fields {unknown}; known: {sorted(known)}")
+            raise ContractError(
+                f"{origin}: unknown contract fields {unknown}; known: {sorted(known)}"
+            )
         try:
             kw = dict(data)
             kw["inputs"] = [TensorSpec(**t) for t in data.get("inputs", [])]
@@ -173,11 +175,15 @@ class Contract:
                     problems.append(f"state tensor {n!r} also declared as a data input/output")
                 names.add(n)
             if st.dtype not in DTYPES:
-                problems.append(f"state {st.input}: dtype {st.dtype!r} is not one of {list(DTYPES)}")
+                problems.append(
+                    f"state {st.input}: dtype {st.dtype!r} is not one of {list(DTYPES)}"
+                )
             if not 0 <= st.batch_axis < len(st.shape):
                 problems.append(f"state {st.input}: batch_axis={st.batch_axis} outside {st.shape}")
             if st.init not in INIT_KINDS:
-                problems.append(f"state {st.input}: init {st.init!r} is not one of {list(INIT_KINDS)}")
+                problems.append(
+                    f"state {st.input}: init {st.init!r} is not one of {list(INIT_KINDS)}"
+                )
             if st.init == "value" and st.init_value is None:
                 problems.append(f"state {st.input}: init='value' needs 'init_value'")
             fixed = [d for i, d in enumerate(st.shape) if i != st.batch_axis]
