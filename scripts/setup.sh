@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine: a venv in .venv with the torch CPU pin, then rnnzoo with its extras.
+# Idempotent: a second run only checks. torch is pinned first because a looser requirement
+# would fetch the newest release with GBs of CUDA packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+fi
+if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__ != '2.13.0+cpu' and not torch.__version__.startswith('2.13.0'))" 2>/dev/null; then
+    .venv/bin/python -m pip install -q torch==2.13.0
+fi
+.venv/bin/python -m pip install -q -e '.[train,dev]'

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs the whole test suite (sets up .venv first if needed). Extra args go to pytest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh || exit 1
+.venv/bin/ruff check . || exit 1
+.venv/bin/python -m pytest "$@"
+rc=$?
+# pytest exits 5 when it collected no tests: that is a broken suite here, say so plainly.
+if [ "$rc" -eq 5 ]; then
+    echo "scripts/test.sh: pytest collected no tests" >&2
+    exit 1
+fi
+exit "$rc"
