@@ -1,0 +1,153 @@
+"""Native ONNX ``RNN``/``GRU``/``LSTM`` nodes for ``nn.RNN``/``nn.GRU``/``nn.LSTM``.
+
+``NativeLayers`` stands in for a model's ``.rnn`` during ``torch.onnx.export(dynamo=True)``:
+its forward emits one native ONNX node per layer through ``torch.onnx.ops.symbolic_multi_out``
+(bidirectional layers as one node with ``direction="bidirectional"``), so the graph keeps a
+symbolic time axis instead of the unrolled or length-specialised graph that the default
+translation of ``nn.RNN``/``nn.GRU``/``nn.LSTM`` produces in torch 2.13 (see REFERENCE.md).
+
+PyTorch and ONNX disagree on gate order and bias layout; ``onnx_weights`` converts:
+- LSTM: PyTorch gates i, f, g, o -> ONNX i, o, f, c;
+- GRU: PyTorch r, z, n -> ONNX z, r, h, with ``linear_before_reset=1`` (PyTorch applies the
+  reset gate after the hidden matmul);
+- ONNX ``B`` is ``[Wb, Rb]`` concatenated; ``W``, ``R``, ``B`` carry a leading direction axis.
+ONNX ``Y`` is ``(T, D, B, H)`` and ORT rejects ``layout=1``, so the node runs time-major
+between two transposes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from rnnzoo.errors import InvalidArgument
+
+OPSET = 20
+
+
+@contextlib.contextmanager
+def quiet_export() -> Iterator[None]:
+    """Mute the exporter's registry chatter and deprecation warnings; errors still raise."""
+    lg = logging.getLogger("torch.onnx")
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        lg.setLevel(level)
+
+
+# PyTorch gate chunk index for each ONNX gate position.
+GATE_ORDER = {"RNN": [0], "GRU": [1, 0, 2], "LSTM": [0, 3, 1, 2]}
+
+
+def onnx_op(rnn: nn.Module) -> str:
+    """The ONNX op for a torch recurrent module; raises for what ONNX cannot express."""
+    if isinstance(rnn, nn.LSTM):
+        if rnn.proj_size:
+            raise InvalidArgument(
+                f"LSTM proj_size={rnn.proj_size} is not supported: ONNX LSTM has no projection; "
+                "retrain with proj_size=0"
+            )
+        return "LSTM"
+    if isinstance(rnn, nn.GRU):
+        return "GRU"
+    if isinstance(rnn, nn.RNN):
+        return "RNN"
+    raise InvalidArgument(f"{type(rnn).__name__} has no native ONNX recurrent op")
+
+
+def onnx_weights(rnn: nn.RNNBase, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W (D, G*H, F), R (D, G*H, H), B (D, 2*G*H) of one layer, in ONNX gate order."""
+    op = onnx_op(rnn)
+    H = rnn.hidden_size
+    order = GATE_ORDER[op]
+    idx = torch.cat([torch.arange(g * H, (g + 1) * H) for g in order])  # (G*H,)
+    Ws, Rs, Bs = [], [], []
+    for suffix in ["", "_reverse"][: 2 if rnn.bidirectional else 1]:
+        k = f"l{layer}{suffix}"
+        w_ih = getattr(rnn, f"weight_ih_{k}").detach()
+        w_hh = getattr(rnn, f"weight_hh_{k}").detach()
+        if rnn.bias:
+            b_ih = getattr(rnn, f"bias_ih_{k}").detach()
+            b_hh = getattr(rnn, f"bias_hh_{k}").detach()
+        else:  # ONNX treats a missing bias as zeros; keep the node uniform instead
+            b_ih = b_hh = w_ih.new_zeros(w_ih.shape[0])
+        Ws.append(w_ih[idx])
+        Rs.append(w_hh[idx])
+        Bs.append(torch.cat([b_ih[idx], b_hh[idx]]))
+    return torch.stack(Ws).clone(), torch.stack(Rs).clone(), torch.stack(Bs).clone()
+
+
+class NativeLayers(nn.Module):
+    """Export-time stand-in for ``nn.RNN/GRU/LSTM(batch_first=True)``, same call signature."""
+
+    def __init__(self, rnn: nn.RNNBase) -> None:
+        super().__init__()
+        self.op = onnx_op(rnn)
+        if not rnn.batch_first:
+            raise InvalidArgument("only batch_first=True recurrent layers are supported")
+        if next(rnn.parameters()).dtype != torch.float32:
+            raise InvalidArgument(
+                f"parameters are {next(rnn.parameters()).dtype}; ONNX Runtime's CPU recurrent "
+                "kernels are float32 only: call model.float() before exporting"
+            )
+        self.hidden_size = rnn.hidden_size
+        self.num_layers = rnn.num_layers
+        self.num_directions = 2 if rnn.bidirectional else 1
+        self.attrs: dict = {"hidden_size": rnn.hidden_size}
+        if rnn.bidirectional:
+            self.attrs["direction"] = "bidirectional"
+        if self.op == "GRU":
+            self.attrs["linear_before_reset"] = 1
+        if self.op == "RNN":
+            act = "Relu" if rnn.nonlinearity == "relu" else "Tanh"
+            self.attrs["activations"] = [act] * self.num_directions
+        for layer in range(rnn.num_layers):
+            W, R, B = onnx_weights(rnn, layer)
+            self.register_buffer(f"W{layer}", W)
+            self.register_buffer(f"R{layer}", R)
+            self.register_buffer(f"B{layer}", B)
+        self._eager = (rnn,)  # not a submodule: its parameters must not reach the graph
+
+    def forward(self, x: torch.Tensor, hx=None):
+        """x: (B, T, F); hx: h0 or (h0, c0), each (L*D, B, H) -> like nn.LSTM/GRU/RNN."""
+        if not torch.onnx.is_in_onnx_export():
+            return self._eager[0](x, hx)  # eager: the original module, bit for bit
+        lstm = self.op == "LSTM"
+        assert hx is not None, "export always feeds explicit state inputs"
+        h0, c0 = hx if lstm else (hx, None)
+        D, H = self.num_directions, self.hidden_size
+        seq = x.transpose(0, 1)  # (T, B, F): ORT runs only the time-major layout
+        T, B = seq.shape[0], seq.shape[1]
+        hs, cs = [], []
+        for layer in range(self.num_layers):
+            sl = slice(layer * D, (layer + 1) * D)
+            inputs = [seq, getattr(self, f"W{layer}"), getattr(self, f"R{layer}")]
+            inputs += [getattr(self, f"B{layer}"), None, h0[sl]]
+            if lstm:
+                inputs.append(c0[sl])
+            n_out = 3 if lstm else 2
+            outs = torch.onnx.ops.symbolic_multi_out(
+                self.op,
+                inputs,
+                self.attrs,
+                dtypes=[x.dtype] * n_out,
+                shapes=[[T, D, B, H]] + [[D, B, H]] * (n_out - 1),
+                version=OPSET,
+            )
+            Y = outs[0]  # (T, D, B, H)
+            seq = Y.permute(0, 2, 1, 3).reshape(T, B, D * H)  # (T, B, D*H)
+            hs.append(outs[1])
+            if lstm:
+                cs.append(outs[2])
+        out = seq.transpose(0, 1)  # (B, T, D*H)
+        hn = torch.cat(hs, dim=0)  # (L*D, B, H)
+        return (out, (hn, torch.cat(cs, dim=0))) if lstm else (out, hn)

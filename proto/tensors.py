@@ -1,0 +1,71 @@
+"""numpy <-> ``rnnzoo.v1.Tensor``: raw little-endian bytes with a shape and a dtype name.
+
+Shared by the server and the client. Raw bytes, not ``repeated float``: a chunk of a few
+hundred floats costs one memcpy instead of a per-value varint/fixed32 walk, and float64 or
+int64 keep their exact values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from rnnzoo.errors import InvalidArgument
+from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
+
+# dtype name on the wire -> little-endian numpy dtype
+DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype("<f4"),
+    "float64": np.dtype("<f8"),
+    "float16": np.dtype("<f2"),
+    "int64": np.dtype("<i8"),
+    "int32": np.dtype("<i4"),
+    "bool": np.dtype("?"),
+}
+MAX_RANK = 16  # far above any recurrent model's tensors; bounds the shape walk
+
+
+def to_tensor(array: object) -> pb.Tensor:
+    """A numpy array (or anything ``np.asarray`` takes) -> Tensor."""
+    a = np.asarray(array)
+    name = a.dtype.name
+    if name not in DTYPES:
+        raise InvalidArgument(
+            f"cannot send an array of dtype {a.dtype}; supported dtypes: {sorted(DTYPES)}"
+        )
+    data = np.ascontiguousarray(a, dtype=DTYPES[name]).tobytes()
+    return pb.Tensor(dtype=name, shape=list(a.shape), data=data)
+
+
+def from_tensor(t: pb.Tensor, *, name: str = "tensor") -> np.ndarray:
+    """Tensor -> numpy array (native byte order). Bad dtype/shape/bytes -> InvalidArgument."""
+    dt = DTYPES.get(t.dtype)
+    if dt is None:
+        raise InvalidArgument(
+            f"{name}: unknown dtype {t.dtype!r}; use one of {sorted(DTYPES)}"
+        )
+    shape = list(t.shape)
+    if len(shape) > MAX_RANK or any(d < 0 for d in shape):
+        raise InvalidArgument(
+            f"{name}: shape {shape} is invalid (dims must be >= 0, rank <= {MAX_RANK})"
+        )
+    want = math.prod(shape) * dt.itemsize
+    if len(t.data) != want:
+        raise InvalidArgument(
+            f"{name}: {len(t.data)} bytes of data, but shape {shape} of {t.dtype} needs "
+            f"{want} ({math.prod(shape)} values x {dt.itemsize} bytes, little-endian, C order)"
+        )
+    a = np.frombuffer(t.data, dtype=dt).reshape(shape)
+    if dt.name == "bool" and a.size and a.view(np.uint8).max() > 1:
+        raise InvalidArgument(f"{name}: bool values must be bytes 0 or 1")
+    return a.astype(dt.newbyteorder("="), copy=False)
+
+
+def to_tensors(arrays: Mapping[str, object]) -> dict[str, pb.Tensor]:
+    return {k: to_tensor(v) for k, v in arrays.items()}
+
+
+def from_tensors(tensors: Mapping[str, pb.Tensor], *, what: str = "input") -> dict[str, np.ndarray]:
+    return {k: from_tensor(v, name=f"{what} {k!r}") for k, v in tensors.items()}

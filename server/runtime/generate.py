@@ -1,0 +1,57 @@
+"""Generation helpers (numpy): token sampling and text <-> ids through a contract vocab."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rnnzoo.errors import InvalidArgument
+
+
+def check_sampling(max_tokens: int, temperature: float, top_k: int) -> None:
+    if max_tokens < 1:
+        raise InvalidArgument(f"max_tokens must be >= 1, got {max_tokens}")
+    if not np.isfinite(temperature) or temperature < 0:
+        raise InvalidArgument(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise InvalidArgument(f"top_k must be >= 0 (0 = no limit), got {top_k}")
+
+
+def sample_token(
+    logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator
+) -> int:
+    """One id from logits (V,). temperature 0 -> argmax; top_k > 0 keeps the k best."""
+    assert logits.ndim == 1
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if 0 < top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    return int(rng.choice(z.size, p=p))
+
+
+def encode(vocab: list[str] | None, text: str, model: str) -> np.ndarray:
+    """Characters -> ids (T,) int64 with the single-character entries of ``vocab``."""
+    if not vocab:
+        raise InvalidArgument(f"model {model!r} has no vocabulary; it takes numbers, not text")
+    index = {s: i for i, s in enumerate(vocab) if len(s) == 1}
+    unknown = sorted({ch for ch in text if ch not in index})
+    if unknown:
+        raise InvalidArgument(
+            f"characters {unknown} are not in the vocabulary of {model!r}; "
+            f"it knows {''.join(sorted(index))!r}"
+        )
+    return np.array([index[ch] for ch in text], dtype=np.int64)
+
+
+def decode(vocab: list[str] | None, ids, model: str) -> str:
+    if not vocab:
+        raise InvalidArgument(f"model {model!r} has no vocabulary to decode with")
+    arr = np.asarray(ids).reshape(-1)
+    if arr.size and (arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() >= len(vocab)):
+        raise InvalidArgument(
+            f"token ids must be integers in [0, {len(vocab)}) for {model!r}, got {arr.tolist()[:20]}"
+        )
+    return "".join(vocab[int(i)] for i in arr)

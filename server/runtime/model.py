@@ -1,0 +1,326 @@
+"""One served ONNX graph: its contract checked against the ORT session, input validation,
+state layout (gather/scatter on each state's batch axis) and one ``run`` per batch.
+
+ORT session options are chosen for step serving (see /work/shared/REFERENCE.md): one intra-op
+and one inter-op thread, sequential execution, and no spinning. A recurrent step is tens of
+microseconds, so extra threads only add synchronisation; spinning threads burn the cores the
+event loop and the other sessions need (2 spinning threads measured ~2x slower on 2 cores).
+Throughput comes from batching sessions into one call instead.
+
+Dtype policy for client inputs (documented, applied in ``validate_chunk``): float inputs accept
+float16/float32/float64 and are cast to the contract dtype (float64 -> float32 loses only
+precision the model cannot use); integer inputs accept any integer dtype whose values fit;
+everything else (floats for token ids, ints for features, bool, strings) is InvalidArgument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from rnnzoo.contract import Contract, StateSpec, TensorSpec
+from rnnzoo.errors import InvalidArgument
+
+ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(bool)": "bool",
+}
+
+
+def session_options(intra: int = 1, inter: int = 1) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = intra
+    so.inter_op_num_threads = inter
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
+def _free_axis(spec: TensorSpec) -> int | None:
+    """The time axis of the batch-free view of ``spec`` (batch axis removed)."""
+    t, b = spec.time_axis, spec.batch_axis
+    if t is None:
+        return None
+    return t - 1 if b is not None and b < t else t
+
+
+@dataclass
+class Chunk:
+    """A validated batch-free chunk of one sequence: arrays in contract dtypes, its length."""
+
+    arrays: dict[str, np.ndarray]
+    length: int  # time steps (1 when no input has a time axis)
+
+
+class ServedModel:
+    """A checked ONNX graph. ``run`` is thread-safe (ORT sessions are)."""
+
+    def __init__(self, path: Path, contract: Contract, intra: int = 1, inter: int = 1) -> None:
+        self.path = Path(path)
+        self.contract = contract
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), session_options(intra, inter), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph classes
+            raise InvalidArgument(
+                f"{self.path}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc}); "
+                "re-export the model or remove it from the model directory"
+            ) from None
+        self._check_contract()
+        self.constants = {c.name: np.asarray(c.value, dtype=c.dtype) for c in contract.constants}
+        self.init_states = {st.input: self._init_state(st) for st in contract.states}
+        vocab = contract.vocab
+        self.vocab_size = len(vocab) if vocab else None
+
+    # ---- contract vs graph -------------------------------------------------------------
+    def _check_contract(self) -> None:
+        c, where = self.contract, f"{self.path}"
+        fix = "fix the contract (sidecar or metadata) or re-export the model"
+        g_in = {i.name: i for i in self.session.get_inputs()}
+        g_out = {o.name: o for o in self.session.get_outputs()}
+        problems: list[str] = []
+
+        def check(kind: str, name: str, dtype: str, rank: int | None, shape, graph: dict) -> None:
+            node = graph.get(name)
+            if node is None:
+                problems.append(f"{kind} {name!r} is not in the graph (graph has {sorted(graph)})")
+                return
+            gdt = ORT_DTYPES.get(node.type, node.type)
+            if gdt != dtype:
+                problems.append(f"{kind} {name!r}: contract dtype {dtype}, graph {gdt}")
+            if rank is not None and node.shape is not None and len(node.shape) != rank:
+                problems.append(
+                    f"{kind} {name!r}: contract rank {rank} {list(shape)}, graph rank "
+                    f"{len(node.shape)} {node.shape}"
+                )
+            elif shape is not None and node.shape is not None:
+                for i, (a, g) in enumerate(zip(shape, node.shape, strict=False)):
+                    if isinstance(a, int) and isinstance(g, int) and a != g:
+                        problems.append(
+                            f"{kind} {name!r}: dim {i} is {a} in the contract, {g} in the graph"
+                        )
+
+        for s in c.inputs:
+            check("input", s.name, s.dtype, len(s.shape), s.shape, g_in)
+        for s in c.outputs:
+            check("output", s.name, s.dtype, len(s.shape), s.shape, g_out)
+        for st in c.states:
+            check("state input", st.input, st.dtype, len(st.shape), st.shape, g_in)
+            check("state output", st.output, st.dtype, len(st.shape), st.shape, g_out)
+        for k in c.constants:
+            check("constant", k.name, k.dtype, np.ndim(k.value), None, g_in)
+        declared = {s.name for s in c.inputs} | {st.input for st in c.states}
+        declared |= {k.name for k in c.constants}
+        for name in sorted(set(g_in) - declared):
+            problems.append(
+                f"graph input {name!r} is not declared: add it to inputs, states or constants"
+            )
+        if problems:
+            raise InvalidArgument(
+                f"{where}: contract does not match the graph; {fix}:\n  - "
+                + "\n  - ".join(problems)
+            )
+
+    def _init_state(self, st: StateSpec) -> np.ndarray:
+        """One sequence's initial state, with a batch axis of size 1."""
+        shape = self.contract.state_feature_shape(st)
+        if st.init == "zeros":
+            v = np.zeros(shape, dtype=st.dtype)
+        else:
+            v = np.asarray(st.init_value, dtype=st.dtype)
+            if list(v.shape) != shape:
+                raise InvalidArgument(
+                    f"{self.path}: state {st.input!r} init_value has shape {list(v.shape)}, "
+                    f"expected {shape} (the state shape without its batch axis)"
+                )
+        return np.expand_dims(v, st.batch_axis)
+
+    # ---- validation -----------------------------------------------------------------------
+    def _coerce(self, spec_name: str, dtype: str, arr) -> np.ndarray:
+        a = np.asarray(arr)
+        want = np.dtype(dtype)
+        if a.dtype == want:
+            out = a
+        elif want.kind == "f" and a.dtype.kind == "f":
+            out = a.astype(want)
+        elif want.kind == "i" and a.dtype.kind in "iu":
+            info = np.iinfo(want)
+            if a.size and (a.min() < info.min or a.max() > info.max):
+                raise InvalidArgument(f"input {spec_name!r}: values do not fit {dtype}")
+            out = a.astype(want)
+        else:
+            raise InvalidArgument(
+                f"input {spec_name!r}: expected dtype {dtype}, got {a.dtype}; send {dtype} "
+                "(floats accept float16/32/64, integers any integer type)"
+            )
+        if want.kind == "f" and not np.all(np.isfinite(out)):
+            raise InvalidArgument(f"input {spec_name!r}: contains NaN or infinity")
+        return out
+
+    def _check_names(self, inputs: dict) -> None:
+        want = [s.name for s in self.contract.inputs]
+        unknown = sorted(set(inputs) - set(want))
+        missing = [n for n in want if n not in inputs]
+        if unknown or missing:
+            raise InvalidArgument(
+                f"model {self.contract.name!r} takes inputs {want}; "
+                f"missing {missing}, unknown {unknown}"
+            )
+
+    def _check_values(self, spec: TensorSpec, a: np.ndarray) -> None:
+        if self.vocab_size and a.dtype.kind == "i" and a.size:
+            lo, hi = int(a.min()), int(a.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise InvalidArgument(
+                    f"input {spec.name!r}: token ids must be in [0, {self.vocab_size}), "
+                    f"got values in [{lo}, {hi}]"
+                )
+
+    def validate_chunk(self, inputs: dict) -> Chunk:
+        """Batch-free chunk of one sequence, e.g. {"x": (T, F)} -> checked arrays."""
+        self._check_names(inputs)
+        out, length = {}, None
+        for spec in self.contract.inputs:
+            a = self._coerce(spec.name, spec.dtype, inputs[spec.name])
+            free = [d for i, d in enumerate(spec.shape) if i != spec.batch_axis]
+            t = _free_axis(spec)
+            self._check_shape(spec.name, a.shape, free, t)
+            if t is not None:
+                if a.shape[t] == 0:
+                    raise InvalidArgument(f"input {spec.name!r}: empty chunk (0 time steps)")
+                if length is not None and a.shape[t] != length:
+                    raise InvalidArgument(
+                        f"inputs disagree on the number of time steps: {length} vs "
+                        f"{a.shape[t]} for {spec.name!r}"
+                    )
+                length = a.shape[t]
+            self._check_values(spec, a)
+            out[spec.name] = a
+        return Chunk(out, length or 1)
+
+    def validate_batch(self, inputs: dict) -> tuple[dict[str, np.ndarray], int]:
+        """Whole-sequence inputs WITH the batch axis -> (arrays, batch size)."""
+        self._check_names(inputs)
+        out, batch = {}, None
+        for spec in self.contract.inputs:
+            a = self._coerce(spec.name, spec.dtype, inputs[spec.name])
+            self._check_shape(spec.name, a.shape, list(spec.shape), spec.time_axis)
+            if spec.time_axis is not None and a.shape[spec.time_axis] == 0:
+                raise InvalidArgument(f"input {spec.name!r}: empty sequence (0 time steps)")
+            if spec.batch_axis is not None:
+                n = a.shape[spec.batch_axis]
+                if n == 0 or (batch is not None and n != batch):
+                    raise InvalidArgument(
+                        f"input {spec.name!r}: batch size {n}; every input needs the same "
+                        "batch size >= 1"
+                    )
+                batch = n
+            self._check_values(spec, a)
+            out[spec.name] = a
+        return out, batch or 1
+
+    @staticmethod
+    def _check_shape(name: str, got: tuple, want: list, time_axis: int | None) -> None:
+        if len(got) != len(want):
+            raise InvalidArgument(
+                f"input {name!r}: expected rank {len(want)} shape {want}, got shape {list(got)}"
+            )
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            if isinstance(w, int) and g != w:
+                raise InvalidArgument(
+                    f"input {name!r}: dim {i} must be {w} (expected shape {want}), got "
+                    f"shape {list(got)}"
+                )
+
+    def validate_state(self, state: dict) -> dict[str, np.ndarray]:
+        """A client-given initial state of ONE sequence (batch-free) -> batch-1 arrays."""
+        want = {st.input: st for st in self.contract.states}
+        unknown = sorted(set(state) - set(want))
+        if unknown:
+            raise InvalidArgument(
+                f"initial state names {unknown} unknown; model {self.contract.name!r} has "
+                f"states {sorted(want)}"
+            )
+        out = dict(self.init_states)
+        for name, arr in state.items():
+            st = want[name]
+            a = self._coerce(name, st.dtype, arr)
+            shape = self.contract.state_feature_shape(st)
+            if list(a.shape) != shape:
+                raise InvalidArgument(
+                    f"initial state {name!r}: expected shape {shape} (one sequence, no batch "
+                    f"axis), got {list(a.shape)}"
+                )
+            out[name] = np.expand_dims(a, st.batch_axis)
+        return out
+
+    # ---- batching and running ---------------------------------------------------------------
+    def stack_chunks(self, chunks: list[Chunk]) -> dict[str, np.ndarray]:
+        """Equal-length batch-free chunks -> one batched feed."""
+        feeds = {}
+        for spec in self.contract.inputs:
+            arrs = [c.arrays[spec.name] for c in chunks]
+            if spec.batch_axis is None:
+                feeds[spec.name] = arrs[0]
+            else:
+                feeds[spec.name] = np.stack(arrs, axis=spec.batch_axis)
+        return feeds
+
+    def concat_chunks(self, chunks: list[Chunk]) -> Chunk:
+        """Consecutive chunks of one sequence -> one chunk (the prefix so far)."""
+        assert chunks
+        arrays = {}
+        for spec in self.contract.inputs:
+            t = _free_axis(spec)
+            arrs = [c.arrays[spec.name] for c in chunks]
+            arrays[spec.name] = arrs[-1] if t is None else np.concatenate(arrs, axis=t)
+        return Chunk(arrays, sum(c.length for c in chunks))
+
+    def stack_states(self, states: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return {
+            st.input: np.concatenate([s[st.input] for s in states], axis=st.batch_axis)
+            for st in self.contract.states
+        }
+
+    def split_outputs(self, outputs: dict[str, np.ndarray], n: int) -> list[dict]:
+        """Batched outputs -> per-sequence batch-free outputs."""
+        res: list[dict] = [{} for _ in range(n)]
+        for spec in self.contract.outputs:
+            a = outputs[spec.name]
+            for i in range(n):
+                res[i][spec.name] = a if spec.batch_axis is None else np.take(a, i, spec.batch_axis)
+        return res
+
+    def split_states(self, states: dict[str, np.ndarray], n: int) -> list[dict]:
+        """Batched next states (keyed by state INPUT name) -> per-sequence batch-1 arrays."""
+        res: list[dict] = [{} for _ in range(n)]
+        for st in self.contract.states:
+            a = states[st.input]
+            for i in range(n):
+                res[i][st.input] = np.take(a, [i], axis=st.batch_axis)
+        return res
+
+    def initial_batch_state(self, n: int) -> dict[str, np.ndarray]:
+        return self.stack_states([self.init_states] * n)
+
+    def run(
+        self, inputs: dict[str, np.ndarray], states: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """One ORT call on a batch. Returns (data outputs, next states keyed by state input)."""
+        feeds = {**inputs, **states, **self.constants}
+        names = [s.name for s in self.contract.outputs] + [st.output for st in self.contract.states]
+        res = self.session.run(names, feeds)
+        n = len(self.contract.outputs)
+        outs = dict(zip(names[:n], res[:n], strict=True))
+        nxt = {st.input: r for st, r in zip(self.contract.states, res[n:], strict=True)}
+        return outs, nxt

@@ -1,0 +1,387 @@
+"""The runtime facade: everything the transport calls. Plain Python + numpy.
+
+Semantics worth knowing:
+- every request is validated before it touches a session; a bad request changes nothing;
+- steps of one session run in order (a per-session FIFO lock); a step's new state is stored
+  only after its ORT call succeeded, and only if the session was not reset meanwhile;
+- streamable models: a step returns the outputs of its own chunk (``start`` = steps before
+  it, ``revised=False``);
+- non-streamable (bidirectional) models: the session buffers the chunks received so far and
+  each step re-runs the whole prefix from the initial state, returning exact outputs for all
+  of it (``start=0``, ``revised=True``): equal to offline inference of that prefix. A prefix
+  longer than ``max_buffer_steps`` is refused with ResourceExhausted: it is a server-set
+  resource limit, not a state problem of the request; the client can reset or close the
+  session and start a new sequence;
+- inference runs in a thread pool, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rnnzoo.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+
+from .batching import Batcher
+from .generate import check_sampling, decode, encode, sample_token
+from .model import Chunk, ServedModel
+from .repository import ModelInfo, ModelRepository, ServedEntry
+from .sessions import Session, SessionInfo, SessionStore
+
+
+@dataclass
+class RuntimeOptions:
+    intra_op_threads: int = 1  # ORT: sequential, no spinning (see model.py)
+    inter_op_threads: int = 1
+    max_batch: int = 64
+    max_delay_ms: float = 0.0  # 0 = batch what is already waiting
+    max_sessions: int = 10_000
+    on_full: str = "reject"  # or "evict" (least recently used)
+    session_ttl_s: float | None = 600.0  # None or 0 disables idle expiry
+    max_buffer_steps: int = 10_000  # non-streamable (bidirectional) sessions
+    sweep_interval_s: float = 5.0  # how often the sweeper looks for idle sessions
+
+    def check(self) -> None:
+        problems = []
+        if self.intra_op_threads < 1 or self.inter_op_threads < 1:
+            problems.append("intra_op_threads and inter_op_threads must be >= 1")
+        if self.max_batch < 1:
+            problems.append(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_delay_ms < 0:
+            problems.append(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
+        if self.max_sessions < 1:
+            problems.append(f"max_sessions must be >= 1, got {self.max_sessions}")
+        if self.on_full not in ("reject", "evict"):
+            problems.append(f"on_full must be 'reject' or 'evict', got {self.on_full!r}")
+        if self.session_ttl_s is not None and self.session_ttl_s < 0:
+            problems.append(f"session_ttl_s must be >= 0 (or None), got {self.session_ttl_s}")
+        if self.max_buffer_steps < 1:
+            problems.append(f"max_buffer_steps must be >= 1, got {self.max_buffer_steps}")
+        if problems:
+            raise InvalidArgument("bad runtime options: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class StepResult:
+    outputs: dict[str, np.ndarray]  # batch-free, (T, ...)
+    start: int  # index in the session's sequence of the first returned step
+    steps_total: int
+    revised: bool  # True: outputs re-cover the whole prefix (non-streamable models)
+
+
+class Runtime:
+    def __init__(self, repo: ModelRepository, options: RuntimeOptions | None = None, clock=None):
+        self.options = options or RuntimeOptions()
+        self.options.check()
+        self.repo = repo
+        kw = {"clock": clock} if clock is not None else {}
+        self.store = SessionStore(
+            self.options.max_sessions, self.options.on_full, self.options.session_ttl_s, **kw
+        )
+        self._executor = ThreadPoolExecutor(max(1, os.cpu_count() or 1), "rnnzoo-ort")
+        self.batchers: dict[tuple[str, str], Batcher] = {}
+        for name, entry in repo.entries.items():
+            for role, graph in entry.graphs.items():
+                self.batchers[(name, role)] = Batcher(
+                    graph, self._executor, self.options.max_batch, self.options.max_delay_ms
+                )
+        self._phase = "new"  # new -> running -> stopping -> stopped
+        self._sweeper: asyncio.Task | None = None
+        self._epochs: dict[str, int] = {}  # session id -> reset count
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, options: RuntimeOptions | None = None) -> Runtime:
+        opts = options or RuntimeOptions()
+        opts.check()
+        repo = ModelRepository.from_dir(model_dir, opts.intra_op_threads, opts.inter_op_threads)
+        return cls(repo, opts)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._phase != "new":
+            raise FailedPrecondition(f"the runtime is {self._phase}; create a new one to restart")
+        for b in self.batchers.values():
+            b.start()
+        if self.store.ttl_s is not None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+        self._phase = "running"
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        if self._phase in ("stopping", "stopped"):
+            return
+        self._phase = "stopping"
+        await asyncio.gather(*(b.stop(grace_s) for b in self.batchers.values()))
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._phase = "stopped"
+
+    @property
+    def ready(self) -> bool:
+        return self._phase == "running"
+
+    def _check(self) -> None:
+        if self._phase != "running":
+            raise Unavailable(
+                f"the runtime is {self._phase}, not serving; retry against a running server"
+            )
+
+    async def _sweep_loop(self) -> None:
+        interval = min(self.options.sweep_interval_s, max(self.store.ttl_s / 4, 0.05))
+        while True:
+            await asyncio.sleep(interval)
+            self.store.sweep()
+
+    # ---- models ----------------------------------------------------------------------------
+    def list_models(self) -> list[ModelInfo]:
+        self._check()
+        return self.repo.list()
+
+    def get_model(self, name: str) -> ModelInfo:
+        self._check()
+        return self.repo.get(name).info
+
+    def _single(self, name: str, what: str) -> tuple[ServedEntry, ServedModel]:
+        entry = self.repo.get(name)
+        if entry.is_seq2seq:
+            raise FailedPrecondition(
+                f"model {name!r} is a seq2seq encoder/decoder pair; {what} serves single-graph "
+                "models: use generate for it"
+            )
+        return entry, entry.graphs["model"]
+
+    # ---- sessions --------------------------------------------------------------------------
+    def create_session(
+        self, model: str, initial_state: dict[str, np.ndarray] | None = None
+    ) -> SessionInfo:
+        self._check()
+        _, graph = self._single(model, "a session")
+        init = graph.validate_state(initial_state or {})
+        sess = self.store.create(model, init)
+        self._epochs[sess.id] = 0
+        return self.store.info(sess)
+
+    def close_session(self, session_id: str) -> None:
+        self._check()
+        self.store.close(session_id)
+        self._epochs.pop(session_id, None)
+
+    def reset_session(self, session_id: str) -> None:
+        self._check()
+        sess = self.store.get(session_id)
+        sess.state = dict(sess.initial)
+        sess.steps = 0
+        sess.buffer = []
+        self._epochs[session_id] = self._epochs.get(session_id, 0) + 1
+
+    def attach(self, session_id: str) -> object:
+        self._check()
+        return self.store.attach(session_id)
+
+    def detach(self, session_id: str, token: object) -> None:
+        self.store.detach(session_id, token)  # allowed while stopping: streams close then
+
+    def session_info(self, session_id: str) -> SessionInfo:
+        self._check()
+        return self.store.info(self.store.get(session_id))
+
+    # ---- stepping ----------------------------------------------------------------------------
+    async def step(self, session_id: str, inputs: dict[str, np.ndarray]) -> StepResult:
+        self._check()
+        sess = self.store.get(session_id)
+        entry, graph = self._single(sess.model, "step")
+        chunk = graph.validate_chunk(inputs)  # before anything is queued or locked
+        async with sess.lock:
+            sess = self.store.get(session_id)  # closed/expired while waiting?
+            epoch = self._epochs.get(session_id, 0)
+            batcher = self.batchers[(sess.model, "model")]
+            if entry.info.streamable:
+                outs, nxt = await batcher.submit(session_id, chunk, sess.state)
+                if self._epochs.get(session_id) != epoch:
+                    raise FailedPrecondition(
+                        f"session {session_id!r} was reset or closed while this step ran; "
+                        "its result was dropped, send the chunk again"
+                    )
+                start = sess.steps
+                sess.state, sess.steps = nxt, sess.steps + chunk.length
+                return StepResult(outs, start, sess.steps, False)
+            total = sess.steps + chunk.length
+            if total > self.options.max_buffer_steps:
+                raise ResourceExhausted(
+                    f"session {session_id!r} of non-streamable model {sess.model!r} would hold "
+                    f"{total} steps, over the server's max_buffer_steps="
+                    f"{self.options.max_buffer_steps}; reset the session or start a new one"
+                )
+            prefix = graph.concat_chunks([*sess.buffer, chunk])
+            outs, nxt = await batcher.submit(session_id, prefix, sess.initial)
+            if self._epochs.get(session_id) != epoch:
+                raise FailedPrecondition(
+                    f"session {session_id!r} was reset or closed while this step ran; "
+                    "its result was dropped, send the chunk again"
+                )
+            sess.buffer.append(chunk)
+            sess.state, sess.steps = nxt, total
+            return StepResult(outs, 0, total, True)
+
+    async def infer(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        session_id: str | None = None,
+        advance: bool = False,
+    ) -> dict[str, np.ndarray]:
+        self._check()
+        _, graph = self._single(model, "infer")
+        feeds, batch = graph.validate_batch(inputs)
+        loop = asyncio.get_running_loop()
+        if session_id is None:
+            if advance:
+                raise InvalidArgument("advance=True needs a session_id (whose state to move on)")
+            states = graph.initial_batch_state(batch)
+            outs, _ = await loop.run_in_executor(self._executor, self._run, graph, feeds, states)
+            return outs
+        sess = self.store.get(session_id)
+        self._check_session_model(sess, model)
+        if batch != 1:
+            raise InvalidArgument(
+                f"inference from session {session_id!r} takes batch size 1, got {batch}"
+            )
+        if not self.repo.get(model).info.streamable:
+            raise FailedPrecondition(
+                f"model {model!r} is not streamable (bidirectional): it has no running state "
+                "to continue from; use step (exact revised outputs) or infer without a session"
+            )
+        async with sess.lock:
+            sess = self.store.get(session_id)
+            epoch = self._epochs.get(session_id, 0)
+            outs, nxt = await loop.run_in_executor(
+                self._executor, self._run, graph, feeds, sess.state
+            )
+            if advance and self._epochs.get(session_id) == epoch:
+                length = next(
+                    (feeds[s.name].shape[s.time_axis] for s in graph.contract.inputs if s.time_axis is not None),
+                    1,
+                )  # fmt: skip
+                sess.state, sess.steps = nxt, sess.steps + length
+            return outs
+
+    @staticmethod
+    def _check_session_model(sess: Session, model: str) -> None:
+        if sess.model != model:
+            raise InvalidArgument(
+                f"session {sess.id!r} belongs to model {sess.model!r}, not {model!r}"
+            )
+
+    @staticmethod
+    def _run(graph: ServedModel, feeds: dict, states: dict):
+        try:
+            return graph.run(feeds, states)
+        except Exception as exc:
+            raise InvalidArgument(
+                f"model {graph.contract.name!r} failed on this input "
+                f"({type(exc).__name__}: {str(exc).strip()[:300]})"
+            ) from None
+
+    # ---- text and generation ---------------------------------------------------------------
+    def _text_vocabs(self, model: str) -> tuple[list[str] | None, list[str] | None]:
+        entry = self.repo.get(model)
+        if entry.is_seq2seq:
+            enc, dec = entry.graphs["encoder"].contract, entry.graphs["decoder"].contract
+            return enc.vocab, dec.target_vocab or dec.vocab
+        c = entry.graphs["model"].contract
+        return c.vocab, c.vocab
+
+    def encode_text(self, model: str, text: str) -> np.ndarray:
+        self._check()
+        return encode(self._text_vocabs(model)[0], text, model)
+
+    def decode_tokens(self, model: str, ids) -> str:
+        self._check()
+        return decode(self._text_vocabs(model)[1], ids, model)
+
+    async def generate(
+        self,
+        model: str,
+        prompt: str,
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+    ) -> AsyncIterator[str]:
+        self._check()
+        check_sampling(max_tokens, temperature, top_k)
+        entry = self.repo.get(model)
+        rng = np.random.default_rng(seed)
+        if entry.is_seq2seq:
+            gen = self._generate_seq2seq(entry, prompt, max_tokens, temperature, top_k, rng)
+        elif entry.info.task == "lm" and entry.graphs["model"].contract.vocab:
+            gen = self._generate_lm(entry, prompt, max_tokens, temperature, top_k, rng)
+        else:
+            raise FailedPrecondition(
+                f"model {model!r} (task {entry.info.task!r}) does not generate text; "
+                "generate serves lm and seq2seq models"
+            )
+        async for piece in gen:
+            yield piece
+
+    async def _feed(self, role: str, entry: ServedEntry, key, ids: np.ndarray, state: dict):
+        """Run token ids (T,) through one graph from ``state``: (last-step outputs, state)."""
+        graph = entry.graphs[role]
+        chunk = graph.validate_chunk({graph.contract.inputs[0].name: ids})
+        outs, nxt = await self.batchers[(entry.info.name, role)].submit(key, chunk, state)
+        return outs, nxt
+
+    async def _generate_lm(self, entry, prompt, max_tokens, temperature, top_k, rng):
+        graph = entry.graphs["model"]
+        c = graph.contract
+        ids = encode(c.vocab, prompt, c.name)
+        if ids.size == 0:
+            if "bos" not in c.special_tokens:
+                raise InvalidArgument(f"model {c.name!r} needs a non-empty prompt (it has no bos)")
+            ids = np.array([c.special_tokens["bos"]], np.int64)
+        key, state = object(), graph.init_states
+        logits_name = c.outputs[0].name
+        for _ in range(max_tokens):
+            self._check()
+            outs, state = await self._feed("model", entry, key, ids, state)
+            tok = sample_token(outs[logits_name][-1], temperature, top_k, rng)
+            if tok == c.special_tokens.get("eos", -1):
+                return
+            yield c.vocab[tok]
+            ids = np.array([tok], np.int64)
+
+    async def _generate_seq2seq(self, entry, prompt, max_tokens, temperature, top_k, rng):
+        enc, dec = entry.graphs["encoder"], entry.graphs["decoder"]
+        src = encode(enc.contract.vocab, prompt, entry.info.name)
+        if src.size == 0:
+            raise InvalidArgument(f"seq2seq model {entry.info.name!r} needs a non-empty prompt")
+        key = object()
+        _, enc_state = await self._feed("encoder", entry, key, src, enc.init_states)
+        # encoder state outputs map by position onto decoder state inputs
+        state = {}
+        for es, ds in zip(enc.contract.states, dec.contract.states, strict=True):
+            state[ds.input] = np.moveaxis(enc_state[es.input], es.batch_axis, ds.batch_axis)
+        special = dec.contract.special_tokens
+        vocab = dec.contract.target_vocab or dec.contract.vocab
+        logits_name = dec.contract.outputs[0].name
+        ids = np.array([special["bos"]], np.int64)
+        for _ in range(max_tokens):
+            self._check()
+            outs, state = await self._feed("decoder", entry, key, ids, state)
+            tok = sample_token(outs[logits_name][-1], temperature, top_k, rng)
+            if tok == special["eos"]:
+                return
+            yield vocab[tok]
+            ids = np.array([tok], np.int64)
+
+
+__all__ = ["Chunk", "ModelInfo", "Runtime", "RuntimeOptions", "SessionInfo", "StepResult"]

@@ -1,0 +1,153 @@
+"""The session store: unguessable ids, idle TTL, capacity, tombstones, one attached stream.
+
+- ids: ``secrets.token_urlsafe(24)`` (192 random bits).
+- idle TTL: a session unused for ``ttl_s`` expires; checked on every access and by the
+  runtime's sweeper. ``ttl_s`` None or 0 disables expiry. The clock is injectable for tests.
+- capacity: at ``max_sessions`` a new session is refused (``on_full="reject"``,
+  ResourceExhausted) or the least recently used one is evicted (``"evict"``).
+- a closed/expired/evicted id answers NotFound saying why and when; tombstones are bounded
+  (oldest forgotten first), after which the id is simply unknown.
+- steps of one session run in order: each session has an asyncio.Lock (FIFO wake-up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rnnzoo.errors import FailedPrecondition, NotFound, ResourceExhausted
+
+MAX_TOMBSTONES = 10_000
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    id: str
+    model: str
+    created_at: float  # unix seconds
+    ttl_s: float | None
+
+
+@dataclass
+class Session:
+    id: str
+    model: str
+    created_at: float
+    last_used: float  # store clock
+    initial: dict[str, np.ndarray]  # batch-1 states
+    state: dict[str, np.ndarray]
+    steps: int = 0
+    buffer: list = field(default_factory=list)  # non-streamable models: the chunks so far
+    attached: object | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class SessionStore:
+    def __init__(
+        self,
+        max_sessions: int = 10_000,
+        on_full: str = "reject",
+        ttl_s: float | None = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        max_tombstones: int = MAX_TOMBSTONES,
+    ) -> None:
+        if on_full not in ("reject", "evict"):
+            raise ValueError(f"on_full must be 'reject' or 'evict', got {on_full!r}")
+        assert max_sessions >= 1
+        self.max_sessions = max_sessions
+        self.on_full = on_full
+        self.ttl_s = ttl_s or None
+        self.clock, self.wall = clock, wall
+        self.max_tombstones = max_tombstones
+        self._live: OrderedDict[str, Session] = OrderedDict()  # LRU order: oldest first
+        self._dead: OrderedDict[str, str] = OrderedDict()  # id -> why (with when)
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def _bury(self, sid: str, why: str) -> None:
+        sess = self._live.pop(sid)
+        sess.attached = None
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.wall()))
+        self._dead[sid] = f"{why} at {stamp}"
+        while len(self._dead) > self.max_tombstones:
+            self._dead.popitem(last=False)
+
+    def _expired(self, sess: Session, now: float) -> bool:
+        return self.ttl_s is not None and now - sess.last_used > self.ttl_s
+
+    def create(self, model: str, initial: dict[str, np.ndarray]) -> Session:
+        self.sweep()
+        if len(self._live) >= self.max_sessions:
+            if self.on_full == "reject":
+                raise ResourceExhausted(
+                    f"the server holds its maximum of {self.max_sessions} sessions; close "
+                    "sessions you no longer need, or retry later"
+                )
+            oldest = next(iter(self._live))
+            self._bury(
+                oldest,
+                f"evicted (least recently used; server full at {self.max_sessions} sessions)",
+            )
+        now = self.clock()
+        sid = secrets.token_urlsafe(24)
+        sess = Session(sid, model, self.wall(), now, initial, dict(initial))
+        self._live[sid] = sess
+        return sess
+
+    def get(self, sid: str, touch: bool = True) -> Session:
+        sess = self._live.get(sid)
+        now = self.clock()
+        if sess is not None and self._expired(sess, now):
+            self._bury(sid, f"expired after {self.ttl_s:g} s idle")
+            sess = None
+        if sess is None:
+            why = self._dead.get(sid)
+            if why:
+                raise NotFound(f"session {sid!r} was {why}; create a new session")
+            raise NotFound(f"no session {sid!r}; create one first (sessions are per server)")
+        if touch:
+            sess.last_used = now
+            self._live.move_to_end(sid)
+        return sess
+
+    def close(self, sid: str) -> None:
+        self.get(sid, touch=False)
+        self._bury(sid, "closed")
+
+    def sweep(self) -> int:
+        """Expire idle sessions; returns how many."""
+        if self.ttl_s is None:
+            return 0
+        now = self.clock()
+        dead = [s.id for s in self._live.values() if self._expired(s, now)]
+        for sid in dead:
+            self._bury(sid, f"expired after {self.ttl_s:g} s idle")
+        return len(dead)
+
+    def attach(self, sid: str) -> object:
+        sess = self.get(sid)
+        if sess.attached is not None:
+            raise FailedPrecondition(
+                f"session {sid!r} is already attached to another stream; close that stream "
+                "first (one stream per session at a time)"
+            )
+        token = object()
+        sess.attached = token
+        return token
+
+    def detach(self, sid: str, token: object) -> None:
+        sess = self._live.get(sid)
+        if sess is not None and sess.attached is token:
+            sess.attached = None
+            sess.last_used = self.clock()
+
+    def info(self, sess: Session) -> SessionInfo:
+        return SessionInfo(sess.id, sess.model, sess.created_at, self.ttl_s)

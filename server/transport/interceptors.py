@@ -1,0 +1,135 @@
+"""The one place where rnnzoo errors become gRPC status codes, and every RPC gets a log line.
+
+``grpc.aio`` interceptors see a method handler, not the call, so this one wraps the handler's
+behaviour: unary behaviours are awaited, streaming ones are async generators re-yielded item
+by item (an exception raised while the servicer streams surfaces inside the wrapper's
+``async for``, so streams are mapped too). Only the rnnzoo service is wrapped: the health
+and reflection servicers write with ``context.write`` and manage their own statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from rnnzoo.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    RnnzooError,
+    Unavailable,
+)
+
+from .logs import begin_call, log, now_ms
+
+LOG = logging.getLogger("rnnzoo.rpc")
+SERVICE_PREFIX = "/rnnzoo.v1.Rnnzoo/"
+REQUEST_ID_KEY = "rnnzoo-request-id"  # trailing metadata: the Stream request that failed
+
+STATUS: dict[type[RnnzooError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_of(exc: RnnzooError) -> grpc.StatusCode:
+    """The code of the nearest mapped class in the exception's MRO (subclasses included)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return grpc.StatusCode.INVALID_ARGUMENT  # a bare RnnzooError is a user mistake
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        rpc = method.removeprefix(SERVICE_PREFIX)
+        if handler.response_streaming:
+            inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
+            wrapped = _wrap_stream(rpc, inner)
+            factory = (
+                grpc.stream_stream_rpc_method_handler
+                if handler.request_streaming
+                else grpc.unary_stream_rpc_method_handler
+            )
+        else:
+            inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
+            wrapped = _wrap_unary(rpc, inner)
+            factory = (
+                grpc.stream_unary_rpc_method_handler
+                if handler.request_streaming
+                else grpc.unary_unary_rpc_method_handler
+            )
+        return factory(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _wrap_unary(rpc: str, behavior):
+    async def wrapper(request, context):
+        fields, t0, code = begin_call(), now_ms(), "OK"
+        try:
+            return await behavior(request, context)
+        except BaseException as exc:
+            code = await _handle(rpc, exc, context, fields)
+            raise
+        finally:
+            _log_call(rpc, fields, code, t0)
+
+    return wrapper
+
+
+def _wrap_stream(rpc: str, behavior):
+    async def wrapper(request, context):
+        fields, t0, code = begin_call(), now_ms(), "OK"
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except BaseException as exc:
+            code = await _handle(rpc, exc, context, fields)
+            raise
+        finally:
+            _log_call(rpc, fields, code, t0)
+
+    return wrapper
+
+
+async def _handle(rpc: str, exc: BaseException, context, fields: dict) -> str:
+    """Abort the call with the mapped status (abort raises); returns the code name to log."""
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"  # the client went away: nothing to send
+    if isinstance(exc, grpc.aio.AbortError):
+        code = context.code()  # the servicer aborted on its own
+        return code.name if isinstance(code, grpc.StatusCode) else str(code)
+    if isinstance(exc, RnnzooError):
+        status, message = status_of(exc), str(exc)
+    else:
+        log(LOG, "unexpected error", logging.ERROR, rpc=rpc, **fields, error=repr(exc))
+        LOG.error("traceback of the unexpected error in %s", rpc, exc_info=exc)
+        status = grpc.StatusCode.INTERNAL
+        message = f"internal server error ({type(exc).__name__}); the server log has the details"
+    trailing: tuple = ()
+    if "request_id" in fields:
+        message = f"request_id={fields['request_id']}: {message}"
+        trailing = ((REQUEST_ID_KEY, str(fields["request_id"])),)
+    fields["error"] = message
+    await context.abort(status, message, trailing_metadata=trailing)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+def _log_call(rpc: str, fields: dict, code: str, t0: float) -> None:
+    level = logging.INFO if code in ("OK", "CANCELLED") else logging.WARNING
+    log(LOG, "rpc", level, rpc=rpc, **fields, code=code, ms=round(now_ms() - t0, 3))
