@@ -11,9 +11,9 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
+from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 
 from rnnzoo.errors import InvalidArgument
-from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 
 # dtype name on the wire -> little-endian numpy dtype
 DTYPES: dict[str, np.dtype] = {
@@ -43,9 +43,7 @@ def from_tensor(t: pb.Tensor, *, name: str = "tensor") -> np.ndarray:
     """Tensor -> numpy array (native byte order). Bad dtype/shape/bytes -> InvalidArgument."""
     dt = DTYPES.get(t.dtype)
     if dt is None:
-        raise InvalidArgument(
-            f"{name}: unknown dtype {t.dtype!r}; use one of {sorted(DTYPES)}"
-        )
+        raise InvalidArgument(f"{name}: unknown dtype {t.dtype!r}; use one of {sorted(DTYPES)}")
     shape = list(t.shape)
     if len(shape) > MAX_RANK or any(d < 0 for d in shape):
         raise InvalidArgument(

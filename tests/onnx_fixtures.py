@@ -131,6 +131,8 @@ def build_rnn(
     group: str | None = None,
     extra_contract: dict | None = None,
     sidecar: bool = False,
+    head_scale: float = 0.5,
+    head_bias: np.ndarray | None = None,
 ) -> dict:
     """A recurrent model. Returns the parameters that ``reference`` needs.
 
@@ -156,9 +158,11 @@ def build_rnn(
     head = None
     if output_size:
         head = {
-            "W": rng.normal(0, 0.5, (d * hidden, output_size)).astype(np.float32),
+            "W": rng.normal(0, head_scale, (d * hidden, output_size)).astype(np.float32),
             "b": rng.normal(0, 0.1, (output_size,)).astype(np.float32),
         }
+        if head_bias is not None:
+            head["b"] = (head["b"] + head_bias).astype(np.float32)
         mm = b.node("MatMul", [top_btf, b.const("Wout", head["W"])])[0]
         b.nodes.append(helper.make_node("Add", [mm, b.const("bout", head["b"])], [out_name]))
     else:
@@ -290,24 +294,27 @@ def build_zoo(model_dir: str | Path) -> dict[str, dict]:
             d / "charlm.onnx", cell="lstm", vocab=CHARS, output_size=len(CHARS), seed=5
         ),
     }
-    build_seq2seq(d, "rev")
+    refs.update(build_seq2seq(d, "rev"))
     refs["kws"] = build_external(d / "kws.onnx")
     return refs
 
 
-def build_seq2seq(d: Path, name: str, hidden: int = 6) -> None:
+def build_seq2seq(d: Path, name: str, hidden: int = 6) -> dict[str, dict]:
+    """``NAME.encoder.onnx`` + ``NAME.decoder.onnx`` (GRU, chars -> "abcd" with bos/eos)."""
     special = {"pad": 0, "bos": 1, "eos": 2}
     tgt = ["<pad>", "<bos>", "<eos>", *list("abcd")]
-    build_rnn(
+    enc = build_rnn(
         d / f"{name}.encoder.onnx", cell="gru", vocab=CHARS, output_size=0, hidden=hidden,
         seed=11, name=f"{name}.encoder", task="seq2seq", role="encoder", group=name,
         extra_contract={"special_tokens": special},
     )  # fmt: skip
-    build_rnn(
+    dec = build_rnn(
         d / f"{name}.decoder.onnx", cell="gru", vocab=tgt, output_size=len(tgt), hidden=hidden,
         seed=12, name=f"{name}.decoder", task="seq2seq", role="decoder", group=name,
         extra_contract={"special_tokens": special, "target_vocab": tgt},
+        head_scale=2.0, head_bias=np.array([-4, -4, 0, 0, 0, 0, 0], np.float32),
     )  # fmt: skip
+    return {f"{name}.encoder": enc, f"{name}.decoder": dec}
 
 
 def build_external(path: Path, features: int = 4, hidden: int = 5, init: float = 0.25) -> dict:

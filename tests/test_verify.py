@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -143,37 +142,33 @@ def test_full_grid_up_to_ten_thousand_steps(tmp_path, cell):
     assert report.max_abs() < 1e-5
 
 
-def _zoo_entries():
-    zoo = pytest.importorskip("rnnzoo.models.zoo")
-    for attr in ("REGISTRY", "ENTRIES", "ZOO"):
-        reg = getattr(zoo, attr, None)
-        if reg is not None:
-            return list(reg.values()) if isinstance(reg, dict) else list(reg)
-    if callable(getattr(zoo, "entries", None)):
-        return list(zoo.entries())
-    pytest.fail("rnnzoo.models.zoo has no REGISTRY/ENTRIES/entries(): teach this test to read it")
-
-
-def _shrink(cfg):
-    """The entry's config at toy size: same cell, depth, directions, input kind."""
-    small = {"hidden_size": 4, "embed_size": 4}
-    fields = {f.name for f in dataclasses.fields(cfg)}
-    return dataclasses.replace(cfg, **{k: v for k, v in small.items() if k in fields})
-
-
 def test_every_zoo_entry_exports_with_parity(tmp_path):
-    entries = _zoo_entries()
-    assert entries, "the zoo registry is empty"
-    for entry in entries:
-        cfg = getattr(entry, "config", None) or getattr(entry, "model_config", None)
-        assert cfg is not None, f"zoo entry {entry!r}: no config to export"
-        cfg = _shrink(cfg)
+    """Each registered entry's own config (cell, depth, directions, I/O), shrunk, exports."""
+    zoo = pytest.importorskip("rnnzoo.models.zoo")
+    from rnnzoo.models.train import build_model
+
+    assert zoo.REGISTRY, "the zoo registry is empty"
+    for name, entry in zoo.REGISTRY.items():
+        cfg = entry.model_config(quick=True)  # the task fixes input/output sizes and vocabs
+        cfg.update({k: 4 for k in ("hidden_size", "embed_size") if k in cfg})
         torch.manual_seed(0)
-        model = (Seq2Seq if isinstance(cfg, Seq2SeqConfig) else RecurrentNet)(cfg).eval()
-        name = getattr(entry, "name", "entry")
+        model = build_model(entry.family, cfg).eval()
         paths = export_model(model, tmp_path / f"{name}.onnx", name=name)
         nets = [model.encoder, model.decoder] if isinstance(model, Seq2Seq) else [model]
         for net, p in zip(nets, paths, strict=True):
             r = verify_net(net, p, times=(1, 5), batches=(2,), stream=(6, 2))
             assert r.ok, f"{name}: {r.summary()}"
-            assert np.isfinite(r.max_abs())
+            assert r.max_abs() is not None and np.isfinite(r.max_abs())
+
+
+def test_zoo_hook_exports_verifies_and_reports_card_columns(lm_ckpt):
+    from rnnzoo.export.zoo_hook import after_train
+
+    cols = after_train(None, lm_ckpt, lm_ckpt.parent)  # the full T x B grid
+    assert cols["onnx_files"] == ["chars.onnx"]
+    assert cols["parity_max_abs"] < 1e-5 and cols["parity_max_abs_stream"] < 1e-5
+    assert cols["parity_cases"] == len(TIMES) * len(BATCHES) * 3 + 3 * 3
+    assert set(cols["ort_speedup_step_b1"]) == {"step"}
+    assert cols["speed"]["seq1000"]["ort_ms"] > 0
+    saved = json.loads((lm_ckpt.parent / "chars.parity.json").read_text())
+    assert saved["ok"] is True

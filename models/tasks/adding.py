@@ -17,9 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
-
 from rnnzoo.models.tasks.base import Evaluation, Task
+from torch import nn
 
 
 class AddingProblem(Task):

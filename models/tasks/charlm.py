@@ -12,10 +12,9 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
-
 from rnnzoo.models.tasks.base import Evaluation, Task, char_vocab, encode_chars
 from rnnzoo.models.tasks.corpus import stdlib_corpus
+from torch import nn
 
 
 class CharLM(Task):
@@ -76,7 +75,9 @@ class CharLM(Task):
             y = ids[:, s + 1 : s + 1 + self.seq_len]
             x = x[:, : y.shape[1]]
             logits, state = model(x, state)
-            nll += float(nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
+            nll += float(
+                nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+            )
             n += y.numel()
         bpc = nll / n / math.log(2)
         targets = ids[:, 1:].flatten()

@@ -13,9 +13,8 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
-
 from rnnzoo.models.tasks.base import Evaluation, Task
+from torch import nn
 
 
 class SineForecast(Task):

@@ -17,14 +17,15 @@ import tokenize
 from typing import Any
 
 import torch
-from torch import nn
-
 from rnnzoo.models.tasks.base import Evaluation, Task, char_vocab, encode_chars
 from rnnzoo.models.tasks.corpus import stdlib_corpus
+from torch import nn
 
 LABELS = ["other", "name", "keyword", "op", "number", "string", "comment"]
 _STRING_TYPES = {token.STRING} | {
-    getattr(token, n) for n in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END") if hasattr(token, n)
+    getattr(token, n)
+    for n in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END")
+    if hasattr(token, n)
 }
 
 

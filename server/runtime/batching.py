@@ -50,8 +50,8 @@ class Batcher:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._busy = False
-        self.calls = 0  # ORT calls made (for tests and stats)
-        self.batch_sizes: list[int] = []
+        self.calls = 0  # successful ORT calls made (for tests and stats)
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)  # the most recent calls' sizes
 
     def start(self) -> None:
         self._wake = asyncio.Event()

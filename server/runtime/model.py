@@ -297,17 +297,24 @@ class ServedModel:
         res: list[dict] = [{} for _ in range(n)]
         for spec in self.contract.outputs:
             a = outputs[spec.name]
+            if spec.batch_axis is None:
+                for i in range(n):
+                    res[i][spec.name] = a
+                continue
+            front = np.moveaxis(a, spec.batch_axis, 0)  # a view: per-sequence slices are cheap
             for i in range(n):
-                res[i][spec.name] = a if spec.batch_axis is None else np.take(a, i, spec.batch_axis)
+                res[i][spec.name] = front[i]
         return res
 
     def split_states(self, states: dict[str, np.ndarray], n: int) -> list[dict]:
         """Batched next states (keyed by state INPUT name) -> per-sequence batch-1 arrays."""
         res: list[dict] = [{} for _ in range(n)]
         for st in self.contract.states:
+            ax = st.batch_axis
             a = states[st.input]
             for i in range(n):
-                res[i][st.input] = np.take(a, [i], axis=st.batch_axis)
+                idx = (slice(None),) * ax + (slice(i, i + 1),)
+                res[i][st.input] = a[idx]  # a view, batch axis kept (size 1)
         return res
 
     def initial_batch_state(self, n: int) -> dict[str, np.ndarray]:

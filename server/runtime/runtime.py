@@ -94,7 +94,6 @@ class Runtime:
                 )
         self._phase = "new"  # new -> running -> stopping -> stopped
         self._sweeper: asyncio.Task | None = None
-        self._epochs: dict[str, int] = {}  # session id -> reset count
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, options: RuntimeOptions | None = None) -> Runtime:
@@ -167,13 +166,11 @@ class Runtime:
         _, graph = self._single(model, "a session")
         init = graph.validate_state(initial_state or {})
         sess = self.store.create(model, init)
-        self._epochs[sess.id] = 0
         return self.store.info(sess)
 
     def close_session(self, session_id: str) -> None:
         self._check()
         self.store.close(session_id)
-        self._epochs.pop(session_id, None)
 
     def reset_session(self, session_id: str) -> None:
         self._check()
@@ -181,7 +178,7 @@ class Runtime:
         sess.state = dict(sess.initial)
         sess.steps = 0
         sess.buffer = []
-        self._epochs[session_id] = self._epochs.get(session_id, 0) + 1
+        sess.epoch += 1
 
     def attach(self, session_id: str) -> object:
         self._check()
@@ -202,11 +199,11 @@ class Runtime:
         chunk = graph.validate_chunk(inputs)  # before anything is queued or locked
         async with sess.lock:
             sess = self.store.get(session_id)  # closed/expired while waiting?
-            epoch = self._epochs.get(session_id, 0)
+            epoch = sess.epoch
             batcher = self.batchers[(sess.model, "model")]
             if entry.info.streamable:
                 outs, nxt = await batcher.submit(session_id, chunk, sess.state)
-                if self._epochs.get(session_id) != epoch:
+                if sess.epoch != epoch:
                     raise FailedPrecondition(
                         f"session {session_id!r} was reset or closed while this step ran; "
                         "its result was dropped, send the chunk again"
@@ -223,7 +220,7 @@ class Runtime:
                 )
             prefix = graph.concat_chunks([*sess.buffer, chunk])
             outs, nxt = await batcher.submit(session_id, prefix, sess.initial)
-            if self._epochs.get(session_id) != epoch:
+            if sess.epoch != epoch:
                 raise FailedPrecondition(
                     f"session {session_id!r} was reset or closed while this step ran; "
                     "its result was dropped, send the chunk again"
@@ -262,11 +259,11 @@ class Runtime:
             )
         async with sess.lock:
             sess = self.store.get(session_id)
-            epoch = self._epochs.get(session_id, 0)
+            epoch = sess.epoch
             outs, nxt = await loop.run_in_executor(
                 self._executor, self._run, graph, feeds, sess.state
             )
-            if advance and self._epochs.get(session_id) == epoch:
+            if advance and sess.epoch == epoch:
                 length = next(
                     (feeds[s.name].shape[s.time_axis] for s in graph.contract.inputs if s.time_axis is not None),
                     1,

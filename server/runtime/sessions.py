@@ -45,6 +45,7 @@ class Session:
     steps: int = 0
     buffer: list = field(default_factory=list)  # non-streamable models: the chunks so far
     attached: object | None = None
+    epoch: int = 0  # bumped on reset/close/expiry: a step in flight then drops its result
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -75,6 +76,7 @@ class SessionStore:
     def _bury(self, sid: str, why: str) -> None:
         sess = self._live.pop(sid)
         sess.attached = None
+        sess.epoch += 1
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.wall()))
         self._dead[sid] = f"{why} at {stamp}"
         while len(self._dead) > self.max_tombstones:

@@ -80,56 +80,58 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 def _wrap_unary(rpc: str, behavior):
     async def wrapper(request, context):
-        fields, t0, code = begin_call(), now_ms(), "OK"
+        fields, t0 = begin_call(), now_ms()
         try:
             return await behavior(request, context)
         except BaseException as exc:
-            code = await _handle(rpc, exc, context, fields)
+            await _handle(rpc, exc, context, fields)
             raise
         finally:
-            _log_call(rpc, fields, code, t0)
+            _log_call(rpc, fields, t0)
 
     return wrapper
 
 
 def _wrap_stream(rpc: str, behavior):
     async def wrapper(request, context):
-        fields, t0, code = begin_call(), now_ms(), "OK"
+        fields, t0 = begin_call(), now_ms()
         try:
             async for response in behavior(request, context):
                 yield response
         except BaseException as exc:
-            code = await _handle(rpc, exc, context, fields)
+            await _handle(rpc, exc, context, fields)
             raise
         finally:
-            _log_call(rpc, fields, code, t0)
+            _log_call(rpc, fields, t0)
 
     return wrapper
 
 
-async def _handle(rpc: str, exc: BaseException, context, fields: dict) -> str:
-    """Abort the call with the mapped status (abort raises); returns the code name to log."""
+async def _handle(rpc: str, exc: BaseException, context, fields: dict) -> None:
+    """Abort the call with the mapped status (abort raises); records the code to log."""
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        return "CANCELLED"  # the client went away: nothing to send
+        fields["code"] = "CANCELLED"  # the client went away: nothing to send
+        return
     if isinstance(exc, grpc.aio.AbortError):
         code = context.code()  # the servicer aborted on its own
-        return code.name if isinstance(code, grpc.StatusCode) else str(code)
+        fields["code"] = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        return
     if isinstance(exc, RnnzooError):
         status, message = status_of(exc), str(exc)
     else:
-        log(LOG, "unexpected error", logging.ERROR, rpc=rpc, **fields, error=repr(exc))
-        LOG.error("traceback of the unexpected error in %s", rpc, exc_info=exc)
+        LOG.error("unexpected error", exc_info=exc, extra={"fields": {"rpc": rpc, **fields}})
         status = grpc.StatusCode.INTERNAL
         message = f"internal server error ({type(exc).__name__}); the server log has the details"
     trailing: tuple = ()
     if "request_id" in fields:
         message = f"request_id={fields['request_id']}: {message}"
         trailing = ((REQUEST_ID_KEY, str(fields["request_id"])),)
-    fields["error"] = message
+    fields["code"], fields["error"] = status.name, message
     await context.abort(status, message, trailing_metadata=trailing)
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
-def _log_call(rpc: str, fields: dict, code: str, t0: float) -> None:
+def _log_call(rpc: str, fields: dict, t0: float) -> None:
+    code = fields.pop("code", "OK")
     level = logging.INFO if code in ("OK", "CANCELLED") else logging.WARNING
     log(LOG, "rpc", level, rpc=rpc, **fields, code=code, ms=round(now_ms() - t0, 3))

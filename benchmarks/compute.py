@@ -1,0 +1,97 @@
+"""The compute side: (A) a bare ONNX Runtime step loop and (E) a PyTorch eager step loop.
+
+(A) is the compute limit of a server: the same graph, the same ORT session options as the
+server (one thread, sequential, no spinning), states fed back call after call, no transport,
+no Python around it but the loop. steps/s = B * T * calls/s.
+(E) is what a user writes by hand: ``net(x, state)`` under ``torch.no_grad()`` in a loop,
+one thread (the server's setting, and fair on a shared 2-core machine).
+Each figure is the best of ``repeats`` timed runs of ``seconds`` each: the least-disturbed
+run on a shared machine, for both runtimes alike.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _best_rate(step, seconds: float, repeats: int) -> float:
+    """Calls/s of ``step()``: best of ``repeats`` runs of about ``seconds`` each."""
+    step()  # warm-up: first-call allocations, kernel selection
+    best = 0.0
+    for _ in range(repeats):
+        n, t0 = 0, time.perf_counter()
+        deadline = t0 + seconds
+        while True:
+            step()
+            n += 1
+            t = time.perf_counter()
+            if t >= deadline:
+                break
+        best = max(best, n / (t - t0))
+    return best
+
+
+def ort_loop(
+    onnx_path: Path, batch: int, steps: int, *, seconds: float = 0.5, repeats: int = 3
+) -> dict:
+    """(A): steps/s of ``session.run`` on (B, T) chunks, state carried over between calls."""
+    import onnxruntime as ort
+    from rnnzoo.server.runtime.model import session_options
+
+    from rnnzoo.contract import read_contract
+
+    contract = read_contract(onnx_path)
+    sess = ort.InferenceSession(str(onnx_path), session_options(1, 1), providers=["CPUExecutionProvider"])  # fmt: skip
+    (x_spec,) = contract.inputs
+    feat = [int(d) for d in x_spec.feature_shape()]
+    x = np.random.default_rng(0).standard_normal((batch, steps, *feat)).astype(np.float32)
+    states = {
+        st.input: np.zeros([batch if i == st.batch_axis else d for i, d in enumerate(st.shape)],
+                           np.float32)
+        for st in contract.states
+    }  # fmt: skip
+    out_names = [o.name for o in contract.outputs] + [st.output for st in contract.states]
+    n_out = len(contract.outputs)
+
+    def step() -> None:
+        res = sess.run(out_names, {x_spec.name: x, **states})
+        for st, r in zip(contract.states, res[n_out:], strict=True):
+            states[st.input] = r  # (L*D, B, H): carried to the next call
+
+    calls = _best_rate(step, seconds, repeats)
+    return {
+        "batch": batch,
+        "steps": steps,
+        "calls_per_s": calls,
+        "steps_per_s": calls * batch * steps,
+    }
+
+
+def torch_loop(net, batch: int, steps: int, *, seconds: float = 0.5, repeats: int = 3) -> dict:
+    """(E): steps/s of a hand-written PyTorch eager step loop, state carried over."""
+    import torch
+
+    cfg = net.cfg
+    x = torch.randn(batch, steps, cfg.input_size)  # (B, T, F)
+    state = net.initial_state(batch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def step() -> None:
+        nonlocal state
+        with torch.no_grad():
+            _, state = net(x, state)
+
+    try:
+        calls = _best_rate(step, seconds, repeats)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "batch": batch,
+        "steps": steps,
+        "calls_per_s": calls,
+        "steps_per_s": calls * batch * steps,
+    }

@@ -1,0 +1,246 @@
+"""One benchmark run: compute limits (A, E), then three servers (B echo, C naive, D rnnzoo)
+under the same closed-loop load, then the ratios, all from numbers measured in this run.
+
+Systems, side by side on one machine, same proto/payload/concurrency:
+  A  bare ONNX Runtime step loop, B in ``batches`` (compute limit)
+  B  echo server: same rnnzoo.v1 Stream RPC, same-size response, no inference (transport limit)
+  C  naive server: ``rnnzoo serve --max-batch 1``: one ORT call per message, nothing batched
+  D  ``rnnzoo serve`` with batching (``--max-batch 64``), plus a ``--max-delay-ms`` sweep
+  E  PyTorch eager step loop, B in ``torch_batches``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .load import run_cell
+from .servers import echo_server, rnnzoo_server
+
+
+@dataclass
+class BenchConfig:
+    sessions: tuple[int, ...] = (1, 16, 64, 256)
+    steps: tuple[int, ...] = (1, 8, 32)  # steps per message (chunk length T)
+    batches: tuple[int, ...] = (1, 8, 32, 64)  # (A) ORT loop batch sizes
+    torch_batches: tuple[int, ...] = (1, 64)  # (E)
+    max_batch: int = 64  # (D)
+    delays_ms: tuple[float, ...] = (0.0, 1.0, 5.0)  # (D) at ``delay_sessions``; first = main D
+    delay_sessions: int = 64
+    warmup_s: float = 0.5
+    duration_s: float = 3.0
+    compute_s: float = 0.5  # (A)/(E): seconds per timed run, best of ``compute_repeats``
+    compute_repeats: int = 3
+    hidden: int = 128
+    layers: int = 2
+
+    @classmethod
+    def quick(cls) -> BenchConfig:
+        """Seconds, not minutes: every system and ratio, at toy sizes (for the smoke test)."""
+        return cls(
+            sessions=(1, 4),
+            steps=(1, 4),
+            batches=(1, 4),
+            torch_batches=(1, 4),
+            max_batch=64,
+            delays_ms=(0.0, 1.0),
+            delay_sessions=4,
+            warmup_s=0.1,
+            duration_s=0.3,
+            compute_s=0.05,
+            compute_repeats=1,
+            hidden=32,
+            layers=1,
+        )
+
+
+def machine() -> dict:
+    """Cores, CPU model and the versions that decide the numbers."""
+    import grpc
+    import numpy
+    import onnxruntime
+    import torch
+    from google import protobuf
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        cpu = platform.processor()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "loadavg_at_start": [round(v, 2) for v in load] if load else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+        "grpcio": grpc.__version__,
+        "protobuf": protobuf.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def _server_cells(srv, model: str, cfg: BenchConfig, grid, log) -> list[dict]:
+    cells = []
+    with srv as s:
+        for sessions, steps in grid:
+            r = asyncio.run(
+                run_cell(
+                    s.target, model, sessions, steps,
+                    warmup_s=cfg.warmup_s, duration_s=cfg.duration_s, server_pid=s.proc.pid,
+                )
+            )  # fmt: skip
+            log(f"  {s.name:<40} sessions={sessions:<4} steps={steps:<3} "
+                f"{r.steps_per_s:>10.0f} steps/s  p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  "
+                f"cpu/msg server {r.server_cpu_us_per_msg or float('nan'):6.0f} us "
+                f"client {r.client_cpu_us_per_msg:6.0f} us")  # fmt: skip
+            cells.append(r.as_dict())
+    return cells
+
+
+def run(cfg: BenchConfig, log=print, work_dir: Path | None = None) -> dict:
+    """Run every system; return the result dict (see ``ratios`` for how ratios are made)."""
+    from .compute import ort_loop, torch_loop
+    from .model import build
+
+    t0 = time.time()
+    result: dict = {"format": "rnnzoo.bench/1", "config": asdict(cfg), "machine": machine()}
+    with tempfile.TemporaryDirectory(prefix="rnnzoo-bench-") as tmp:
+        model_dir = Path(work_dir or tmp)
+        m = build(model_dir, cfg.hidden, cfg.layers)
+        result["model"] = {
+            "name": m.name, "cell": "lstm", "hidden": cfg.hidden, "layers": cfg.layers,
+            "input": "x (B, T, 1) float32", "output": "y (B, T, 1) float32",
+            "onnx_bytes": m.onnx_path.stat().st_size,
+        }  # fmt: skip
+        log(f"model: {result['model']}")
+        ort_rows = [
+            ort_loop(m.onnx_path, b, t, seconds=cfg.compute_s, repeats=cfg.compute_repeats)
+            for b in cfg.batches
+            for t in cfg.steps
+        ]
+        for r in ort_rows:
+            log(f"  A ort   B={r['batch']:<3} T={r['steps']:<3} {r['steps_per_s']:>10.0f} steps/s")
+        torch_rows = [
+            torch_loop(m.net, b, t, seconds=cfg.compute_s, repeats=cfg.compute_repeats)
+            for b in cfg.torch_batches
+            for t in cfg.steps
+        ]
+        for r in torch_rows:
+            log(f"  E torch B={r['batch']:<3} T={r['steps']:<3} {r['steps_per_s']:>10.0f} steps/s")
+        result["compute"] = {"ort": ort_rows, "torch": torch_rows}
+
+        grid = [(s, t) for s in cfg.sessions for t in cfg.steps]
+        servers = {
+            "echo": _server_cells(echo_server("y", 1), m.name, cfg, grid, log),
+            "naive": _server_cells(rnnzoo_server(model_dir, 1, 0.0), m.name, cfg, grid, log),
+            "rnnzoo": _server_cells(
+                rnnzoo_server(model_dir, cfg.max_batch, cfg.delays_ms[0]), m.name, cfg, grid, log
+            ),
+        }
+        result["servers"] = servers
+        sweep = [{"max_delay_ms": cfg.delays_ms[0], "cells": [
+            c for c in servers["rnnzoo"] if c["sessions"] == cfg.delay_sessions]}]  # fmt: skip
+        delay_grid = [(cfg.delay_sessions, t) for t in cfg.steps]
+        for d in cfg.delays_ms[1:]:
+            cells = _server_cells(rnnzoo_server(model_dir, cfg.max_batch, d), m.name, cfg,
+                                  delay_grid, log)  # fmt: skip
+            sweep.append({"max_delay_ms": d, "cells": cells})
+        result["delay_sweep"] = sweep
+    result["ratios"] = ratios(result)
+    result["targets"] = targets(result)
+    result["machine"]["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    result["elapsed_s"] = round(time.time() - t0, 1)
+    return result
+
+
+# ---- ratios: only from the measured rows above ------------------------------------------------
+def _cell(rows: list[dict], sessions: int, steps: int) -> dict | None:
+    return next((r for r in rows if r["sessions"] == sessions and r["steps"] == steps), None)
+
+
+def _compute(rows: list[dict], batch: int, steps: int) -> dict | None:
+    return next((r for r in rows if r["batch"] == batch and r["steps"] == steps), None)
+
+
+@dataclass
+class Ratio:
+    name: str  # e.g. "D/B"
+    sessions: int | None
+    steps: int
+    batch: int | None
+    numerator: float  # steps/s
+    denominator: float  # steps/s
+    value: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.value = self.numerator / self.denominator
+
+
+def ratios(result: dict) -> list[dict]:
+    """D/B, D/C, D/A (A at the largest batch, same T) per cell; A/E per (B, T) both measured."""
+    s = result["servers"]
+    ort, tch = result["compute"]["ort"], result["compute"]["torch"]
+    ref_b = max(r["batch"] for r in ort)
+    out: list[Ratio] = []
+    for d in s["rnnzoo"]:
+        n, t = d["sessions"], d["steps"]
+        for name, other in (("D/B", _cell(s["echo"], n, t)), ("D/C", _cell(s["naive"], n, t))):
+            if other:
+                out.append(Ratio(name, n, t, None, d["steps_per_s"], other["steps_per_s"]))
+        a = _compute(ort, ref_b, t)
+        if a:
+            out.append(Ratio("D/A", n, t, ref_b, d["steps_per_s"], a["steps_per_s"]))
+    for e in tch:
+        a = _compute(ort, e["batch"], e["steps"])
+        if a:
+            out.append(Ratio("A/E", None, e["steps"], e["batch"], a["steps_per_s"], e["steps_per_s"]))  # fmt: skip
+    return [asdict(r) for r in out]
+
+
+def _find(rs: list[dict], name: str, sessions: int | None, steps: int) -> dict | None:
+    return next(
+        (r for r in rs if r["name"] == name and r["sessions"] == sessions and r["steps"] == steps),
+        None,
+    )
+
+
+def targets(result: dict) -> list[dict]:
+    """The issue's targets, each with the measured value it was judged on (None: not run)."""
+    rs = result["ratios"]
+    big = 64 if 64 in result["config"]["sessions"] else max(result["config"]["sessions"])
+    small = min(result["config"]["sessions"])
+    tmax = max(result["config"]["steps"])
+    rows = [
+        ("D/B >= 0.85, 1 step/message, fewest sessions", _find(rs, "D/B", small, 1), 0.85),
+        (f"D/B >= 0.85, 1 step/message, {big} sessions", _find(rs, "D/B", big, 1), 0.85),
+        (f"D/C >= 1.5, 1 step/message, {big} sessions", _find(rs, "D/C", big, 1), 1.5),
+        (f"D/A >= 0.5, {tmax} steps/message, {big} sessions", _find(rs, "D/A", big, tmax), 0.5),
+    ]
+    out = []
+    for label, r, want in rows:
+        out.append({
+            "target": label, "want": want,
+            "measured": None if r is None else r["value"],
+            "met": None if r is None else r["value"] >= want,
+            "sessions": None if r is None else r["sessions"],
+            "steps": None if r is None else r["steps"],
+        })  # fmt: skip
+    d = _cell(result["servers"]["rnnzoo"], big, 1)
+    out.append({
+        "target": f"p99 latency stated, {big} sessions, 1 step/message",
+        "want": None, "measured": None if d is None else d["p99_ms"], "met": d is not None,
+        "sessions": big, "steps": 1,
+    })  # fmt: skip
+    return out

@@ -1,0 +1,89 @@
+"""Messages <-> runtime values: model info, request inputs (tensors, text or token ids)."""
+
+from __future__ import annotations
+
+import numpy as np
+from rnnzoo.proto.tensors import from_tensors
+from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
+from rnnzoo.server.runtime import ModelInfo, Runtime
+
+from rnnzoo.contract import Contract, StateSpec, TensorSpec
+from rnnzoo.errors import InvalidArgument
+
+
+def _dims(shape: list) -> list[pb.Dim]:
+    return [pb.Dim(size=d) if isinstance(d, int) else pb.Dim(symbol=str(d)) for d in shape]
+
+
+def _tensor_info(s: TensorSpec) -> pb.TensorInfo:
+    return pb.TensorInfo(
+        name=s.name,
+        dtype=s.dtype,
+        shape=_dims(s.shape),
+        meaning=s.meaning,
+        batch_axis=s.batch_axis,
+        time_axis=s.time_axis,
+    )
+
+
+def _state_info(s: StateSpec) -> pb.StateInfo:
+    return pb.StateInfo(
+        input=s.input,
+        output=s.output,
+        dtype=s.dtype,
+        shape=_dims(s.shape),
+        batch_axis=s.batch_axis,
+        meaning=s.meaning,
+    )
+
+
+def _graph(role: str, c: Contract) -> pb.Graph:
+    return pb.Graph(
+        role=role,
+        inputs=[_tensor_info(s) for s in c.inputs],
+        outputs=[_tensor_info(s) for s in c.outputs],
+        states=[_state_info(s) for s in c.states],
+        contract_json=c.to_json(),
+    )
+
+
+def model_info(info: ModelInfo) -> pb.ModelInfo:
+    first = info.contracts.get("model") or info.contracts["encoder"]
+    last = info.contract  # the decoder's for seq2seq
+    return pb.ModelInfo(
+        name=info.name,
+        task=info.task,
+        streamable=info.streamable,
+        description=info.description,
+        graphs=[_graph(role, c) for role, c in info.contracts.items()],
+        vocab=first.vocab or [],
+        target_vocab=last.target_vocab or [],
+        labels=last.labels or first.labels or [],
+        special_tokens=last.special_tokens or first.special_tokens,
+        normalization=first.normalization or {},
+    )
+
+
+def request_inputs(runtime: Runtime, model: str, req, *, batched: bool) -> dict[str, np.ndarray]:
+    """The model's inputs from a request carrying exactly one of inputs / text / tokens.
+
+    ``batched``: Infer takes a batch axis; text and token ids then form a batch of one.
+    """
+    given = [k for k, on in (("inputs", bool(req.inputs)), ("text", bool(req.text)),
+                             ("tokens", req.HasField("tokens"))) if on]  # fmt: skip
+    if len(given) != 1:
+        raise InvalidArgument(f"send exactly one of inputs, text or tokens; got {given or 'none'}")
+    if given[0] == "inputs":
+        return from_tensors(req.inputs, what="input")
+    contract = runtime.get_model(model).contracts.get("model")
+    if contract is None or not contract.vocab or len(contract.inputs) != 1:
+        raise InvalidArgument(
+            f"model {model!r} does not take text or token ids; send named tensors in inputs"
+        )
+    if given[0] == "text":
+        ids = runtime.encode_text(model, req.text)
+    else:
+        ids = np.asarray(req.tokens.ids, dtype=np.int64)
+        if ids.size == 0:
+            raise InvalidArgument("tokens is empty; send at least one token id")
+    return {contract.inputs[0].name: ids[None, :] if batched else ids}

@@ -1,0 +1,208 @@
+"""The grpc.aio server: rnnzoo service + health + reflection, size limits, graceful stop.
+
+Lifecycle, as health reports it (``grpc.health.v1``, overall "" and "rnnzoo.v1.Rnnzoo"):
+  start()  -> bound and answering, NOT_SERVING (the rnnzoo service answers UNAVAILABLE)
+  load(rt) -> runtime started, SERVING
+  stop()   -> NOT_SERVING, no new RPCs; in-flight ones get ``grace_s``; then the runtime stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
+from rnnzoo.proto.v1 import rnnzoo_pb2_grpc as pb_grpc
+from rnnzoo.server.runtime import Runtime, RuntimeOptions
+
+from rnnzoo.errors import FailedPrecondition, InvalidArgument, Unavailable
+
+from .interceptors import ErrorInterceptor
+from .logs import log
+from .servicer import RnnzooServicer
+
+LOG = logging.getLogger("rnnzoo.server")
+SERVICE = pb.DESCRIPTOR.services_by_name["Rnnzoo"].full_name  # "rnnzoo.v1.Rnnzoo"
+MB = 1 << 20
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"  # localhost only unless asked: sessions carry no auth
+    port: int = 50051  # 0 = any free port (see RnnzooServer.port)
+    max_message_mb: float = 16.0  # per message, both directions; over it: RESOURCE_EXHAUSTED
+    grace_s: float = 5.0
+
+    def check(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise InvalidArgument(f"port must be in [0, 65535], got {self.port}")
+        if self.max_message_mb <= 0:
+            raise InvalidArgument(f"max message size must be > 0 MB, got {self.max_message_mb}")
+        if self.grace_s < 0:
+            raise InvalidArgument(f"grace period must be >= 0 s, got {self.grace_s}")
+
+
+class _Unloaded:
+    """Stands in for the runtime until ``load``: every call is UNAVAILABLE."""
+
+    def __getattr__(self, name: str):
+        raise Unavailable("the server is still loading its models; retry in a moment")
+
+
+class RnnzooServer:
+    def __init__(self, config: ServerConfig | None = None) -> None:
+        self.config = config or ServerConfig()
+        self.config.check()
+        self.runtime: Runtime | None = None
+        self.port: int | None = None
+        self.health = health.aio.HealthServicer()
+        self.servicer = RnnzooServicer(_Unloaded())  # type: ignore[arg-type]
+        size = int(self.config.max_message_mb * MB)
+        self.server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
+                # grpc shares a busy port by default (SO_REUSEPORT): two servers would split
+                # the traffic and each see half of the sessions. Fail the bind instead.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_RnnzooServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+
+    @property
+    def target(self) -> str:
+        assert self.port is not None, "start() the server first"
+        return f"{self.config.host}:{self.port}"
+
+    async def _set_health(self, status) -> None:
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        """Bind and start answering (NOT_SERVING until ``load``). Returns the port."""
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:
+            self.port = 0
+            why = str(exc)
+        else:
+            why = "the port is in use or the host is not an address of this machine"
+        if not self.port:
+            await self.server.stop(None)
+            raise FailedPrecondition(f"cannot listen on {address} ({why}); pick another --port")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        log(LOG, "bound", host=self.config.host, port=self.port)
+        return self.port
+
+    async def load(self, runtime: Runtime) -> None:
+        """Start the runtime and serve it."""
+        await runtime.start()
+        self.runtime = runtime
+        self.servicer.rt = runtime
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        models = [m.name for m in runtime.list_models()]
+        log(LOG, "serving", target=self.target, models=models)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        grace = self.config.grace_s if grace_s is None else grace_s
+        log(LOG, "stopping", grace_s=grace)
+        await self.health.enter_graceful_shutdown()  # NOT_SERVING, and stays so
+        await self.server.stop(grace)
+        if self.runtime is not None:
+            await self.runtime.stop(grace)
+        log(LOG, "stopped")
+
+
+async def serve(
+    model_dir: str | Path, options: RuntimeOptions, config: ServerConfig, ready=print
+) -> None:
+    """Serve ``model_dir`` until SIGTERM/SIGINT, then stop gracefully."""
+    server = RnnzooServer(config)
+    await server.start()
+    try:
+        runtime = await asyncio.to_thread(Runtime.from_dir, model_dir, options)
+        await server.load(runtime)
+        ready(f"listening on {server.target}", flush=True)
+        await _until_signal()
+    finally:
+        await server.stop()
+
+
+async def _until_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+class BackgroundServer:
+    """A server on its own event loop in a thread, for synchronous callers (tests, bench)."""
+
+    def __init__(self, runtime_factory, config: ServerConfig | None = None) -> None:
+        self._factory = runtime_factory  # () -> Runtime, called in the server's thread
+        self.config = config or ServerConfig(port=0)
+        self.loop = asyncio.new_event_loop()
+        self.server: RnnzooServer | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def _call(self, coro, timeout: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _start(self) -> None:
+        self.server = RnnzooServer(self.config)
+        await self.server.start()
+        await self.server.load(self._factory())
+
+    def start(self) -> BackgroundServer:
+        self._thread.start()
+        try:
+            self._call(self._start())
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def target(self) -> str:
+        assert self.server is not None
+        return self.server.target
+
+    @property
+    def runtime(self) -> Runtime:
+        assert self.server is not None and self.server.runtime is not None
+        return self.server.runtime
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                self._call(self.server.stop(grace_s))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,294 @@
+"""A synchronous client for an rnnzoo server: numpy in, numpy out.
+
+    from rnnzoo.client import Client
+    with Client("127.0.0.1:50051") as client:
+        print([m.name for m in client.models()])
+        with client.session("lstm") as s:          # closed on exit
+            for x_t in signal:                     # x_t: (F,) one step, or (T, F) a chunk
+                y = s.step(x_t)["y"]               # (T, O)
+        for piece in client.generate("charlm", "the ", max_tokens=50):
+            print(piece, end="")
+
+Server errors surface as ``RpcError`` (a ``grpc.RpcError``) with the server's code and
+message. ``Session.step`` keeps one ``Stream`` call open and sends one request per step;
+``stream`` pipelines many chunks over one call. A failed step ends that call (the server
+reports errors by ending the stream); the next ``step`` opens a new one and resumes the same
+session, whose state the failed request did not change.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from rnnzoo.errors import InvalidArgument
+from rnnzoo.proto.tensors import from_tensors, to_tensors
+from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
+from rnnzoo.proto.v1 import rnnzoo_pb2_grpc as pb_grpc
+
+Chunk = np.ndarray | Mapping[str, Any] | str  # an array (single-input models), named arrays, text
+
+
+class RpcError(grpc.RpcError):
+    """A failed call: ``code()`` is the server's status code, ``details()`` its message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, request_id: int | None = None):
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details, self.request_id = code, details, request_id
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    @classmethod
+    def wrap(cls, err: grpc.RpcError) -> RpcError:
+        if isinstance(err, RpcError):
+            return err
+        code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+        details = err.details() if hasattr(err, "details") else str(err)
+        meta = dict(err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else {}
+        rid = meta.get("rnnzoo-request-id")
+        return cls(code, details or "", int(rid) if rid is not None else None)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    outputs: dict[str, np.ndarray]  # no batch axis: (T, ...)
+    start: int  # index of the first returned step in the session's sequence
+    steps_total: int
+    revised: bool  # True: outputs re-cover the whole sequence so far (non-streamable models)
+    request_id: int
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.outputs[name]
+
+    @property
+    def value(self) -> np.ndarray:
+        """The first output (most models have one)."""
+        return next(iter(self.outputs.values()))
+
+
+_END = object()
+
+
+class Client:
+    def __init__(
+        self, target: str = "127.0.0.1:50051", *, timeout: float = 30.0, max_message_mb: int = 64
+    ) -> None:
+        size = int(max_message_mb * (1 << 20))
+        self.target, self.timeout = target, timeout
+        self.channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
+            ],
+        )
+        self.stub = pb_grpc.RnnzooStub(self.channel)
+        self._models: dict[str, pb.ModelInfo] = {}
+
+    # ---- plumbing ------------------------------------------------------------------------
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise RpcError.wrap(err) from None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the channel connects (not that the models are loaded: see health)."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise RpcError(
+                grpc.StatusCode.UNAVAILABLE, f"no server at {self.target} after {timeout} s"
+            ) from None
+
+    # ---- models --------------------------------------------------------------------------
+    def models(self) -> list[pb.ModelInfo]:
+        return list(self._call(self.stub.ListModels, pb.ListModelsRequest()).models)
+
+    def model(self, name: str) -> pb.ModelInfo:
+        if name not in self._models:
+            self._models[name] = self._call(self.stub.GetModel, pb.GetModelRequest(name=name))
+        return self._models[name]
+
+    # ---- sessions ------------------------------------------------------------------------
+    def create_session(
+        self, model: str, initial_state: Mapping[str, np.ndarray] | None = None
+    ) -> pb.Session:
+        req = pb.CreateSessionRequest(model=model, initial_state=to_tensors(initial_state or {}))
+        return self._call(self.stub.CreateSession, req)
+
+    def close_session(self, session_id: str) -> None:
+        self._call(self.stub.CloseSession, pb.CloseSessionRequest(session_id=session_id))
+
+    def reset_session(self, session_id: str) -> None:
+        self._call(self.stub.ResetSession, pb.ResetSessionRequest(session_id=session_id))
+
+    def session(self, model: str, initial_state: Mapping[str, np.ndarray] | None = None) -> Session:
+        """A new session; use it in ``with`` so it is closed on exit."""
+        info = self.create_session(model, initial_state)
+        return Session(self, info.session_id, model)
+
+    def resume(self, session_id: str, model: str) -> Session:
+        """A handle on an existing session (e.g. after a disconnect)."""
+        return Session(self, session_id, model)
+
+    def _request(self, model: str, session_id: str, request_id: int, chunk: Chunk):
+        req = pb.StreamRequest(session_id=session_id, request_id=request_id)
+        _fill(req, self.model(model), chunk, batched=False)
+        return req
+
+    def stream(
+        self, session_id: str, model: str, chunks: Iterable[Chunk], first_id: int = 0
+    ) -> Iterator[StepOutput]:
+        """Send every chunk over one Stream call (pipelined); yield the outputs in order."""
+        reqs = (self._request(model, session_id, first_id + i, c) for i, c in enumerate(chunks))
+        try:
+            for resp in self.stub.Stream(reqs):
+                yield _step_output(resp)
+        except grpc.RpcError as err:
+            raise RpcError.wrap(err) from None
+
+    # ---- whole sequences and text ----------------------------------------------------------
+    def infer(
+        self,
+        model: str,
+        inputs: Chunk | None = None,
+        *,
+        session_id: str | None = None,
+        advance: bool = False,
+    ) -> dict[str, np.ndarray]:
+        """Whole-sequence inference: inputs WITH the batch axis (B, T, ...), or text."""
+        req = pb.InferRequest(model=model, session_id=session_id or "", advance=advance)
+        _fill(req, self.model(model), inputs, batched=True)
+        return from_tensors(self._call(self.stub.Infer, req).outputs, what="output")
+
+    def generate(
+        self,
+        model: str,
+        prompt: str,
+        max_tokens: int = 100,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Yield text pieces as the server produces them."""
+        req = pb.GenerateRequest(
+            model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
+            top_k=top_k, seed=seed,
+        )  # fmt: skip
+        try:
+            for resp in self.stub.Generate(req):
+                yield resp.text
+        except grpc.RpcError as err:
+            raise RpcError.wrap(err) from None
+
+
+class Session:
+    """One server-side session. ``step`` runs over one long-lived Stream call."""
+
+    def __init__(self, client: Client, session_id: str, model: str) -> None:
+        self.client, self.id, self.model = client, session_id, model
+        self._queue: queue.Queue | None = None
+        self._responses = None
+        self._next_id = 0
+        self._lock = threading.Lock()  # one step at a time: responses pair with requests
+
+    def step(self, x: Chunk) -> StepOutput:
+        """Send one chunk (a single step, or T steps) and wait for its outputs."""
+        with self._lock:
+            req = self.client._request(self.model, self.id, self._next_id, x)
+            self._next_id += 1
+            if self._responses is None:
+                self._queue = queue.Queue()
+                self._responses = self.client.stub.Stream(iter(self._queue.get, _END))
+            self._queue.put(req)
+            try:
+                return _step_output(next(self._responses))
+            except grpc.RpcError as err:
+                self._queue = self._responses = None  # that call is over; next step reopens
+                raise RpcError.wrap(err) from None
+
+    def stream(self, chunks: Iterable[Chunk]) -> Iterator[StepOutput]:
+        """Pipeline many chunks over one Stream call; yields outputs in order."""
+        self.detach()
+        first, self._next_id = self._next_id, self._next_id + 1_000_000_000
+        yield from self.client.stream(self.id, self.model, chunks, first_id=first)
+
+    def detach(self) -> None:
+        """End this handle's Stream call; the session lives on and can be resumed."""
+        with self._lock:
+            if self._responses is None:
+                return
+            self._queue.put(_END)
+            try:
+                for _ in self._responses:  # drain: the server detaches before it ends the call
+                    pass
+            except grpc.RpcError:
+                pass  # already failed: nothing attached any more
+            self._queue = self._responses = None
+
+    def reset(self) -> None:
+        self.client.reset_session(self.id)
+
+    def close(self) -> None:
+        self.detach()
+        self.client.close_session(self.id)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---- helpers -------------------------------------------------------------------------------
+def _step_output(resp: pb.StreamResponse) -> StepOutput:
+    return StepOutput(
+        outputs=from_tensors(resp.outputs, what="output"),
+        start=resp.start,
+        steps_total=resp.steps_total,
+        revised=resp.revised,
+        request_id=resp.request_id,
+    )
+
+
+def _fill(req, info: pb.ModelInfo, data: Chunk | None, *, batched: bool) -> None:
+    """Put ``data`` into ``req``: text, named tensors, or one array for the single input."""
+    if isinstance(data, str):
+        req.text = data
+        return
+    if data is None:
+        raise InvalidArgument(f"no inputs given for model {info.name!r}")
+    if isinstance(data, Mapping):
+        arrays = dict(data)
+    else:
+        inputs = info.graphs[0].inputs if info.graphs else []
+        if len(inputs) != 1:
+            raise InvalidArgument(
+                f"model {info.name!r} takes inputs {[i.name for i in inputs]}: pass a dict"
+            )
+        a = np.asarray(data)
+        if not batched and a.ndim == len(inputs[0].shape) - 2:
+            a = a[None]  # one step without its time axis, e.g. (F,) -> (1, F)
+        arrays = {inputs[0].name: a}
+    for name, tensor in to_tensors(arrays).items():
+        req.inputs[name].CopyFrom(tensor)

@@ -1,0 +1,170 @@
+"""The benchmark harness at toy size: structure of the result, and that every ratio and
+target is made from the numbers measured in the same run. No timing assertions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+from dataclasses import replace
+
+import pytest
+from rnnzoo.benchmarks.cli import main as bench_main
+from rnnzoo.benchmarks.harness import BenchConfig, run
+from rnnzoo.benchmarks.load import run_cell
+from rnnzoo.benchmarks.report import NOTES_BEGIN, NOTES_END, text, write_doc
+from rnnzoo.benchmarks.servers import ServerProcess, echo_server
+
+from rnnzoo.errors import Unavailable
+
+SYSTEMS = ("echo", "naive", "rnnzoo")
+
+
+@pytest.fixture(scope="module")
+def result() -> dict:
+    cfg = replace(
+        BenchConfig.quick(), sessions=(1, 3), steps=(1, 2), delays_ms=(0.0, 2.0), delay_sessions=3
+    )
+    return run(cfg, log=lambda _msg: None)
+
+
+def _cell(rows, n, t):
+    (c,) = [r for r in rows if r["sessions"] == n and r["steps"] == t]
+    return c
+
+
+@pytest.mark.slow
+def test_result_structure(result):
+    json.dumps(result)  # --json must be able to write it
+    cfg = result["config"]
+    assert result["format"] == "rnnzoo.bench/1"
+    for key in ("cpu", "cores", "onnxruntime", "torch", "grpcio", "loadavg_at_end"):
+        assert key in result["machine"]
+    for system in SYSTEMS:
+        rows = result["servers"][system]
+        assert {(r["sessions"], r["steps"]) for r in rows} == {
+            (n, t) for n in cfg["sessions"] for t in cfg["steps"]
+        }
+        for r in rows:
+            assert r["messages"] > 0 and r["window_s"] > 0
+            assert r["steps_per_s"] == pytest.approx(r["messages"] * r["steps"] / r["window_s"])
+            assert 0 < r["p50_ms"] <= r["p99_ms"]
+            assert r["server_cpu_us_per_msg"] is None or r["server_cpu_us_per_msg"] >= 0
+    ort, tch = result["compute"]["ort"], result["compute"]["torch"]
+    assert {(r["batch"], r["steps"]) for r in ort} == {
+        (b, t) for b in cfg["batches"] for t in cfg["steps"]
+    }
+    assert {(r["batch"], r["steps"]) for r in tch} == {
+        (b, t) for b in cfg["torch_batches"] for t in cfg["steps"]
+    }
+    for r in ort + tch:
+        assert r["steps_per_s"] == pytest.approx(r["calls_per_s"] * r["batch"] * r["steps"])
+    delays = [sw["max_delay_ms"] for sw in result["delay_sweep"]]
+    assert delays == list(cfg["delays_ms"])
+    for sw in result["delay_sweep"]:
+        assert {c["steps"] for c in sw["cells"]} == set(cfg["steps"])
+        assert {c["sessions"] for c in sw["cells"]} == {cfg["delay_sessions"]}
+
+
+@pytest.mark.slow
+def test_every_ratio_is_made_from_measured_numbers(result):
+    s, ort, tch = result["servers"], result["compute"]["ort"], result["compute"]["torch"]
+    cfg = result["config"]
+    ref_b = max(cfg["batches"])
+    want = set()
+    for r in result["ratios"]:
+        assert r["value"] == pytest.approx(r["numerator"] / r["denominator"])
+        n, t = r["sessions"], r["steps"]
+        if r["name"] in ("D/B", "D/C"):
+            other = s["echo" if r["name"] == "D/B" else "naive"]
+            assert r["numerator"] == _cell(s["rnnzoo"], n, t)["steps_per_s"]
+            assert r["denominator"] == _cell(other, n, t)["steps_per_s"]
+        elif r["name"] == "D/A":
+            assert r["batch"] == ref_b
+            assert r["numerator"] == _cell(s["rnnzoo"], n, t)["steps_per_s"]
+            (a,) = [a for a in ort if a["batch"] == ref_b and a["steps"] == t]
+            assert r["denominator"] == a["steps_per_s"]
+        else:
+            assert r["name"] == "A/E"
+            (a,) = [a for a in ort if a["batch"] == r["batch"] and a["steps"] == t]
+            (e,) = [e for e in tch if e["batch"] == r["batch"] and e["steps"] == t]
+            assert (r["numerator"], r["denominator"]) == (a["steps_per_s"], e["steps_per_s"])
+        want.add((r["name"], n, t, r["batch"]))
+    # every ratio the issue asks for is there, for every measured cell
+    for n in cfg["sessions"]:
+        for t in cfg["steps"]:
+            for name in ("D/B", "D/C"):
+                assert (name, n, t, None) in want
+            assert ("D/A", n, t, ref_b) in want
+    for b in set(cfg["batches"]) & set(cfg["torch_batches"]):
+        for t in cfg["steps"]:
+            assert ("A/E", None, t, b) in want
+
+
+@pytest.mark.slow
+def test_targets_quote_the_ratios(result):
+    by_key = {(r["name"], r["sessions"], r["steps"]): r["value"] for r in result["ratios"]}
+    targets = result["targets"]
+    assert len(targets) == 5
+    for t in targets[:4]:
+        name = t["target"].split()[0]
+        assert t["measured"] == by_key[(name, t["sessions"], t["steps"])]
+        assert t["met"] == (t["measured"] >= t["want"])
+    d = _cell(result["servers"]["rnnzoo"], targets[4]["sessions"], 1)
+    assert targets[4]["measured"] == d["p99_ms"]
+
+
+@pytest.mark.slow
+def test_report_writes_doc_and_plot_and_keeps_notes(result, tmp_path):
+    assert "D/B" in text(result)
+    doc = tmp_path / "docs" / "benchmarks.md"
+    doc, png = write_doc(result, doc)
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    body = doc.read_text()
+    d = _cell(result["servers"]["rnnzoo"], 1, 1)
+    assert f"{d['steps_per_s']:.0f}" in body and result["machine"]["cpu"] in body
+    doc.write_text(body.replace("(no notes yet)", "hand-written finding 42"))
+    write_doc(result, doc)
+    body = doc.read_text()
+    assert (
+        "hand-written finding 42" in body and body.count(NOTES_BEGIN) == body.count(NOTES_END) == 1
+    )
+
+
+def test_echo_server_answers_with_same_size_outputs():
+    with echo_server("y", 3) as srv:
+        r = asyncio.run(
+            run_cell(
+                srv.target,
+                "anything",
+                2,
+                4,
+                features=1,
+                warmup_s=0.05,
+                duration_s=0.2,
+                server_pid=srv.proc.pid,
+            )
+        )
+    assert r.messages > 0 and r.sessions == 2 and r.steps == 4
+    assert r.server_cpu_us_per_msg is not None and not math.isnan(r.client_cpu_us_per_msg)
+
+
+def test_server_that_never_gets_ready_is_reported_with_its_stderr():
+    cmd = [sys.executable, "-c", "import sys; sys.stderr.write('boom: no models'); sys.exit(3)"]
+    with pytest.raises(Unavailable, match="boom: no models"):
+        ServerProcess(cmd, "broken", start_timeout_s=20).start()
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--sessions", "0"], "--sessions values must be >= 1"),
+        (["--steps", "a,b"], "--steps takes comma-separated integers"),
+        (["--duration", "0"], "--duration must be > 0"),
+        (["--delays", "-1"], "--delays values must be >= 0"),
+    ],
+)
+def test_cli_rejects_bad_arguments(argv, msg, capsys):
+    assert bench_main(["--quick", *argv]) == 2
+    assert msg in capsys.readouterr().err

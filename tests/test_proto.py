@@ -1,0 +1,78 @@
+"""The protocol: generated code is fresh, tensors travel as exact raw bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rnnzoo.proto import generate
+from rnnzoo.proto.tensors import DTYPES, from_tensor, to_tensor
+from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
+
+from rnnzoo.errors import InvalidArgument
+
+
+def test_generated_code_is_not_stale(tmp_path):
+    pytest.importorskip("grpc_tools", reason="needs grpcio-tools (the dev extra)")
+    fresh = generate.generate(tmp_path)
+    assert [p.name for p in fresh] == list(generate.OUTPUTS)
+    for p in fresh:
+        checked_in = Path(generate.HERE) / "v1" / p.name
+        assert p.read_bytes() == checked_in.read_bytes(), (
+            f"{checked_in} is stale: run `python -m rnnzoo.proto.generate` and commit the result"
+        )
+    grpc_code = (tmp_path / "rnnzoo_pb2_grpc.py").read_text()
+    assert "from . import rnnzoo_pb2" in grpc_code and "from rnnzoo.v1" not in grpc_code
+
+
+def test_package_is_versioned():
+    assert pb.DESCRIPTOR.package == "rnnzoo.v1"
+    service = pb.DESCRIPTOR.services_by_name["Rnnzoo"]
+    assert {m.name for m in service.methods} == {
+        "ListModels", "GetModel", "CreateSession", "CloseSession", "ResetSession",
+        "Stream", "Infer", "Generate",
+    }  # fmt: skip
+    stream = service.methods_by_name["Stream"]
+    assert stream.client_streaming and stream.server_streaming
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_tensor_roundtrip_is_exact(dtype):
+    rng = np.random.default_rng(0)
+    a = (rng.normal(size=(2, 3, 4)) * 100).astype(dtype)
+    t = to_tensor(a)
+    assert t.dtype == dtype and list(t.shape) == [2, 3, 4]
+    assert len(t.data) == a.size * np.dtype(dtype).itemsize
+    b = from_tensor(pb.Tensor.FromString(t.SerializeToString()))
+    assert b.dtype == a.dtype and b.shape == a.shape
+    np.testing.assert_array_equal(b, a)
+
+
+def test_tensor_bytes_are_little_endian_c_order():
+    a = np.arange(6, dtype=">f4").reshape(2, 3).T  # big-endian, not C-contiguous
+    t = to_tensor(a)
+    assert t.data == np.ascontiguousarray(a, dtype="<f4").tobytes()
+    np.testing.assert_array_equal(from_tensor(t), a)
+    assert from_tensor(to_tensor(np.float32(2.5))).shape == ()  # scalars have shape []
+
+
+@pytest.mark.parametrize(
+    "tensor, needle",
+    [
+        (pb.Tensor(dtype="float32", shape=[2, 2], data=b"\0" * 15), "needs 16"),
+        (pb.Tensor(dtype="complex64", shape=[1], data=b"\0" * 8), "unknown dtype"),
+        (pb.Tensor(dtype="", shape=[1], data=b"\0" * 4), "unknown dtype"),
+        (pb.Tensor(dtype="int64", shape=[-2, -3], data=b"\0" * 48), "dims must be >= 0"),
+        (pb.Tensor(dtype="int32", shape=[1] * 17, data=b"\0" * 4), "rank"),
+        (pb.Tensor(dtype="bool", shape=[2], data=b"\x00\x07"), "0 or 1"),
+    ],
+)
+def test_bad_tensors_are_invalid_argument(tensor, needle):
+    with pytest.raises(InvalidArgument, match=needle):
+        from_tensor(tensor, name="input 'x'")
+
+
+def test_unsupported_arrays_are_refused_before_sending():
+    with pytest.raises(InvalidArgument, match="supported dtypes"):
+        to_tensor(np.array(["a", "b"]))

@@ -1,0 +1,261 @@
+"""Streaming and batching: chunked == whole, batched == unbatched, bidirectional revised
+outputs == offline prefix inference, failing batch isolation, bad inputs change nothing."""
+
+import asyncio
+
+import numpy as np
+import pytest
+from onnx_fixtures import CHARS, build_zoo, reference, reference_external
+from rnnzoo.server.runtime import ModelRepository, Runtime, RuntimeOptions
+from rnnzoo.server.runtime.batching import Batcher
+from rnnzoo.server.runtime.model import Chunk
+
+from rnnzoo.errors import InvalidArgument, ResourceExhausted
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("zoo")
+    refs = build_zoo(d)
+    return ModelRepository.from_dir(d), refs
+
+
+async def started(repo, **opts) -> Runtime:
+    rt = Runtime(repo, RuntimeOptions(**opts))
+    await rt.start()
+    return rt
+
+
+def seq(t: int, f: int = 3, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(t, f)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["lstm2", "gru", "rnn"])
+async def test_chunked_streaming_equals_whole_sequence_and_reference(zoo, name):
+    repo, refs = zoo
+    rt = await started(repo)
+    try:
+        xs = seq(11, seed=1)
+        s = rt.create_session(name)
+        outs = []
+        for a, b in [(0, 1), (1, 4), (4, 5), (5, 11)]:
+            r = await rt.step(s.id, {"x": xs[a:b]})
+            assert r.start == a and r.steps_total == b and not r.revised
+            outs.append(r.outputs["y"])
+        got = np.concatenate(outs)
+        whole = await rt.infer(name, {"x": xs[None]})
+        np.testing.assert_allclose(got, whole["y"][0], atol=1e-6)
+        want, _ = reference(refs[name], xs[None])
+        np.testing.assert_allclose(got, want[0], atol=1e-5)
+    finally:
+        await rt.stop()
+
+
+async def test_sidecar_model_streams_with_batch_major_state(zoo):
+    repo, refs = zoo
+    rt = await started(repo, max_delay_ms=2.0)
+    try:
+        xs = [seq(7, 4, seed=i) for i in range(3)]
+        sids = [rt.create_session("kws").id for _ in xs]
+        outs: list[list[np.ndarray]] = [[] for _ in xs]
+        for a, b in [(0, 2), (2, 3), (3, 7)]:
+            res = await asyncio.gather(
+                *(rt.step(sid, {"features": x[a:b]}) for sid, x in zip(sids, xs, strict=True))
+            )
+            for i, r in enumerate(res):
+                outs[i].append(r.outputs["scores"])
+        want, _ = reference_external(refs["kws"], np.stack(xs))
+        for i in range(3):
+            np.testing.assert_allclose(np.concatenate(outs[i]), want[i], atol=1e-5)
+        assert max(rt.batchers[("kws", "model")].batch_sizes) > 1
+    finally:
+        await rt.stop()
+
+
+async def test_bidirectional_steps_return_exact_revised_prefix(zoo):
+    repo, refs = zoo
+    rt = await started(repo)
+    try:
+        xs = seq(9, seed=4)
+        s = rt.create_session("bigru")
+        for a, b in [(0, 2), (2, 3), (3, 9)]:
+            r = await rt.step(s.id, {"x": xs[a:b]})
+            assert r.revised and r.start == 0 and r.steps_total == b
+            offline = await rt.infer("bigru", {"x": xs[None, :b]})
+            np.testing.assert_allclose(r.outputs["y"], offline["y"][0], atol=1e-6)
+            want, _ = reference(refs["bigru"], xs[None, :b])
+            np.testing.assert_allclose(r.outputs["y"], want[0], atol=1e-5)
+    finally:
+        await rt.stop()
+
+
+async def test_bidirectional_buffer_limit(zoo):
+    repo, _ = zoo
+    rt = await started(repo, max_buffer_steps=5)
+    try:
+        s = rt.create_session("bigru")
+        await rt.step(s.id, {"x": seq(4)})
+        with pytest.raises(ResourceExhausted, match="max_buffer_steps=5"):
+            await rt.step(s.id, {"x": seq(2)})
+        r = await rt.step(s.id, {"x": seq(1)})  # the refused chunk left nothing behind
+        assert r.steps_total == 5
+        rt.reset_session(s.id)
+        assert (await rt.step(s.id, {"x": seq(5)})).steps_total == 5
+    finally:
+        await rt.stop()
+
+
+async def run_interleaved(repo, model: str, plans, **opts):
+    """Each session steps its own chunks; sessions run concurrently."""
+    rt = await started(repo, **opts)
+    try:
+        sids = [rt.create_session(model).id for _ in plans]
+
+        async def drive(sid, chunks):
+            return [await rt.step(sid, c) for c in chunks]
+
+        res = await asyncio.gather(*(drive(s, p) for s, p in zip(sids, plans, strict=True)))
+        calls = sum(b.calls for b in rt.batchers.values())
+        sizes = [n for b in rt.batchers.values() for n in b.batch_sizes]
+        return res, calls, sizes
+    finally:
+        await rt.stop()
+
+
+@pytest.mark.parametrize("model", ["lstm2", "charlm", "bigru"])
+async def test_batching_equals_no_batching_with_different_chunk_lengths(zoo, model):
+    repo, _ = zoo
+    rng = np.random.default_rng(5)
+    plans = []
+    for i in range(6):
+        lengths = rng.integers(1, 5, size=4 + i % 3)
+        if model == "charlm":
+            plans.append([{"tokens": rng.integers(0, len(CHARS), n)} for n in lengths])
+        else:
+            plans.append([{"x": seq(int(n), seed=int(rng.integers(1 << 30)))} for n in lengths])
+    alone, calls_alone, _ = await run_interleaved(repo, model, plans, max_batch=1)
+    batched, calls_b, sizes = await run_interleaved(
+        repo, model, plans, max_batch=64, max_delay_ms=5
+    )
+    assert max(sizes) > 1 and calls_b < calls_alone  # batching really happened
+    key = "tokens" if model == "charlm" else "x"
+    out = "logits" if model == "charlm" else "y"
+    for plan, ra, rb in zip(plans, alone, batched, strict=True):
+        for chunk, a, b in zip(plan, ra, rb, strict=True):
+            assert (a.start, a.steps_total) == (b.start, b.steps_total)
+            assert a.outputs[out].shape[0] == (b.steps_total if a.revised else len(chunk[key]))
+            np.testing.assert_allclose(a.outputs[out], b.outputs[out], atol=1e-6)
+
+
+async def test_batcher_takes_one_chunk_per_session_and_respects_max_batch(zoo):
+    repo, _ = zoo
+    rt = await started(repo, max_batch=2, max_delay_ms=5)
+    try:
+        a, b, c = (rt.create_session("gru").id for _ in range(3))
+        await asyncio.gather(*(rt.step(s, {"x": seq(2)}) for s in (a, b, c)))
+        sizes = rt.batchers[("gru", "model")].batch_sizes
+        assert max(sizes) <= 2 and sum(sizes) == 3
+    finally:
+        await rt.stop()
+
+
+async def test_failing_batch_member_does_not_hurt_the_others(zoo):
+    """A chunk that makes ORT fail (token id out of range, slipped past validation) is
+    isolated: the other members get their exact results, the bad one an InvalidArgument."""
+    repo, refs = zoo
+    graph = repo.get("charlm").graphs["model"]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(graph, pool, max_batch=8, max_delay_ms=5)
+        batcher.start()
+        good = [np.array([1, 2, 3]), np.array([4, 5, 0])]
+        bad = np.array([1, 99, 2])  # Gather out of bounds inside ORT
+        jobs = [
+            batcher.submit(i, Chunk({"tokens": t}, 3), graph.init_states)
+            for i, t in enumerate([good[0], bad, good[1]])
+        ]
+        res = await asyncio.gather(*jobs, return_exceptions=True)
+        await batcher.stop(1.0)
+    assert list(batcher.batch_sizes) == [1, 1]  # the batch of 3 failed; members retried alone
+    assert isinstance(res[1], InvalidArgument) and "state is unchanged" in str(res[1])
+    for i, tokens in ((0, good[0]), (2, good[1])):
+        want, want_st = reference(refs["charlm"], tokens[None])
+        np.testing.assert_allclose(res[i][0]["logits"], want[0], atol=1e-5)
+        np.testing.assert_allclose(res[i][1]["h0"], want_st["hn"], atol=1e-5)
+
+
+def _bad_inputs():
+    x = seq(3)
+    return [
+        ({"x": x[None]}, r"expected rank 2 shape \['time', 3\], got shape \[1, 3, 3\]"),
+        ({"x": seq(3, f=4)}, r"dim 1 must be 3"),
+        ({"x": x.astype(np.int64)}, r"expected dtype float32, got int64"),
+        ({"x": np.where(x > 0, np.nan, x)}, r"NaN or infinity"),
+        ({"x": np.zeros((0, 3), np.float32)}, r"empty chunk"),
+        ({"z": x}, r"missing \['x'\], unknown \['z'\]"),
+        ({}, r"missing \['x'\]"),
+    ]
+
+
+@pytest.mark.parametrize("bad,msg", _bad_inputs())
+async def test_bad_inputs_are_rejected_and_leave_state_unchanged(zoo, bad, msg):
+    repo, _ = zoo
+    rt = await started(repo)
+    try:
+        s = rt.create_session("lstm2")
+        ref = rt.create_session("lstm2")
+        await rt.step(s.id, {"x": seq(2, seed=9)})
+        await rt.step(ref.id, {"x": seq(2, seed=9)})
+        with pytest.raises(InvalidArgument, match=msg):
+            await rt.step(s.id, bad)
+        a = await rt.step(s.id, {"x": seq(3, seed=10)})
+        b = await rt.step(ref.id, {"x": seq(3, seed=10)})
+        assert a.steps_total == 5
+        np.testing.assert_array_equal(a.outputs["y"], b.outputs["y"])
+    finally:
+        await rt.stop()
+
+
+async def test_token_and_cast_rules(zoo):
+    repo, _ = zoo
+    rt = await started(repo)
+    try:
+        s = rt.create_session("charlm")
+        with pytest.raises(
+            InvalidArgument, match=r"token ids must be in \[0, 9\), got values in \[0, 9\]"
+        ):
+            await rt.step(s.id, {"tokens": np.array([0, 9])})
+        with pytest.raises(InvalidArgument, match="expected dtype int64, got float32"):
+            await rt.step(s.id, {"tokens": np.array([1.0], np.float32)})
+        r = await rt.step(s.id, {"tokens": np.array([1, 2], np.int32)})  # int32 widens safely
+        assert r.steps_total == 2
+        g = rt.create_session("gru")
+        r64 = await rt.step(g.id, {"x": seq(2).astype(np.float64)})  # float64 -> float32
+        assert r64.outputs["y"].dtype == np.float32
+    finally:
+        await rt.stop()
+
+
+async def test_infer_batched_stateless_and_from_session(zoo):
+    repo, refs = zoo
+    rt = await started(repo)
+    try:
+        xb = np.stack([seq(5, seed=i) for i in range(3)])
+        out = await rt.infer("lstm2", {"x": xb})
+        want, _ = reference(refs["lstm2"], xb)
+        np.testing.assert_allclose(out["y"], want, atol=1e-5)
+        s = rt.create_session("lstm2")
+        await rt.step(s.id, {"x": xb[0, :2]})
+        peek = await rt.infer("lstm2", {"x": xb[:1, 2:]}, session_id=s.id)
+        np.testing.assert_allclose(peek["y"][0], want[0, 2:], atol=1e-5)
+        r = await rt.step(s.id, {"x": xb[0, 2:3]})  # peek did not advance
+        assert r.start == 2
+        await rt.infer("lstm2", {"x": xb[:1, 3:]}, session_id=s.id, advance=True)
+        assert (await rt.step(s.id, {"x": xb[0, :1]})).start == 5
+        with pytest.raises(InvalidArgument, match="batch size 1, got 3"):
+            await rt.infer("lstm2", {"x": xb}, session_id=s.id)
+        with pytest.raises(InvalidArgument, match="belongs to model 'lstm2'"):
+            await rt.infer("gru", {"x": xb[:1]}, session_id=s.id)
+    finally:
+        await rt.stop()
