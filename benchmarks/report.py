@@ -45,6 +45,40 @@ def server_table(result: dict) -> str:
     return "\n".join(rows)
 
 
+def cpu_table(result: dict) -> str:
+    """Server and client CPU per message: where the shared cores went in each cell."""
+    s = result["servers"]
+    head = (
+        ["sessions", "T"]
+        + [f"{label} server" for _, label in SYSTEMS]
+        + [f"{label} client" for _, label in SYSTEMS]
+    )
+    rows = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for d in s["rnnzoo"]:
+        n, t = d["sessions"], d["steps"]
+        cells = [next((c for c in s[k] if c["sessions"] == n and c["steps"] == t), None)
+                 for k, _ in SYSTEMS]  # fmt: skip
+        vals = [_fmt(c and c["server_cpu_us_per_msg"]) for c in cells]
+        vals += [_fmt(c and c["client_cpu_us_per_msg"]) for c in cells]
+        rows.append(f"| {n} | {t} | " + " | ".join(vals) + " |")
+    return "\n".join(rows)
+
+
+def one_session_bound(result: dict) -> str | None:
+    """What 1 session at T=1 can reach at best: echo's round trip plus one B=1 ORT call."""
+    echo = next((c for c in result["servers"]["echo"] if c["sessions"] == 1 and c["steps"] == 1), None)  # fmt: skip
+    a1 = next((r for r in result["compute"]["ort"] if r["batch"] == 1 and r["steps"] == 1), None)
+    if echo is None or a1 is None:
+        return None
+    rtt_ms = 1e3 / echo["msgs_per_s"]  # mean round trip of the echo server
+    ort_ms = 1e3 / a1["calls_per_s"]
+    return (
+        f"At 1 session and 1 step/message a server can at best add one ORT call (B=1: "
+        f"{ort_ms * 1e3:.0f} µs in A) to the echo round trip ({rtt_ms * 1e3:.0f} µs mean), so "
+        f"D/B ≤ {rtt_ms / (rtt_ms + ort_ms):.2f} even with zero Python overhead."
+    )
+
+
 def delay_table(result: dict) -> str:
     rows = ["| max_delay_ms | sessions | T | steps/s | p50 ms | p99 ms |",
             "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -75,7 +109,8 @@ def text(result: dict) -> str:
         "servers (closed loop, one Stream per session; T = steps per message)\n"
         + server_table(result),
         "queue delay trade-off (D)\n" + delay_table(result),
-        "targets\n" + target_table(result),
+        "server/client CPU per message (µs)\n" + cpu_table(result),
+        "targets\n" + target_table(result) + "\n" + (one_session_bound(result) or ""),
     ])  # fmt: skip
 
 
@@ -161,6 +196,8 @@ Run took {result["elapsed_s"]} s.
 ## Targets
 {target_table(result)}
 
+{one_session_bound(result) or ""}
+
 ## Compute limits (A vs E)
 {compute_table(result)}
 
@@ -171,6 +208,11 @@ with the same T.
 {server_table(result)}
 
 ![throughput vs sessions]({plot_name})
+
+CPU time per message (µs, user+sys from /proc, whole process incl. all threads, in the
+measured window): what each server and the client spent on one round trip.
+
+{cpu_table(result)}
 
 ## Queue-delay trade-off (D at {c["delay_sessions"]} sessions)
 {delay_table(result)}

@@ -14,7 +14,7 @@ from rnnzoo.errors import FailedPrecondition, InvalidArgument
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a directory of ONNX models over gRPC")
     p.add_argument(
-        "--model-dir", default="zoo/onnx", help="folder of .onnx files (default: %(default)s)"
+        "--model-dir", default="zoo", help="folder of .onnx files (default: %(default)s)"
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed)")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from rnnzoo.errors import InvalidArgument, NotFound
 from rnnzoo.models.checkpoint import (
     FORMAT,
     load_checkpoint,
@@ -15,10 +13,14 @@ from rnnzoo.models.checkpoint import (
 )
 from rnnzoo.models.rnn import RecurrentNet, RNNConfig, Seq2Seq, Seq2SeqConfig
 
+from rnnzoo.errors import InvalidArgument, NotFound
+
 
 def _ckpt(model, family="rnn"):
     task = {"name": "t", "kind": "tag", "vocab": ["a", "b"], "labels": ["x", "y"]}
-    return make_checkpoint("m", family, model, task, {"metric": "accuracy", "value": 0.5}, {"seed": 1})
+    return make_checkpoint(
+        "m", family, model, task, {"metric": "accuracy", "value": 0.5}, {"seed": 1}
+    )
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru_scratch"])
@@ -48,7 +50,7 @@ def test_round_trip_seq2seq(tmp_path):
 def test_missing_file_is_not_found_naming_it(tmp_path):
     with pytest.raises(NotFound, match=r"nope\.pt: no such checkpoint"):
         load_checkpoint(tmp_path / "nope.pt")
-    with pytest.raises(NotFound, match="model.pt"):
+    with pytest.raises(NotFound, match=r"model\.pt"):
         load_checkpoint(tmp_path)  # a folder without model.pt
 
 
@@ -65,7 +67,7 @@ def test_corrupt_and_foreign_files_are_invalid(tmp_path):
     ckpt = _ckpt(RecurrentNet(RNNConfig("gru", 4)))
     del ckpt["metrics"]
     torch.save(ckpt, other)
-    with pytest.raises(InvalidArgument, match="lacks.*metrics"):
+    with pytest.raises(InvalidArgument, match=r"lacks.*metrics"):
         read_checkpoint(other)
     ckpt = _ckpt(RecurrentNet(RNNConfig("gru", 4)))
     ckpt["config"]["hidden_size"] = 5  # weights no longer fit the config

@@ -91,6 +91,7 @@ def test_export_graph_and_parity(tmp_path, cell, layers, bidir, tokens):
     assert report.max_abs() < 1e-5
 
 
+@pytest.mark.slow  # nine exports
 def test_many_exports_in_one_process_each_still_dynamic(tmp_path):
     # REFERENCE.md: a second dynamo export of the same RNN type could break; ours must not.
     for i in range(3):

@@ -101,3 +101,14 @@ def test_signal_wave_is_deterministic():
     assert a.shape == (50, 3) and a.dtype == np.float32
     np.testing.assert_array_equal(a, signal_wave(50, 3, seed=1))
     assert not np.allclose(a[:, 0], a[:, 1])  # features are phase-shifted
+
+
+def test_serving_path_never_imports_torch():
+    code = (
+        "import sys, rnnzoo.client, rnnzoo.server.transport, rnnzoo.server.cli, rnnzoo.cli;"
+        "rnnzoo.cli._build_parser('serve');"
+        "bad = sorted(m for m in sys.modules if m.startswith(('torch', 'rnnzoo.models')));"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -6,8 +6,6 @@ import math
 
 import pytest
 import torch
-
-from rnnzoo.errors import InvalidArgument, NotFound
 from rnnzoo.models.rnn import RecurrentNet, RNNConfig, Seq2Seq, Seq2SeqConfig
 from rnnzoo.models.tasks import TASKS, make_task
 from rnnzoo.models.tasks.adding import AddingProblem
@@ -17,6 +15,7 @@ from rnnzoo.models.tasks.forecast import SineForecast
 from rnnzoo.models.tasks.num2words import BOS, EOS, PAD, NumToWords, is_heldout, number_words
 from rnnzoo.models.tasks.pytag import LABELS, PyTag, tag_source
 
+from rnnzoo.errors import InvalidArgument, NotFound
 
 
 @pytest.fixture(autouse=True)
@@ -26,6 +25,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -72,7 +72,9 @@ def test_adding_problem_targets_and_trivial_baseline():
     assert torch.allclose(y[:, 0], (x[..., 0] * marks).sum(1))
     assert task.trivial == pytest.approx(1.0, abs=0.02)
     # The trivial predictor's MSE is the target variance, 1/6 for a sum of two U(0,1).
-    ev = task.evaluate(lambda inp, state=None: (torch.full(inp.shape[:2] + (1,), task.trivial), state))
+    ev = task.evaluate(
+        lambda inp, state=None: (torch.full((*inp.shape[:2], 1), task.trivial), state)
+    )
     assert ev.value == pytest.approx(ev.baseline) and ev.baseline == pytest.approx(1 / 6, rel=0.15)
     net = RecurrentNet(RNNConfig("gru", 8, **task.model_io()))
     probe = task.probe(net, task.batch(4, _gen()))

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from rnnzoo.errors import InvalidArgument
 from rnnzoo.models.rnn import RecurrentNet, RNNConfig
 from rnnzoo.models.tasks.adding import AddingProblem
 from rnnzoo.models.tasks.forecast import SineForecast
 from rnnzoo.models.train import TrainConfig, build_model, set_forget_bias, train
 
+from rnnzoo.errors import InvalidArgument
 
 
 @pytest.fixture(autouse=True)
@@ -20,6 +19,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
 
 def _run(cfg: TrainConfig, cell: str = "gru", task=None):
     task = task or SineForecast(seq_len=32, warmup=4, eval_size=64)
@@ -51,7 +51,7 @@ def test_same_seed_same_run_other_seed_other_run():
     cfg = TrainConfig(steps=15, batch_size=8, seed=3, log_every=5)
     a, ia, _ = _run(cfg)
     b, ib, _ = _run(cfg)
-    c, ic, _ = _run(TrainConfig(steps=15, batch_size=8, seed=4, log_every=5))
+    _c, ic, _ = _run(TrainConfig(steps=15, batch_size=8, seed=4, log_every=5))
     assert ia["loss_curve"] == ib["loss_curve"]
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k

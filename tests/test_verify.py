@@ -142,6 +142,7 @@ def test_full_grid_up_to_ten_thousand_steps(tmp_path, cell):
     assert report.max_abs() < 1e-5
 
 
+@pytest.mark.slow  # builds every entry's quick task (reads corpora)
 def test_every_zoo_entry_exports_with_parity(tmp_path):
     """Each registered entry's own config (cell, depth, directions, I/O), shrunk, exports."""
     zoo = pytest.importorskip("rnnzoo.models.zoo")

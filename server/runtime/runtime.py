@@ -314,6 +314,9 @@ class Runtime:
         top_k: int = 0,
         seed: int | None = None,
     ) -> AsyncIterator[str]:
+        """Yield text pieces as they are sampled. lm: continue ``prompt``; seq2seq: encode
+        ``prompt``, decode from bos until eos or ``max_tokens``. An async generator: argument
+        errors are raised on the first ``__anext__``."""
         self._check()
         check_sampling(max_tokens, temperature, top_k)
         entry = self.repo.get(model)
