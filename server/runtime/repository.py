@@ -49,7 +49,8 @@ class ModelRepository:
         d = Path(model_dir)
         if not d.is_dir():
             raise NotFound(f"model directory {d} does not exist; pass a directory of .onnx files")
-        files = sorted(d.glob("*.onnx"))
+        # Recursive, so a zoo build directory (one folder per entry) serves as it is.
+        files = sorted(d.rglob("*.onnx"))
         if not files:
             raise NotFound(
                 f"model directory {d} holds no .onnx files; export some with `rnnzoo export`"
