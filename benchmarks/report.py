@@ -121,11 +121,11 @@ def plot(result: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     steps = result["config"]["steps"]
+    sessions = result["config"]["sessions"]
     ort = result["compute"]["ort"]
     ref_b = max(r["batch"] for r in ort)
-    fig, axes = plt.subplots(1, len(steps), figsize=(4.2 * len(steps), 3.8), sharey=True)
-    axes = [axes] if len(steps) == 1 else list(axes)
-    for ax, t in zip(axes, steps, strict=True):
+    fig, axes = plt.subplots(1, len(steps) + 1, figsize=(4.2 * (len(steps) + 1), 3.8))
+    for ax, t in zip(axes, steps, strict=False):
         for key, label in SYSTEMS:
             cells = sorted((c for c in result["servers"][key] if c["steps"] == t),
                            key=lambda c: c["sessions"])  # fmt: skip
@@ -136,19 +136,35 @@ def plot(result: dict, path: Path) -> Path:
                 ax.axhline(
                     r["steps_per_s"], ls="--", lw=1, color="gray" if r["batch"] == 1 else "k"
                 )
-                ax.annotate(f"A: ORT B={r['batch']}", (1, r["steps_per_s"]), fontsize=7,
+                ax.annotate(f"A: ORT B={r['batch']}", (sessions[0], r["steps_per_s"]), fontsize=7,
                             va="bottom")  # fmt: skip
         for r in result["compute"]["torch"]:
             if r["steps"] == t and r["batch"] == 1:
                 ax.axhline(r["steps_per_s"], ls=":", lw=1, color="tab:red")
-                ax.annotate("E: torch B=1", (1, r["steps_per_s"]), fontsize=7, va="top")
+                ax.annotate("E: torch B=1", (sessions[0], r["steps_per_s"]), fontsize=7, va="top")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sessions, [str(n) for n in sessions])
+        ax.minorticks_off()
         ax.set_yscale("log")
         ax.set_title(f"{t} step(s) per message")
         ax.set_xlabel("concurrent sessions")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("steps/s (all sessions)")
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=8, loc="center right")
+    # queue-delay trade-off: p99 latency vs throughput, one line per T, one point per delay
+    ax = axes[-1]
+    for t in steps:
+        pts = [(sw["max_delay_ms"], c) for sw in result["delay_sweep"] for c in sw["cells"]
+               if c["steps"] == t]  # fmt: skip
+        ax.plot([c["p99_ms"] for _, c in pts], [c["steps_per_s"] for _, c in pts], marker="o",
+                label=f"T={t}")  # fmt: skip
+        for d, c in pts:
+            ax.annotate(f"{d:g} ms", (c["p99_ms"], c["steps_per_s"]), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("p99 latency (ms)")
+    ax.set_title(f"D: --max-delay-ms at {result['config']['delay_sessions']} sessions")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -167,7 +183,8 @@ One run, one machine, the same rnnzoo.v1 proto, payload and concurrency for ever
 
 - **A** bare ONNX Runtime step loop (the compute limit): the exported graph, the server's ORT
   session options (1 intra-op + 1 inter-op thread, sequential, no spinning), state fed back
-  call after call; steps/s = B × T × calls/s, best of {c["compute_repeats"]} runs of {c["compute_s"]} s.
+  call after call; steps/s = B × T × calls/s, best of {c["compute_repeats"]} runs of {c["compute_s"]} s,
+  measured before and after the servers (the better of the two counts; both are in the JSON).
 - **B** echo server (the transport limit): same proto and `Stream` RPC, grpc.aio, answers
   every chunk with a `y` tensor of the size the model returns, does no inference.
 - **C** naive server: `rnnzoo serve --max-batch 1` — one ORT call per message, no batching
@@ -183,7 +200,8 @@ the previous answer; sessions in {list(c["sessions"])}, T (steps per message) in
 {list(c["steps"])}; {c["warmup_s"]} s warm-up, then {c["duration_s"]} s measured per cell.
 Latency = per-message round trip seen by the client. Every server runs as a separate process
 (`rnnzoo serve --port 0`, target read from its `listening on` line); the client is one asyncio
-process with grpc.aio.
+process with grpc.aio. All servers are up at once (an idle one costs nothing) and each cell
+measures B, C and D back to back, so load from elsewhere hits them alike.
 
 **Machine**: {m["cpu"]}, {m["cores"]} cores (usable: {m["cores_usable"]}), Python {m["python"]},
 onnxruntime {m["onnxruntime"]}, torch {m["torch"]}, grpcio {m["grpcio"]}, protobuf

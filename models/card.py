@@ -17,6 +17,7 @@ GROUP_TITLES = {
     "tagging": "Per-character tagging of Python source",
     "seq2seq": "Sequence to sequence",
 }
+TINY = 1e-30  # where exact zeros are drawn on log axes
 SHOWN_EXTRAS = ("onnx_files", "ort_speedup_step_b1", "ort_speedup_t1000_b1")
 
 
@@ -37,6 +38,19 @@ def _floor_cell(r: dict[str, Any]) -> str:
     if r["quick"]:
         return f"not claimed (quick build); {r['floor']['text']}"
     return {True: "yes", False: "**NO**", None: "—"}[met] + f" ({r['floor']['text']})"
+
+
+def _probe_note(train: dict[str, Any]) -> str:
+    """The last gradient probe, in words: how much gradient reaches the early inputs."""
+    probes = train.get("probes") or []
+    if not probes:
+        return ""
+    last = probes[-1]
+    ratio = last["grad_early"] / last["grad_late"] if last["grad_late"] else 0.0
+    return (
+        f" At step {last['step']}: |dL/dx| on the first tenth {last['grad_early']:.2e}, "
+        f"{ratio:.1e} x that on the last tenth."
+    )
 
 
 def _table(results: list[dict[str, Any]]) -> list[str]:
@@ -139,8 +153,12 @@ def _plot_gradients(out: Path, results: list[dict[str, Any]]) -> str | None:
     for r in rows:
         probes = r["train"]["probes"]
         steps = [p["step"] for p in probes]
-        axes[0].plot(steps, [p["grad_early"] for p in probes], label=r["name"], lw=1)
-        ratio = [p["grad_early"] / p["grad_late"] if p["grad_late"] else 0.0 for p in probes]
+        # Exact zeros (a dead ReLU path) are drawn at TINY so they stay on the log axis.
+        early = [max(p["grad_early"], TINY) for p in probes]
+        axes[0].plot(steps, early, label=r["name"], lw=1)
+        ratio = [
+            max(p["grad_early"] / p["grad_late"], TINY) if p["grad_late"] else TINY for p in probes
+        ]
         axes[1].plot(steps, ratio, label=r["name"], lw=1)
         g = r["train"]["grad_norm_curve"]
         axes[2].plot(
@@ -149,7 +167,7 @@ def _plot_gradients(out: Path, results: list[dict[str, Any]]) -> str | None:
             label=f"{r['name']} (clipped {100 * r['train']['clip_fraction']:.0f}% of steps)",
             lw=1,
         )
-    axes[0].set_title("|dL/dx| at the first 10% of steps", fontsize=9)
+    axes[0].set_title(f"|dL/dx| at the first 10% of steps (0 drawn at {TINY:g})", fontsize=9)
     axes[1].set_title("|dL/dx| early / late (1 = no vanishing)", fontsize=9)
     axes[2].set_title(f"pre-clip gradient norm (clip at {rows[0]['train']['clip']})", fontsize=9)
     for ax in axes:
@@ -207,10 +225,10 @@ def write_card(
     ]
     train_total = sum(r["train"]["seconds"] for r in results)
     lines = ["# rnnzoo model card", ""]
-    if quick:
+    if quick or any(r["quick"] for r in results):
         lines += [
             "**Quick build**: tiny models trained for a few steps (tests and CI). The floors are "
-            "not claimed for these numbers; run `rnnzoo zoo build` for the real zoo.",
+            "not claimed for rows marked quick; run `rnnzoo zoo build` for the real zoo.",
             "",
         ]
     lines += [
@@ -232,7 +250,7 @@ def write_card(
             lines.append(
                 f"- `{r['name']}`: {r['entry']['notes']}. {t['steps']} steps x batch "
                 f"{t['batch_size']}, lr {t['lr']}, clip {t['clip']} (fired on "
-                f"{100 * t['clip_fraction']:.0f}% of steps), seed {t['seed']}."
+                f"{100 * t['clip_fraction']:.0f}% of steps), seed {t['seed']}." + _probe_note(t)
             )
         if g == "longrange":
             lines += [

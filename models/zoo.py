@@ -100,9 +100,9 @@ def _cached_task(name: str, params_json: str):
 # ---- the entries ---------------------------------------------------------------------------
 # The long-range entries share one training budget so the comparison is fair.
 _LONGRANGE_TRAIN = {
-    "steps": 1500,
+    "steps": 1200,
     "batch_size": 64,
-    "lr": 3e-3,
+    "lr": 1e-2,
     "clip": 1.0,
     "seed": 0,
     "probe_every": 50,
@@ -147,7 +147,7 @@ ENTRIES: list[Entry] = [
         group="forecast",
         task="sines",
         model={"cell": "gru_scratch", "hidden_size": 32},
-        train={"steps": 400, "batch_size": 32, "lr": 5e-3, "seed": 0},
+        train={"steps": 300, "batch_size": 32, "lr": 5e-3, "seed": 0},
         floor={"max_ratio": 0.3},
         quick={"train": {"steps": 10}, "task": {"eval_size": 64}},
         notes="the hand-written GRU cell (models/cells.py)",
@@ -158,7 +158,7 @@ ENTRIES: list[Entry] = [
         task="charlm",
         model={"cell": "gru", "hidden_size": 256, "embed_size": 32},
         task_params={"seq_len": 64},
-        train={"steps": 600, "batch_size": 64, "lr": 4e-3, "seed": 0},
+        train={"steps": 450, "batch_size": 64, "lr": 4e-3, "seed": 0},
         floor={"max_ratio": 0.6},
         quick=_CHAR_QUICK,
         notes="1-layer GRU character LM",
@@ -169,7 +169,7 @@ ENTRIES: list[Entry] = [
         task="charlm",
         model={"cell": "lstm", "hidden_size": 192, "num_layers": 2, "embed_size": 32},
         task_params={"seq_len": 64},
-        train={"steps": 600, "batch_size": 64, "lr": 4e-3, "seed": 0},
+        train={"steps": 450, "batch_size": 64, "lr": 4e-3, "seed": 0},
         floor={"max_ratio": 0.6},
         quick=_CHAR_QUICK,
         notes="2-layer LSTM character LM",
@@ -183,7 +183,7 @@ ENTRIES: list[Entry] = [
         group="tagging",
         task="pytag",
         model={"cell": "gru", "hidden_size": 64, "embed_size": 32},
-        train={"steps": 500, "batch_size": 32, "lr": 5e-3, "seed": 0},
+        train={"steps": 400, "batch_size": 32, "lr": 5e-3, "seed": 0},
         floor={},
         quick=_TAG_QUICK,
         notes="unidirectional twin of tag-bigru",
@@ -193,7 +193,7 @@ ENTRIES: list[Entry] = [
         group="tagging",
         task="pytag",
         model={"cell": "gru", "hidden_size": 64, "embed_size": 32, "bidirectional": True},
-        train={"steps": 500, "batch_size": 32, "lr": 5e-3, "seed": 0},
+        train={"steps": 400, "batch_size": 32, "lr": 5e-3, "seed": 0},
         floor={"beats": "tag-gru"},
         quick=_TAG_QUICK,
         notes="bidirectional GRU tagger",
@@ -203,7 +203,7 @@ ENTRIES: list[Entry] = [
         group="tagging",
         task="pytag",
         model={"cell": "lstm", "hidden_size": 64, "embed_size": 32, "bidirectional": True},
-        train={"steps": 500, "batch_size": 32, "lr": 5e-3, "seed": 0},
+        train={"steps": 400, "batch_size": 32, "lr": 5e-3, "seed": 0},
         floor={"beats": "tag-gru"},
         quick=_TAG_QUICK,
         notes="bidirectional LSTM tagger",
@@ -213,7 +213,7 @@ ENTRIES: list[Entry] = [
         group="seq2seq",
         task="num2words",
         model={"cell": "gru", "hidden_size": 128, "embed_size": 32},
-        train={"steps": 2000, "batch_size": 64, "lr": 5e-3, "seed": 0},
+        train={"steps": 1200, "batch_size": 64, "lr": 5e-3, "seed": 0},
         floor={"min_value": 0.9},
         quick={"train": {"steps": 30}, "task": {"eval_per_length": 20}},
         notes="GRU encoder-decoder, greedy decoding",
@@ -292,14 +292,23 @@ def check_floor(entry: Entry, metrics: dict[str, Any], others: dict[str, dict]) 
     return {"met": None, "text": "none (shown for comparison)"}
 
 
-def _previous_metrics(out: Path, name: str) -> dict | None:
+def _previous_result(out: Path, name: str) -> dict | None:
+    """An earlier build's result for ``name`` in ``out`` (its metrics.json), if readable."""
     path = out / name / "metrics.json"
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))["metrics"]
-    except (ValueError, KeyError):
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
         return None
+    needed = ("metrics", "floor", "train", "config", "entry", "task", "extra", "quick")
+    return result if isinstance(result, dict) and all(k in result for k in needed) else None
+
+
+def _previous_metrics(out: Path, name: str, quick: bool) -> dict | None:
+    """An earlier build's metrics, only if it was built the same way (quick or full)."""
+    result = _previous_result(out, name)
+    return result["metrics"] if result and result["quick"] == quick else None
 
 
 def build_zoo(
@@ -357,7 +366,9 @@ def _build(
                 raise type(exc)(f"zoo entry {entry.name}: {exc}") from None
         metrics = ckpt["metrics"]
         done[entry.name] = metrics
-        others = {n: done.get(n) or _previous_metrics(out, n) for n in REGISTRY if n != entry.name}
+        others = {
+            n: done.get(n) or _previous_metrics(out, n, quick) for n in REGISTRY if n != entry.name
+        }
         others = {n: m for n, m in others.items() if m is not None}
         floor = check_floor(entry, metrics, others)
         result = {
@@ -384,8 +395,13 @@ def _build(
             f"{verdict if not quick else '(quick)'} in {ckpt['train']['seconds']:.1f}s"
         )
     total = time.perf_counter() - t_all
-    card = write_card(out, results, quick=quick, total_seconds=total)
-    log(f"wrote {card} ({len(results)} entries, {total:.0f}s)")
+    # The card covers every entry built into OUT, not only this run's (`rnnzoo train NAME`
+    # into a built zoo updates one row).
+    built = {r["name"]: r for r in results}
+    rows = [built.get(n) or _previous_result(out, n) for n in REGISTRY]
+    rows = [r for r in rows if r is not None]
+    card = write_card(out, rows, quick=quick, total_seconds=total)
+    log(f"wrote {card} ({len(results)} entries trained, {len(rows)} on the card, {total:.0f}s)")
     missed = [r["name"] for r in results if r["floor"]["met"] is False]
     if missed and not quick:
         raise FailedPrecondition(

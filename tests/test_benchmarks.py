@@ -51,6 +51,7 @@ def test_result_structure(result):
             assert r["steps_per_s"] == pytest.approx(r["messages"] * r["steps"] / r["window_s"])
             assert 0 < r["p50_ms"] <= r["p99_ms"]
             assert r["server_cpu_us_per_msg"] is None or r["server_cpu_us_per_msg"] >= 0
+            assert r["loadavg_1m"] >= 0
     ort, tch = result["compute"]["ort"], result["compute"]["torch"]
     assert {(r["batch"], r["steps"]) for r in ort} == {
         (b, t) for b in cfg["batches"] for t in cfg["steps"]
@@ -60,6 +61,13 @@ def test_result_structure(result):
     }
     for r in ort + tch:
         assert r["steps_per_s"] == pytest.approx(r["calls_per_s"] * r["batch"] * r["steps"])
+    before, after = result["compute_runs"]
+    for k in ("ort", "torch"):  # the limit used is the better of the two measured runs
+        best = [
+            max(a["steps_per_s"], b["steps_per_s"])
+            for a, b in zip(before[k], after[k], strict=True)
+        ]
+        assert [r["steps_per_s"] for r in result["compute"][k]] == best
     delays = [sw["max_delay_ms"] for sw in result["delay_sweep"]]
     assert delays == list(cfg["delays_ms"])
     for sw in result["delay_sweep"]:

@@ -53,3 +53,14 @@ def test_zoo_build_quick_writes_the_card(tmp_path):
         assert (tmp_path / name / "model.pt").is_file()
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
         assert metrics["floor"]["met"] in (True, False, None) and metrics["quick"] is True
+
+
+@pytest.mark.slow
+def test_zoo_build_quick_every_entry(tmp_path):
+    """The whole zoo, tiny: every entry trains, evaluates and gets a card row."""
+    rc = main(["zoo", "build", "--quick", "--no-export", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    card = (tmp_path / "ZOO.md").read_text()
+    for e in ENTRIES:
+        assert f"| `{e.name}` |" in card
+        assert load_checkpoint(tmp_path / e.name)[1]["name"] == e.name

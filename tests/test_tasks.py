@@ -133,6 +133,8 @@ def test_charlm_bpc_baseline_and_sampling():
     net = RecurrentNet(RNNConfig("gru", 16, **task.model_io())).eval()
     a = sample(net, task.vocab, "def ", 20, temperature=0.8, seed=3)
     assert len(a) == 20 and a == sample(net, task.vocab, "def ", 20, temperature=0.8, seed=3)
+    assert task.sample(net, "def ", 20, temperature=0.8, seed=3) == a
+    assert task.metadata()["io"] == {"vocab_size": len(task.vocab), "output_size": len(task.vocab)}
     greedy = sample(net, task.vocab, "def ", 20, temperature=0)
     assert greedy == sample(net, task.vocab, "def ", 20, temperature=0, seed=9)
     with pytest.raises(ValueError, match="temperature"):

@@ -91,6 +91,10 @@ def test_quick_build_runs_hooks_writes_metrics_and_card(tmp_path):
     assert "Quick build" in card and "not claimed" in card and "| params_again |" in card
     for pic in ("forecast.png", "curves.png", "gradients.png"):
         assert (tmp_path / pic).stat().st_size > 1000 and f"]({pic})" in card
+    # Retraining one entry into the same folder keeps the other's row on the card.
+    build_zoo(tmp_path, only=["sine-rnn"], quick=True, log=lambda m: None)
+    card = (tmp_path / "ZOO.md").read_text()
+    assert "`adding-gru`" in card and "`sine-rnn`" in card
 
 
 @pytest.mark.slow

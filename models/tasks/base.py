@@ -57,7 +57,12 @@ class Task:
 
     def metadata(self) -> dict[str, Any]:
         """The checkpoint's ``task`` dict: name, kind and what a client needs (vocab, labels...)."""
-        return {"name": self.name, "kind": self.kind, "description": self.description}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "description": self.description,
+            "io": self.model_io(),  # input/output sizes (or vocab sizes) the model was built with
+        }
 
     def batch(self, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         """One training batch drawn with ``gen``."""

@@ -67,6 +67,12 @@ class CharLM(Task):
         logits, _ = model(x)  # (B, T, V)
         return nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
 
+    def sample(
+        self, model: nn.Module, prompt: str, n: int, temperature: float = 1.0, seed: int = 0
+    ) -> str:
+        """``sample`` with this task's vocabulary."""
+        return sample(model, self.vocab, prompt, n, temperature, seed)
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> Evaluation:
         ids, state, nll, n = self.eval_ids, None, 0.0, 0
