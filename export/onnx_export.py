@@ -157,6 +157,7 @@ def write_model(model: onnx.ModelProto, path: str | Path) -> Path:
     os.close(fd)
     try:
         onnx.save_model(model, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a model file is meant to be read by servers
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

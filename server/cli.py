@@ -107,13 +107,19 @@ def cmd_stream(args: argparse.Namespace) -> int:
             raise FailedPrecondition("--plot needs matplotlib: pip install matplotlib") from None
     with Client(args.target) as client:
         try:
-            x = signal_wave(args.steps, _feature_count(client.model(args.model)), args.seed)
+            info = client.model(args.model)
+            x = signal_wave(args.steps, _feature_count(info), args.seed)
+            # The contract's normalisation: the model reads (v - mean) / std and answers in
+            # the same units, so scale on the way in and back on the way out.
+            mean = info.normalization.get("mean", 0.0)
+            std = info.normalization.get("std", 1.0)
             preds = np.full((args.steps, 0), np.nan, np.float32)
             done = 0  # steps printed so far
             with client.session(args.model) as s:
-                chunks = [x[i : i + args.chunk] for i in range(0, args.steps, args.chunk)]
+                xn = ((x - mean) / std).astype(np.float32)
+                chunks = [xn[i : i + args.chunk] for i in range(0, args.steps, args.chunk)]
                 for out in s.stream(chunks):
-                    y = out.value.reshape(out.value.shape[0], -1)
+                    y = out.value.reshape(out.value.shape[0], -1) * std + mean
                     if preds.shape[1] == 0:
                         preds = np.full((args.steps, y.shape[1]), np.nan, np.float32)
                     preds[out.start : out.start + len(y)] = y  # revised outputs overwrite

@@ -1,0 +1,56 @@
+"""The README's examples run: the Python client snippet against a real server, and every
+`rnnzoo` subcommand it shows exists."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rnnzoo.server.runtime import Runtime
+from rnnzoo.server.transport.server import BackgroundServer, ServerConfig
+
+from rnnzoo.cli import main
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+def test_readme_commands_exist():
+    commands = re.findall(r"^rnnzoo ((?:zoo )?[a-z]+)", README, flags=re.M)
+    assert {"zoo list", "train", "export", "verify", "serve", "stream", "generate", "bench"} <= set(
+        commands
+    )
+    for cmd in sorted(set(commands)):
+        with pytest.raises(SystemExit) as exc:
+            main([*cmd.split(), "--help"])
+        assert exc.value.code == 0, cmd
+
+
+@pytest.mark.slow
+def test_readme_python_example_runs(tmp_path, capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    assert len(blocks) == 1
+    assert (
+        main(
+            [
+                "zoo",
+                "build",
+                "--quick",
+                "--only",
+                "sine-rnn",
+                "--no-progress",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    server = BackgroundServer(lambda: Runtime.from_dir(tmp_path), ServerConfig(port=0)).start()
+    try:
+        capsys.readouterr()
+        exec(compile(blocks[0], "README.md", "exec"), {"TARGET": server.target})
+        printed = capsys.readouterr().out
+    finally:
+        server.stop()
+    match = re.search(r"forecast of the next value: (\S+)", printed)
+    assert match, printed
+    assert np.isfinite(float(match.group(1)))
