@@ -79,7 +79,8 @@ class ServedModel:
         self._check_contract()
         self.constants = {c.name: np.asarray(c.value, dtype=c.dtype) for c in contract.constants}
         self.init_states = {st.input: self._init_state(st) for st in contract.states}
-        vocab = contract.vocab
+        # A decoder reads its own outputs back: its input ids are target-vocabulary ids.
+        vocab = contract.target_vocab if contract.role == "decoder" else contract.vocab
         self.vocab_size = len(vocab) if vocab else None
 
     # ---- contract vs graph -------------------------------------------------------------
