@@ -16,6 +16,7 @@ bounded: a trained 2-layer LSTM's ``cn`` reached |31| in a T=64 run, where one f
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,12 @@ TIMES = (1, 2, 7, 64, 1000, 10000)
 BATCHES = (1, 3, 32)
 ATOL = 1e-5  # float32 default tolerance (see the module docstring)
 RTOL = 1e-6
+# Over thousands of steps a trained net that integrates its input (the adding-problem GRU)
+# drifts in float32: PyTorch and ORT then differ by more than ATOL (9e-5 at T=10000) while
+# both are float32-accurate. Such a case still passes when ORT is no further from the same net
+# run in float64 than DRIFT_FACTOR x PyTorch's own float32 error (+ ATOL): the runtimes agree up
+# to float32 rounding. The report shows both errors, so nothing is hidden.
+DRIFT_FACTOR = 2.0
 STREAM_T, STREAM_B = 1000, 3
 MAX_BYTES = 8 << 30  # per case, both runtimes together (a deliberately high estimate)
 
@@ -47,6 +54,9 @@ class Case:
     max_abs: float
     max_rel: float
     ok: bool
+    # Set only where the tolerance failed and float64 PyTorch was consulted (see DRIFT_FACTOR):
+    ort_vs_exact: float | None = None
+    torch_vs_exact: float | None = None
 
 
 @dataclass
@@ -93,6 +103,13 @@ class Report:
         ]
         lines += [f"skipped: {s}" for s in self.skipped]
         lines += [f"note: {s}" for s in self.notes]
+        for c in self.cases:
+            if c.ok and c.ort_vs_exact is not None:
+                lines.append(
+                    f"float32 drift {c.graph} {c.mode} B={c.batch} T={c.time} {c.tensor}: "
+                    f"|ort-torch| {c.max_abs:.2e} > tolerance, but vs float64 ORT {c.ort_vs_exact:.2e}"
+                    f" and PyTorch {c.torch_vs_exact:.2e}: accepted"
+                )
         for c in self.failures:
             lines.append(
                 f"FAIL {c.graph} {c.mode} B={c.batch} T={c.time} {c.tensor}: "
@@ -203,10 +220,28 @@ def verify_net(
     names = [t.name for t in contract.outputs] + [s.output for s in contract.states]
     g = contract.name
 
-    def record(mode: str, B: int, T: int, got: list[np.ndarray], ref: list[torch.Tensor]):
-        for name, a, b in zip(names, got, ref, strict=True):
+    net64: list[RecurrentNet] = []  # built on first need: most models never need it
+
+    def exact(x: torch.Tensor, state) -> list[np.ndarray]:
+        """The same net, input and state in float64: the reference both runtimes approximate."""
+        if not net64:
+            net64.append(copy.deepcopy(net).double())
+        x64 = x if x.dtype == torch.int64 else x.double()
+        with torch.no_grad():
+            y, st = net64[0](x64, tuple(s.double() for s in state))
+        return [t.numpy() for t in (y, *st)]
+
+    def record(mode, B, T, got, ref, x, state):
+        ref64 = None
+        for i, (name, a, b) in enumerate(zip(names, got, ref, strict=True)):
             mx, rel, ok = compare(a, b.numpy(), atol, rtol)
-            report.cases.append(Case(g, mode, B, T, name, mx, rel, ok))
+            ort_err = torch_err = None
+            if not ok and a.shape == tuple(b.shape):
+                ref64 = ref64 if ref64 is not None else exact(x, state)
+                ort_err = float(np.abs(a.astype(np.float64) - ref64[i]).max())
+                torch_err = float(np.abs(b.numpy().astype(np.float64) - ref64[i]).max())
+                ok = bool(np.isfinite(ort_err)) and ort_err <= DRIFT_FACTOR * torch_err + atol
+            report.cases.append(Case(g, mode, B, T, name, mx, rel, ok, ort_err, torch_err))
 
     for T in times:
         for B in batches:
@@ -220,7 +255,7 @@ def verify_net(
             with torch.no_grad():
                 y, new_state = net(x, state)
             got = sess.run(names, _feeds(contract, x, state))
-            record("whole", B, T, got, [y, *new_state])
+            record("whole", B, T, got, [y, *new_state], x, state)
     if stream is not None:
         if not contract.streamable:
             report.notes.append(f"{g}: not streamable (bidirectional): checked whole-sequence only")
@@ -239,7 +274,8 @@ def verify_net(
                     ys.append(out[0])
                     st = out[1:]
                     pos += n
-                record(f"stream/{label}", B, T, [np.concatenate(ys, axis=1), *st], [y, *new_state])
+                got = [np.concatenate(ys, axis=1), *st]
+                record(f"stream/{label}", B, T, got, [y, *new_state], x, state)
     report.seconds += time.perf_counter() - t0
     return report
 
