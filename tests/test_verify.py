@@ -87,8 +87,10 @@ def test_broken_graph_fails_listing_every_case(lm_ckpt, tmp_path, capsys):
     assert all(c.tensor == "logits" for c in report.failures)  # states untouched
     assert main(["verify", str(path), "--checkpoint", str(lm_ckpt), "--quick"]) == 1
     out = capsys.readouterr()
-    # --quick: 4 lengths x 2 batch sizes whole + 3 chunkings, each failing on logits only.
-    assert out.out.count("FAIL ") == 4 * 2 + 3
+    # --quick: 4 lengths x 2 batch sizes whole + 3 chunkings, each failing on logits only,
+    # plus one line saying logits never passed outright.
+    assert out.out.count("FAIL ") == 4 * 2 + 3 + 1
+    assert "FAIL chars/logits: no case passed on the tolerance alone" in out.out
     assert "parity comparisons exceed" in out.err
 
 
@@ -173,3 +175,19 @@ def test_zoo_hook_exports_verifies_and_reports_card_columns(lm_ckpt):
     assert cols["speed"]["seq1000"]["ort_ms"] > 0
     saved = json.loads((lm_ckpt.parent / "chars.parity.json").read_text())
     assert saved["ok"] is True
+
+
+def test_float64_fallback_cannot_carry_a_tensor_alone():
+    from rnnzoo.export.verify import Case, Report
+
+    drift = Case(
+        "g", "whole", 3, 10000, "hn", 9e-5, 1e-3, True, ort_vs_exact=3e-5, torch_vs_exact=6e-5
+    )
+    report = Report(cases=[drift])
+    assert not report.ok and report.unresolved == ["g/hn"]  # no outright pass for hn
+    assert "float32 drift g whole B=3 T=10000 hn" in report.summary()
+    report.cases.append(Case("g", "whole", 1, 1, "hn", 1e-7, 1e-7, True))
+    assert report.ok and report.unresolved == []
+    chaos = Case("g", "whole", 3, 1000, "hn", 1.9, 8.0, True, ort_vs_exact=1.9, torch_vs_exact=1.96)
+    report.cases.append(chaos)
+    assert report.ok and "ill-conditioned g whole B=3 T=1000 hn" in report.summary()
