@@ -24,19 +24,22 @@ DTYPES: dict[str, np.dtype] = {
     "int32": np.dtype("<i4"),
     "bool": np.dtype("?"),
 }
+# Per-message lookups, precomputed: ``dtype.name`` is a slow Python-level property in numpy.
+_NAMES: dict[np.dtype, str] = {dt.newbyteorder("="): n for n, dt in DTYPES.items()}
+_NATIVE: dict[str, np.dtype] = {n: dt.newbyteorder("=") for n, dt in DTYPES.items()}
 MAX_RANK = 16  # far above any recurrent model's tensors; bounds the shape walk
 
 
 def to_tensor(array: object) -> pb.Tensor:
     """A numpy array (or anything ``np.asarray`` takes) -> Tensor."""
     a = np.asarray(array)
-    name = a.dtype.name
-    if name not in DTYPES:
+    name = _NAMES.get(a.dtype) or _NAMES.get(a.dtype.newbyteorder("="))
+    if name is None:
         raise InvalidArgument(
             f"cannot send an array of dtype {a.dtype}; supported dtypes: {sorted(DTYPES)}"
         )
     data = np.ascontiguousarray(a, dtype=DTYPES[name]).tobytes()
-    return pb.Tensor(dtype=name, shape=list(a.shape), data=data)
+    return pb.Tensor(dtype=name, shape=a.shape, data=data)
 
 
 def from_tensor(t: pb.Tensor, *, name: str = "tensor") -> np.ndarray:
@@ -56,9 +59,9 @@ def from_tensor(t: pb.Tensor, *, name: str = "tensor") -> np.ndarray:
             f"{want} ({math.prod(shape)} values x {dt.itemsize} bytes, little-endian, C order)"
         )
     a = np.frombuffer(t.data, dtype=dt).reshape(shape)
-    if dt.name == "bool" and a.size and a.view(np.uint8).max() > 1:
+    if dt.kind == "b" and a.size and a.view(np.uint8).max() > 1:
         raise InvalidArgument(f"{name}: bool values must be bytes 0 or 1")
-    return a.astype(dt.newbyteorder("="), copy=False)
+    return a.astype(_NATIVE[t.dtype], copy=False)
 
 
 def to_tensors(arrays: Mapping[str, object]) -> dict[str, pb.Tensor]:

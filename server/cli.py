@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--on-full", choices=("reject", "evict"), default="reject",
                    help="at --max-sessions: refuse new sessions, or evict the least recently used")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=64, help="sessions per ORT call")
-    p.add_argument("--max-delay-ms", type=float, default=0.0, help="wait to fill a batch")
+    p.add_argument("--max-delay-ms", type=float, default=1.0, help="wait to fill a batch")
     p.add_argument("--max-message-mb", type=float, default=16.0)
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get at stop")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

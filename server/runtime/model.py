@@ -82,6 +82,8 @@ class ServedModel:
         # A decoder reads its own outputs back: its input ids are target-vocabulary ids.
         vocab = contract.target_vocab if contract.role == "decoder" else contract.vocab
         self.vocab_size = len(vocab) if vocab else None
+        # what ``run`` asks ORT for, fixed per graph
+        self._fetch = [s.name for s in contract.outputs] + [st.output for st in contract.states]
 
     # ---- contract vs graph -------------------------------------------------------------
     def _check_contract(self) -> None:
@@ -164,7 +166,7 @@ class ServedModel:
                 f"input {spec_name!r}: expected dtype {dtype}, got {a.dtype}; send {dtype} "
                 "(floats accept float16/32/64, integers any integer type)"
             )
-        if want.kind == "f" and not np.all(np.isfinite(out)):
+        if want.kind == "f" and not np.isfinite(out).all():
             raise InvalidArgument(f"input {spec_name!r}: contains NaN or infinity")
         return out
 
@@ -273,6 +275,8 @@ class ServedModel:
             arrs = [c.arrays[spec.name] for c in chunks]
             if spec.batch_axis is None:
                 feeds[spec.name] = arrs[0]
+            elif len(arrs) == 1:  # a batch of one: a view with a new axis, no copy
+                feeds[spec.name] = arrs[0][(slice(None),) * spec.batch_axis + (None,)]
             else:
                 feeds[spec.name] = np.stack(arrs, axis=spec.batch_axis)
         return feeds
@@ -288,6 +292,8 @@ class ServedModel:
         return Chunk(arrays, sum(c.length for c in chunks))
 
     def stack_states(self, states: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        if len(states) == 1:  # already batch-1 arrays; ORT never writes its inputs
+            return {st.input: states[0][st.input] for st in self.contract.states}
         return {
             st.input: np.concatenate([s[st.input] for s in states], axis=st.batch_axis)
             for st in self.contract.states
@@ -302,7 +308,8 @@ class ServedModel:
                 for i in range(n):
                     res[i][spec.name] = a
                 continue
-            front = np.moveaxis(a, spec.batch_axis, 0)  # a view: per-sequence slices are cheap
+            # a view: per-sequence slices are cheap
+            front = a if spec.batch_axis == 0 else np.moveaxis(a, spec.batch_axis, 0)
             for i in range(n):
                 res[i][spec.name] = front[i]
         return res
@@ -326,7 +333,7 @@ class ServedModel:
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """One ORT call on a batch. Returns (data outputs, next states keyed by state input)."""
         feeds = {**inputs, **states, **self.constants}
-        names = [s.name for s in self.contract.outputs] + [st.output for st in self.contract.states]
+        names = self._fetch
         res = self.session.run(names, feeds)
         n = len(self.contract.outputs)
         outs = dict(zip(names[:n], res[:n], strict=True))

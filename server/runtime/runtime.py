@@ -41,7 +41,7 @@ class RuntimeOptions:
     intra_op_threads: int = 1  # ORT: sequential, no spinning (see model.py)
     inter_op_threads: int = 1
     max_batch: int = 64
-    max_delay_ms: float = 0.0  # 0 = batch what is already waiting
+    max_delay_ms: float = 1.0  # wait for attached streams up to this long; 0 = no wait
     max_sessions: int = 10_000
     on_full: str = "reject"  # or "evict" (least recently used)
     session_ttl_s: float | None = 600.0  # None or 0 disables idle expiry
@@ -92,6 +92,8 @@ class Runtime:
                 self.batchers[(name, role)] = Batcher(
                     graph, self._executor, self.options.max_batch, self.options.max_delay_ms
                 )
+        # session id -> (attach token, its batcher): a batcher's delay waits only for streams
+        self._streams: dict[str, tuple[object, Batcher]] = {}
         self._phase = "new"  # new -> running -> stopping -> stopped
         self._sweeper: asyncio.Task | None = None
 
@@ -182,10 +184,19 @@ class Runtime:
 
     def attach(self, session_id: str) -> object:
         self._check()
-        return self.store.attach(session_id)
+        token = self.store.attach(session_id)
+        batcher = self.batchers.get((self.store.get(session_id).model, "model"))
+        if batcher is not None:
+            batcher.attach(session_id)
+            self._streams[session_id] = (token, batcher)
+        return token
 
     def detach(self, session_id: str, token: object) -> None:
         self.store.detach(session_id, token)  # allowed while stopping: streams close then
+        entry = self._streams.get(session_id)
+        if entry is not None and entry[0] is token:
+            del self._streams[session_id]
+            entry[1].detach(session_id)
 
     def session_info(self, session_id: str) -> SessionInfo:
         self._check()
@@ -350,14 +361,28 @@ class Runtime:
             ids = np.array([c.special_tokens["bos"]], np.int64)
         key, state = object(), graph.init_states
         logits_name = c.outputs[0].name
-        for _ in range(max_tokens):
-            self._check()
-            outs, state = await self._feed("model", entry, key, ids, state)
-            tok = sample_token(outs[logits_name][-1], temperature, top_k, rng)
-            if tok == c.special_tokens.get("eos", -1):
-                return
-            yield c.vocab[tok]
-            ids = np.array([tok], np.int64)
+        with self._generating(entry, key):
+            for _ in range(max_tokens):
+                self._check()
+                outs, state = await self._feed("model", entry, key, ids, state)
+                tok = sample_token(outs[logits_name][-1], temperature, top_k, rng)
+                if tok == c.special_tokens.get("eos", -1):
+                    return
+                yield c.vocab[tok]
+                ids = np.array([tok], np.int64)
+
+    @contextlib.contextmanager
+    def _generating(self, entry: ServedEntry, key: object):
+        """A generation feeds its graphs step after step like a stream: attach its key, so
+        a batch delay waits for it only while it has nothing queued (alone: never)."""
+        batchers = [self.batchers[(entry.info.name, role)] for role in entry.graphs]
+        for b in batchers:
+            b.attach(key)
+        try:
+            yield
+        finally:
+            for b in batchers:
+                b.detach(key)
 
     async def _generate_seq2seq(self, entry, prompt, max_tokens, temperature, top_k, rng):
         enc, dec = entry.graphs["encoder"], entry.graphs["decoder"]
@@ -365,23 +390,24 @@ class Runtime:
         if src.size == 0:
             raise InvalidArgument(f"seq2seq model {entry.info.name!r} needs a non-empty prompt")
         key = object()
-        _, enc_state = await self._feed("encoder", entry, key, src, enc.init_states)
-        # encoder state outputs map by position onto decoder state inputs
-        state = {}
-        for es, ds in zip(enc.contract.states, dec.contract.states, strict=True):
-            state[ds.input] = np.moveaxis(enc_state[es.input], es.batch_axis, ds.batch_axis)
-        special = dec.contract.special_tokens
-        vocab = dec.contract.target_vocab or dec.contract.vocab
-        logits_name = dec.contract.outputs[0].name
-        ids = np.array([special["bos"]], np.int64)
-        for _ in range(max_tokens):
-            self._check()
-            outs, state = await self._feed("decoder", entry, key, ids, state)
-            tok = sample_token(outs[logits_name][-1], temperature, top_k, rng)
-            if tok == special["eos"]:
-                return
-            yield vocab[tok]
-            ids = np.array([tok], np.int64)
+        with self._generating(entry, key):
+            _, enc_state = await self._feed("encoder", entry, key, src, enc.init_states)
+            # encoder state outputs map by position onto decoder state inputs
+            state = {}
+            for es, ds in zip(enc.contract.states, dec.contract.states, strict=True):
+                state[ds.input] = np.moveaxis(enc_state[es.input], es.batch_axis, ds.batch_axis)
+            special = dec.contract.special_tokens
+            vocab = dec.contract.target_vocab or dec.contract.vocab
+            logits_name = dec.contract.outputs[0].name
+            ids = np.array([special["bos"]], np.int64)
+            for _ in range(max_tokens):
+                self._check()
+                outs, state = await self._feed("decoder", entry, key, ids, state)
+                tok = sample_token(outs[logits_name][-1], temperature, top_k, rng)
+                if tok == special["eos"]:
+                    return
+                yield vocab[tok]
+                ids = np.array([tok], np.int64)
 
 
 __all__ = ["Chunk", "ModelInfo", "Runtime", "RuntimeOptions", "SessionInfo", "StepResult"]
