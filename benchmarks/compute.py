@@ -39,9 +39,9 @@ def ort_loop(
 ) -> dict:
     """(A): steps/s of ``session.run`` on (B, T) chunks, state carried over between calls."""
     import onnxruntime as ort
-    from rnnzoo.server.runtime.model import session_options
 
     from rnnzoo.contract import read_contract
+    from rnnzoo.server.runtime.model import session_options
 
     contract = read_contract(onnx_path)
     sess = ort.InferenceSession(str(onnx_path), session_options(1, 1), providers=["CPUExecutionProvider"])  # fmt: skip

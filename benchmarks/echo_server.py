@@ -17,6 +17,7 @@ import secrets
 import signal
 
 import grpc
+
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.proto.v1 import rnnzoo_pb2_grpc as pb_grpc
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.proto.v1 import rnnzoo_pb2_grpc as pb_grpc
 

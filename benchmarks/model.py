@@ -22,6 +22,7 @@ class BenchModel:
 
 def build(model_dir: Path, hidden: int = 128, layers: int = 2, seed: int = 0) -> BenchModel:
     import torch
+
     from rnnzoo.export.onnx_export import export_model
     from rnnzoo.models.rnn import RecurrentNet, RNNConfig
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rnnzoo.export.verify import _feeds, _random_case, make_session
-from rnnzoo.models.rnn import RecurrentNet
 
 from rnnzoo.contract import Contract, read_contract
+from rnnzoo.export.verify import _feeds, _random_case, make_session
+from rnnzoo.models.rnn import RecurrentNet
 
 
 def _median_seconds(fn, repeats: int) -> float:

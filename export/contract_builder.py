@@ -12,10 +12,9 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from rnnzoo.models.rnn import RNNConfig
-
 from rnnzoo import __version__
 from rnnzoo.contract import TASKS, Contract, StateSpec, TensorSpec
+from rnnzoo.models.rnn import RNNConfig
 
 BATCH, TIME = "batch", "time"
 

@@ -18,15 +18,15 @@ from typing import Any
 
 import onnx
 import torch
+from torch import nn
+
+from rnnzoo.contract import CONTRACT_KEY, Contract
+from rnnzoo.errors import InvalidArgument
 from rnnzoo.export.contract_builder import BATCH, TIME, build_contract, exporter_versions
 from rnnzoo.export.native import OPSET, NativeLayers, quiet_export
 from rnnzoo.export.scan import ScratchLayers, expand_scratch_cells
 from rnnzoo.models.cells import ScratchRNN
 from rnnzoo.models.rnn import RecurrentNet, Seq2Seq
-from torch import nn
-
-from rnnzoo.contract import CONTRACT_KEY, Contract
-from rnnzoo.errors import InvalidArgument
 
 NATIVE_OPS = {"RNN", "GRU", "LSTM"}
 LOOP_OPS = {"Scan", "Loop"}

@@ -20,11 +20,11 @@ from __future__ import annotations
 import onnx
 import torch
 from onnx import helper
-from rnnzoo.export.native import OPSET, quiet_export
-from rnnzoo.models.cells import GATES, ScratchRNN, gru_cell, lstm_cell
 from torch import nn
 
 from rnnzoo.errors import InvalidArgument
+from rnnzoo.export.native import OPSET, quiet_export
+from rnnzoo.models.cells import GATES, ScratchRNN, gru_cell, lstm_cell
 
 DOMAIN = "rnnzoo"
 PLACEHOLDER = "ScratchCell"

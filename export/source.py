@@ -61,6 +61,7 @@ def load(path: str | Path) -> tuple[Any, dict[str, Any]]:
 
 def _load_checkpoint(path: str | Path) -> tuple[Any, dict[str, Any]]:
     import torch
+
     from rnnzoo.models.rnn import RecurrentNet, RNNConfig, Seq2Seq, Seq2SeqConfig
 
     path = Path(path)

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from rnnzoo.models.rnn import RecurrentNet
 
 from rnnzoo.contract import Contract, read_contract
 from rnnzoo.errors import FailedPrecondition, InvalidArgument
+from rnnzoo.models.rnn import RecurrentNet
 
 TIMES = (1, 2, 7, 64, 1000, 10000)
 BATCHES = (1, 3, 32)

@@ -18,12 +18,11 @@ from rnnzoo.errors import FailedPrecondition
 
 def after_train(entry: Any, ckpt_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Export + verify + bench one zoo entry; returns card columns."""
+    from rnnzoo.contract import read_contract
     from rnnzoo.export.bench import bench_net
     from rnnzoo.export.cli import export_checkpoint
     from rnnzoo.export.source import load
     from rnnzoo.export.verify import report_json, verify_file
-
-    from rnnzoo.contract import read_contract
 
     ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
     name = getattr(entry, "name", None) or ckpt_path.parent.name

@@ -92,6 +92,7 @@ def _table(results: list[dict[str, Any]]) -> list[str]:
 
 def _plot_forecasts(out: Path, results: list[dict[str, Any]]) -> str | None:
     import matplotlib.pyplot as plt
+
     from rnnzoo.models.checkpoint import load_checkpoint
     from rnnzoo.models.tasks import make_task
 

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rnnzoo.models.train import build_model
 from torch import nn
 
 from rnnzoo.errors import InvalidArgument, NotFound
+from rnnzoo.models.train import build_model
 
 FORMAT = "rnnzoo.checkpoint/1"
 REQUIRED = ("name", "family", "config", "task", "state_dict", "metrics", "train")

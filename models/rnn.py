@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from rnnzoo.models.cells import ScratchRNN
 from torch import nn
+
+from rnnzoo.models.cells import ScratchRNN
 
 CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm", "gru_scratch", "lstm_scratch")
 

@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from rnnzoo.models.rnn import RecurrentNet, RNNConfig, Seq2Seq, Seq2SeqConfig
-from rnnzoo.models.tasks.base import Task
 from torch import nn
 
 from rnnzoo.errors import InvalidArgument
+from rnnzoo.models.rnn import RecurrentNet, RNNConfig, Seq2Seq, Seq2SeqConfig
+from rnnzoo.models.tasks.base import Task
 
 
 @dataclass

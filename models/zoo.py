@@ -247,6 +247,7 @@ def train_entry(
     each other (a GRU step was measured 50x slower with 2 threads on a busy 2-core machine).
     """
     import torch
+
     from rnnzoo.models.checkpoint import make_checkpoint
     from rnnzoo.models.train import TrainConfig, build_model, train
 

@@ -11,9 +11,9 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 
 from rnnzoo.errors import InvalidArgument
+from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 
 # dtype name on the wire -> little-endian numpy dtype
 DTYPES: dict[str, np.dtype] = {

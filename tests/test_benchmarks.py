@@ -10,12 +10,12 @@ import sys
 from dataclasses import replace
 
 import pytest
+
 from rnnzoo.benchmarks.cli import main as bench_main
 from rnnzoo.benchmarks.harness import BenchConfig, run
 from rnnzoo.benchmarks.load import run_cell
 from rnnzoo.benchmarks.report import NOTES_BEGIN, NOTES_END, text, write_doc
 from rnnzoo.benchmarks.servers import ServerProcess, echo_server
-
 from rnnzoo.errors import Unavailable
 
 SYSTEMS = ("echo", "naive", "rnnzoo")

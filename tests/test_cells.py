@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from rnnzoo.models.cells import ScratchRNN, gru_cell, lstm_cell
 from torch import nn
+
+from rnnzoo.models.cells import ScratchRNN, gru_cell, lstm_cell
 
 CASES = [  # (layers, bidirectional)
     (1, False),

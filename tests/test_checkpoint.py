@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from rnnzoo.errors import InvalidArgument, NotFound
 from rnnzoo.models.checkpoint import (
     FORMAT,
     load_checkpoint,
@@ -12,8 +14,6 @@ from rnnzoo.models.checkpoint import (
     save_checkpoint,
 )
 from rnnzoo.models.rnn import RecurrentNet, RNNConfig, Seq2Seq, Seq2SeqConfig
-
-from rnnzoo.errors import InvalidArgument, NotFound
 
 
 def _ckpt(model, family="rnn"):

@@ -6,10 +6,10 @@ import grpc
 import numpy as np
 import pytest
 from onnx_fixtures import CHARS, build_zoo
-from rnnzoo.server.runtime import Runtime, RuntimeOptions
-from rnnzoo.server.transport import BackgroundServer
 
 from rnnzoo.client import Client, RpcError
+from rnnzoo.server.runtime import Runtime, RuntimeOptions
+from rnnzoo.server.transport import BackgroundServer
 
 TOL = 1e-5
 

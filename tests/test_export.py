@@ -9,13 +9,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from rnnzoo.export.onnx_export import LOOP_OPS, NATIVE_OPS, export_model
-from rnnzoo.export.verify import make_session, verify_net
-from rnnzoo.models.rnn import CELLS, RecurrentNet, RNNConfig, Seq2Seq, Seq2SeqConfig
 from torch import nn
 
 from rnnzoo.contract import read_contract
 from rnnzoo.errors import InvalidArgument
+from rnnzoo.export.onnx_export import LOOP_OPS, NATIVE_OPS, export_model
+from rnnzoo.export.verify import make_session, verify_net
+from rnnzoo.models.rnn import CELLS, RecurrentNet, RNNConfig, Seq2Seq, Seq2SeqConfig
 
 torch.set_num_threads(1)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from rnnzoo.models.checkpoint import load_checkpoint
-from rnnzoo.models.zoo import ENTRIES
 
 from rnnzoo.cli import main
+from rnnzoo.models.checkpoint import load_checkpoint
+from rnnzoo.models.zoo import ENTRIES
 
 
 def test_zoo_list_json(capsys):

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from rnnzoo.errors import InvalidArgument
 from rnnzoo.proto import generate
 from rnnzoo.proto.tensors import DTYPES, from_tensor, to_tensor
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
-
-from rnnzoo.errors import InvalidArgument
 
 
 def test_generated_code_is_not_stale(tmp_path):

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from rnnzoo.server.runtime import Runtime
-from rnnzoo.server.transport.server import BackgroundServer, ServerConfig
 
 from rnnzoo.cli import main
+from rnnzoo.server.runtime import Runtime
+from rnnzoo.server.transport.server import BackgroundServer, ServerConfig
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from rnnzoo.models.rnn import CELLS, RecurrentNet, RNNConfig, Seq2Seq, Seq2SeqConfig
 
 

@@ -6,11 +6,11 @@ import asyncio
 import numpy as np
 import pytest
 from onnx_fixtures import CHARS, build_zoo, reference, reference_external
+
+from rnnzoo.errors import InvalidArgument, ResourceExhausted
 from rnnzoo.server.runtime import ModelRepository, Runtime, RuntimeOptions
 from rnnzoo.server.runtime.batching import Batcher
 from rnnzoo.server.runtime.model import Chunk
-
-from rnnzoo.errors import InvalidArgument, ResourceExhausted
 
 
 @pytest.fixture(scope="module")

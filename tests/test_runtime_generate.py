@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 from onnx_fixtures import CHARS, build_zoo, reference
-from rnnzoo.server.runtime import ModelRepository, Runtime, RuntimeOptions
-from rnnzoo.server.runtime.generate import sample_token
 
 from rnnzoo.errors import FailedPrecondition, InvalidArgument
+from rnnzoo.server.runtime import ModelRepository, Runtime, RuntimeOptions
+from rnnzoo.server.runtime.generate import sample_token
 
 TARGET = ["<pad>", "<bos>", "<eos>", *list("abcd")]
 

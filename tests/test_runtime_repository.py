@@ -7,11 +7,11 @@ import sys
 import numpy as np
 import pytest
 from onnx_fixtures import CHARS, build_rnn, build_zoo, reference, reference_external
-from rnnzoo.server.runtime import ModelRepository
-from rnnzoo.server.runtime.model import session_options
 
 from rnnzoo.contract import sidecar_path
 from rnnzoo.errors import InvalidArgument, NotFound
+from rnnzoo.server.runtime import ModelRepository
+from rnnzoo.server.runtime.model import session_options
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ import asyncio
 import numpy as np
 import pytest
 from onnx_fixtures import build_zoo
-from rnnzoo.server.runtime import ModelRepository, Runtime, RuntimeOptions
-from rnnzoo.server.runtime.sessions import SessionStore
 
 from rnnzoo.errors import (
     FailedPrecondition,
@@ -15,6 +13,8 @@ from rnnzoo.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from rnnzoo.server.runtime import ModelRepository, Runtime, RuntimeOptions
+from rnnzoo.server.runtime.sessions import SessionStore
 
 
 class Clock:

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 from onnx_fixtures import build_zoo
+
 from rnnzoo.server.cli import signal_wave
 
 CLI = [sys.executable, "-m", "rnnzoo.cli"]

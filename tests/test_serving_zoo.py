@@ -10,13 +10,13 @@ through ``Generate`` only; their greedy decoding is checked in test_export/test_
 import numpy as np
 import pytest
 import torch
+
+from rnnzoo.client import Client
 from rnnzoo.export.onnx_export import export_model
 from rnnzoo.models import zoo
 from rnnzoo.models.train import build_model
 from rnnzoo.server.runtime import Runtime
 from rnnzoo.server.transport.server import BackgroundServer, ServerConfig
-
-from rnnzoo.client import Client
 
 ATOL = 1e-5
 T = 23

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+
+from rnnzoo.errors import InvalidArgument, NotFound
 from rnnzoo.models.rnn import RecurrentNet, RNNConfig, Seq2Seq, Seq2SeqConfig
 from rnnzoo.models.tasks import TASKS, make_task
 from rnnzoo.models.tasks.adding import AddingProblem
@@ -14,8 +16,6 @@ from rnnzoo.models.tasks.charlm import CharLM, sample
 from rnnzoo.models.tasks.forecast import SineForecast
 from rnnzoo.models.tasks.num2words import BOS, EOS, PAD, NumToWords, is_heldout, number_words
 from rnnzoo.models.tasks.pytag import LABELS, PyTag, tag_source
-
-from rnnzoo.errors import InvalidArgument, NotFound
 
 
 @pytest.fixture(autouse=True)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from rnnzoo.errors import InvalidArgument
 from rnnzoo.models.rnn import RecurrentNet, RNNConfig
 from rnnzoo.models.tasks.adding import AddingProblem
 from rnnzoo.models.tasks.forecast import SineForecast
 from rnnzoo.models.train import TrainConfig, build_model, set_forget_bias, train
-
-from rnnzoo.errors import InvalidArgument
 
 
 @pytest.fixture(autouse=True)

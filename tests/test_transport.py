@@ -12,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from onnx_fixtures import CHARS, build_zoo, reference
+
 from rnnzoo.proto.tensors import from_tensor, to_tensor
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.proto.v1 import rnnzoo_pb2_grpc as pb_grpc

@@ -9,13 +9,13 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+
+from rnnzoo.cli import main
+from rnnzoo.errors import FailedPrecondition
 from rnnzoo.export.cli import export_checkpoint
 from rnnzoo.export.onnx_export import export_model
 from rnnzoo.export.verify import BATCHES, TIMES, verify_file, verify_net
 from rnnzoo.models.rnn import RecurrentNet, RNNConfig, Seq2Seq, Seq2SeqConfig
-
-from rnnzoo.cli import main
-from rnnzoo.errors import FailedPrecondition
 
 torch.set_num_threads(1)
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from rnnzoo.models.tasks.base import Evaluation, Task
 from torch import nn
+
+from rnnzoo.models.tasks.base import Evaluation, Task
 
 
 class AddingProblem(Task):

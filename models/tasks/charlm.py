@@ -12,9 +12,10 @@ import math
 from typing import Any
 
 import torch
+from torch import nn
+
 from rnnzoo.models.tasks.base import Evaluation, Task, char_vocab, encode_chars
 from rnnzoo.models.tasks.corpus import stdlib_corpus
-from torch import nn
 
 
 class CharLM(Task):

@@ -13,8 +13,9 @@ import math
 from typing import Any
 
 import torch
-from rnnzoo.models.tasks.base import Evaluation, Task
 from torch import nn
+
+from rnnzoo.models.tasks.base import Evaluation, Task
 
 
 class SineForecast(Task):

@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from rnnzoo.models.tasks.base import Evaluation, Task
 from torch import nn
+
+from rnnzoo.models.tasks.base import Evaluation, Task
 
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
 PAD, BOS, EOS = 0, 1, 2

@@ -17,9 +17,10 @@ import tokenize
 from typing import Any
 
 import torch
+from torch import nn
+
 from rnnzoo.models.tasks.base import Evaluation, Task, char_vocab, encode_chars
 from rnnzoo.models.tasks.corpus import stdlib_corpus
-from torch import nn
 
 LABELS = ["other", "name", "keyword", "op", "number", "string", "comment"]
 _STRING_TYPES = {token.STRING} | {

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-from rnnzoo.proto.tensors import from_tensors
-from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
-from rnnzoo.server.runtime import ModelInfo, Runtime
 
 from rnnzoo.contract import Contract, StateSpec, TensorSpec
 from rnnzoo.errors import InvalidArgument
+from rnnzoo.proto.tensors import from_tensors
+from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
+from rnnzoo.server.runtime import ModelInfo, Runtime
 
 
 def _dims(shape: list) -> list[pb.Dim]:

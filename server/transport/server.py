@@ -19,11 +19,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from rnnzoo.errors import FailedPrecondition, InvalidArgument, Unavailable
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.proto.v1 import rnnzoo_pb2_grpc as pb_grpc
 from rnnzoo.server.runtime import Runtime, RuntimeOptions
-
-from rnnzoo.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 from .interceptors import ErrorInterceptor
 from .logs import log

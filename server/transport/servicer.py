@@ -6,12 +6,11 @@ nothing here touches status codes. ``annotate`` adds session/model keys to the R
 
 from __future__ import annotations
 
+from rnnzoo.errors import InvalidArgument
 from rnnzoo.proto.tensors import from_tensors, to_tensors
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.proto.v1 import rnnzoo_pb2_grpc as pb_grpc
 from rnnzoo.server.runtime import Runtime
-
-from rnnzoo.errors import InvalidArgument
 
 from .convert import model_info, request_inputs
 from .logs import annotate
