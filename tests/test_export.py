@@ -17,8 +17,6 @@ from rnnzoo.export.onnx_export import LOOP_OPS, NATIVE_OPS, export_model
 from rnnzoo.export.verify import make_session, verify_net
 from rnnzoo.models.rnn import CELLS, RecurrentNet, RNNConfig, Seq2Seq, Seq2SeqConfig
 
-torch.set_num_threads(1)
-
 # (layers, bidirectional, token input): together they cover 1/2 layers, uni/bi, float/token.
 SHAPES = [(1, False, False), (2, True, True)]
 EXTRA = [("lstm", 2, False, True), ("gru_scratch", 2, False, False), ("rnn_relu", 2, False, True)]

@@ -18,7 +18,6 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("exported")
     nets = {}

@@ -18,15 +18,6 @@ from rnnzoo.models.tasks.num2words import BOS, EOS, PAD, NumToWords, is_heldout,
 from rnnzoo.models.tasks.pytag import LABELS, PyTag, tag_source
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small recurrent nets: one thread is fastest, and the CI machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -12,15 +12,6 @@ from rnnzoo.models.tasks.forecast import SineForecast
 from rnnzoo.models.train import TrainConfig, build_model, set_forget_bias, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small recurrent nets: one thread is fastest, and the CI machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _run(cfg: TrainConfig, cell: str = "gru", task=None):
     task = task or SineForecast(seq_len=32, warmup=4, eval_size=64)
     torch.manual_seed(cfg.seed)

@@ -17,8 +17,6 @@ from rnnzoo.export.onnx_export import export_model
 from rnnzoo.export.verify import BATCHES, TIMES, verify_file, verify_net
 from rnnzoo.models.rnn import RecurrentNet, RNNConfig, Seq2Seq, Seq2SeqConfig
 
-torch.set_num_threads(1)
-
 
 def save_ckpt(path, model, name, task, family="rnn"):
     """A checkpoint in the docs/design.md format."""

@@ -1,0 +1,20 @@
+"""Shared test settings."""
+
+import importlib.util
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Small recurrent nets run fastest on one thread here: with two, OpenMP threads spin-wait
+    on the shared cores and a small RNN step took ~50x longer. No-op on a serving-only install."""
+    if importlib.util.find_spec("torch") is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
