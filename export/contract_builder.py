@@ -115,6 +115,7 @@ def build_contract(
         group=group,
         vocab=list(vocab) if vocab else None,
         target_vocab=list(target_vocab) if target_vocab and role != "model" else None,
+        target_separator=str(task.get("target_separator", "")) if role != "model" else "",
         labels=list(task["labels"]) if task.get("labels") else None,
         normalization={k: float(v) for k, v in norm.items()} if norm else None,
         special_tokens=special,

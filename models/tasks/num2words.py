@@ -152,6 +152,7 @@ class NumToWords(Task):
             "max_target_len": self.max_target,
             "source_tokens": "one per digit character",
             "target_tokens": "one per word, joined with spaces",
+            "target_separator": " ",
         }
 
     def batch(self, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:

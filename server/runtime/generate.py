@@ -46,7 +46,7 @@ def encode(vocab: list[str] | None, text: str, model: str) -> np.ndarray:
     return np.array([index[ch] for ch in text], dtype=np.int64)
 
 
-def decode(vocab: list[str] | None, ids, model: str) -> str:
+def decode(vocab: list[str] | None, ids, model: str, sep: str = "") -> str:
     if not vocab:
         raise InvalidArgument(f"model {model!r} has no vocabulary to decode with")
     arr = np.asarray(ids).reshape(-1)
@@ -54,4 +54,4 @@ def decode(vocab: list[str] | None, ids, model: str) -> str:
         raise InvalidArgument(
             f"token ids must be integers in [0, {len(vocab)}) for {model!r}, got {arr.tolist()[:20]}"
         )
-    return "".join(vocab[int(i)] for i in arr)
+    return sep.join(vocab[int(i)] for i in arr)

@@ -314,7 +314,9 @@ class Runtime:
 
     def decode_tokens(self, model: str, ids) -> str:
         self._check()
-        return decode(self._text_vocabs(model)[1], ids, model)
+        entry = self.repo.get(model)
+        sep = entry.graphs["decoder"].contract.target_separator if entry.is_seq2seq else ""
+        return decode(self._text_vocabs(model)[1], ids, model, sep)
 
     async def generate(
         self,
@@ -399,14 +401,15 @@ class Runtime:
             special = dec.contract.special_tokens
             vocab = dec.contract.target_vocab or dec.contract.vocab
             logits_name = dec.contract.outputs[0].name
+            sep = dec.contract.target_separator
             ids = np.array([special["bos"]], np.int64)
-            for _ in range(max_tokens):
+            for n in range(max_tokens):
                 self._check()
                 outs, state = await self._feed("decoder", entry, key, ids, state)
                 tok = sample_token(outs[logits_name][-1], temperature, top_k, rng)
                 if tok == special["eos"]:
                     return
-                yield vocab[tok]
+                yield (sep if n else "") + vocab[tok]
                 ids = np.array([tok], np.int64)
 
 

@@ -95,6 +95,7 @@ class Contract:
     group: str | None = None  # the model name that an encoder/decoder pair is served as
     vocab: list[str] | None = None  # token id -> string (lm, seq2seq source, tag input)
     target_vocab: list[str] | None = None  # seq2seq decoder output vocabulary
+    target_separator: str = ""  # joins decoded target tokens: " " for word-level vocabularies
     labels: list[str] | None = None  # class/tag id -> name
     normalization: dict[str, float] | None = None  # e.g. {"mean": .., "std": ..}
     special_tokens: dict[str, int] = field(default_factory=dict)  # e.g. {"bos": 1, "eos": 2}
