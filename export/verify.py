@@ -143,13 +143,12 @@ def make_session(path: str | Path):
     """An ORT CPU session configured as the server runs it (one thread, no spinning)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from rnnzoo.server.runtime.model import session_options
+
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            str(path), session_options(1, 1), providers=["CPUExecutionProvider"]
+        )
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph classes
         raise InvalidArgument(
             f"{path}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc}); "
