@@ -8,6 +8,7 @@ int64 keep their exact values.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -27,13 +28,19 @@ DTYPES: dict[str, np.dtype] = {
 # Per-message lookups, precomputed: ``dtype.name`` is a slow Python-level property in numpy.
 _NAMES: dict[np.dtype, str] = {dt.newbyteorder("="): n for n, dt in DTYPES.items()}
 _NATIVE: dict[str, np.dtype] = {n: dt.newbyteorder("=") for n, dt in DTYPES.items()}
+# Wire dtypes whose bytes are already in this machine's order: no conversion needed.
+_AS_IS: frozenset[str] = frozenset(n for n, dt in DTYPES.items() if dt.isnative)
+_LITTLE = sys.byteorder == "little"
 MAX_RANK = 16  # far above any recurrent model's tensors; bounds the shape walk
 
 
 def to_tensor(array: object) -> pb.Tensor:
     """A numpy array (or anything ``np.asarray`` takes) -> Tensor."""
-    a = np.asarray(array)
-    name = _NAMES.get(a.dtype) or _NAMES.get(a.dtype.newbyteorder("="))
+    a = array if type(array) is np.ndarray else np.asarray(array)
+    name = _NAMES.get(a.dtype)
+    if name is not None and _LITTLE:  # the common case: tobytes() is little-endian C order
+        return pb.Tensor(dtype=name, shape=a.shape, data=a.tobytes())
+    name = name or _NAMES.get(a.dtype.newbyteorder("="))
     if name is None:
         raise InvalidArgument(
             f"cannot send an array of dtype {a.dtype}; supported dtypes: {sorted(DTYPES)}"
@@ -44,24 +51,26 @@ def to_tensor(array: object) -> pb.Tensor:
 
 def from_tensor(t: pb.Tensor, *, name: str = "tensor") -> np.ndarray:
     """Tensor -> numpy array (native byte order). Bad dtype/shape/bytes -> InvalidArgument."""
-    dt = DTYPES.get(t.dtype)
+    dtype = t.dtype
+    dt = DTYPES.get(dtype)
     if dt is None:
-        raise InvalidArgument(f"{name}: unknown dtype {t.dtype!r}; use one of {sorted(DTYPES)}")
-    shape = list(t.shape)
-    if len(shape) > MAX_RANK or any(d < 0 for d in shape):
+        raise InvalidArgument(f"{name}: unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    shape = tuple(t.shape)
+    if len(shape) > MAX_RANK or (shape and min(shape) < 0):
         raise InvalidArgument(
-            f"{name}: shape {shape} is invalid (dims must be >= 0, rank <= {MAX_RANK})"
+            f"{name}: shape {list(shape)} is invalid (dims must be >= 0, rank <= {MAX_RANK})"
         )
+    data = t.data  # one read: each access of a bytes field builds a new bytes object
     want = math.prod(shape) * dt.itemsize
-    if len(t.data) != want:
+    if len(data) != want:
         raise InvalidArgument(
-            f"{name}: {len(t.data)} bytes of data, but shape {shape} of {t.dtype} needs "
+            f"{name}: {len(data)} bytes of data, but shape {list(shape)} of {dtype} needs "
             f"{want} ({math.prod(shape)} values x {dt.itemsize} bytes, little-endian, C order)"
         )
-    a = np.frombuffer(t.data, dtype=dt).reshape(shape)
+    a = np.frombuffer(data, dtype=dt).reshape(shape)
     if dt.kind == "b" and a.size and a.view(np.uint8).max() > 1:
         raise InvalidArgument(f"{name}: bool values must be bytes 0 or 1")
-    return a.astype(_NATIVE[t.dtype], copy=False)
+    return a if dtype in _AS_IS else a.astype(_NATIVE[dtype], copy=False)
 
 
 def to_tensors(arrays: Mapping[str, object]) -> dict[str, pb.Tensor]:

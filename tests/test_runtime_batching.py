@@ -2,6 +2,8 @@
 outputs == offline prefix inference, failing batch isolation, bad inputs change nothing."""
 
 import asyncio
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -145,6 +147,62 @@ async def test_batching_equals_no_batching_with_different_chunk_lengths(zoo, mod
             assert (a.start, a.steps_total) == (b.start, b.steps_total)
             assert a.outputs[out].shape[0] == (b.steps_total if a.revised else len(chunk[key]))
             np.testing.assert_allclose(a.outputs[out], b.outputs[out], atol=1e-6)
+
+
+async def test_pipelined_executor_batches_equal_no_batching_and_never_share_a_session(
+    zoo, monkeypatch
+):
+    """Every batch goes to the executor (INLINE_MAX_STEPS=0), up to PIPELINE_DEPTH at once:
+    results still equal unbatched ones, and no session is ever in two running batches."""
+    from rnnzoo.server.runtime import batching
+
+    monkeypatch.setattr(batching, "INLINE_MAX_STEPS", 0)
+    in_flight: set = set()
+    overlaps: list = []
+    peak = [0]
+    lock = threading.Lock()
+    run_jobs = batching.Batcher._run_jobs
+
+    def watched(self, jobs):
+        keys = {j.key for j in jobs}
+        with lock:
+            overlaps.extend(keys & in_flight)
+            in_flight.update(keys)
+            peak[0] = max(peak[0], len(in_flight))
+        try:
+            time.sleep(0.002)  # long enough for the loop to start the next batch meanwhile
+            return run_jobs(self, jobs)
+        finally:
+            with lock:
+                in_flight.difference_update(keys)
+
+    monkeypatch.setattr(batching.Batcher, "_run_jobs", watched)
+    rng = np.random.default_rng(11)
+    plans = [[{"x": seq(int(n), seed=int(rng.integers(1 << 30)))} for n in rng.integers(1, 4, 6)]
+             for _ in range(8)]  # fmt: skip
+    alone, _, _ = await run_interleaved(repo := zoo[0], "lstm2", plans, max_batch=1)
+    piped, _, sizes = await run_interleaved(repo, "lstm2", plans, max_batch=3, max_delay_ms=1)
+    assert not overlaps
+    assert max(sizes) > 1 and peak[0] > max(sizes)  # batches did run side by side
+    for ra, rb in zip(alone, piped, strict=True):
+        for a, b in zip(ra, rb, strict=True):
+            assert (a.start, a.steps_total) == (b.start, b.steps_total)
+            np.testing.assert_allclose(a.outputs["y"], b.outputs["y"], atol=1e-6)
+
+
+async def test_finite_check_passes_huge_finite_values_and_catches_inf(zoo):
+    """The finite check sums first: a sum that overflows (finite values near float32 max)
+    must still pass, an infinity must not."""
+    repo, _ = zoo
+    rt = await started(repo)
+    try:
+        s = rt.create_session("gru")
+        huge = np.full((2, 3), 3e38, np.float32)  # sum overflows to inf, every value finite
+        assert (await rt.step(s.id, {"x": huge})).steps_total == 2
+        with pytest.raises(InvalidArgument, match="NaN or infinity"):
+            await rt.step(s.id, {"x": np.array([[1, np.inf, 0]], np.float32)})
+    finally:
+        await rt.stop()
 
 
 async def test_batcher_takes_one_chunk_per_session_and_respects_max_batch(zoo):

@@ -1,16 +1,22 @@
 """Per-model batcher: pending chunks of different sequences -> one ORT call.
 
-- at most one chunk per key (session) per batch; a key's later chunks wait, in order;
+- at most one chunk per key (session) per batch; a key's later chunks wait, in order, and a
+  key never has chunks in two running batches;
 - chunks are grouped by length: equal-length chunks run together, so nothing is padded and
   no state ever sees a padding step (padding a recurrent net changes its state);
 - ``max_batch`` caps a call;
 - ``max_delay_ms`` > 0: once the first chunk arrives, wait up to that long for more work, but
-  only while some attached stream (``attach``) has no chunk queued: a lone stream, or streams
-  that all answered already, never wait. With no stream attached (direct ``submit`` callers)
-  it waits the whole delay unless ``max_batch`` fills. 0 batches what is already waiting;
-- small batches run inline on the event loop (a lone stream's chunk right in ``submit``): handing a call of tens of microseconds to a
-  thread and back costs more (two thread wake-ups and a GIL hand-over, ~100 µs measured) than
-  the call. Larger ones go to the executor so the loop keeps reading requests meanwhile;
+  only while some attached stream (``attach``) that is not already in a running batch has no
+  chunk queued: a lone stream, or streams that all answered already, never wait. With no
+  stream attached (direct ``submit`` callers) it waits the whole delay unless ``max_batch``
+  fills. 0 batches what is already waiting;
+- small batches run inline on the event loop (a lone stream's chunk right in ``submit``):
+  handing a call of tens of microseconds to a thread and back costs more (two thread wake-ups
+  and a GIL hand-over, ~100 µs measured) than the call;
+- large batches run in the executor, up to ``PIPELINE_DEPTH`` at once: ORT releases the GIL,
+  so while one batch computes, the event loop answers the previous batch's sessions, reads
+  their next chunks and starts a second batch with them. Sessions settle into convoys that
+  take turns, and compute overlaps transport instead of alternating with it;
 - a group whose ORT call fails is retried member by member, so good sequences still get
   their results and only the bad one gets an error. The batcher never writes a session's
   state: callers replace it only after a successful result.
@@ -20,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import time
 from collections import deque
 from concurrent.futures import Executor
@@ -40,6 +45,9 @@ Result = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # batch-free outpu
 # serving other calls meanwhile. (64 sessions x 32 steps inline measured about as fast as
 # via the executor on 2 shared cores, with less CPU per message: the hop is not the cost.)
 INLINE_MAX_STEPS = 512
+# Executor batches running at once. Two: one computes while the loop turns the other's
+# sessions around (on 2 cores, more only adds contention; see docs/benchmarks.md).
+PIPELINE_DEPTH = 2
 
 
 @dataclass
@@ -63,14 +71,18 @@ class Batcher:
         # batch pops the first job of the first ``max_batch`` keys, never walking the rest.
         self._queues: dict[object, deque[_Job]] = {}
         self._attached: set[object] = set()  # keys of streams that will send more work
-        self._wake: asyncio.Event | None = None
+        # The batcher task sleeps on ``_waiter`` until ``_want`` keys have work queued, a
+        # running batch ends, or a timer fires: ``submit`` wakes it only when that holds,
+        # not once per chunk.
+        self._waiter: asyncio.Future | None = None
+        self._want = 1
         self._task: asyncio.Task | None = None
-        self._busy = False
+        self._running: set[object] = set()  # keys with a job in a batch now running
+        self._offloaded: dict[asyncio.Task, list[_Job]] = {}  # executor batches in flight
         self.calls = 0  # successful ORT calls made (for tests and stats)
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # the most recent calls' sizes
 
     def start(self) -> None:
-        self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     def attach(self, key: object) -> None:
@@ -79,19 +91,20 @@ class Batcher:
 
     def detach(self, key: object) -> None:
         self._attached.discard(key)
+        self._wake(force=True)  # one stream fewer to wait for: re-check now
 
     async def submit(self, key: object, chunk: Chunk, state: dict[str, np.ndarray]) -> Result:
         if self._task is None or self._task.done():
             raise Unavailable("the server is not running; retry against a running server")
         if (
             not self._queues
-            and not self._busy
+            and not self._running
             and len(self._attached) == 1
             and key in self._attached
             and chunk.length <= INLINE_MAX_STEPS
         ):
-            # The only attached stream and nothing queued: no other work could join this
-            # batch, so run it now and skip the hand-over to the batcher task.
+            # The only attached stream and nothing queued or running: no other work could
+            # join this batch, so run it now and skip the hand-over to the batcher task.
             res = self._run_jobs([_Job(key, chunk, state, None)])[0]
             if isinstance(res, Exception):
                 raise res
@@ -101,12 +114,12 @@ class Batcher:
         if q is None:
             self._queues[key] = q = deque()
         q.append(_Job(key, chunk, state, fut))
-        self._wake.set()
+        self._wake()
         return await fut
 
     @property
     def idle(self) -> bool:
-        return not self._queues and not self._busy
+        return not self._queues and not self._running
 
     async def stop(self, grace_s: float) -> None:
         deadline = time.monotonic() + grace_s
@@ -116,16 +129,59 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        gone = Unavailable("the server stopped before this step ran")
+        for task, jobs in list(self._offloaded.items()):
+            task.cancel()  # the ORT call itself cannot be interrupted; its result is dropped
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(gone)
         for q in self._queues.values():
             for job in q:
                 if not job.future.done():
-                    job.future.set_exception(Unavailable("the server stopped before this step ran"))
+                    job.future.set_exception(gone)
         self._queues.clear()
 
+    # ---- the batcher task --------------------------------------------------------------------
+    def _wake(self, force: bool = False) -> None:
+        w = self._waiter
+        if w is not None and not w.done() and (force or len(self._queues) >= self._want):
+            w.set_result(None)
+
+    async def _sleep(self, want: float, deadline: float | None = None) -> None:
+        """Until ``want`` keys have work queued, a forced wake-up, or ``deadline`` (loop time).
+        ``want=inf``: only a forced wake-up (a batch ended, a stream detached) or the timer."""
+        loop = asyncio.get_running_loop()
+        self._want = want
+        self._waiter = w = loop.create_future()
+        timer = None if deadline is None else loop.call_at(deadline, _resolve, w)
+        try:
+            await w
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _batch_want(self) -> int:
+        """Queued keys worth waiting for: attached streams not already in a running batch."""
+        if not self._attached:
+            return self.max_batch
+        return max(1, min(self.max_batch, len(self._attached) - len(self._running)))
+
+    async def _gather(self) -> None:
+        """Wait up to max_delay for more work while an attached stream has none queued."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_delay_s
+        while len(self._queues) < (want := self._batch_want()) and loop.time() < deadline:
+            await self._sleep(want, deadline)
+
     def _take(self) -> list[_Job]:
-        """Up to max_batch jobs, the first of each key; the rest stay queued in order."""
+        """Up to max_batch jobs, the first of each key not running; the rest stay queued."""
         taken: list[_Job] = []
-        for key in list(itertools.islice(self._queues, self.max_batch)):
+        for key in list(self._queues):
+            if len(taken) == self.max_batch:
+                break
+            if key in self._running:  # its previous chunk is still computing
+                continue
             q = self._queues[key]
             while q and q[0].future.done():  # the caller went away
                 q.popleft()
@@ -138,48 +194,51 @@ class Batcher:
                 del self._queues[key]
         return taken
 
-    async def _gather(self) -> None:
-        """Wait up to max_delay for more work while an attached stream has none queued."""
-        deadline = time.monotonic() + self.max_delay_s
-        while True:
-            want = min(self.max_batch, len(self._attached) or self.max_batch)
-            left = deadline - time.monotonic()
-            if len(self._queues) >= want or left <= 0:
-                return
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), left)
-
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            if not self._queues:
-                self._wake.clear()
-                await self._wake.wait()
+            while not self._queues:
+                await self._sleep(1)
+            while len(self._offloaded) >= PIPELINE_DEPTH:
+                await self._sleep(float("inf"))
             if self.max_delay_s > 0:
                 await self._gather()
             else:
                 await asyncio.sleep(0)  # let coroutines that are ready enqueue too
             jobs = self._take()
             if not jobs:
+                if self._queues:  # every queued key is in a running batch: wait for one
+                    await self._sleep(float("inf"))
                 continue
-            self._busy = True
-            try:
-                if sum(j.chunk.length for j in jobs) <= INLINE_MAX_STEPS:
-                    results = self._run_jobs(jobs)
-                else:
-                    results = await loop.run_in_executor(self.executor, self._run_jobs, jobs)
-            except Exception as exc:  # the executor itself failed: fail these jobs only
-                results = [exc] * len(jobs)
-            finally:
-                self._busy = False
-            for job, res in zip(jobs, results, strict=True):
-                if job.future.done():
-                    continue
-                if isinstance(res, BaseException):
-                    job.future.set_exception(res)
-                else:
-                    job.future.set_result(res)
+            if sum(j.chunk.length for j in jobs) <= INLINE_MAX_STEPS:
+                self._deliver(jobs, self._run_jobs(jobs))
+            else:
+                self._running.update(j.key for j in jobs)
+                task = asyncio.get_running_loop().create_task(self._offload(jobs))
+                self._offloaded[task] = jobs
+
+    async def _offload(self, jobs: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self.executor, self._run_jobs, jobs)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the executor itself failed: fail these jobs only
+            results = [exc] * len(jobs)
+        finally:
+            self._running.difference_update(j.key for j in jobs)
+            self._offloaded.pop(asyncio.current_task(), None)
+            self._wake(force=True)
+        self._deliver(jobs, results)
+
+    @staticmethod
+    def _deliver(jobs: list[_Job], results: list) -> None:
+        for job, res in zip(jobs, results, strict=True):
+            if job.future.done():
+                continue
+            if isinstance(res, BaseException):
+                job.future.set_exception(res)
+            else:
+                job.future.set_result(res)
 
     # ---- runs inline or in the executor thread -------------------------------------------
     def _run_jobs(self, jobs: list[_Job]) -> list[Result | Exception]:
@@ -220,3 +279,8 @@ class Batcher:
             f"model {self.model.contract.name!r} failed on this input "
             f"({type(exc).__name__}: {str(exc).strip()[:300]}); the session state is unchanged"
         )
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():  # a timer firing after a wake-up finds it resolved already
+        fut.set_result(None)

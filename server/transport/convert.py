@@ -69,12 +69,13 @@ def request_inputs(runtime: Runtime, model: str, req, *, batched: bool) -> dict[
 
     ``batched``: Infer takes a batch axis; text and token ids then form a batch of one.
     """
-    given = [k for k, on in (("inputs", bool(req.inputs)), ("text", bool(req.text)),
-                             ("tokens", req.HasField("tokens"))) if on]  # fmt: skip
+    has_text, has_tokens = bool(req.text), req.HasField("tokens")
+    if req.inputs and not has_text and not has_tokens:  # the per-step streaming case
+        return from_tensors(req.inputs, what="input")
+    given = [k for k, on in (("inputs", bool(req.inputs)), ("text", has_text),
+                             ("tokens", has_tokens)) if on]  # fmt: skip
     if len(given) != 1:
         raise InvalidArgument(f"send exactly one of inputs, text or tokens; got {given or 'none'}")
-    if given[0] == "inputs":
-        return from_tensors(req.inputs, what="input")
     contract = runtime.get_model(model).contracts.get("model")
     if contract is None or not contract.vocab or len(contract.inputs) != 1:
         raise InvalidArgument(

@@ -13,7 +13,7 @@ from rnnzoo.proto.v1 import rnnzoo_pb2_grpc as pb_grpc
 from rnnzoo.server.runtime import Runtime
 
 from .convert import model_info, request_inputs
-from .logs import annotate
+from .logs import annotate, call_fields
 
 
 def _need(value: str, what: str) -> str:
@@ -56,11 +56,14 @@ class RnnzooServicer(pb_grpc.RnnzooServicer):
         # session id -> (attach token, model). Sessions stay attached for the stream's life;
         # ``finally`` detaches them on every exit: end, error, or client disconnect.
         attached: dict[str, tuple[object, str]] = {}
+        fields = call_fields()  # this RPC's log line: last request id and count
+        if fields is None:  # not under the interceptor (e.g. called directly)
+            fields = {}
         count = 0
         try:
             async for req in request_iterator:
                 count += 1
-                annotate(request_id=req.request_id, requests=count)
+                fields["request_id"], fields["requests"] = req.request_id, count
                 sid = _need(req.session_id, "session_id")
                 if sid not in attached:
                     model = self.rt.session_info(sid).model
