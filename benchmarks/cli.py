@@ -14,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="toy sizes, seconds (smoke test)")
     p.add_argument("--json", metavar="FILE", help="write the raw result as JSON ('-' = stdout)")
     p.add_argument("--doc", metavar="FILE.md", help="write the markdown report and FILE.png")
-    p.add_argument("--duration", type=float, help="measured seconds per server cell")
+    p.add_argument("--duration", type=float, help="measured seconds per server per round")
+    p.add_argument("--rounds", type=int, help="rounds per cell (server order rotates; median kept)")
     p.add_argument("--sessions", help="comma-separated session counts, e.g. 1,16,64,256")
     p.add_argument("--steps", help="comma-separated steps per message, e.g. 1,8,32")
     p.add_argument("--delays", help="comma-separated --max-delay-ms values for D, first = main")
@@ -47,6 +48,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.duration <= 0:
             raise InvalidArgument(f"--duration must be > 0 seconds, got {args.duration}")
         cfg = replace(cfg, duration_s=args.duration)
+    if args.rounds is not None:
+        if args.rounds < 1:
+            raise InvalidArgument(f"--rounds must be >= 1, got {args.rounds}")
+        cfg = replace(cfg, rounds=args.rounds)
     if args.sessions:
         cfg = replace(cfg, sessions=_ints(args.sessions, "sessions"))
     if args.steps:

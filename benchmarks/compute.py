@@ -70,6 +70,45 @@ def ort_loop(
     }
 
 
+def ort_cold_call(onnx_path: Path, gap_s: float, calls: int = 300) -> dict:
+    """One B=1, T=1 ``session.run`` after the process idled ``gap_s``, as a server does
+    between a lone client's messages; median and p90 over ``calls``, and the hot-loop time.
+
+    A hot loop keeps the weights (0.8 MB for the bench model) and ORT's buffers in cache; a
+    server waiting for the next message does not, and a lone session pays that on every step.
+    """
+    import onnxruntime as ort
+
+    from rnnzoo.contract import read_contract
+    from rnnzoo.server.runtime.model import session_options
+
+    contract = read_contract(onnx_path)
+    sess = ort.InferenceSession(str(onnx_path), session_options(1, 1), providers=["CPUExecutionProvider"])  # fmt: skip
+    (x_spec,) = contract.inputs
+    feat = [int(d) for d in x_spec.feature_shape()]
+    feeds = {x_spec.name: np.zeros((1, 1, *feat), np.float32)}
+    for st in contract.states:
+        feeds[st.input] = np.zeros([1 if i == st.batch_axis else d for i, d in enumerate(st.shape)],
+                                   np.float32)  # fmt: skip
+    names = [o.name for o in contract.outputs] + [st.output for st in contract.states]
+    for _ in range(20):
+        sess.run(names, feeds)
+    hot = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        sess.run(names, feeds)
+        hot.append(time.perf_counter() - t0)
+    cold = []
+    for _ in range(calls):
+        time.sleep(gap_s)
+        t0 = time.perf_counter()
+        sess.run(names, feeds)
+        cold.append(time.perf_counter() - t0)
+    us = lambda v, q: float(np.percentile(v, q)) * 1e6  # noqa: E731
+    return {"gap_us": gap_s * 1e6, "calls": calls, "median_us": us(cold, 50),
+            "p90_us": us(cold, 90), "hot_us": us(hot, 50)}  # fmt: skip
+
+
 def torch_loop(net, batch: int, steps: int, *, seconds: float = 0.5, repeats: int = 3) -> dict:
     """(E): steps/s of a hand-written PyTorch eager step loop, state carried over."""
     import torch

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,7 +35,10 @@ class BenchConfig:
     delays_ms: tuple[float, ...] = (0.0, 1.0, 5.0)  # (D) at ``delay_sessions``; first = main D
     delay_sessions: int = 64
     warmup_s: float = 0.5
-    duration_s: float = 3.0
+    duration_s: float = 1.5  # measured seconds per round
+    # Each cell is measured in ``rounds`` rounds, the servers' order rotated every round; a
+    # cell reports the median round. Drift on a shared machine then hits every server alike.
+    rounds: int = 3
     compute_s: float = 0.5  # (A)/(E): seconds per timed run, best of ``compute_repeats``
     compute_repeats: int = 3
     hidden: int = 128
@@ -53,6 +57,7 @@ class BenchConfig:
             delay_sessions=4,
             warmup_s=0.1,
             duration_s=0.3,
+            rounds=2,
             compute_s=0.05,
             compute_repeats=1,
             hidden=32,
@@ -107,9 +112,28 @@ def _measure(srv, model: str, cfg: BenchConfig, sessions: int, steps: int, log) 
     return {**r.as_dict(), "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
+MEDIAN_KEYS = ("steps_per_s", "msgs_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_msg",
+               "client_cpu_us_per_msg")  # fmt: skip
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """One cell from its rounds: the median of each figure, totals of counts, every round kept."""
+    first = rounds[0]
+    out = {"sessions": first["sessions"], "steps": first["steps"]}
+    for k in MEDIAN_KEYS:
+        vals = [r[k] for r in rounds if r[k] is not None]
+        out[k] = statistics.median(vals) if vals else None
+    out["messages"] = sum(r["messages"] for r in rounds)
+    out["window_s"] = round(sum(r["window_s"] for r in rounds), 4)
+    out["loadavg_1m"] = max(r["loadavg_1m"] for r in rounds)
+    out["rounds"] = rounds
+    return out
+
+
 def _servers(model_dir: Path, cfg: BenchConfig, log) -> tuple[dict, list[dict]]:
-    """Every server up at once (idle ones cost ~nothing); each cell measures them back to back,
-    so load from elsewhere on a shared machine hits B, C and D alike and the ratios hold."""
+    """Every server up at once (idle ones cost ~nothing). Each cell measures them back to back
+    in ``cfg.rounds`` rounds, rotating who goes first, so load from elsewhere on a shared
+    machine hits B, C and D alike and the ratios hold."""
     main = {
         "echo": echo_server("y", 1),
         "naive": rnnzoo_server(model_dir, 1, 0.0),
@@ -124,11 +148,17 @@ def _servers(model_dir: Path, cfg: BenchConfig, log) -> tuple[dict, list[dict]]:
             p.start()
         for sessions in cfg.sessions:
             for steps in cfg.steps:
-                for key, srv in main.items():
-                    servers[key].append(_measure(srv, MODEL, cfg, sessions, steps, log))
+                systems: list[tuple[object, object]] = list(main.items())
                 if sessions == cfg.delay_sessions:
-                    for d, srv in delayed.items():
-                        sweep_cells[d].append(_measure(srv, MODEL, cfg, sessions, steps, log))
+                    systems += list(delayed.items())
+                rounds: dict[object, list[dict]] = {k: [] for k, _ in systems}
+                for i in range(cfg.rounds):
+                    first = i % len(systems)
+                    for key, srv in systems[first:] + systems[:first]:
+                        rounds[key].append(_measure(srv, MODEL, cfg, sessions, steps, log))
+                for key, cells in rounds.items():
+                    dest = servers[key] if key in servers else sweep_cells[key]
+                    dest.append(summarize(cells))
     finally:
         for p in procs:
             p.stop()
@@ -159,6 +189,20 @@ def _compute_rows(m, cfg: BenchConfig, log) -> dict[str, list[dict]]:
     return {"ort": ort_rows, "torch": torch_rows}
 
 
+def _cold_call(m, echo_rows: list[dict], cfg: BenchConfig, log) -> dict | None:
+    """A B=1 T=1 ORT call after idling one echo round trip: what a lone session's step costs."""
+    from .compute import ort_cold_call
+
+    one = min(echo_rows, key=lambda r: (r["sessions"], r["steps"]))
+    if one["steps"] != 1:
+        return None
+    calls = 300 if cfg.compute_s >= 0.5 else 30
+    r = ort_cold_call(m.onnx_path, gap_s=1.0 / one["msgs_per_s"], calls=calls)
+    log(f"  A ort   B=1 T=1 after {r['gap_us']:.0f} us idle: median {r['median_us']:.0f} us "
+        f"(hot loop {r['hot_us']:.0f} us)")  # fmt: skip
+    return r
+
+
 def run(cfg: BenchConfig, log=print, work_dir: Path | None = None) -> dict:
     """Run every system; return the result dict (see ``ratios`` for how ratios are made)."""
     from .model import build  # torch: imported only when a run starts
@@ -177,6 +221,7 @@ def run(cfg: BenchConfig, log=print, work_dir: Path | None = None) -> dict:
         before = _compute_rows(m, cfg, log)
         result["servers"], result["delay_sweep"] = _servers(model_dir, cfg, log)
         after = _compute_rows(m, cfg, log)
+        result["cold_call"] = _cold_call(m, result["servers"]["echo"], cfg, log)
         # The compute limit is what the hardware gives at its best: per row, the better of the
         # runs before and after the servers (the raw runs are kept in compute_runs).
         result["compute_runs"] = [before, after]
@@ -209,6 +254,8 @@ class Ratio:
     numerator: float  # steps/s
     denominator: float  # steps/s
     value: float = field(init=False)
+    # server vs server: the ratio within each round (both measured minutes apart at most)
+    per_round: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.value = self.numerator / self.denominator
@@ -224,7 +271,10 @@ def ratios(result: dict) -> list[dict]:
         n, t = d["sessions"], d["steps"]
         for name, other in (("D/B", _cell(s["echo"], n, t)), ("D/C", _cell(s["naive"], n, t))):
             if other:
-                out.append(Ratio(name, n, t, None, d["steps_per_s"], other["steps_per_s"]))
+                r = Ratio(name, n, t, None, d["steps_per_s"], other["steps_per_s"])
+                r.per_round = [a["steps_per_s"] / b["steps_per_s"]
+                               for a, b in zip(d["rounds"], other["rounds"], strict=True)]  # fmt: skip
+                out.append(r)
         a = _compute(ort, ref_b, t)
         if a:
             out.append(Ratio("D/A", n, t, ref_b, d["steps_per_s"], a["steps_per_s"]))
@@ -259,6 +309,7 @@ def targets(result: dict) -> list[dict]:
         out.append({
             "target": label, "want": want,
             "measured": None if r is None else r["value"],
+            "per_round": [] if r is None else r["per_round"],
             "met": None if r is None else r["value"] >= want,
             "sessions": None if r is None else r["sessions"],
             "steps": None if r is None else r["steps"],

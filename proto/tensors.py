@@ -36,46 +36,77 @@ MAX_RANK = 16  # far above any recurrent model's tensors; bounds the shape walk
 
 def to_tensor(array: object) -> pb.Tensor:
     """A numpy array (or anything ``np.asarray`` takes) -> Tensor."""
+    t = pb.Tensor()
+    _fill(t, array)
+    return t
+
+
+def _fill(t: pb.Tensor, array: object) -> None:
+    """Write ``array`` into the (empty) Tensor ``t``, e.g. an entry of a message's map field:
+    filling in place skips building a Tensor and copying it into the map."""
     a = array if type(array) is np.ndarray else np.asarray(array)
     name = _NAMES.get(a.dtype)
     if name is not None and _LITTLE:  # the common case: tobytes() is little-endian C order
-        return pb.Tensor(dtype=name, shape=a.shape, data=a.tobytes())
-    name = name or _NAMES.get(a.dtype.newbyteorder("="))
-    if name is None:
-        raise InvalidArgument(
-            f"cannot send an array of dtype {a.dtype}; supported dtypes: {sorted(DTYPES)}"
-        )
-    data = np.ascontiguousarray(a, dtype=DTYPES[name]).tobytes()
-    return pb.Tensor(dtype=name, shape=a.shape, data=data)
+        data = a.tobytes()
+    else:
+        name = name or _NAMES.get(a.dtype.newbyteorder("="))
+        if name is None:
+            raise InvalidArgument(
+                f"cannot send an array of dtype {a.dtype}; supported dtypes: {sorted(DTYPES)}"
+            )
+        data = np.ascontiguousarray(a, dtype=DTYPES[name]).tobytes()
+    t.dtype = name
+    t.shape.extend(a.shape)
+    t.data = data
 
 
 def from_tensor(t: pb.Tensor, *, name: str = "tensor") -> np.ndarray:
     """Tensor -> numpy array (native byte order). Bad dtype/shape/bytes -> InvalidArgument."""
+    return _decode(t, name, None)
+
+
+def _decode(t: pb.Tensor, what: str, key: str | None) -> np.ndarray:
+    """``from_tensor``; the error prefix is ``what`` or ``what 'key'``, built only on error
+    (this runs once per tensor per streamed message)."""
     dtype = t.dtype
     dt = DTYPES.get(dtype)
     if dt is None:
-        raise InvalidArgument(f"{name}: unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+        raise InvalidArgument(
+            f"{_label(what, key)}: unknown dtype {dtype!r}; use one of {sorted(DTYPES)}"
+        )
     shape = tuple(t.shape)
     if len(shape) > MAX_RANK or (shape and min(shape) < 0):
         raise InvalidArgument(
-            f"{name}: shape {list(shape)} is invalid (dims must be >= 0, rank <= {MAX_RANK})"
+            f"{_label(what, key)}: shape {list(shape)} is invalid (dims must be >= 0, rank <= "
+            f"{MAX_RANK})"
         )
     data = t.data  # one read: each access of a bytes field builds a new bytes object
     want = math.prod(shape) * dt.itemsize
     if len(data) != want:
         raise InvalidArgument(
-            f"{name}: {len(data)} bytes of data, but shape {list(shape)} of {dtype} needs "
-            f"{want} ({math.prod(shape)} values x {dt.itemsize} bytes, little-endian, C order)"
+            f"{_label(what, key)}: {len(data)} bytes of data, but shape {list(shape)} of "
+            f"{dtype} needs {want} ({math.prod(shape)} values x {dt.itemsize} bytes, "
+            "little-endian, C order)"
         )
-    a = np.frombuffer(data, dtype=dt).reshape(shape)
+    a = np.ndarray(shape, dt, data)  # a read-only view of the bytes, size checked above
     if dt.kind == "b" and a.size and a.view(np.uint8).max() > 1:
-        raise InvalidArgument(f"{name}: bool values must be bytes 0 or 1")
+        raise InvalidArgument(f"{_label(what, key)}: bool values must be bytes 0 or 1")
     return a if dtype in _AS_IS else a.astype(_NATIVE[dtype], copy=False)
+
+
+def _label(what: str, key: str | None) -> str:
+    return what if key is None else f"{what} {key!r}"
 
 
 def to_tensors(arrays: Mapping[str, object]) -> dict[str, pb.Tensor]:
     return {k: to_tensor(v) for k, v in arrays.items()}
 
 
+def fill_tensors(field, arrays: Mapping[str, object]) -> None:
+    """Write ``arrays`` into a message's ``map<string, Tensor>`` field, in place."""
+    for k, v in arrays.items():
+        _fill(field[k], v)
+
+
 def from_tensors(tensors: Mapping[str, pb.Tensor], *, what: str = "input") -> dict[str, np.ndarray]:
-    return {k: from_tensor(v, name=f"{what} {k!r}") for k, v in tensors.items()}
+    return {k: _decode(v, what, k) for k, v in tensors.items()}

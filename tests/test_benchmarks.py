@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import statistics
 import sys
 from dataclasses import replace
 
@@ -48,10 +49,22 @@ def test_result_structure(result):
         }
         for r in rows:
             assert r["messages"] > 0 and r["window_s"] > 0
-            assert r["steps_per_s"] == pytest.approx(r["messages"] * r["steps"] / r["window_s"])
-            assert 0 < r["p50_ms"] <= r["p99_ms"]
+            assert len(r["rounds"]) == cfg["rounds"]
+            for one in r["rounds"]:  # each round is a measurement of its own
+                assert one["steps_per_s"] == pytest.approx(
+                    one["messages"] * one["steps"] / one["window_s"]
+                )
+                assert 0 < one["p50_ms"] <= one["p99_ms"]
+            # the cell is the median round
+            assert r["steps_per_s"] == statistics.median(x["steps_per_s"] for x in r["rounds"])
+            assert r["p99_ms"] == statistics.median(x["p99_ms"] for x in r["rounds"])
+            assert r["messages"] == sum(x["messages"] for x in r["rounds"])
             assert r["server_cpu_us_per_msg"] is None or r["server_cpu_us_per_msg"] >= 0
             assert r["loadavg_1m"] >= 0
+    cold = result["cold_call"]
+    echo1 = _cell(result["servers"]["echo"], min(cfg["sessions"]), 1)
+    assert cold["gap_us"] == pytest.approx(1e6 / echo1["msgs_per_s"])
+    assert cold["hot_us"] > 0 and 0 < cold["median_us"] <= cold["p90_us"]
     ort, tch = result["compute"]["ort"], result["compute"]["torch"]
     assert {(r["batch"], r["steps"]) for r in ort} == {
         (b, t) for b in cfg["batches"] for t in cfg["steps"]
@@ -85,9 +98,14 @@ def test_every_ratio_is_made_from_measured_numbers(result):
         assert r["value"] == pytest.approx(r["numerator"] / r["denominator"])
         n, t = r["sessions"], r["steps"]
         if r["name"] in ("D/B", "D/C"):
-            other = s["echo" if r["name"] == "D/B" else "naive"]
-            assert r["numerator"] == _cell(s["rnnzoo"], n, t)["steps_per_s"]
-            assert r["denominator"] == _cell(other, n, t)["steps_per_s"]
+            other = _cell(s["echo" if r["name"] == "D/B" else "naive"], n, t)
+            d = _cell(s["rnnzoo"], n, t)
+            assert r["numerator"] == d["steps_per_s"]
+            assert r["denominator"] == other["steps_per_s"]
+            assert r["per_round"] == [
+                a["steps_per_s"] / b["steps_per_s"]
+                for a, b in zip(d["rounds"], other["rounds"], strict=True)
+            ]
         elif r["name"] == "D/A":
             assert r["batch"] == ref_b
             assert r["numerator"] == _cell(s["rnnzoo"], n, t)["steps_per_s"]
@@ -170,6 +188,7 @@ def test_server_that_never_gets_ready_is_reported_with_its_stderr():
         (["--sessions", "0"], "--sessions values must be >= 1"),
         (["--steps", "a,b"], "--steps takes comma-separated integers"),
         (["--duration", "0"], "--duration must be > 0"),
+        (["--rounds", "0"], "--rounds must be >= 1"),
         (["--delays", "-1"], "--delays values must be >= 0"),
     ],
 )

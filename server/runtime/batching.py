@@ -50,7 +50,7 @@ INLINE_MAX_STEPS = 512
 PIPELINE_DEPTH = 2
 
 
-@dataclass
+@dataclass(slots=True)
 class _Job:
     key: object
     chunk: Chunk

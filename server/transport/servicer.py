@@ -7,7 +7,7 @@ nothing here touches status codes. ``annotate`` adds session/model keys to the R
 from __future__ import annotations
 
 from rnnzoo.errors import InvalidArgument
-from rnnzoo.proto.tensors import from_tensors, to_tensors
+from rnnzoo.proto.tensors import fill_tensors, from_tensors, to_tensors
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.proto.v1 import rnnzoo_pb2_grpc as pb_grpc
 from rnnzoo.server.runtime import Runtime
@@ -71,14 +71,15 @@ class RnnzooServicer(pb_grpc.RnnzooServicer):
                     annotate(session=sid, model=model)
                 inputs = request_inputs(self.rt, attached[sid][1], req, batched=False)
                 res = await self.rt.step(sid, inputs)
-                yield pb.StreamResponse(
+                resp = pb.StreamResponse(
                     request_id=req.request_id,
                     session_id=sid,
-                    outputs=to_tensors(res.outputs),
                     start=res.start,
                     steps_total=res.steps_total,
                     revised=res.revised,
                 )
+                fill_tensors(resp.outputs, res.outputs)
+                yield resp
         finally:
             for sid, (token, _) in attached.items():
                 self.rt.detach(sid, token)
