@@ -40,13 +40,16 @@ from .model import Chunk, ServedModel
 Result = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # batch-free outputs, batch-1 states
 
 # A batch of at most this many time steps in total (sum of chunk lengths) runs inline on the
-# event loop. ORT needs ~5 µs per step of a 2x128 LSTM at batch 64 (more at batch 1), so this
-# bounds a loop stall to a few ms; bigger batches go to the executor and the loop keeps
-# serving other calls meanwhile. (64 sessions x 32 steps inline measured about as fast as
-# via the executor on 2 shared cores, with less CPU per message: the hop is not the cost.)
-INLINE_MAX_STEPS = 512
+# event loop; bigger ones go to the executor and the loop keeps serving other calls meanwhile.
+# 2048 = 64 sessions x 32 steps: ~11 ms of ORT at batch 64 (~30 ms for one chunk of 2048), a
+# bounded stall. Measured at 64 sessions x 32 steps on 2 shared cores: inline 88-98k steps/s
+# vs 67-85k via two pipelined executor threads. Inline, ORT runs at ~160k steps/s (its
+# hot-loop rate); in a thread, competing with the loop and the client for the same cores and
+# caches, at ~110-120k. The client's own turnaround already overlaps the loop's ORT call.
+INLINE_MAX_STEPS = 2048
 # Executor batches running at once. Two: one computes while the loop turns the other's
-# sessions around (on 2 cores, more only adds contention; see docs/benchmarks.md).
+# sessions around. Only batches over INLINE_MAX_STEPS go there (long chunks, big batches),
+# where a thread hand-over is small next to the call and a stalled loop would be worse.
 PIPELINE_DEPTH = 2
 
 

@@ -12,7 +12,8 @@ Semantics worth knowing:
   longer than ``max_buffer_steps`` is refused with ResourceExhausted: it is a server-set
   resource limit, not a state problem of the request; the client can reset or close the
   session and start a new sequence;
-- inference runs in a thread pool, off the event loop.
+- inference runs in the batcher: small batches inline on the event loop (cheaper than a
+  thread hand-over), big ones in a thread pool (see batching.py).
 """
 
 from __future__ import annotations
