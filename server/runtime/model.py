@@ -54,7 +54,7 @@ def _free_axis(spec: TensorSpec) -> int | None:
     return t - 1 if b is not None and b < t else t
 
 
-@dataclass
+@dataclass(slots=True)
 class Chunk:
     """A validated batch-free chunk of one sequence: arrays in contract dtypes, its length."""
 

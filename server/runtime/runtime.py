@@ -69,7 +69,7 @@ class RuntimeOptions:
             raise InvalidArgument("bad runtime options: " + "; ".join(problems))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StepResult:
     outputs: dict[str, np.ndarray]  # batch-free, (T, ...)
     start: int  # index in the session's sequence of the first returned step

@@ -1,15 +1,17 @@
 """The one place where rnnzoo errors become gRPC status codes, and every RPC gets a log line.
 
 ``grpc.aio`` interceptors see a method handler, not the call, so this one wraps the handler's
-behaviour: unary behaviours are awaited, streaming ones are async generators re-yielded item
-by item (an exception raised while the servicer streams surfaces inside the wrapper's
-``async for``, so streams are mapped too). Only the rnnzoo service is wrapped: the health
+behaviour: unary and read/write-style streaming behaviours (coroutines that await
+``context.write``) are awaited; async-generator streams are re-yielded item by item (an
+exception raised while the servicer streams surfaces inside the wrapper's ``async for``, so
+streams are mapped too). Only the rnnzoo service is wrapped: the health
 and reflection servicers write with ``context.write`` and manage their own statuses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 
 import grpc
@@ -93,6 +95,10 @@ def _wrap_unary(rpc: str, behavior):
 
 
 def _wrap_stream(rpc: str, behavior):
+    if not inspect.isasyncgenfunction(behavior):
+        # a read/write-style streaming handler (it awaits context.write): wrap the one call
+        return _wrap_unary(rpc, behavior)
+
     async def wrapper(request, context):
         fields, t0 = begin_call(), now_ms()
         try:

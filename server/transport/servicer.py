@@ -6,6 +6,8 @@ nothing here touches status codes. ``annotate`` adds session/model keys to the R
 
 from __future__ import annotations
 
+import grpc
+
 from rnnzoo.errors import InvalidArgument
 from rnnzoo.proto.tensors import fill_tensors, from_tensors, to_tensors
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
@@ -53,6 +55,8 @@ class RnnzooServicer(pb_grpc.RnnzooServicer):
         return pb.ResetSessionResponse()
 
     async def Stream(self, request_iterator, context):
+        # Read/write style (a coroutine, not an async generator): the interceptor then wraps
+        # the call once instead of re-yielding every response through a second generator.
         # session id -> (attach token, model). Sessions stay attached for the stream's life;
         # ``finally`` detaches them on every exit: end, error, or client disconnect.
         attached: dict[str, tuple[object, str]] = {}
@@ -61,7 +65,7 @@ class RnnzooServicer(pb_grpc.RnnzooServicer):
             fields = {}
         count = 0
         try:
-            async for req in request_iterator:
+            while (req := await context.read()) is not grpc.aio.EOF:
                 count += 1
                 fields["request_id"], fields["requests"] = req.request_id, count
                 sid = _need(req.session_id, "session_id")
@@ -79,7 +83,7 @@ class RnnzooServicer(pb_grpc.RnnzooServicer):
                     revised=res.revised,
                 )
                 fill_tensors(resp.outputs, res.outputs)
-                yield resp
+                await context.write(resp)
         finally:
             for sid, (token, _) in attached.items():
                 self.rt.detach(sid, token)
