@@ -353,6 +353,56 @@ async def test_capacity_is_resource_exhausted(zoo):
         await server.stop(0.5)
 
 
+async def _with_options(zoo, test, **options) -> None:
+    server = RnnzooServer(ServerConfig(port=0))
+    await server.start()
+    await server.load(Runtime.from_dir(zoo[0], RuntimeOptions(**options)))
+    try:
+        async with grpc.aio.insecure_channel(server.target) as ch:
+            await test(pb_grpc.RnnzooStub(ch))
+    finally:
+        await server.stop(0.5)
+
+
+async def test_eviction_over_grpc_drops_the_least_recent_session_and_says_so(zoo):
+    """At --max-sessions with --on-full evict, a new session evicts the least recently used
+    one; the evicted id answers NOT_FOUND saying why, the others keep their exact state."""
+    x = _signal(4, seed=12)
+
+    async def test(stub):
+        a, b = [(await stub.CreateSession(pb.CreateSessionRequest(model="gru"))).session_id
+                for _ in range(2)]  # fmt: skip
+        first = await _stream(stub, a, [x[:2]])  # a is now more recent than b
+        await stub.CreateSession(pb.CreateSessionRequest(model="gru"))  # evicts b
+        msg = await _expect(Code.NOT_FOUND, _stream(stub, b, [x[:1]]), "evicted", "least recently used", "create a new session")  # fmt: skip
+        assert b in msg
+        rest = await _stream(stub, a, [x[2:]], first_id=1)  # a's state survived the eviction
+        assert rest[0].start == 2
+        got = np.concatenate([from_tensor(r.outputs["y"]) for r in first + rest])
+        np.testing.assert_allclose(got, await _offline(stub, "gru", x), atol=TOL)
+
+    await _with_options(zoo, test, max_sessions=2, on_full="evict", session_ttl_s=None)
+
+
+async def test_idle_session_expires_over_grpc_with_a_clear_not_found(zoo):
+    """A session idle longer than the TTL is swept; its id then answers NOT_FOUND with when
+    and why, on Stream and on CloseSession alike. A session in use does not expire."""
+    x = _signal(3, seed=13)
+
+    async def test(stub):
+        idle = (await stub.CreateSession(pb.CreateSessionRequest(model="gru"))).session_id
+        busy = (await stub.CreateSession(pb.CreateSessionRequest(model="gru"))).session_id
+        for i in range(6):  # 0.6 s: busy is used every 0.1 s, idle never
+            await _stream(stub, busy, [x[:1]], first_id=i)
+            await asyncio.sleep(0.1)
+        await _expect(Code.NOT_FOUND, _stream(stub, idle, [x[:1]]), "expired after 0.3 s idle")
+        await _expect(Code.NOT_FOUND, stub.CloseSession(pb.CloseSessionRequest(session_id=idle)), "expired")  # fmt: skip
+        more = await _stream(stub, busy, [x[1:]], first_id=6)
+        assert more[0].start == 6
+
+    await _with_options(zoo, test, session_ttl_s=0.3, sweep_interval_s=0.05)
+
+
 # ---- generation --------------------------------------------------------------------------------
 async def test_generate_lm_and_seq2seq(stub):
     def gen(**kw):
