@@ -35,16 +35,19 @@ def _best_rate(step, seconds: float, repeats: int) -> float:
 
 
 def ort_loop(
-    onnx_path: Path, batch: int, steps: int, *, seconds: float = 0.5, repeats: int = 3
-) -> dict:
-    """(A): steps/s of ``session.run`` on (B, T) chunks, state carried over between calls."""
+    onnx_path: Path, batch: int, steps: int, *, seconds: float = 0.5, repeats: int = 3,
+    options=None,
+) -> dict:  # fmt: skip
+    """(A): steps/s of ``session.run`` on (B, T) chunks, state carried over between calls.
+    ``options``: an ``ort.SessionOptions``; default the server's (``session_options(1, 1)``)."""
     import onnxruntime as ort
 
     from rnnzoo.contract import read_contract
     from rnnzoo.server.runtime.model import session_options
 
     contract = read_contract(onnx_path)
-    sess = ort.InferenceSession(str(onnx_path), session_options(1, 1), providers=["CPUExecutionProvider"])  # fmt: skip
+    so = options if options is not None else session_options(1, 1)
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     (x_spec,) = contract.inputs
     feat = [int(d) for d in x_spec.feature_shape()]
     x = np.random.default_rng(0).standard_normal((batch, steps, *feat)).astype(np.float32)
@@ -68,6 +71,57 @@ def ort_loop(
         "calls_per_s": calls,
         "steps_per_s": calls * batch * steps,
     }
+
+
+def option_sets() -> dict[str, object]:
+    """ORT session options compared for step serving: the server's choice and the obvious
+    alternatives (more threads, with and without spinning, and ORT's own defaults)."""
+    import onnxruntime as ort
+
+    from rnnzoo.server.runtime.model import session_options
+
+    def threads(n: int, spin: bool) -> ort.SessionOptions:
+        so = session_options(n, 1)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        return so
+
+    defaults = ort.SessionOptions()
+    defaults.log_severity_level = 3
+    return {
+        "rnnzoo: 1 thread, sequential, no spinning": session_options(1, 1),
+        "2 intra-op threads, spinning": threads(2, True),
+        "2 intra-op threads, no spinning": threads(2, False),
+        "ORT defaults (threads = cores, spinning)": defaults,
+    }
+
+
+def ort_options_rows(
+    onnx_path: Path, batches: tuple[int, ...], *, seconds: float, repeats: int
+) -> list[dict]:
+    """Steps/s (T=1) per option set and batch, on an idle machine and with one core taken by a
+    busy process: a server's event loop and its clients compete with ORT for the cores."""
+    rows = []
+    for busy in (False, True):
+        hog = _cpu_hog() if busy else None
+        try:
+            for name, so in option_sets().items():
+                for b in batches:
+                    r = ort_loop(onnx_path, b, 1, seconds=seconds, repeats=repeats, options=so)
+                    rows.append({"options": name, "batch": b, "busy_core": busy,
+                                 "steps_per_s": r["steps_per_s"]})  # fmt: skip
+        finally:
+            if hog is not None:
+                hog.kill()
+                hog.wait()
+    return rows
+
+
+def _cpu_hog():
+    """A process that keeps one core busy (a pure-Python spin), killed by the caller."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
 def ort_cold_call(onnx_path: Path, gap_s: float, calls: int = 300) -> dict:

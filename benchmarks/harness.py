@@ -203,6 +203,18 @@ def _cold_call(m, echo_rows: list[dict], cfg: BenchConfig, log) -> dict | None:
     return r
 
 
+def _options_rows(m, cfg: BenchConfig, log) -> list[dict]:
+    """ORT session options side by side: why the server runs 1 thread without spinning."""
+    from .compute import ort_options_rows
+
+    batches = (min(cfg.batches), max(cfg.batches))
+    rows = ort_options_rows(m.onnx_path, batches, seconds=cfg.compute_s, repeats=cfg.compute_repeats)  # fmt: skip
+    for r in rows:
+        log(f"  A ort   {r['options']:<42} B={r['batch']:<3} busy core={r['busy_core']!s:<5} "
+            f"{r['steps_per_s']:>10.0f} steps/s")  # fmt: skip
+    return rows
+
+
 def run(cfg: BenchConfig, log=print, work_dir: Path | None = None) -> dict:
     """Run every system; return the result dict (see ``ratios`` for how ratios are made)."""
     from .model import build  # torch: imported only when a run starts
@@ -222,6 +234,7 @@ def run(cfg: BenchConfig, log=print, work_dir: Path | None = None) -> dict:
         result["servers"], result["delay_sweep"] = _servers(model_dir, cfg, log)
         after = _compute_rows(m, cfg, log)
         result["cold_call"] = _cold_call(m, result["servers"]["echo"], cfg, log)
+        result["ort_options"] = _options_rows(m, cfg, log)
         # The compute limit is what the hardware gives at its best: per row, the better of the
         # runs before and after the servers (the raw runs are kept in compute_runs).
         result["compute_runs"] = [before, after]

@@ -83,6 +83,24 @@ def one_session_bound(result: dict) -> str | None:
     )
 
 
+def options_table(result: dict) -> str:
+    """Steps/s per ORT option set and batch (T=1), idle machine vs one core taken."""
+    rows_in = result.get("ort_options") or []
+    batches = sorted({r["batch"] for r in rows_in})
+    head = "| ORT session options | " + " | ".join(
+        f"B={b} idle | B={b}, 1 core busy" for b in batches) + " |"  # fmt: skip
+    rows = [head, "|---|" + "---:|" * (2 * len(batches))]
+    for name in dict.fromkeys(r["options"] for r in rows_in):
+        vals = []
+        for b in batches:
+            for busy in (False, True):
+                r = next(x for x in rows_in if x["options"] == name and x["batch"] == b
+                         and x["busy_core"] == busy)  # fmt: skip
+                vals.append(f"{r['steps_per_s']:.0f}")
+        rows.append(f"| {name} | " + " | ".join(vals) + " |")
+    return "\n".join(rows)
+
+
 def delay_table(result: dict) -> str:
     rows = ["| max_delay_ms | sessions | T | steps/s | p50 ms | p99 ms |",
             "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -115,6 +133,7 @@ def text(result: dict) -> str:
         + server_table(result),
         "queue delay trade-off (D)\n" + delay_table(result),
         "server/client CPU per message (µs)\n" + cpu_table(result),
+        "ORT session options (A, T=1, steps/s)\n" + options_table(result),
         "targets\n" + target_table(result) + "\n" + (one_session_bound(result) or ""),
     ])  # fmt: skip
 
@@ -238,6 +257,13 @@ CPU time per message (µs, user+sys from /proc, whole process incl. all threads,
 measured window): what each server and the client spent on one round trip.
 
 {cpu_table(result)}
+
+## ORT session options (A, T=1, steps/s)
+The server's choice against the alternatives, measured in this run. The "1 core busy" columns
+were taken while another process kept one core busy, as the event loop and the clients do in a
+server.
+
+{options_table(result)}
 
 ## Queue-delay trade-off (D at {c["delay_sessions"]} sessions)
 {delay_table(result)}

@@ -61,6 +61,16 @@ def test_result_structure(result):
             assert r["messages"] == sum(x["messages"] for x in r["rounds"])
             assert r["server_cpu_us_per_msg"] is None or r["server_cpu_us_per_msg"] >= 0
             assert r["loadavg_1m"] >= 0
+    opts = result["ort_options"]  # every option set x (smallest, largest batch) x idle/busy
+    names = {r["options"] for r in opts}
+    assert len(names) == 4 and any(n.startswith("rnnzoo:") for n in names)
+    assert {(r["options"], r["batch"], r["busy_core"]) for r in opts} == {
+        (n, b, busy)
+        for n in names
+        for b in (min(cfg["batches"]), max(cfg["batches"]))
+        for busy in (False, True)
+    }
+    assert all(r["steps_per_s"] > 0 for r in opts)
     cold = result["cold_call"]
     echo1 = _cell(result["servers"]["echo"], min(cfg["sessions"]), 1)
     assert cold["gap_us"] == pytest.approx(1e6 / echo1["msgs_per_s"])
@@ -143,7 +153,7 @@ def test_targets_quote_the_ratios(result):
 
 @pytest.mark.slow
 def test_report_writes_doc_and_plot_and_keeps_notes(result, tmp_path):
-    assert "D/B" in text(result)
+    assert "D/B" in text(result) and "ORT session options" in text(result)
     doc = tmp_path / "docs" / "benchmarks.md"
     doc, png = write_doc(result, doc)
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
