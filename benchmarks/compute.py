@@ -81,8 +81,11 @@ def option_sets() -> dict[str, object]:
     from rnnzoo.server.runtime.model import session_options
 
     def threads(n: int, spin: bool) -> ort.SessionOptions:
-        so = session_options(n, 1)
+        so = ort.SessionOptions()  # as session_options(n, 1), spinning as asked
+        so.intra_op_num_threads, so.inter_op_num_threads = n, 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        so.log_severity_level = 3
         return so
 
     defaults = ort.SessionOptions()
