@@ -418,7 +418,7 @@ async def test_generate_lm_and_seq2seq(stub):
         p.text for p in await gen(model="charlm", prompt="abc", temperature=0, seed=1)
     ]
     rev = await gen(model="rev", prompt="abc", temperature=0)
-    assert len(rev) <= 12 and all(p.text in ["<pad>", "<bos>", *"abcd"] for p in rev)
+    assert len(rev) <= 12 and all(p.text in list("abcd") for p in rev)  # no pad/bos ever
 
 
 # ---- errors nothing maps: INTERNAL, logged ----------------------------------------------------------

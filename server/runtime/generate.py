@@ -16,14 +16,28 @@ def check_sampling(max_tokens: int, temperature: float, top_k: int) -> None:
         raise InvalidArgument(f"top_k must be >= 0 (0 = no limit), got {top_k}")
 
 
+def never_sampled(special_tokens: dict[str, int]) -> list[int]:
+    """Special ids a generation must not emit: all but ``eos`` (which ends it). A pad or bos
+    token in generated text is never what a user wants, however likely the model finds it."""
+    return sorted(i for name, i in special_tokens.items() if name != "eos")
+
+
 def sample_token(
-    logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator
+    logits: np.ndarray,
+    temperature: float,
+    top_k: int,
+    rng: np.random.Generator,
+    banned: list[int] | None = None,
 ) -> int:
-    """One id from logits (V,). temperature 0 -> argmax; top_k > 0 keeps the k best."""
+    """One id from logits (V,). temperature 0 -> argmax; top_k > 0 keeps the k best;
+    ``banned`` ids are never returned."""
     assert logits.ndim == 1
+    z = logits.astype(np.float64)
+    if banned:
+        z[banned] = -np.inf
     if temperature == 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
+        return int(np.argmax(z))
+    z = z / temperature
     if 0 < top_k < z.size:
         kth = np.partition(z, -top_k)[-top_k]
         z = np.where(z >= kth, z, -np.inf)

@@ -31,7 +31,7 @@ import numpy as np
 from rnnzoo.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 
 from .batching import Batcher
-from .generate import check_sampling, decode, encode, sample_token
+from .generate import check_sampling, decode, encode, never_sampled, sample_token
 from .model import Chunk, ServedModel
 from .repository import ModelInfo, ModelRepository, ServedEntry
 from .sessions import Session, SessionInfo, SessionStore
@@ -364,11 +364,12 @@ class Runtime:
             ids = np.array([c.special_tokens["bos"]], np.int64)
         key, state = object(), graph.init_states
         logits_name = c.outputs[0].name
+        banned = never_sampled(c.special_tokens)
         with self._generating(entry, key):
             for _ in range(max_tokens):
                 self._check()
                 outs, state = await self._feed("model", entry, key, ids, state)
-                tok = sample_token(outs[logits_name][-1], temperature, top_k, rng)
+                tok = sample_token(outs[logits_name][-1], temperature, top_k, rng, banned)
                 if tok == c.special_tokens.get("eos", -1):
                     return
                 yield c.vocab[tok]
@@ -404,10 +405,11 @@ class Runtime:
             logits_name = dec.contract.outputs[0].name
             sep = dec.contract.target_separator
             ids = np.array([special["bos"]], np.int64)
+            banned = never_sampled(special)
             for n in range(max_tokens):
                 self._check()
                 outs, state = await self._feed("decoder", entry, key, ids, state)
-                tok = sample_token(outs[logits_name][-1], temperature, top_k, rng)
+                tok = sample_token(outs[logits_name][-1], temperature, top_k, rng, banned)
                 if tok == special["eos"]:
                     return
                 yield (sep if n else "") + vocab[tok]
