@@ -190,6 +190,32 @@ async def test_pipelined_executor_batches_equal_no_batching_and_never_share_a_se
             np.testing.assert_allclose(a.outputs["y"], b.outputs["y"], atol=1e-6)
 
 
+async def test_batch_starts_once_every_attached_stream_has_queued_not_after_the_delay(zoo):
+    """With a 60 s delay, a batch must still start as soon as every attached stream has a
+    chunk queued, and a stream that detaches must stop being waited for. A broken wake-up
+    would sit out the delay and hit the 10 s timeouts below (no timing is asserted)."""
+    repo, _ = zoo
+    rt = await started(repo, max_delay_ms=60_000)
+    try:
+        sids = [rt.create_session("gru").id for _ in range(4)]
+        tokens = [rt.attach(sid) for sid in sids]
+        batcher = rt.batchers[("gru", "model")]
+        res = await asyncio.wait_for(
+            asyncio.gather(*(rt.step(sid, {"x": seq(2, seed=i)}) for i, sid in enumerate(sids))),
+            timeout=10,
+        )
+        assert [r.steps_total for r in res] == [2] * 4 and list(batcher.batch_sizes) == [4]
+        # three streams send, the fourth detaches instead: the batch of three goes at once
+        pending = [asyncio.create_task(rt.step(sid, {"x": seq(1)})) for sid in sids[:3]]
+        await asyncio.sleep(0.05)
+        assert not any(t.done() for t in pending)  # still waiting for the fourth stream
+        rt.detach(sids[3], tokens[3])
+        await asyncio.wait_for(asyncio.gather(*pending), timeout=10)
+        assert list(batcher.batch_sizes)[-1] == 3
+    finally:
+        await rt.stop()
+
+
 async def test_finite_check_passes_huge_finite_values_and_catches_inf(zoo):
     """The finite check sums first: a sum that overflows (finite values near float32 max)
     must still pass, an infinity must not."""
