@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections import deque
 from concurrent.futures import Executor
@@ -180,7 +181,9 @@ class Batcher:
     def _take(self) -> list[_Job]:
         """Up to max_batch jobs, the first of each key not running; the rest stay queued."""
         taken: list[_Job] = []
-        for key in list(self._queues):
+        # At most len(_running) keys are skipped, so this many keys always suffice: taking a
+        # batch never walks the whole queue, however many sessions have work waiting.
+        for key in list(itertools.islice(self._queues, self.max_batch + len(self._running))):
             if len(taken) == self.max_batch:
                 break
             if key in self._running:  # its previous chunk is still computing
