@@ -66,6 +66,46 @@ def test_idle_ttl_expiry_says_why():
         store.get(b.id)
 
 
+def test_a_session_may_ask_for_a_shorter_ttl_never_a_longer_one():
+    clock = Clock()
+    store = SessionStore(ttl_s=10, clock=clock)
+    short, default = store.create("m", {}, ttl_s=2.5), store.create("m", {})
+    assert (store.info(short).ttl_s, store.info(default).ttl_s) == (2.5, 10)
+    clock.t += 3
+    with pytest.raises(NotFound, match=r"expired after 2.5 s idle"):
+        store.get(short.id)
+    assert store.get(default.id) is default
+    for bad, msg in [(11, "longer than this server's session TTL of 10 s"),
+                     (0, "positive"), (-1, "positive"), (float("nan"), "positive"),
+                     (float("inf"), "positive")]:  # fmt: skip
+        with pytest.raises(InvalidArgument, match=msg):
+            store.create("m", {}, ttl_s=bad)
+    assert len(store) == 1  # short expired; the refused requests created nothing
+    unlimited = SessionStore(ttl_s=None, clock=clock)  # no server TTL: any TTL may be asked
+    s = unlimited.create("m", {}, ttl_s=1e6)
+    forever = unlimited.create("m", {})
+    clock.t += 2e6
+    assert unlimited.sweep() == 1 and unlimited.get(forever.id) is forever
+    with pytest.raises(NotFound, match="expired"):
+        unlimited.get(s.id)
+
+
+async def test_sweeper_runs_without_a_server_ttl_for_sessions_that_asked_for_one(repo):
+    clock = Clock()
+    rt = make_runtime(repo, clock=clock, session_ttl_s=None, sweep_interval_s=0.01)
+    await rt.start()
+    try:
+        rt.create_session("gru", ttl_s=5), rt.create_session("gru")
+        clock.t += 6
+        for _ in range(200):  # wait for the sweeper (no timing assertion, just a bound)
+            if len(rt.store) == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert len(rt.store) == 1
+    finally:
+        await rt.stop()
+
+
 @pytest.mark.parametrize("ttl", [None, 0])
 def test_ttl_can_be_disabled(ttl):
     clock = Clock()

@@ -384,6 +384,20 @@ async def test_eviction_over_grpc_drops_the_least_recent_session_and_says_so(zoo
     await _with_options(zoo, test, max_sessions=2, on_full="evict", session_ttl_s=None)
 
 
+async def test_create_session_takes_a_shorter_ttl_and_refuses_a_longer_one(zoo):
+    async def test(stub):
+        default = await stub.CreateSession(pb.CreateSessionRequest(model="gru"))
+        short = await stub.CreateSession(pb.CreateSessionRequest(model="gru", ttl_s=0.2))
+        assert (default.ttl_s, short.ttl_s) == (60, 0.2)
+        await _expect(Code.INVALID_ARGUMENT, stub.CreateSession(pb.CreateSessionRequest(model="gru", ttl_s=61)), "longer than this server's session TTL of 60 s")  # fmt: skip
+        await _expect(Code.INVALID_ARGUMENT, stub.CreateSession(pb.CreateSessionRequest(model="gru", ttl_s=-1)), "positive")  # fmt: skip
+        await asyncio.sleep(0.4)
+        await _expect(Code.NOT_FOUND, _stream(stub, short.session_id, [_signal(1, 0)]), "expired after 0.2 s idle")  # fmt: skip
+        assert len(await _stream(stub, default.session_id, [_signal(1, 0)])) == 1
+
+    await _with_options(zoo, test, session_ttl_s=60, sweep_interval_s=0.05)
+
+
 async def test_idle_session_expires_over_grpc_with_a_clear_not_found(zoo):
     """A session idle longer than the TTL is swept; its id then answers NOT_FOUND with when
     and why, on Stream and on CloseSession alike. A session in use does not expire."""

@@ -125,7 +125,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., streamable: _Optional[bool] = ..., description: _Optional[str] = ..., graphs: _Optional[_Iterable[_Union[Graph, _Mapping]]] = ..., vocab: _Optional[_Iterable[str]] = ..., target_vocab: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., special_tokens: _Optional[_Mapping[str, int]] = ..., normalization: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("model", "initial_state")
+    __slots__ = ("model", "initial_state", "ttl_s")
     class InitialStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -135,9 +135,11 @@ class CreateSessionRequest(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INITIAL_STATE_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     initial_state: _containers.MessageMap[str, Tensor]
-    def __init__(self, model: _Optional[str] = ..., initial_state: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+    ttl_s: float
+    def __init__(self, model: _Optional[str] = ..., initial_state: _Optional[_Mapping[str, Tensor]] = ..., ttl_s: _Optional[float] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("session_id", "model", "created_at", "ttl_s")

@@ -111,8 +111,8 @@ class Runtime:
             raise FailedPrecondition(f"the runtime is {self._phase}; create a new one to restart")
         for b in self.batchers.values():
             b.start()
-        if self.store.ttl_s is not None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+        # Always: sessions may ask for a TTL even when the server has none.
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
         self._phase = "running"
 
     async def stop(self, grace_s: float = 5.0) -> None:
@@ -138,7 +138,12 @@ class Runtime:
             )
 
     async def _sweep_loop(self) -> None:
-        interval = min(self.options.sweep_interval_s, max(self.store.ttl_s / 4, 0.05))
+        # A quarter of the server's TTL (at most sweep_interval_s). A session with a shorter
+        # TTL of its own may be freed up to one interval late; it answers NotFound on its first
+        # access after its TTL either way (every access checks).
+        interval = self.options.sweep_interval_s
+        if self.store.ttl_s is not None:
+            interval = min(interval, max(self.store.ttl_s / 4, 0.05))
         while True:
             await asyncio.sleep(interval)
             self.store.sweep()
@@ -163,12 +168,17 @@ class Runtime:
 
     # ---- sessions --------------------------------------------------------------------------
     def create_session(
-        self, model: str, initial_state: dict[str, np.ndarray] | None = None
+        self,
+        model: str,
+        initial_state: dict[str, np.ndarray] | None = None,
+        ttl_s: float | None = None,
     ) -> SessionInfo:
+        """A new session. ``ttl_s``: its own idle expiry, at most the server's (None: the
+        server's)."""
         self._check()
         _, graph = self._single(model, "a session")
         init = graph.validate_state(initial_state or {})
-        sess = self.store.create(model, init)
+        sess = self.store.create(model, init, ttl_s)
         return self.store.info(sess)
 
     def close_session(self, session_id: str) -> None:

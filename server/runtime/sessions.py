@@ -1,8 +1,9 @@
 """The session store: unguessable ids, idle TTL, capacity, tombstones, one attached stream.
 
 - ids: ``secrets.token_urlsafe(24)`` (192 random bits).
-- idle TTL: a session unused for ``ttl_s`` expires; checked on every access and by the
-  runtime's sweeper. ``ttl_s`` None or 0 disables expiry. The clock is injectable for tests.
+- idle TTL: a session unused for its ``ttl_s`` expires; checked on every access and by the
+  runtime's sweeper. The store's ``ttl_s`` (None or 0: no expiry) is the default and the
+  ceiling: a session may ask for a shorter one, never a longer one. The clock is injectable.
 - capacity: at ``max_sessions`` a new session is refused (``on_full="reject"``,
   ResourceExhausted) or the least recently used one is evicted (``"evict"``).
 - a closed/expired/evicted id answers NotFound saying why and when; tombstones are bounded
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rnnzoo.errors import FailedPrecondition, NotFound, ResourceExhausted
+from rnnzoo.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 MAX_TOMBSTONES = 10_000
 
@@ -45,6 +46,7 @@ class Session:
     steps: int = 0
     buffer: list = field(default_factory=list)  # non-streamable models: the chunks so far
     attached: object | None = None
+    ttl_s: float | None = None  # idle seconds before expiry; None: never
     epoch: int = 0  # bumped on reset/close/expiry: a step in flight then drops its result
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -83,10 +85,28 @@ class SessionStore:
             self._dead.popitem(last=False)
 
     def _expired(self, sess: Session, now: float) -> bool:
-        return self.ttl_s is not None and now - sess.last_used > self.ttl_s
+        return sess.ttl_s is not None and now - sess.last_used > sess.ttl_s
 
-    def create(self, model: str, initial: dict[str, np.ndarray]) -> Session:
-        self.sweep()
+    def check_ttl(self, ttl_s: float | None) -> float | None:
+        """A session's TTL: ``None`` -> the store's; a requested one must be > 0 and no longer
+        than the store's (the server's limit protects its memory)."""
+        if ttl_s is None:
+            return self.ttl_s
+        if not ttl_s > 0 or ttl_s == float("inf"):
+            raise InvalidArgument(f"ttl_s must be a positive number of seconds, got {ttl_s}")
+        if self.ttl_s is not None and ttl_s > self.ttl_s:
+            raise InvalidArgument(
+                f"ttl_s={ttl_s:g} is longer than this server's session TTL of {self.ttl_s:g} s; "
+                "ask for at most that, or leave ttl_s unset"
+            )
+        return ttl_s
+
+    def create(
+        self, model: str, initial: dict[str, np.ndarray], ttl_s: float | None = None
+    ) -> Session:
+        ttl = self.check_ttl(ttl_s)  # before anything is evicted
+        if len(self._live) >= self.max_sessions:
+            self.sweep()  # expired sessions do not count against the capacity
         if len(self._live) >= self.max_sessions:
             if self.on_full == "reject":
                 raise ResourceExhausted(
@@ -100,7 +120,7 @@ class SessionStore:
             )
         now = self.clock()
         sid = secrets.token_urlsafe(24)
-        sess = Session(sid, model, self.wall(), now, initial, dict(initial))
+        sess = Session(sid, model, self.wall(), now, initial, dict(initial), ttl_s=ttl)
         self._live[sid] = sess
         return sess
 
@@ -108,7 +128,7 @@ class SessionStore:
         sess = self._live.get(sid)
         now = self.clock()
         if sess is not None and self._expired(sess, now):
-            self._bury(sid, f"expired after {self.ttl_s:g} s idle")
+            self._bury(sid, f"expired after {sess.ttl_s:g} s idle")
             sess = None
         if sess is None:
             why = self._dead.get(sid)
@@ -126,12 +146,10 @@ class SessionStore:
 
     def sweep(self) -> int:
         """Expire idle sessions; returns how many."""
-        if self.ttl_s is None:
-            return 0
         now = self.clock()
-        dead = [s.id for s in self._live.values() if self._expired(s, now)]
-        for sid in dead:
-            self._bury(sid, f"expired after {self.ttl_s:g} s idle")
+        dead = [s for s in self._live.values() if self._expired(s, now)]
+        for sess in dead:
+            self._bury(sess.id, f"expired after {sess.ttl_s:g} s idle")
         return len(dead)
 
     def attach(self, sid: str) -> object:
@@ -152,4 +170,4 @@ class SessionStore:
             sess.last_used = self.clock()
 
     def info(self, sess: Session) -> SessionInfo:
-        return SessionInfo(sess.id, sess.model, sess.created_at, self.ttl_s)
+        return SessionInfo(sess.id, sess.model, sess.created_at, sess.ttl_s)

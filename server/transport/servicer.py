@@ -38,7 +38,8 @@ class RnnzooServicer(pb_grpc.RnnzooServicer):
     async def CreateSession(self, request, context):
         annotate(model=request.model)
         state = from_tensors(request.initial_state, what="initial state")
-        info = self.rt.create_session(_need(request.model, "model"), state or None)
+        ttl = request.ttl_s if request.HasField("ttl_s") else None
+        info = self.rt.create_session(_need(request.model, "model"), state or None, ttl)
         annotate(session=info.id)
         return pb.Session(
             session_id=info.id, model=info.model, created_at=info.created_at, ttl_s=info.ttl_s or 0

@@ -131,9 +131,16 @@ class Client:
 
     # ---- sessions ------------------------------------------------------------------------
     def create_session(
-        self, model: str, initial_state: Mapping[str, np.ndarray] | None = None
+        self,
+        model: str,
+        initial_state: Mapping[str, np.ndarray] | None = None,
+        ttl_s: float | None = None,
     ) -> pb.Session:
-        req = pb.CreateSessionRequest(model=model, initial_state=to_tensors(initial_state or {}))
+        """``ttl_s``: this session's idle expiry in seconds, at most the server's (None: the
+        server's)."""
+        req = pb.CreateSessionRequest(
+            model=model, initial_state=to_tensors(initial_state or {}), ttl_s=ttl_s
+        )
         return self._call(self.stub.CreateSession, req)
 
     def close_session(self, session_id: str) -> None:
@@ -142,9 +149,14 @@ class Client:
     def reset_session(self, session_id: str) -> None:
         self._call(self.stub.ResetSession, pb.ResetSessionRequest(session_id=session_id))
 
-    def session(self, model: str, initial_state: Mapping[str, np.ndarray] | None = None) -> Session:
+    def session(
+        self,
+        model: str,
+        initial_state: Mapping[str, np.ndarray] | None = None,
+        ttl_s: float | None = None,
+    ) -> Session:
         """A new session; use it in ``with`` so it is closed on exit."""
-        info = self.create_session(model, initial_state)
+        info = self.create_session(model, initial_state, ttl_s)
         return Session(self, info.session_id, model)
 
     def resume(self, session_id: str, model: str) -> Session:
