@@ -152,11 +152,12 @@ async def test_batching_equals_no_batching_with_different_chunk_lengths(zoo, mod
 async def test_pipelined_executor_batches_equal_no_batching_and_never_share_a_session(
     zoo, monkeypatch
 ):
-    """Every batch goes to the executor (INLINE_MAX_STEPS=0), up to PIPELINE_DEPTH at once:
+    """Every batch goes to the executor (no inline budget), up to PIPELINE_DEPTH at once:
     results still equal unbatched ones, and no session is ever in two running batches."""
     from rnnzoo.server.runtime import batching
 
     monkeypatch.setattr(batching, "INLINE_MAX_STEPS", 0)
+    monkeypatch.setattr(batching, "INLINE_BUDGET_S", 0.0)
     in_flight: set = set()
     overlaps: list = []
     peak = [0]
@@ -212,6 +213,32 @@ async def test_batch_starts_once_every_attached_stream_has_queued_not_after_the_
         rt.detach(sids[3], tokens[3])
         await asyncio.wait_for(asyncio.gather(*pending), timeout=10)
         assert list(batcher.batch_sizes)[-1] == 3
+    finally:
+        await rt.stop()
+
+
+async def test_batches_over_the_time_budget_leave_the_event_loop(zoo, monkeypatch):
+    """Inline or executor is decided by the predicted ORT time (measured seconds per step x
+    steps), so a slow model cannot stall the loop however few steps it runs."""
+    from rnnzoo.server.runtime import batching
+
+    threads: list[int] = []
+    run_jobs = batching.Batcher._run_jobs
+    monkeypatch.setattr(batching.Batcher, "_run_jobs",
+                        lambda self, jobs: threads.append(threading.get_ident()) or run_jobs(self, jobs))  # fmt: skip
+    repo, _ = zoo
+    rt = await started(repo, max_delay_ms=0)
+    try:
+        sids = [rt.create_session("gru").id for _ in range(2)]
+        b = rt.batchers[("gru", "model")]
+        await asyncio.gather(*(rt.step(sid, {"x": seq(3)}) for sid in sids))
+        assert b._s_per_step[2] > 0  # measured on the real call (batch of 2: bucket 2)
+        assert threads == [threading.get_ident()]  # cheap: ran on the loop
+        b._s_per_step = {k: 1.0 for k in range(1, 8)}  # as if each step took a second
+        assert not b._inline(1, 1) and b._inline(0, 1)
+        r = await asyncio.gather(*(rt.step(sid, {"x": seq(3)}) for sid in sids))
+        assert [x.steps_total for x in r] == [6, 6]
+        assert threads[-1] != threading.get_ident()  # went to the executor
     finally:
         await rt.stop()
 

@@ -40,16 +40,19 @@ from .model import Chunk, ServedModel
 
 Result = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # batch-free outputs, batch-1 states
 
-# A batch of at most this many time steps in total (sum of chunk lengths) runs inline on the
-# event loop; bigger ones go to the executor and the loop keeps serving other calls meanwhile.
-# 2048 = 64 sessions x 32 steps: ~11 ms of ORT at batch 64 (~30 ms for one chunk of 2048), a
-# bounded stall. Measured at 64 sessions x 32 steps on 2 shared cores: inline 88-98k steps/s
-# vs 67-85k via two pipelined executor threads. Inline, ORT runs at ~160k steps/s (its
-# hot-loop rate); in a thread, competing with the loop and the client for the same cores and
-# caches, at ~110-120k. The client's own turnaround already overlaps the loop's ORT call.
-INLINE_MAX_STEPS = 2048
+# A batch runs inline on the event loop when its ORT call is predicted to take at most
+# INLINE_BUDGET_S: its steps (summed over its chunks) times the seconds per step the batcher
+# has measured on this model at a similar batch size (a step costs several times more at
+# batch 1 than at 64); before such a measurement, when it has at most INLINE_MAX_STEPS steps. Bigger batches go to the executor so the loop keeps serving other
+# calls (health checks, other models) meanwhile: a time budget, not a step count, so a large
+# model cannot stall the loop for seconds. Inline is the faster path on 2 shared cores:
+# 64 sessions x 32 steps ran at 88-98k steps/s inline vs 67-85k via two pipelined executor
+# threads, and 64 x 64 at 127-140k vs 98-112k. Inline, ORT runs near its hot-loop rate; in a
+# thread it competes with the loop and the client for the same cores and caches.
+INLINE_BUDGET_S = 0.05  # a loop stall no client notices next to a p99 of tens of ms
+INLINE_MAX_STEPS = 512
 # Executor batches running at once. Two: one computes while the loop turns the other's
-# sessions around. Only batches over INLINE_MAX_STEPS go there (long chunks, big batches),
+# sessions around. Only batches over the inline budget go there (long chunks, big models),
 # where a thread hand-over is small next to the call and a stalled loop would be worse.
 PIPELINE_DEPTH = 2
 
@@ -83,6 +86,9 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._running: set[object] = set()  # keys with a job in a batch now running
         self._offloaded: dict[asyncio.Task, list[_Job]] = {}  # executor batches in flight
+        # batch-size bucket (bit length of the batch size) -> ORT seconds per chunk step,
+        # a running average
+        self._s_per_step: dict[int, float] = {}
         self.calls = 0  # successful ORT calls made (for tests and stats)
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # the most recent calls' sizes
 
@@ -105,7 +111,7 @@ class Batcher:
             and not self._running
             and len(self._attached) == 1
             and key in self._attached
-            and chunk.length <= INLINE_MAX_STEPS
+            and self._inline(chunk.length, 1)
         ):
             # The only attached stream and nothing queued or running: no other work could
             # join this batch, so run it now and skip the hand-over to the batcher task.
@@ -144,6 +150,14 @@ class Batcher:
                 if not job.future.done():
                     job.future.set_exception(gone)
         self._queues.clear()
+
+    def _inline(self, steps: int, rows: int) -> bool:
+        """Run a batch of ``rows`` chunks, ``steps`` steps in all, on the event loop (see
+        INLINE_BUDGET_S)?"""
+        per_step = self._s_per_step.get(rows.bit_length())
+        if per_step is None:
+            return steps <= INLINE_MAX_STEPS
+        return steps * per_step <= INLINE_BUDGET_S
 
     # ---- the batcher task --------------------------------------------------------------------
     def _wake(self, force: bool = False) -> None:
@@ -215,7 +229,7 @@ class Batcher:
                 if self._queues:  # every queued key is in a running batch: wait for one
                     await self._sleep(float("inf"))
                 continue
-            if sum(j.chunk.length for j in jobs) <= INLINE_MAX_STEPS:
+            if self._inline(sum(j.chunk.length for j in jobs), len(jobs)):
                 self._deliver(jobs, self._run_jobs(jobs))
             else:
                 self._running.update(j.key for j in jobs)
@@ -271,7 +285,12 @@ class Batcher:
         m = self.model
         feeds = m.stack_chunks([j.chunk for j in jobs])
         states = m.stack_states([j.state for j in jobs])
+        t0 = time.perf_counter()
         outs, nxt = m.run(feeds, states)
+        per_step = (time.perf_counter() - t0) / sum(j.chunk.length for j in jobs)
+        bucket = len(jobs).bit_length()
+        old = self._s_per_step.get(bucket)  # one dict store: safe from the executor thread
+        self._s_per_step[bucket] = per_step if old is None else 0.8 * old + 0.2 * per_step
         self.calls += 1
         self.batch_sizes.append(len(jobs))
         return list(
