@@ -43,12 +43,13 @@ Result = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # batch-free outpu
 # A batch runs inline on the event loop when its ORT call is predicted to take at most
 # INLINE_BUDGET_S: its steps (summed over its chunks) times the seconds per step the batcher
 # has measured on this model at a similar batch size (a step costs several times more at
-# batch 1 than at 64); before such a measurement, when it has at most INLINE_MAX_STEPS steps. Bigger batches go to the executor so the loop keeps serving other
-# calls (health checks, other models) meanwhile: a time budget, not a step count, so a large
-# model cannot stall the loop for seconds. Inline is the faster path on 2 shared cores:
-# 64 sessions x 32 steps ran at 88-98k steps/s inline vs 67-85k via two pipelined executor
-# threads, and 64 x 64 at 127-140k vs 98-112k. Inline, ORT runs near its hot-loop rate; in a
-# thread it competes with the loop and the client for the same cores and caches.
+# batch 1 than at 64); before such a measurement, when it has at most INLINE_MAX_STEPS steps.
+# Bigger batches go to the executor so the loop keeps serving other calls (health checks,
+# other models) meanwhile. A time budget, not a step count: a large model cannot stall the
+# loop for seconds. Inline is the faster path on 2 shared cores: 64 sessions x 32 steps ran at
+# 88-98k steps/s inline vs 67-85k via two pipelined executor threads, and 64 x 64 at
+# 123-140k vs 98-112k. Inline, ORT runs near its hot-loop rate; in a thread it competes with
+# the loop and the client for the same cores and caches.
 INLINE_BUDGET_S = 0.05  # a loop stall no client notices next to a p99 of tens of ms
 INLINE_MAX_STEPS = 512
 # Executor batches running at once. Two: one computes while the loop turns the other's
