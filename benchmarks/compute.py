@@ -7,6 +7,9 @@ no Python around it but the loop. steps/s = B * T * calls/s.
 one thread (the server's setting, and fair on a shared 2-core machine).
 Each figure is the best of ``repeats`` timed runs of ``seconds`` each: the least-disturbed
 run on a shared machine, for both runtimes alike.
+Also here: (A) with other ORT session options, idle and with one core busy (why the server
+uses the options it does), and the cost of one B=1 call after an idle gap (``ort_cold_call``:
+what a lone session's step costs, which bounds D/B at 1 session).
 """
 
 from __future__ import annotations
