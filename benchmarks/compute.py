@@ -37,12 +37,9 @@ def _best_rate(step, seconds: float, repeats: int) -> float:
     return best
 
 
-def ort_loop(
-    onnx_path: Path, batch: int, steps: int, *, seconds: float = 0.5, repeats: int = 3,
-    options=None,
-) -> dict:  # fmt: skip
-    """(A): steps/s of ``session.run`` on (B, T) chunks, state carried over between calls.
-    ``options``: an ``ort.SessionOptions``; default the server's (``session_options(1, 1)``)."""
+def _ort_case(onnx_path: Path, batch: int, steps: int, options=None):
+    """An ORT session (``options``: an ``ort.SessionOptions``, default the server's), a random
+    (B, T) input with zero states as feeds, and the fetch names: outputs, then next states."""
     import onnxruntime as ort
 
     from rnnzoo.contract import read_contract
@@ -53,19 +50,27 @@ def ort_loop(
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     (x_spec,) = contract.inputs
     feat = [int(d) for d in x_spec.feature_shape()]
-    x = np.random.default_rng(0).standard_normal((batch, steps, *feat)).astype(np.float32)
-    states = {
-        st.input: np.zeros([batch if i == st.batch_axis else d for i, d in enumerate(st.shape)],
-                           np.float32)
-        for st in contract.states
-    }  # fmt: skip
-    out_names = [o.name for o in contract.outputs] + [st.output for st in contract.states]
+    feeds = {x_spec.name: np.random.default_rng(0).standard_normal((batch, steps, *feat)).astype(np.float32)}  # fmt: skip
+    for st in contract.states:
+        feeds[st.input] = np.zeros([batch if i == st.batch_axis else d for i, d in enumerate(st.shape)],
+                                   np.float32)  # fmt: skip
+    names = [o.name for o in contract.outputs] + [st.output for st in contract.states]
+    return sess, contract, feeds, names
+
+
+def ort_loop(
+    onnx_path: Path, batch: int, steps: int, *, seconds: float = 0.5, repeats: int = 3,
+    options=None,
+) -> dict:  # fmt: skip
+    """(A): steps/s of ``session.run`` on (B, T) chunks, state carried over between calls.
+    ``options``: an ``ort.SessionOptions``; default the server's (``session_options(1, 1)``)."""
+    sess, contract, feeds, out_names = _ort_case(onnx_path, batch, steps, options)
     n_out = len(contract.outputs)
 
     def step() -> None:
-        res = sess.run(out_names, {x_spec.name: x, **states})
+        res = sess.run(out_names, feeds)
         for st, r in zip(contract.states, res[n_out:], strict=True):
-            states[st.input] = r  # (L*D, B, H): carried to the next call
+            feeds[st.input] = r  # (L*D, B, H): carried to the next call
 
     calls = _best_rate(step, seconds, repeats)
     return {
@@ -83,20 +88,12 @@ def option_sets() -> dict[str, object]:
 
     from rnnzoo.server.runtime.model import session_options
 
-    def threads(n: int, spin: bool) -> ort.SessionOptions:
-        so = ort.SessionOptions()  # as session_options(n, 1), spinning as asked
-        so.intra_op_num_threads, so.inter_op_num_threads = n, 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        so.log_severity_level = 3
-        return so
-
     defaults = ort.SessionOptions()
     defaults.log_severity_level = 3
     return {
         "rnnzoo: 1 thread, sequential, no spinning": session_options(1, 1),
-        "2 intra-op threads, spinning": threads(2, True),
-        "2 intra-op threads, no spinning": threads(2, False),
+        "2 intra-op threads, spinning": session_options(2, 1, spin=True),
+        "2 intra-op threads, no spinning": session_options(2, 1),
         "ORT defaults (threads = cores, spinning)": defaults,
     }
 
@@ -137,20 +134,7 @@ def ort_cold_call(onnx_path: Path, gap_s: float, calls: int = 300) -> dict:
     A hot loop keeps the weights (0.8 MB for the bench model) and ORT's buffers in cache; a
     server waiting for the next message does not, and a lone session pays that on every step.
     """
-    import onnxruntime as ort
-
-    from rnnzoo.contract import read_contract
-    from rnnzoo.server.runtime.model import session_options
-
-    contract = read_contract(onnx_path)
-    sess = ort.InferenceSession(str(onnx_path), session_options(1, 1), providers=["CPUExecutionProvider"])  # fmt: skip
-    (x_spec,) = contract.inputs
-    feat = [int(d) for d in x_spec.feature_shape()]
-    feeds = {x_spec.name: np.zeros((1, 1, *feat), np.float32)}
-    for st in contract.states:
-        feeds[st.input] = np.zeros([1 if i == st.batch_axis else d for i, d in enumerate(st.shape)],
-                                   np.float32)  # fmt: skip
-    names = [o.name for o in contract.outputs] + [st.output for st in contract.states]
+    sess, _, feeds, names = _ort_case(onnx_path, 1, 1)
     for _ in range(20):
         sess.run(names, feeds)
     hot = []

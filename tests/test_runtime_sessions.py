@@ -36,6 +36,15 @@ def make_runtime(repo, clock=None, **opts) -> Runtime:
     return Runtime(repo, RuntimeOptions(**opts), clock=clock)
 
 
+async def until_store_holds(rt: Runtime, n: int) -> None:
+    """Wait for the background sweeper to leave ``n`` sessions (a bound, not a timing test)."""
+    for _ in range(200):
+        if len(rt.store) == n:
+            break
+        await asyncio.sleep(0.01)
+    assert len(rt.store) == n
+
+
 def x(t: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(t, 3)).astype(np.float32)
 
@@ -97,11 +106,7 @@ async def test_sweeper_runs_without_a_server_ttl_for_sessions_that_asked_for_one
     try:
         rt.create_session("gru", ttl_s=5), rt.create_session("gru")
         clock.t += 6
-        for _ in range(200):  # wait for the sweeper (no timing assertion, just a bound)
-            if len(rt.store) == 1:
-                break
-            await asyncio.sleep(0.01)
-        assert len(rt.store) == 1
+        await until_store_holds(rt, 1)
     finally:
         await rt.stop()
 
@@ -279,11 +284,7 @@ async def test_sweeper_expires_idle_sessions_in_the_background(repo):
         rt.create_session("gru"), rt.create_session("gru")
         assert len(rt.store) == 2
         clock.t += 31
-        for _ in range(200):  # wait for the sweeper (no timing assertion, just a bound)
-            if len(rt.store) == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert len(rt.store) == 0
+        await until_store_holds(rt, 0)
     finally:
         await rt.stop()
 

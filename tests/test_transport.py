@@ -335,25 +335,8 @@ async def test_bad_unary_requests(stub):
         await _expect(code, coro, needle)
 
 
-async def test_capacity_is_resource_exhausted(zoo):
-    server = RnnzooServer(ServerConfig(port=0))
-    await server.start()
-    await server.load(Runtime.from_dir(zoo[0], RuntimeOptions(max_sessions=2)))
-    try:
-        async with grpc.aio.insecure_channel(server.target) as ch:
-            stub = pb_grpc.RnnzooStub(ch)
-            for _ in range(2):
-                await stub.CreateSession(pb.CreateSessionRequest(model="gru"))
-            await _expect(
-                Code.RESOURCE_EXHAUSTED,
-                stub.CreateSession(pb.CreateSessionRequest(model="gru")),
-                "2",
-            )
-    finally:
-        await server.stop(0.5)
-
-
 async def _with_options(zoo, test, **options) -> None:
+    """Run ``test(stub)`` against a server whose runtime has these options."""
     server = RnnzooServer(ServerConfig(port=0))
     await server.start()
     await server.load(Runtime.from_dir(zoo[0], RuntimeOptions(**options)))
@@ -362,6 +345,19 @@ async def _with_options(zoo, test, **options) -> None:
             await test(pb_grpc.RnnzooStub(ch))
     finally:
         await server.stop(0.5)
+
+
+async def test_capacity_is_resource_exhausted(zoo):
+    async def test(stub):
+        for _ in range(2):
+            await stub.CreateSession(pb.CreateSessionRequest(model="gru"))
+        await _expect(
+            Code.RESOURCE_EXHAUSTED,
+            stub.CreateSession(pb.CreateSessionRequest(model="gru")),
+            "2",
+        )
+
+    await _with_options(zoo, test, max_sessions=2)
 
 
 async def test_eviction_over_grpc_drops_the_least_recent_session_and_says_so(zoo):

@@ -288,7 +288,8 @@ class Batcher:
         states = m.stack_states([j.state for j in jobs])
         t0 = time.perf_counter()
         outs, nxt = m.run(feeds, states)
-        per_step = (time.perf_counter() - t0) / sum(j.chunk.length for j in jobs)
+        # a group's chunks share one length (see _run_jobs)
+        per_step = (time.perf_counter() - t0) / (len(jobs) * jobs[0].chunk.length)
         bucket = len(jobs).bit_length()
         old = self._s_per_step.get(bucket)  # one dict store: safe from the executor thread
         self._s_per_step[bucket] = per_step if old is None else 0.8 * old + 0.2 * per_step
