@@ -43,7 +43,7 @@ def _ort_case(onnx_path: Path, batch: int, steps: int, options=None):
     import onnxruntime as ort
 
     from rnnzoo.contract import read_contract
-    from rnnzoo.server.runtime.model import session_options
+    from rnnzoo.ort_options import session_options
 
     contract = read_contract(onnx_path)
     so = options if options is not None else session_options(1, 1)
@@ -86,7 +86,7 @@ def option_sets() -> dict[str, object]:
     alternatives (more threads, with and without spinning, and ORT's own defaults)."""
     import onnxruntime as ort
 
-    from rnnzoo.server.runtime.model import session_options
+    from rnnzoo.ort_options import session_options
 
     defaults = ort.SessionOptions()
     defaults.log_severity_level = 3

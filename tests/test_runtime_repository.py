@@ -10,8 +10,8 @@ from onnx_fixtures import CHARS, build_rnn, build_zoo, reference, reference_exte
 
 from rnnzoo.contract import sidecar_path
 from rnnzoo.errors import InvalidArgument, NotFound
+from rnnzoo.ort_options import session_options
 from rnnzoo.server.runtime import ModelRepository
-from rnnzoo.server.runtime.model import session_options
 
 
 @pytest.fixture(scope="module")

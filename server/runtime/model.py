@@ -24,6 +24,7 @@ import onnxruntime as ort
 
 from rnnzoo.contract import Contract, StateSpec, TensorSpec
 from rnnzoo.errors import InvalidArgument
+from rnnzoo.ort_options import session_options
 
 ORT_DTYPES = {
     "tensor(float)": "float32",
@@ -33,18 +34,6 @@ ORT_DTYPES = {
     "tensor(int32)": "int32",
     "tensor(bool)": "bool",
 }
-
-
-def session_options(intra: int = 1, inter: int = 1, spin: bool = False) -> ort.SessionOptions:
-    """The server's ORT options; ``spin`` only for comparing (see benchmarks/compute.py)."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = intra
-    so.inter_op_num_threads = inter
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin else "0")
-    so.log_severity_level = 3
-    return so
 
 
 def _free_axis(spec: TensorSpec) -> int | None:
