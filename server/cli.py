@@ -27,6 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-message-mb", type=float, default=16.0)
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get at stop")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--allow-failed-parity",
+        action="store_true",
+        help="serve models whose parity record (NAME.parity.json) says parity failed or judged "
+        "another file; a warning is logged for each (default: refuse to start)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("stream", help="stream a generated signal to a forecasting model")
@@ -67,6 +73,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options.check()
     config = ServerConfig(args.host, args.port, args.max_message_mb, args.grace)
     config.check()
+    from rnnzoo.server.runtime.repository import ALLOW_FAILED_PARITY
+
+    ALLOW_FAILED_PARITY.set(args.allow_failed_parity)  # read where the models load
     asyncio.run(serve(args.model_dir, options, config))
     return 0
 

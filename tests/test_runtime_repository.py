@@ -138,3 +138,79 @@ def test_runtime_imports_neither_torch_nor_grpc():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+# ---- parity records: a model whose recorded parity failed is not served by default ----------
+def _record(d, name, files, ok, summary="FAIL m whole B=1 T=1000 hn: max abs 2.5e-05"):
+    from rnnzoo import parity_record
+
+    rec = parity_record.make_record(name, ok=ok, summary=summary, files=files)
+    return parity_record.write_record(parity_record.record_path(d, name), rec)
+
+
+def test_a_model_whose_recorded_parity_failed_is_refused_unless_allowed(tmp_path, caplog):
+    from rnnzoo.errors import FailedPrecondition
+    from rnnzoo.server.runtime.repository import ALLOW_FAILED_PARITY
+
+    build_rnn(tmp_path / "m.onnx", name="m")
+    build_rnn(tmp_path / "good.onnx", name="good", seed=3)
+    _record(tmp_path, "m", [tmp_path / "m.onnx"], ok=False)
+    _record(tmp_path, "good", [tmp_path / "good.onnx"], ok=True)
+    with pytest.raises(FailedPrecondition) as err:
+        ModelRepository.from_dir(tmp_path)
+    msg = str(err.value)
+    assert "m.onnx" in msg and "m.parity.json" in msg and "max abs 2.5e-05" in msg
+    assert "rnnzoo zoo build --only m" in msg and "--allow-failed-parity" in msg
+    assert "good.onnx" not in msg  # the passing one is not blamed
+    with caplog.at_level("WARNING"):
+        repo = ModelRepository.from_dir(tmp_path, allow_failed_parity=True)
+    assert [m.name for m in repo.list()] == ["good", "m"]
+    assert any("m.parity.json" in r.getMessage() for r in caplog.records)
+    # `rnnzoo serve --allow-failed-parity` sets the default the runtime's load reads.
+    token = ALLOW_FAILED_PARITY.set(True)
+    try:
+        assert len(ModelRepository.from_dir(tmp_path).list()) == 2
+    finally:
+        ALLOW_FAILED_PARITY.reset(token)
+
+
+def test_a_parity_record_for_other_bytes_is_not_trusted(tmp_path):
+    from rnnzoo.errors import FailedPrecondition
+
+    build_rnn(tmp_path / "m.onnx", name="m")
+    _record(tmp_path, "m", [tmp_path / "m.onnx"], ok=True)
+    assert [m.name for m in ModelRepository.from_dir(tmp_path).list()] == ["m"]
+    build_rnn(tmp_path / "m.onnx", name="m", seed=5)  # replaced after it was verified
+    with pytest.raises(FailedPrecondition, match=r"judged other bytes .*unverified"):
+        ModelRepository.from_dir(tmp_path)
+    assert ModelRepository.from_dir(tmp_path, allow_failed_parity=True).get("m")
+    # A record of an older format (no file hashes) vouches for nothing either.
+    (tmp_path / "m.parity.json").write_text(json.dumps({"ok": True, "cases": []}))
+    with pytest.raises(FailedPrecondition, match=r"not an rnnzoo\.parity/1 record"):
+        ModelRepository.from_dir(tmp_path)
+    # No record at all: a model exported elsewhere, served as before.
+    (tmp_path / "m.parity.json").unlink()
+    assert ModelRepository.from_dir(tmp_path).get("m")
+
+
+def test_a_seq2seq_pair_is_judged_by_its_group_record(tmp_path):
+    from onnx_fixtures import build_seq2seq
+
+    from rnnzoo.errors import FailedPrecondition
+
+    build_seq2seq(tmp_path, "rev")
+    pair = [tmp_path / "rev.encoder.onnx", tmp_path / "rev.decoder.onnx"]
+    _record(tmp_path, "rev", pair, ok=True)
+    assert ModelRepository.from_dir(tmp_path).get("rev").is_seq2seq
+    _record(tmp_path, "rev", pair, ok=False)
+    with pytest.raises(FailedPrecondition) as err:
+        ModelRepository.from_dir(tmp_path)
+    assert "rev.encoder.onnx" in str(err.value) and "rev.decoder.onnx" in str(err.value)
+
+
+def test_hidden_folders_such_as_the_build_staging_are_not_scanned(tmp_path):
+    (tmp_path / "m").mkdir()
+    build_rnn(tmp_path / "m" / "m.onnx", name="m")
+    (tmp_path / "m" / ".staging").mkdir()
+    (tmp_path / "m" / ".staging" / "m.onnx").write_bytes(b"an unverified export")
+    assert [m.name for m in ModelRepository.from_dir(tmp_path).list()] == ["m"]

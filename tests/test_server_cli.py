@@ -113,3 +113,37 @@ def test_serving_path_never_imports_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_serve_refuses_a_failed_parity_record_unless_allowed(tmp_path):
+    from onnx_fixtures import build_rnn
+
+    from rnnzoo import parity_record
+
+    build_rnn(tmp_path / "m.onnx", name="m")
+    rec = parity_record.make_record(
+        "m", ok=False, summary="FAIL m whole B=1 T=1000 hn", files=[tmp_path / "m.onnx"]
+    )
+    parity_record.write_record(tmp_path / "m.parity.json", rec)
+    r = _run("serve", "--model-dir", str(tmp_path), "--port", "0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "m.parity.json" in r.stderr and "--allow-failed-parity" in r.stderr
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--model-dir", str(tmp_path), "--port", "0", "--allow-failed-parity"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        from rnnzoo.client import Client
+
+        with Client(_wait_listening(proc)) as client:
+            client.wait_ready(30)  # SERVING: the models are loaded
+            assert [m.name for m in client.models()] == ["m"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        logs = [json.loads(ln) for ln in proc.stderr.read().splitlines() if ln.strip()]
+        warned = [e for e in logs if e.get("level") in ("WARNING", "warning")]
+        assert any("m.parity.json" in e["msg"] for e in warned), logs
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -3,17 +3,34 @@
 A file that fails to load (no contract, bad contract, contract/graph mismatch, ORT cannot load
 it) fails the whole load with its name and the fix: a repository is never half-served.
 seq2seq halves (role ``encoder``/``decoder``) are grouped by ``group`` into one served model.
+
+Files under a folder whose name starts with "." are not scanned: the zoo build stages and
+quarantines unverified exports in ``NAME/.staging/``.
+
+Parity records (``rnnzoo.parity_record``): a model whose ``NAME.parity.json`` beside it says
+its parity failed, or judged other bytes than the file there, is refused with
+``FailedPrecondition`` naming the file and the fix, unless ``allow_failed_parity`` (``rnnzoo
+serve --allow-failed-parity``), which serves it with a warning. No record: loads as before.
 """
 
 from __future__ import annotations
 
+import logging
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rnnzoo import parity_record
 from rnnzoo.contract import Contract, read_contract
-from rnnzoo.errors import InvalidArgument, NotFound
+from rnnzoo.errors import FailedPrecondition, InvalidArgument, NotFound
 
 from .model import ServedModel
+
+log = logging.getLogger(__name__)
+
+# The default for ``ModelRepository.from_dir(allow_failed_parity=None)``: ``rnnzoo serve
+# --allow-failed-parity`` sets it for the serving task (threads started from it inherit it).
+ALLOW_FAILED_PARITY: ContextVar[bool] = ContextVar("rnnzoo_allow_failed_parity", default=False)
 
 
 @dataclass(frozen=True)
@@ -45,20 +62,33 @@ class ModelRepository:
         self.entries = entries
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, intra: int = 1, inter: int = 1) -> ModelRepository:
+    def from_dir(
+        cls,
+        model_dir: str | Path,
+        intra: int = 1,
+        inter: int = 1,
+        allow_failed_parity: bool | None = None,
+    ) -> ModelRepository:
         d = Path(model_dir)
         if not d.is_dir():
             raise NotFound(f"model directory {d} does not exist; pass a directory of .onnx files")
-        # Recursive, so a zoo build directory (one folder per entry) serves as it is.
-        files = sorted(d.rglob("*.onnx"))
+        allow = ALLOW_FAILED_PARITY.get() if allow_failed_parity is None else allow_failed_parity
+        # Recursive, so a zoo build directory (one folder per entry) serves as it is; hidden
+        # folders (the build's .staging/ of unverified exports) are not part of it.
+        files = sorted(
+            f
+            for f in d.rglob("*.onnx")
+            if not any(p.startswith(".") for p in f.relative_to(d).parts[:-1])
+        )
         if not files:
             raise NotFound(
                 f"model directory {d} holds no .onnx files; export some with `rnnzoo export`"
             )
+        contracts = [(f, read_contract(f)) for f in files]
+        _check_parity(contracts, allow)
         singles: dict[str, ServedEntry] = {}
         halves: dict[str, dict[str, ServedModel]] = {}
-        for f in files:
-            contract = read_contract(f)
+        for f, contract in contracts:
             graph = ServedModel(f, contract, intra, inter)
             if contract.role == "model":
                 if contract.name in singles:
@@ -121,3 +151,25 @@ class ModelRepository:
 
     def list(self) -> list[ModelInfo]:
         return [self.entries[n].info for n in sorted(self.entries)]
+
+
+def _check_parity(contracts: list[tuple[Path, Contract]], allow: bool) -> None:
+    """Refuse (or, when allowed, warn about) every file whose parity record does not vouch
+    for it; all of them in one error."""
+    refused = []
+    for f, contract in contracts:
+        verdict = parity_record.check(f, contract.group or contract.name)
+        if verdict.servable:
+            continue
+        if allow:
+            log.warning(
+                "serving despite its parity record (--allow-failed-parity): %s", verdict.message
+            )
+        else:
+            refused.append(verdict.message)
+    if refused:
+        raise FailedPrecondition(
+            "refusing to serve models whose recorded parity failed or does not match the file:\n  "
+            + "\n  ".join(refused)
+            + "\nor serve them anyway with `rnnzoo serve --allow-failed-parity`"
+        )
