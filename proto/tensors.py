@@ -32,6 +32,9 @@ _NATIVE: dict[str, np.dtype] = {n: dt.newbyteorder("=") for n, dt in DTYPES.item
 _AS_IS: frozenset[str] = frozenset(n for n, dt in DTYPES.items() if dt.isnative)
 _LITTLE = sys.byteorder == "little"
 MAX_RANK = 16  # far above any recurrent model's tensors; bounds the shape walk
+# numpy refuses (ValueError) a shape whose dims multiply past its index range, even when a
+# zero dim makes the array empty: e.g. [0, 2**62]. Checked first, with Python ints.
+MAX_ELEMENTS = 1 << 40
 
 
 def to_tensor(array: object) -> pb.Tensor:
@@ -72,13 +75,13 @@ def _decode(t: pb.Tensor, what: str, key: str | None) -> np.ndarray:
     dt = DTYPES.get(dtype)
     if dt is None:
         raise InvalidArgument(
-            f"{_label(what, key)}: unknown dtype {dtype!r}; use one of {sorted(DTYPES)}"
+            f"{_label(what, key)}: unknown dtype {clip(dtype)!r}; use one of {sorted(DTYPES)}"
         )
     shape = tuple(t.shape)
     if len(shape) > MAX_RANK or (shape and min(shape) < 0):
         raise InvalidArgument(
-            f"{_label(what, key)}: shape {list(shape)} is invalid (dims must be >= 0, rank <= "
-            f"{MAX_RANK})"
+            f"{_label(what, key)}: shape {list(shape)[: MAX_RANK + 1]} is invalid (dims must "
+            f"be >= 0, rank <= {MAX_RANK})"
         )
     data = t.data  # one read: each access of a bytes field builds a new bytes object
     want = math.prod(shape) * dt.itemsize
@@ -88,6 +91,12 @@ def _decode(t: pb.Tensor, what: str, key: str | None) -> np.ndarray:
             f"{dtype} needs {want} ({math.prod(shape)} values x {dt.itemsize} bytes, "
             "little-endian, C order)"
         )
+    # A non-empty shape is bounded by the bytes that came with it; an empty one is not.
+    if not want and math.prod(d or 1 for d in shape) > MAX_ELEMENTS:
+        raise InvalidArgument(
+            f"{_label(what, key)}: shape {list(shape)} is absurdly large (its non-zero dims "
+            f"multiply past {MAX_ELEMENTS}); send the real shape of the data"
+        )
     a = np.ndarray(shape, dt, data)  # a read-only view of the bytes, size checked above
     if dt.kind == "b" and a.size and a.view(np.uint8).max() > 1:
         raise InvalidArgument(f"{_label(what, key)}: bool values must be bytes 0 or 1")
@@ -95,7 +104,12 @@ def _decode(t: pb.Tensor, what: str, key: str | None) -> np.ndarray:
 
 
 def _label(what: str, key: str | None) -> str:
-    return what if key is None else f"{what} {key!r}"
+    return what if key is None else f"{what} {clip(key)!r}"
+
+
+def clip(text: str, limit: int = 64) -> str:
+    """A client string as echoed in an error message: at most ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def to_tensors(arrays: Mapping[str, object]) -> dict[str, pb.Tensor]:

@@ -145,22 +145,23 @@ def test_tombstones_are_bounded_then_unknown():
         store.get(ids[-1])
     with pytest.raises(NotFound, match="no session"):
         store.get(ids[0])
-    with pytest.raises(NotFound, match="no session 'made-up'"):
+    with pytest.raises(NotFound, match="no session 'made-u…'"):
         store.get("made-up")
 
 
 def test_attach_conflict_detach_and_resume():
     store = SessionStore()
     s = store.create("m", {})
-    tok = store.attach(s.id)
-    with pytest.raises(FailedPrecondition, match=s.id):
-        store.attach(s.id)
-    store.detach(s.id, object())  # a stranger's token releases nothing
+    tok = store.attach(s.id, "stream-1")
+    with pytest.raises(FailedPrecondition, match=s.id[:6]):
+        store.attach(s.id, "stream-2")
+    other = store.create("m", {})
+    store.detach(s.id, store.attach(other.id, "stream-2"))  # a stranger's lease releases nothing
     with pytest.raises(FailedPrecondition):
-        store.attach(s.id)
+        store.attach(s.id, "stream-2")
     store.detach(s.id, tok)
-    tok2 = store.attach(s.id)
-    assert tok2 is not tok
+    tok2 = store.attach(s.id, "stream-2")
+    assert tok2 is not tok and tok2.epoch == tok.epoch + 1
 
 
 async def test_runtime_session_lifecycle_reset_and_resume(repo):
@@ -170,16 +171,18 @@ async def test_runtime_session_lifecycle_reset_and_resume(repo):
         info = rt.create_session("gru")
         assert info.model == "gru" and info.ttl_s == 600.0 and info.created_at > 1e9
         tok = rt.attach(info.id)
-        r1 = await rt.step(info.id, {"x": x(4)})
+        r1 = await rt.step(info.id, {"x": x(4)}, tok)
         rt.detach(info.id, tok)  # disconnect: the session survives
         tok = rt.attach(info.id)
-        r2 = await rt.step(info.id, {"x": x(2, 1)})
+        r2 = await rt.step(info.id, {"x": x(2, 1)}, tok)
         assert (r2.start, r2.steps_total, r2.revised) == (4, 6, False)
-        rt.reset_session(info.id)
-        r3 = await rt.step(info.id, {"x": x(4)})
+        rt.reset_session(info.id, tok)  # the holder itself may reset
+        r3 = await rt.step(info.id, {"x": x(4)}, tok)
         assert r3.start == 0 and r3.steps_total == 4
         np.testing.assert_array_equal(r3.outputs["y"], r1.outputs["y"])
-        rt.close_session(info.id)
+        with pytest.raises(FailedPrecondition, match="attached to an open stream"):
+            rt.close_session(info.id)  # not its holder: refused
+        rt.close_session(info.id, tok)
         with pytest.raises(NotFound, match="was closed"):
             await rt.step(info.id, {"x": x(1)})
     finally:

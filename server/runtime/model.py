@@ -26,6 +26,8 @@ from rnnzoo.contract import Contract, StateSpec, TensorSpec
 from rnnzoo.errors import InvalidArgument
 from rnnzoo.ort_options import session_options
 
+from .redact import clip
+
 ORT_DTYPES = {
     "tensor(float)": "float32",
     "tensor(double)": "float64",
@@ -96,6 +98,15 @@ class ServedModel:
         # Per-message validation reads these instead of re-deriving them from the contract.
         self._plans = [_InputPlan.of(spec) for spec in contract.inputs]
         self._input_names = frozenset(p.name for p in self._plans)
+        # Output bytes per (sequence, step), per sequence, per step and fixed, from the
+        # contract: what a call will return is known before it runs (``output_bytes``).
+        self._out_bytes = [0, 0, 0, 0]
+        for spec in contract.outputs:
+            per = np.dtype(spec.dtype).itemsize
+            for d in spec.feature_shape():
+                per *= d if isinstance(d, int) else 1  # other symbolic dims: counted as 1
+            kind = (spec.batch_axis is None) * 2 + (spec.time_axis is None)
+            self._out_bytes[kind] += per
 
     # ---- contract vs graph -------------------------------------------------------------
     def _check_contract(self) -> None:
@@ -193,6 +204,9 @@ class ServedModel:
         want = [s.name for s in self.contract.inputs]
         unknown = sorted(set(inputs) - set(want))
         missing = [n for n in want if n not in inputs]
+        if len(unknown) > 8:
+            unknown = [*unknown[:8], f"... {len(unknown) - 8} more"]
+        unknown = [clip(n) for n in unknown]
         if unknown or missing:
             raise InvalidArgument(
                 f"model {self.contract.name!r} takes inputs {want}; "
@@ -274,7 +288,7 @@ class ServedModel:
     def validate_state(self, state: dict) -> dict[str, np.ndarray]:
         """A client-given initial state of ONE sequence (batch-free) -> batch-1 arrays."""
         want = {st.input: st for st in self.contract.states}
-        unknown = sorted(set(state) - set(want))
+        unknown = [clip(n) for n in sorted(set(state) - set(want))[:8]]
         if unknown:
             raise InvalidArgument(
                 f"initial state names {unknown} unknown; model {self.contract.name!r} has "
@@ -292,6 +306,20 @@ class ServedModel:
                 )
             out[name] = np.expand_dims(a, st.batch_axis)
         return out
+
+    def output_bytes(self, batch: int, steps: int) -> int:
+        """Bytes of data outputs one call on ``batch`` sequences of ``steps`` steps returns
+        (Python ints: no overflow, nothing allocated)."""
+        per_both, per_seq, per_step, fixed = self._out_bytes
+        return batch * steps * per_both + batch * per_seq + steps * per_step + fixed
+
+    @staticmethod
+    def feed_steps(contract: Contract, feeds: dict[str, np.ndarray]) -> int:
+        """Time steps of a batched feed (1 when no input has a time axis)."""
+        for spec in contract.inputs:
+            if spec.time_axis is not None:
+                return int(feeds[spec.name].shape[spec.time_axis])
+        return 1
 
     # ---- batching and running ---------------------------------------------------------------
     def stack_chunks(self, chunks: list[Chunk]) -> dict[str, np.ndarray]:

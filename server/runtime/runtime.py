@@ -13,7 +13,14 @@ Semantics worth knowing:
   resource limit, not a state problem of the request; the client can reset or close the
   session and start a new sequence;
 - inference runs in the batcher: small batches inline on the event loop (cheaper than a
-  thread hand-over), big ones in a thread pool (see batching.py).
+  thread hand-over), big ones in a thread pool (see batching.py);
+- every cost is bounded before compute (``RuntimeOptions``, table in docs/limits.md): steps
+  per request, output bytes (predicted from the contract), buffered steps, generated tokens;
+- a request answered with an error changes nothing: ``stepping``/``inferring`` hand the
+  result to the caller inside the session's lock and commit the new state only when the
+  caller's block ends without an error (the response went out);
+- ownership: a stream holds its session's lease (``lease.py``); Infer(advance), reset and
+  close on a session leased by a live stream are FailedPrecondition.
 """
 
 from __future__ import annotations
@@ -21,18 +28,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+import secrets
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from rnnzoo.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from rnnzoo.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 
 from .batching import Batcher
 from .generate import check_sampling, decode, encode, never_sampled, sample_token
+from .lease import Lease
 from .model import Chunk, ServedModel
+from .redact import clip, sid_tag
 from .repository import ModelInfo, ModelRepository, ServedEntry
 from .sessions import Session, SessionInfo, SessionStore
 
@@ -48,6 +64,13 @@ class RuntimeOptions:
     session_ttl_s: float | None = 600.0  # None or 0 disables idle expiry
     max_buffer_steps: int = 10_000  # non-streamable (bidirectional) sessions
     sweep_interval_s: float = 5.0  # how often the sweeper looks for idle sessions
+    # Cost limits, checked before compute (docs/limits.md). Over one: ResourceExhausted
+    # saying the limit and how to stay under it.
+    max_request_steps: int = 100_000  # per Stream chunk, per Infer (batch x time), per prompt
+    max_output_bytes: int = 15 << 20  # predicted from the contract; the server caps it to
+    # its message size
+    max_generate_tokens: int = 4_096
+    lease_ttl_s: float = 30.0  # a stream's hold on its session, renewed while it lives
 
     def check(self) -> None:
         problems = []
@@ -63,8 +86,12 @@ class RuntimeOptions:
             problems.append(f"on_full must be 'reject' or 'evict', got {self.on_full!r}")
         if self.session_ttl_s is not None and self.session_ttl_s < 0:
             problems.append(f"session_ttl_s must be >= 0 (or None), got {self.session_ttl_s}")
-        if self.max_buffer_steps < 1:
-            problems.append(f"max_buffer_steps must be >= 1, got {self.max_buffer_steps}")
+        for name in ("max_buffer_steps", "max_request_steps", "max_output_bytes",
+                     "max_generate_tokens"):  # fmt: skip
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lease_ttl_s > 0:
+            problems.append(f"lease_ttl_s must be > 0, got {self.lease_ttl_s}")
         if problems:
             raise InvalidArgument("bad runtime options: " + "; ".join(problems))
 
@@ -84,7 +111,11 @@ class Runtime:
         self.repo = repo
         kw = {"clock": clock} if clock is not None else {}
         self.store = SessionStore(
-            self.options.max_sessions, self.options.on_full, self.options.session_ttl_s, **kw
+            self.options.max_sessions,
+            self.options.on_full,
+            self.options.session_ttl_s,
+            lease_ttl_s=self.options.lease_ttl_s,
+            **kw,
         )
         self._executor = ThreadPoolExecutor(max(1, os.cpu_count() or 1), "rnnzoo-ort")
         self.batchers: dict[tuple[str, str], Batcher] = {}
@@ -93,10 +124,12 @@ class Runtime:
                 self.batchers[(name, role)] = Batcher(
                     graph, self._executor, self.options.max_batch, self.options.max_delay_ms
                 )
-        # session id -> (attach token, its batcher): a batcher's delay waits only for streams
-        self._streams: dict[str, tuple[object, Batcher]] = {}
+        # session id -> (its stream's lease, its batcher, is the stream alive?): a batcher's
+        # delay waits only for streams; the renewer renews the leases of live streams
+        self._streams: dict[str, tuple[Lease, Batcher | None, Callable[[], bool] | None]] = {}
         self._phase = "new"  # new -> running -> stopping -> stopped
         self._sweeper: asyncio.Task | None = None
+        self._renewer: asyncio.Task | None = None
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, options: RuntimeOptions | None = None) -> Runtime:
@@ -113,6 +146,7 @@ class Runtime:
             b.start()
         # Always: sessions may ask for a TTL even when the server has none.
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+        self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())
         self._phase = "running"
 
     async def stop(self, grace_s: float = 5.0) -> None:
@@ -120,10 +154,11 @@ class Runtime:
             return
         self._phase = "stopping"
         await asyncio.gather(*(b.stop(grace_s) for b in self.batchers.values()))
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._renewer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._phase = "stopped"
 
@@ -148,6 +183,53 @@ class Runtime:
             await asyncio.sleep(interval)
             self.store.sweep()
 
+    async def _renew_loop(self) -> None:
+        """Renew the leases of streams that are alive, three times per lease TTL: a stream
+        whose call is over (e.g. its peer died) stops being renewed even if its handler is
+        still stuck somewhere, and its session frees when the lease runs out."""
+        while True:
+            await asyncio.sleep(self.options.lease_ttl_s / 3)
+            self.renew_leases()
+
+    def renew_leases(self) -> int:
+        renewed = 0
+        for lease, _, alive in list(self._streams.values()):
+            if (alive is None or alive()) and self.store.leases.renew(lease):
+                renewed += 1
+        return renewed
+
+    # ---- limits --------------------------------------------------------------------------------
+    def check_steps(self, n: int, what: str) -> None:
+        """``what`` (e.g. "this chunk") has ``n`` steps: refuse it over max_request_steps."""
+        limit = self.options.max_request_steps
+        if n > limit:
+            raise ResourceExhausted(
+                f"{what} has {n} steps, over this server's limit of {limit} steps per request "
+                f"(max_request_steps); send at most {limit} steps per request (split long "
+                "sequences into chunks and stream them through a session)"
+            )
+
+    def _check_output(self, graph: ServedModel, batch: int, steps: int, what: str) -> None:
+        """Refuse a call whose outputs (predicted from the contract) would exceed
+        max_output_bytes, before anything runs."""
+        limit = self.options.max_output_bytes
+        size = graph.output_bytes(batch, steps)
+        if size > limit:
+            per_step = max(1, graph.output_bytes(batch, 1) - graph.output_bytes(batch, 0))
+            fit = max(0, (limit - graph.output_bytes(batch, 0)) // per_step)
+            raise ResourceExhausted(
+                f"{what} would return {size} bytes of outputs ({batch} sequence(s) x {steps} "
+                f"steps of model {graph.contract.name!r}), over this server's limit of "
+                f"{limit} bytes per response (max_output_bytes); send at most {fit} steps "
+                f"per request{'' if batch == 1 else ' at this batch size'}"
+            )
+
+    def _entry(self, name: str) -> ServedEntry:
+        entry = self.repo.entries.get(name)
+        if entry is None:
+            raise NotFound(f"no model {clip(name)!r}; known models: {sorted(self.repo.entries)}")
+        return entry
+
     # ---- models ----------------------------------------------------------------------------
     def list_models(self) -> list[ModelInfo]:
         self._check()
@@ -155,13 +237,13 @@ class Runtime:
 
     def get_model(self, name: str) -> ModelInfo:
         self._check()
-        return self.repo.get(name).info
+        return self._entry(name).info
 
     def _single(self, name: str, what: str) -> tuple[ServedEntry, ServedModel]:
-        entry = self.repo.get(name)
+        entry = self._entry(name)
         if entry.is_seq2seq:
             raise FailedPrecondition(
-                f"model {name!r} is a seq2seq encoder/decoder pair; {what} serves single-graph "
+                f"model {clip(name)!r} is a seq2seq encoder/decoder pair; {what} serves single-graph "
                 "models: use generate for it"
             )
         return entry, entry.graphs["model"]
@@ -181,75 +263,136 @@ class Runtime:
         sess = self.store.create(model, init, ttl_s)
         return self.store.info(sess)
 
-    def close_session(self, session_id: str) -> None:
+    def _not_held(self, session_id: str, what: str, lease: Lease | None = None) -> None:
+        """FailedPrecondition if a live stream other than ``lease``'s holds the session."""
+        held = self.store.leases.holder_alive(session_id)
+        if held is not None and held is not lease:
+            raise FailedPrecondition(
+                f"session {sid_tag(session_id)} is attached to an open stream, which owns it "
+                f"while it is open: {what} is refused. End that stream first (or send the "
+                "chunks over it); a stream that died frees the session when its lease runs "
+                f"out, at most {self.store.leases.ttl_s:g} s after its last renewal "
+                f"({held.expires_at - self.store.clock():.1f} s from now)"
+            )
+
+    def close_session(self, session_id: str, lease: Lease | None = None) -> None:
+        """Close; FailedPrecondition while a stream other than ``lease``'s holder is attached."""
         self._check()
+        self.store.get(session_id, touch=False)
+        self._not_held(session_id, "CloseSession", lease)
         self.store.close(session_id)
 
-    def reset_session(self, session_id: str) -> None:
+    def reset_session(self, session_id: str, lease: Lease | None = None) -> None:
+        """Back to the initial state; FailedPrecondition while another stream is attached."""
         self._check()
+        sess = self.store.get(session_id, touch=False)
+        self._not_held(session_id, "ResetSession", lease)
         sess = self.store.get(session_id)
         sess.state = dict(sess.initial)
         sess.steps = 0
         sess.buffer = []
         sess.epoch += 1
 
-    def attach(self, session_id: str) -> object:
+    def attach(
+        self, session_id: str, holder: str | None = None, alive: Callable[[], bool] | None = None
+    ) -> Lease:
+        """Take the session's lease for ``holder`` (a stream). ``alive()`` says whether that
+        stream still lives: the runtime renews the lease while it does (None: always)."""
         self._check()
-        token = self.store.attach(session_id)
-        batcher = self.batchers.get((self.store.get(session_id).model, "model"))
+        lease = self.store.attach(session_id, holder or secrets.token_hex(8))
+        batcher = self.batchers.get((self.store.get(session_id, touch=False).model, "model"))
+        old = self._streams.get(session_id)
+        if old is not None and old[1] is not None:  # a take-over from a dead stream
+            old[1].detach(session_id)
         if batcher is not None:
             batcher.attach(session_id)
-            self._streams[session_id] = (token, batcher)
-        return token
+        self._streams[session_id] = (lease, batcher, alive)
+        return lease
 
-    def detach(self, session_id: str, token: object) -> None:
-        self.store.detach(session_id, token)  # allowed while stopping: streams close then
+    def detach(self, session_id: str, lease: Lease) -> None:
+        self.store.detach(session_id, lease)  # allowed while stopping: streams close then
         entry = self._streams.get(session_id)
-        if entry is not None and entry[0] is token:
+        if entry is not None and entry[0] is lease:
             del self._streams[session_id]
-            entry[1].detach(session_id)
+            if entry[1] is not None:
+                entry[1].detach(session_id)
 
     def session_info(self, session_id: str) -> SessionInfo:
         self._check()
         return self.store.info(self.store.get(session_id))
 
     # ---- stepping ----------------------------------------------------------------------------
-    async def step(self, session_id: str, inputs: dict[str, np.ndarray]) -> StepResult:
+    async def step(
+        self, session_id: str, inputs: dict[str, np.ndarray], lease: Lease | None = None
+    ) -> StepResult:
+        """One chunk, committed at once (see ``stepping``)."""
+        async with self.stepping(session_id, inputs, lease) as result:
+            return result
+
+    def _check_lease(self, session_id: str, lease: Lease | None) -> None:
+        if lease is None:
+            self._not_held(session_id, "a step from outside it")
+        elif not self.store.leases.renew(lease):
+            raise FailedPrecondition(
+                f"this stream's lease on session {sid_tag(session_id)} ran out (the stream "
+                "was not renewing it) and may have moved to another stream; open a new stream "
+                "to resume the session"
+            )
+
+    @contextlib.asynccontextmanager
+    async def stepping(
+        self, session_id: str, inputs: dict[str, np.ndarray], lease: Lease | None = None
+    ) -> AsyncIterator[StepResult]:
+        """Compute one chunk and yield its result inside the session's lock; the new state
+        is committed when the ``async with`` block ends without an error (the caller sent
+        the response), and not at all otherwise. ``lease``: the calling stream's lease; a
+        session leased by another live stream is FailedPrecondition."""
         self._check()
         sess = self.store.get(session_id)
         entry, graph = self._single(sess.model, "step")
+        self._check_lease(session_id, lease)
         chunk = graph.validate_chunk(inputs)  # before anything is queued or locked
+        self.check_steps(chunk.length, "this chunk")
         async with sess.lock:
             sess = self.store.get(session_id)  # closed/expired while waiting?
+            self._check_lease(session_id, lease)
             epoch = sess.epoch
             batcher = self.batchers[(sess.model, "model")]
             if entry.info.streamable:
+                self._check_output(graph, 1, chunk.length, "this chunk")
                 outs, nxt = await batcher.submit(session_id, chunk, sess.state)
-                if sess.epoch != epoch:
-                    raise FailedPrecondition(
-                        f"session {session_id!r} was reset or closed while this step ran; "
-                        "its result was dropped, send the chunk again"
-                    )
-                start = sess.steps
-                sess.state, sess.steps = nxt, sess.steps + chunk.length
-                return StepResult(outs, start, sess.steps, False)
+                self._check_epoch(sess, epoch)
+                yield StepResult(outs, sess.steps, sess.steps + chunk.length, False)
+                if self._may_commit(sess, epoch, lease):
+                    sess.state, sess.steps = nxt, sess.steps + chunk.length
+                return
             total = sess.steps + chunk.length
             if total > self.options.max_buffer_steps:
                 raise ResourceExhausted(
-                    f"session {session_id!r} of non-streamable model {sess.model!r} would hold "
-                    f"{total} steps, over the server's max_buffer_steps="
+                    f"session {sid_tag(session_id)} of non-streamable model {sess.model!r} "
+                    f"would hold {total} steps, over the server's max_buffer_steps="
                     f"{self.options.max_buffer_steps}; reset the session or start a new one"
                 )
+            self._check_output(graph, 1, total, "this chunk's revised prefix")
             prefix = graph.concat_chunks([*sess.buffer, chunk])
             outs, nxt = await batcher.submit(session_id, prefix, sess.initial)
-            if sess.epoch != epoch:
-                raise FailedPrecondition(
-                    f"session {session_id!r} was reset or closed while this step ran; "
-                    "its result was dropped, send the chunk again"
-                )
-            sess.buffer.append(chunk)
-            sess.state, sess.steps = nxt, total
-            return StepResult(outs, 0, total, True)
+            self._check_epoch(sess, epoch)
+            yield StepResult(outs, 0, total, True)
+            if self._may_commit(sess, epoch, lease):
+                sess.buffer.append(chunk)
+                sess.state, sess.steps = nxt, total
+
+    @staticmethod
+    def _check_epoch(sess: Session, epoch: int) -> None:
+        if sess.epoch != epoch:
+            raise FailedPrecondition(
+                f"session {sid_tag(sess.id)} was reset or closed while this step ran; "
+                "its result was dropped, send the chunk again"
+            )
+
+    def _may_commit(self, sess: Session, epoch: int, lease: Lease | None) -> bool:
+        """Still the same session generation, and (fencing) still this stream's lease."""
+        return sess.epoch == epoch and (lease is None or self.store.leases.current(lease))
 
     async def infer(
         self,
@@ -258,46 +401,66 @@ class Runtime:
         session_id: str | None = None,
         advance: bool = False,
     ) -> dict[str, np.ndarray]:
+        """Whole-sequence inference, committed at once (see ``inferring``)."""
+        async with self.inferring(model, inputs, session_id, advance) as outputs:
+            return outputs
+
+    @contextlib.asynccontextmanager
+    async def inferring(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        session_id: str | None = None,
+        advance: bool = False,
+    ) -> AsyncIterator[dict[str, np.ndarray]]:
+        """Yield the outputs; with ``advance``, the session moves on when the ``async with``
+        block ends without an error, and not otherwise."""
         self._check()
         _, graph = self._single(model, "infer")
         feeds, batch = graph.validate_batch(inputs)
+        length = graph.feed_steps(graph.contract, feeds)
+        self.check_steps(batch * length, "this request (batch x time)")
+        self._check_output(graph, batch, length, "this request")
         loop = asyncio.get_running_loop()
         if session_id is None:
             if advance:
                 raise InvalidArgument("advance=True needs a session_id (whose state to move on)")
             states = graph.initial_batch_state(batch)
             outs, _ = await loop.run_in_executor(self._executor, self._run, graph, feeds, states)
-            return outs
+            yield outs
+            return
         sess = self.store.get(session_id)
         self._check_session_model(sess, model)
         if batch != 1:
             raise InvalidArgument(
-                f"inference from session {session_id!r} takes batch size 1, got {batch}"
+                f"inference from session {sid_tag(session_id)} takes batch size 1, got {batch}"
             )
-        if not self.repo.get(model).info.streamable:
+        if not self._entry(model).info.streamable:
             raise FailedPrecondition(
                 f"model {model!r} is not streamable (bidirectional): it has no running state "
                 "to continue from; use step (exact revised outputs) or infer without a session"
             )
+        if advance:
+            self._not_held(session_id, "Infer(advance=true)")
         async with sess.lock:
             sess = self.store.get(session_id)
+            if advance:
+                self._not_held(session_id, "Infer(advance=true)")
             epoch = sess.epoch
             outs, nxt = await loop.run_in_executor(
                 self._executor, self._run, graph, feeds, sess.state
             )
-            if advance and sess.epoch == epoch:
-                length = next(
-                    (feeds[s.name].shape[s.time_axis] for s in graph.contract.inputs if s.time_axis is not None),
-                    1,
-                )  # fmt: skip
+            if advance:
+                self._check_epoch(sess, epoch)
+            yield outs
+            if advance and sess.epoch == epoch and self.store.leases.holder_alive(sess.id) is None:
                 sess.state, sess.steps = nxt, sess.steps + length
-            return outs
 
     @staticmethod
     def _check_session_model(sess: Session, model: str) -> None:
         if sess.model != model:
             raise InvalidArgument(
-                f"session {sess.id!r} belongs to model {sess.model!r}, not {model!r}"
+                f"session {sid_tag(sess.id)} belongs to model {sess.model!r}, not {clip(model)!r}"
             )
 
     @staticmethod
@@ -312,7 +475,7 @@ class Runtime:
 
     # ---- text and generation ---------------------------------------------------------------
     def _text_vocabs(self, model: str) -> tuple[list[str] | None, list[str] | None]:
-        entry = self.repo.get(model)
+        entry = self._entry(model)
         if entry.is_seq2seq:
             enc, dec = entry.graphs["encoder"].contract, entry.graphs["decoder"].contract
             return enc.vocab, dec.target_vocab or dec.vocab
@@ -321,11 +484,12 @@ class Runtime:
 
     def encode_text(self, model: str, text: str) -> np.ndarray:
         self._check()
+        self.check_steps(len(text), "this text")  # before a per-character walk
         return encode(self._text_vocabs(model)[0], text, model)
 
     def decode_tokens(self, model: str, ids) -> str:
         self._check()
-        entry = self.repo.get(model)
+        entry = self._entry(model)
         sep = entry.graphs["decoder"].contract.target_separator if entry.is_seq2seq else ""
         return decode(self._text_vocabs(model)[1], ids, model, sep)
 
@@ -342,8 +506,16 @@ class Runtime:
         ``prompt``, decode from bos until eos or ``max_tokens``. An async generator: argument
         errors are raised on the first ``__anext__``."""
         self._check()
-        check_sampling(max_tokens, temperature, top_k)
-        entry = self.repo.get(model)
+        check_sampling(max_tokens, temperature, top_k, seed)
+        if max_tokens > self.options.max_generate_tokens:
+            raise ResourceExhausted(
+                f"max_tokens={max_tokens} is over this server's limit of "
+                f"{self.options.max_generate_tokens} generated tokens per request "
+                f"(max_generate_tokens); ask for at most {self.options.max_generate_tokens} "
+                "and continue from the text so far"
+            )
+        self.check_steps(len(prompt), "this prompt")
+        entry = self._entry(model)
         rng = np.random.default_rng(seed)
         if entry.is_seq2seq:
             gen = self._generate_seq2seq(entry, prompt, max_tokens, temperature, top_k, rng)
@@ -351,7 +523,7 @@ class Runtime:
             gen = self._generate_lm(entry, prompt, max_tokens, temperature, top_k, rng)
         else:
             raise FailedPrecondition(
-                f"model {model!r} (task {entry.info.task!r}) does not generate text; "
+                f"model {clip(model)!r} (task {entry.info.task!r}) does not generate text; "
                 "generate serves lm and seq2seq models"
             )
         async for piece in gen:

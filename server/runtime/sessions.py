@@ -9,6 +9,9 @@
 - a closed/expired/evicted id answers NotFound saying why and when; tombstones are bounded
   (oldest forgotten first), after which the id is simply unknown.
 - steps of one session run in order: each session has an asyncio.Lock (FIFO wake-up).
+- one stream at a time: attaching takes the session's lease (``lease.py``); a failed attach
+  does not count as use (it leaves the idle TTL alone).
+- ids are secrets: messages show ``sid_tag(id)``, a short prefix, never the whole id.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rnnzoo.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from rnnzoo.errors import InvalidArgument, NotFound, ResourceExhausted
+
+from .lease import Lease, Leases
+from .redact import sid_tag
 
 MAX_TOMBSTONES = 10_000
 
@@ -45,7 +51,6 @@ class Session:
     state: dict[str, np.ndarray]
     steps: int = 0
     buffer: list = field(default_factory=list)  # non-streamable models: the chunks so far
-    attached: object | None = None
     ttl_s: float | None = None  # idle seconds before expiry; None: never
     epoch: int = 0  # bumped on reset/close/expiry: a step in flight then drops its result
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -60,6 +65,7 @@ class SessionStore:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         max_tombstones: int = MAX_TOMBSTONES,
+        lease_ttl_s: float = 30.0,
     ) -> None:
         if on_full not in ("reject", "evict"):
             raise ValueError(f"on_full must be 'reject' or 'evict', got {on_full!r}")
@@ -71,13 +77,14 @@ class SessionStore:
         self.max_tombstones = max_tombstones
         self._live: OrderedDict[str, Session] = OrderedDict()  # LRU order: oldest first
         self._dead: OrderedDict[str, str] = OrderedDict()  # id -> why (with when)
+        self.leases = Leases(lease_ttl_s, clock)  # which stream each attached session has
 
     def __len__(self) -> int:
         return len(self._live)
 
     def _bury(self, sid: str, why: str) -> None:
         sess = self._live.pop(sid)
-        sess.attached = None
+        self.leases.forget(sid)
         sess.epoch += 1
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.wall()))
         self._dead[sid] = f"{why} at {stamp}"
@@ -133,8 +140,8 @@ class SessionStore:
         if sess is None:
             why = self._dead.get(sid)
             if why:
-                raise NotFound(f"session {sid!r} was {why}; create a new session")
-            raise NotFound(f"no session {sid!r}; create one first (sessions are per server)")
+                raise NotFound(f"session {sid_tag(sid)} was {why}; create a new session")
+            raise NotFound(f"no session {sid_tag(sid)}; create one first (sessions are per server)")
         if touch:
             sess.last_used = now
             self._live.move_to_end(sid)
@@ -152,22 +159,19 @@ class SessionStore:
             self._bury(sess.id, f"expired after {sess.ttl_s:g} s idle")
         return len(dead)
 
-    def attach(self, sid: str) -> object:
-        sess = self.get(sid)
-        if sess.attached is not None:
-            raise FailedPrecondition(
-                f"session {sid!r} is already attached to another stream; close that stream "
-                "first (one stream per session at a time)"
-            )
-        token = object()
-        sess.attached = token
-        return token
+    def attach(self, sid: str, holder: str) -> Lease:
+        """Take ``sid``'s lease for ``holder`` (FailedPrecondition while another holder's is
+        alive). Only a successful attach counts as use of the session."""
+        self.get(sid, touch=False)
+        lease = self.leases.acquire(sid, holder)
+        self.get(sid)
+        return lease
 
-    def detach(self, sid: str, token: object) -> None:
+    def detach(self, sid: str, lease: Lease) -> None:
         sess = self._live.get(sid)
-        if sess is not None and sess.attached is token:
-            sess.attached = None
-            sess.last_used = self.clock()
+        if self.leases.release(lease) and sess is not None:
+            sess.last_used = self.clock()  # the stream's end is its last use
+            self._live.move_to_end(sid)
 
     def info(self, sess: Session) -> SessionInfo:
         return SessionInfo(sess.id, sess.model, sess.created_at, sess.ttl_s)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import posixpath
+
 import numpy as np
 
 from rnnzoo.contract import Contract, StateSpec, TensorSpec
@@ -43,8 +46,33 @@ def _graph(role: str, c: Contract) -> pb.Graph:
         inputs=[_tensor_info(s) for s in c.inputs],
         outputs=[_tensor_info(s) for s in c.outputs],
         states=[_state_info(s) for s in c.states],
-        contract_json=c.to_json(),
+        contract_json=public_contract_json(c),
     )
+
+
+def _public(value):
+    """A contract value with absolute paths of this server cut to their file names."""
+    if isinstance(value, dict):
+        return {k: _public(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_public(v) for v in value]
+    if (
+        isinstance(value, str)
+        and len(value) > 1
+        and (value.startswith("/") or (len(value) > 2 and value[1:3] in (":\\", ":/")))
+    ):
+        return posixpath.basename(value.replace("\\", "/"))
+    return value
+
+
+def public_contract_json(c: Contract) -> str:
+    """The contract as served: ``source`` and ``extra`` (provenance: checkpoint paths and the
+    like) lose the server's absolute paths; everything else is the contract as written."""
+    data = json.loads(c.to_json())
+    for key in ("source", "extra"):
+        if key in data:
+            data[key] = _public(data[key])
+    return json.dumps(data, sort_keys=True)
 
 
 def model_info(info: ModelInfo) -> pb.ModelInfo:
@@ -84,6 +112,7 @@ def request_inputs(runtime: Runtime, model: str, req, *, batched: bool) -> dict[
     if given[0] == "text":
         ids = runtime.encode_text(model, req.text)
     else:
+        runtime.check_steps(len(req.tokens.ids), "tokens")  # before numpy copies them
         ids = np.asarray(req.tokens.ids, dtype=np.int64)
         if ids.size == 0:
             raise InvalidArgument("tokens is empty; send at least one token id")

@@ -6,6 +6,10 @@ behaviour: unary and read/write-style streaming behaviours (coroutines that awai
 exception raised while the servicer streams surfaces inside the wrapper's ``async for``, so
 streams are mapped too). Only the rnnzoo service is wrapped: the health
 and reflection servicers write with ``context.write`` and manage their own statuses.
+
+Before the servicer runs, the wrapper admits the call (``admission.py``; over a limit:
+RESOURCE_EXHAUSTED) and turns an undecodable unary request (``codec.Malformed``) into
+INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from rnnzoo.errors import (
     Unavailable,
 )
 
+from .admission import Admission
+from .codec import Malformed
 from .logs import begin_call, log, now_ms
 
 LOG = logging.getLogger("rnnzoo.rpc")
@@ -51,6 +57,9 @@ def status_of(exc: RnnzooError) -> grpc.StatusCode:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, admission: Admission | None = None) -> None:
+        self.admission = admission
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
@@ -59,7 +68,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         rpc = method.removeprefix(SERVICE_PREFIX)
         if handler.response_streaming:
             inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
-            wrapped = _wrap_stream(rpc, inner)
+            wrapped = _wrap_stream(rpc, inner, self.admission)
             factory = (
                 grpc.stream_stream_rpc_method_handler
                 if handler.request_streaming
@@ -67,7 +76,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             )
         else:
             inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
-            wrapped = _wrap_unary(rpc, inner)
+            wrapped = _wrap_unary(rpc, inner, self.admission)
             factory = (
                 grpc.stream_unary_rpc_method_handler
                 if handler.request_streaming
@@ -80,34 +89,53 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-def _wrap_unary(rpc: str, behavior):
+def _admit(rpc: str, request, context, admission: Admission | None):
+    """The admission ticket (None: no admission control); raises for a refused call or an
+    undecodable request."""
+    ticket = admission.enter(rpc, context.peer()) if admission is not None else None
+    if type(request) is Malformed:
+        if ticket is not None:
+            admission.leave(ticket)
+        raise request.error()
+    return ticket
+
+
+def _wrap_unary(rpc: str, behavior, admission: Admission | None = None):
     async def wrapper(request, context):
         fields, t0 = begin_call(), now_ms()
+        ticket = None
         try:
+            ticket = _admit(rpc, request, context, admission)
             return await behavior(request, context)
         except BaseException as exc:
             await _handle(rpc, exc, context, fields)
             raise
         finally:
+            if ticket is not None:
+                admission.leave(ticket)
             _log_call(rpc, fields, t0)
 
     return wrapper
 
 
-def _wrap_stream(rpc: str, behavior):
+def _wrap_stream(rpc: str, behavior, admission: Admission | None = None):
     if not inspect.isasyncgenfunction(behavior):
         # a read/write-style streaming handler (it awaits context.write): wrap the one call
-        return _wrap_unary(rpc, behavior)
+        return _wrap_unary(rpc, behavior, admission)
 
     async def wrapper(request, context):
         fields, t0 = begin_call(), now_ms()
+        ticket = None
         try:
+            ticket = _admit(rpc, request, context, admission)
             async for response in behavior(request, context):
                 yield response
         except BaseException as exc:
             await _handle(rpc, exc, context, fields)
             raise
         finally:
+            if ticket is not None:
+                admission.leave(ticket)
             _log_call(rpc, fields, t0)
 
     return wrapper

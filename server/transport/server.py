@@ -4,6 +4,14 @@ Lifecycle, as health reports it (``grpc.health.v1``, overall "" and "rnnzoo.v1.R
   start()  -> bound and answering, NOT_SERVING (the rnnzoo service answers UNAVAILABLE)
   load(rt) -> runtime started, SERVING
   stop()   -> NOT_SERVING, no new RPCs; in-flight ones get ``grace_s``; then the runtime stops.
+
+Overload and dead peers (docs/limits.md):
+- our admission control (``admission.py``) refuses calls over its limits with
+  RESOURCE_EXHAUSTED; grpc's own pending-request queue and ``maximum_concurrent_rpcs`` are
+  set well above it (grpc's defaults silently CANCELLED bursts of a few thousand calls);
+- keepalive: the server pings each connection after ``keepalive_time_s`` without traffic and
+  closes it if no answer comes within ``keepalive_timeout_s``: the calls of a dead or frozen
+  peer end, and its streams' sessions are detached.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import contextlib
 import logging
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -22,9 +30,10 @@ from grpc_reflection.v1alpha import reflection
 
 from rnnzoo.errors import FailedPrecondition, InvalidArgument, Unavailable
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
-from rnnzoo.proto.v1 import rnnzoo_pb2_grpc as pb_grpc
 from rnnzoo.server.runtime import Runtime, RuntimeOptions
 
+from .admission import Admission, AdmissionLimits
+from .codec import add_servicer
 from .interceptors import ErrorInterceptor
 from .logs import log
 from .servicer import RnnzooServicer
@@ -32,6 +41,11 @@ from .servicer import RnnzooServicer
 LOG = logging.getLogger("rnnzoo.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Rnnzoo"].full_name  # "rnnzoo.v1.Rnnzoo"
 MB = 1 << 20
+RESPONSE_OVERHEAD = 64 << 10  # a response's bytes beyond its tensors' data (names, shapes)
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
 
 
 @dataclass
@@ -40,6 +54,11 @@ class ServerConfig:
     port: int = 50051  # 0 = any free port (see RnnzooServer.port)
     max_message_mb: float = 16.0  # per message, both directions; over it: RESOURCE_EXHAUSTED
     grace_s: float = 5.0
+    # keepalive: detect dead and frozen peers (their streams then detach)
+    keepalive_time_s: float = 20.0  # ping a connection idle this long
+    keepalive_timeout_s: float = 10.0  # ...and close it if the ping is not answered by then
+    min_client_ping_interval_s: float = 10.0  # clients may ping this often (no data needed)
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
 
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -48,6 +67,31 @@ class ServerConfig:
             raise InvalidArgument(f"max message size must be > 0 MB, got {self.max_message_mb}")
         if self.grace_s < 0:
             raise InvalidArgument(f"grace period must be >= 0 s, got {self.grace_s}")
+        for name in ("keepalive_time_s", "keepalive_timeout_s", "min_client_ping_interval_s"):
+            if not getattr(self, name) > 0:
+                raise InvalidArgument(f"{name} must be > 0, got {getattr(self, name)}")
+        self.admission.check()
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        size = int(self.max_message_mb * MB)
+        pending = 4 * self.admission.max_rpcs  # grpc's queue above ours: we refuse first
+        return [
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+            # grpc shares a busy port by default (SO_REUSEPORT): two servers would split
+            # the traffic and each see half of the sessions. Fail the bind instead.
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),  # keep pinging an idle stream's peer
+            (
+                "grpc.http2.min_recv_ping_interval_without_data_ms",
+                int(self.min_client_ping_interval_s * 1000),
+            ),
+            ("grpc.server.max_pending_requests", pending),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
+        ]
 
 
 class _Unloaded:
@@ -64,19 +108,15 @@ class RnnzooServer:
         self.runtime: Runtime | None = None
         self.port: int | None = None
         self.health = health.aio.HealthServicer()
-        self.servicer = RnnzooServicer(_Unloaded())  # type: ignore[arg-type]
         size = int(self.config.max_message_mb * MB)
+        self.servicer = RnnzooServicer(_Unloaded(), size)  # type: ignore[arg-type]
+        self.admission = Admission(self.config.admission)
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
-            options=[
-                ("grpc.max_receive_message_length", size),
-                ("grpc.max_send_message_length", size),
-                # grpc shares a busy port by default (SO_REUSEPORT): two servers would split
-                # the traffic and each see half of the sessions. Fail the bind instead.
-                ("grpc.so_reuseport", 0),
-            ],
+            interceptors=[ErrorInterceptor(self.admission)],
+            options=self.config.grpc_options(),
+            maximum_concurrent_rpcs=2 * self.config.admission.max_rpcs,  # above ours
         )
-        pb_grpc.add_RnnzooServicer_to_server(self.servicer, self.server)
+        add_servicer(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
@@ -107,10 +147,25 @@ class RnnzooServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         log(LOG, "bound", host=self.config.host, port=self.port)
+        if not _loopback(self.config.host):
+            log(
+                LOG,
+                "INSECURE: listening beyond this machine without TLS or authentication; "
+                "anyone who can reach this port can use every model and any session whose "
+                "id they learn. Bind 127.0.0.1, or put a TLS-terminating, authenticating "
+                "proxy in front",
+                logging.WARNING,
+                host=self.config.host,
+            )
         return self.port
 
     async def load(self, runtime: Runtime) -> None:
-        """Start the runtime and serve it."""
+        """Start the runtime and serve it. Its max_output_bytes is capped to what fits a
+        message (less room for the response's own fields)."""
+        size = self.servicer.max_response_bytes
+        fit = size - min(RESPONSE_OVERHEAD, size // 4)
+        if runtime.options.max_output_bytes > fit:
+            runtime.options.max_output_bytes = max(1, fit)
         await runtime.start()
         self.runtime = runtime
         self.servicer.rt = runtime

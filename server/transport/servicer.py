@@ -1,21 +1,31 @@
 """The rnnzoo.v1.Rnnzoo servicer: validate -> call the runtime -> build the response.
 
 Errors are raised as rnnzoo.errors classes and mapped to statuses by ``ErrorInterceptor``;
-nothing here touches status codes. ``annotate`` adds session/model keys to the RPC's log line.
+nothing here touches status codes. ``annotate`` adds session/model keys to the RPC's log line
+(session ids shortened, client strings clipped: see ``runtime/redact.py``).
+
+A response that changes a session is built and checked against the message size limit
+inside the runtime's ``stepping``/``inferring`` block: the session moves on only once the
+response is on its way (Stream: written), so a request answered with an error changes nothing.
 """
 
 from __future__ import annotations
 
+import secrets
+
 import grpc
 
-from rnnzoo.errors import InvalidArgument
+from rnnzoo.errors import InvalidArgument, ResourceExhausted
 from rnnzoo.proto.tensors import fill_tensors, from_tensors, to_tensors
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
-from rnnzoo.proto.v1 import rnnzoo_pb2_grpc as pb_grpc
 from rnnzoo.server.runtime import Runtime
+from rnnzoo.server.runtime.redact import clip, sid_short
 
+from .codec import checked
 from .convert import model_info, request_inputs
 from .logs import annotate, call_fields
+
+DEFAULT_MAX_RESPONSE_BYTES = 16 << 20
 
 
 def _need(value: str, what: str) -> str:
@@ -24,83 +34,107 @@ def _need(value: str, what: str) -> str:
     return value
 
 
-class RnnzooServicer(pb_grpc.RnnzooServicer):
-    def __init__(self, runtime: Runtime) -> None:
+class RnnzooServicer:
+    def __init__(self, runtime: Runtime, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES):
         self.rt = runtime
+        self.max_response_bytes = max_response_bytes
+
+    def _fits(self, resp) -> None:
+        """Refuse a response over the message size limit before the session moves on (grpc
+        would fail the call after our state change otherwise)."""
+        size = resp.ByteSize()
+        if size > self.max_response_bytes:
+            raise ResourceExhausted(
+                f"the response would be {size} bytes, over this server's message limit of "
+                f"{self.max_response_bytes} bytes; send fewer steps per request"
+            )
 
     async def ListModels(self, request, context):
         return pb.ListModelsResponse(models=[model_info(m) for m in self.rt.list_models()])
 
     async def GetModel(self, request, context):
-        annotate(model=request.name)
+        annotate(model=clip(request.name))
         return model_info(self.rt.get_model(_need(request.name, "name")))
 
     async def CreateSession(self, request, context):
-        annotate(model=request.model)
+        annotate(model=clip(request.model))
         state = from_tensors(request.initial_state, what="initial state")
         ttl = request.ttl_s if request.HasField("ttl_s") else None
         info = self.rt.create_session(_need(request.model, "model"), state or None, ttl)
-        annotate(session=info.id)
+        annotate(session=sid_short(info.id))
         return pb.Session(
             session_id=info.id, model=info.model, created_at=info.created_at, ttl_s=info.ttl_s or 0
         )
 
     async def CloseSession(self, request, context):
-        annotate(session=request.session_id)
+        annotate(session=sid_short(request.session_id))
         self.rt.close_session(_need(request.session_id, "session_id"))
         return pb.CloseSessionResponse()
 
     async def ResetSession(self, request, context):
-        annotate(session=request.session_id)
+        annotate(session=sid_short(request.session_id))
         self.rt.reset_session(_need(request.session_id, "session_id"))
         return pb.ResetSessionResponse()
 
     async def Stream(self, request_iterator, context):
         # Read/write style (a coroutine, not an async generator): the interceptor then wraps
         # the call once instead of re-yielding every response through a second generator.
-        # session id -> (attach token, model). Sessions stay attached for the stream's life;
-        # ``finally`` detaches them on every exit: end, error, or client disconnect.
+        # session id -> (its lease, model). Sessions stay attached for the stream's life;
+        # ``finally`` detaches them on every exit: end, error, or client disconnect. The
+        # runtime renews the leases while the call is not done (a dead peer's call ends
+        # when keepalive gives up on it).
         attached: dict[str, tuple[object, str]] = {}
         fields = call_fields()  # this RPC's log line: last request id and count
         if fields is None:  # not under the interceptor (e.g. called directly)
             fields = {}
         count = 0
+        holder = secrets.token_hex(8)
+
+        def alive() -> bool:
+            return not context.done()
+
         try:
             while (req := await context.read()) is not grpc.aio.EOF:
                 count += 1
+                req = checked(req)
                 fields["request_id"], fields["requests"] = req.request_id, count
                 sid = _need(req.session_id, "session_id")
                 if sid not in attached:
+                    lease = self.rt.attach(sid, holder, alive)
                     model = self.rt.session_info(sid).model
-                    attached[sid] = (self.rt.attach(sid), model)
-                    annotate(session=sid, model=model)
-                inputs = request_inputs(self.rt, attached[sid][1], req, batched=False)
-                res = await self.rt.step(sid, inputs)
-                resp = pb.StreamResponse(
-                    request_id=req.request_id,
-                    session_id=sid,
-                    start=res.start,
-                    steps_total=res.steps_total,
-                    revised=res.revised,
-                )
-                fill_tensors(resp.outputs, res.outputs)
-                await context.write(resp)
+                    attached[sid] = (lease, model)
+                    annotate(session=sid_short(sid), model=model)
+                lease, model = attached[sid]
+                inputs = request_inputs(self.rt, model, req, batched=False)
+                async with self.rt.stepping(sid, inputs, lease) as res:
+                    resp = pb.StreamResponse(
+                        request_id=req.request_id,
+                        session_id=sid,
+                        start=res.start,
+                        steps_total=res.steps_total,
+                        revised=res.revised,
+                    )
+                    fill_tensors(resp.outputs, res.outputs)
+                    self._fits(resp)
+                    await context.write(resp)
         finally:
-            for sid, (token, _) in attached.items():
-                self.rt.detach(sid, token)
+            for sid, (lease, _) in attached.items():
+                self.rt.detach(sid, lease)
 
     async def Infer(self, request, context):
         model = _need(request.model, "model")
-        annotate(model=model, session=request.session_id)
+        annotate(model=clip(model), session=sid_short(request.session_id))
         inputs = request_inputs(self.rt, model, request, batched=True)
-        outputs = await self.rt.infer(
+        async with self.rt.inferring(
             model, inputs, session_id=request.session_id or None, advance=request.advance
-        )
-        return pb.InferResponse(outputs=to_tensors(outputs))
+        ) as outputs:
+            resp = pb.InferResponse(outputs=to_tensors(outputs))
+            self._fits(resp)
+        return resp
 
     async def Generate(self, request, context):
         model = _need(request.model, "model")
-        annotate(model=model)
+        annotate(model=clip(model))
         temperature = request.temperature if request.HasField("temperature") else 1.0
         seed = request.seed if request.HasField("seed") else None
         pieces = self.rt.generate(

@@ -1,0 +1,103 @@
+"""Who may advance a session: a lease, held by one stream at a time.
+
+A stream that names a session acquires its lease; while the stream lives the runtime renews
+it (every ``ttl_s / 3``, and on every chunk); the stream's end releases it. A holder that
+stops renewing (its peer died, its process froze, or, once sessions live in a shared store,
+its server process died) loses the lease at ``expires_at`` and the next stream takes it over.
+
+Every take-over bumps ``epoch``: a fencing token. A step computed under a lease commits its
+new state only while that lease is still the session's (``Leases.current``), so a paused old
+holder cannot overwrite state after its lease moved on.
+
+Kept deliberately small and plain (a dataclass and a table keyed by session id) so that a
+durable store can persist exactly these fields.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rnnzoo.errors import FailedPrecondition
+
+from .redact import sid_tag
+
+
+@dataclass(slots=True)
+class Lease:
+    key: str  # the session id
+    holder: str  # who holds it (a stream's id)
+    epoch: int  # fencing token: grows on every acquire of this key
+    acquired_at: float  # the table's clock
+    expires_at: float  # renewed while the holder lives
+
+    def alive(self, now: float) -> bool:
+        return now < self.expires_at
+
+
+class Leases:
+    """Session id -> its current lease. One holder at a time; an expired lease is free."""
+
+    def __init__(self, ttl_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if not ttl_s > 0:
+            raise ValueError(f"lease ttl_s must be > 0, got {ttl_s}")
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._held: dict[str, Lease] = {}
+        self._epochs: dict[str, int] = {}  # key -> last epoch handed out
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def holder_alive(self, key: str) -> Lease | None:
+        """The key's lease if a holder has it and it has not expired, else None."""
+        lease = self._held.get(key)
+        if lease is not None and lease.alive(self.clock()):
+            return lease
+        return None
+
+    def acquire(self, key: str, holder: str) -> Lease:
+        """A new lease on ``key`` for ``holder``; FailedPrecondition while another holder's
+        lease is alive, saying when it runs out if not renewed."""
+        now = self.clock()
+        held = self._held.get(key)
+        if held is not None and held.alive(now):
+            raise FailedPrecondition(
+                f"session {sid_tag(key)} is already attached to another stream (since "
+                f"{now - held.acquired_at:.1f} s ago); its lease runs out in "
+                f"{held.expires_at - now:.1f} s unless that stream is alive and renews it. "
+                "Close that stream, or retry after the lease runs out (one stream per session "
+                "at a time)"
+            )
+        epoch = self._epochs.get(key, 0) + 1
+        self._epochs[key] = epoch
+        lease = Lease(key, holder, epoch, now, now + self.ttl_s)
+        self._held[key] = lease
+        return lease
+
+    def current(self, lease: Lease) -> bool:
+        """Is ``lease`` still its key's lease, unexpired? (The fencing check before a write.)"""
+        return self._held.get(lease.key) is lease and lease.alive(self.clock())
+
+    def renew(self, lease: Lease) -> bool:
+        """Push ``lease``'s expiry to now + ttl; False if it is no longer the key's lease."""
+        if self._held.get(lease.key) is not lease:
+            return False
+        now = self.clock()
+        if not lease.alive(now):
+            return False  # expired: a new holder may already have read the state
+        lease.expires_at = now + self.ttl_s
+        return True
+
+    def release(self, lease: Lease) -> bool:
+        """Give the key up; False (nothing done) if ``lease`` is not its current lease."""
+        if self._held.get(lease.key) is not lease:
+            return False
+        del self._held[lease.key]
+        return True
+
+    def forget(self, key: str) -> None:
+        """The session is gone (closed, expired, evicted): drop its lease and epoch."""
+        self._held.pop(key, None)
+        self._epochs.pop(key, None)

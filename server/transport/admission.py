@@ -1,0 +1,84 @@
+"""Admission control: how many calls the server runs at once, decided by our own code.
+
+Every rnnzoo call passes ``Admission.enter`` before its servicer runs (in the interceptor) and
+``leave`` when it ends, however it ends. Over a limit the call is refused at once with
+RESOURCE_EXHAUSTED saying which limit and what to do, never queued and never silently
+CANCELLED. grpc's own limits (pending-request queue, maximum_concurrent_rpcs) are set above
+these in ``server.py`` so that ours always decide first.
+
+- ``max_rpcs``: calls in flight at once, of every kind;
+- ``max_streams``: open streaming calls (Stream, Generate);
+- ``max_streams_per_connection``: open streaming calls from one connection (peer address), so
+  one client cannot take every stream slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rnnzoo.errors import InvalidArgument, ResourceExhausted
+
+STREAMING = frozenset({"Stream", "Generate"})
+
+
+@dataclass
+class AdmissionLimits:
+    max_rpcs: int = 4096
+    max_streams: int = 2048
+    max_streams_per_connection: int = 1024
+
+    def check(self) -> None:
+        for name in ("max_rpcs", "max_streams", "max_streams_per_connection"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class Admission:
+    def __init__(self, limits: AdmissionLimits | None = None) -> None:
+        self.limits = limits or AdmissionLimits()
+        self.limits.check()
+        self.rpcs = 0
+        self.streams = 0
+        self.per_peer: dict[str, int] = {}
+        self.refused = 0
+
+    def enter(self, rpc: str, peer: str) -> tuple[bool, str]:
+        """Admit a call (returns the ticket for ``leave``) or raise ResourceExhausted."""
+        lim = self.limits
+        if self.rpcs >= lim.max_rpcs:
+            self.refused += 1
+            raise ResourceExhausted(
+                f"the server is running its maximum of {lim.max_rpcs} calls at once "
+                "(max_rpcs); retry with backoff"
+            )
+        streaming = rpc in STREAMING
+        if streaming:
+            if self.streams >= lim.max_streams:
+                self.refused += 1
+                raise ResourceExhausted(
+                    f"the server has its maximum of {lim.max_streams} open streams "
+                    "(max_streams); close streams you no longer use, multiplex sessions over "
+                    "fewer streams, or retry with backoff"
+                )
+            if self.per_peer.get(peer, 0) >= lim.max_streams_per_connection:
+                self.refused += 1
+                raise ResourceExhausted(
+                    f"this connection has its maximum of {lim.max_streams_per_connection} "
+                    "open streams (max_streams_per_connection); one stream can carry many "
+                    "sessions: send their chunks over fewer streams"
+                )
+            self.streams += 1
+            self.per_peer[peer] = self.per_peer.get(peer, 0) + 1
+        self.rpcs += 1
+        return streaming, peer
+
+    def leave(self, ticket: tuple[bool, str]) -> None:
+        streaming, peer = ticket
+        self.rpcs -= 1
+        if streaming:
+            self.streams -= 1
+            n = self.per_peer[peer] - 1
+            if n:
+                self.per_peer[peer] = n
+            else:
+                del self.per_peer[peer]
