@@ -87,13 +87,16 @@ def onnx_weights(rnn: nn.RNNBase, layer: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 class NativeLayers(nn.Module):
-    """Export-time stand-in for ``nn.RNN/GRU/LSTM(batch_first=True)``, same call signature."""
+    """Export-time stand-in for ``nn.RNN/GRU/LSTM``, same call signature and layout.
+
+    Batch-first and time-major layers both export (the node itself always runs time-major);
+    ``hx=None`` means zero initial states, as in PyTorch.
+    """
 
     def __init__(self, rnn: nn.RNNBase) -> None:
         super().__init__()
         self.op = onnx_op(rnn)
-        if not rnn.batch_first:
-            raise InvalidArgument("only batch_first=True recurrent layers are supported")
+        self.batch_first = bool(rnn.batch_first)
         if next(rnn.parameters()).dtype != torch.float32:
             raise InvalidArgument(
                 f"parameters are {next(rnn.parameters()).dtype}; ONNX Runtime's CPU recurrent "
@@ -118,15 +121,18 @@ class NativeLayers(nn.Module):
         self._eager = (rnn,)  # not a submodule: its parameters must not reach the graph
 
     def forward(self, x: torch.Tensor, hx=None):
-        """x: (B, T, F); hx: h0 or (h0, c0), each (L*D, B, H) -> like nn.LSTM/GRU/RNN."""
+        """x: (B, T, F) or (T, B, F); hx: h0 or (h0, c0), each (L*D, B, H) -> like nn.LSTM."""
         if not torch.onnx.is_in_onnx_export():
             return self._eager[0](x, hx)  # eager: the original module, bit for bit
         lstm = self.op == "LSTM"
-        assert hx is not None, "export always feeds explicit state inputs"
-        h0, c0 = hx if lstm else (hx, None)
-        D, H = self.num_directions, self.hidden_size
-        seq = x.transpose(0, 1)  # (T, B, F): ORT runs only the time-major layout
+        # (T, B, F): ORT runs only the time-major layout
+        seq = x.transpose(0, 1) if self.batch_first else x
         T, B = seq.shape[0], seq.shape[1]
+        D, H = self.num_directions, self.hidden_size
+        if hx is None:
+            zeros = seq.new_zeros(self.num_layers * D, B, H)
+            hx = (zeros, zeros) if lstm else zeros
+        h0, c0 = hx if lstm else (hx, None)
         hs, cs = [], []
         for layer in range(self.num_layers):
             sl = slice(layer * D, (layer + 1) * D)
@@ -148,6 +154,6 @@ class NativeLayers(nn.Module):
             hs.append(outs[1])
             if lstm:
                 cs.append(outs[2])
-        out = seq.transpose(0, 1)  # (B, T, D*H)
+        out = seq.transpose(0, 1) if self.batch_first else seq  # (B, T, D*H) or (T, B, D*H)
         hn = torch.cat(hs, dim=0)  # (L*D, B, H)
         return (out, (hn, torch.cat(cs, dim=0))) if lstm else (out, hn)

@@ -98,6 +98,11 @@ def to_onnx(net: RecurrentNet, contract: Contract) -> onnx.ModelProto:
         n = expand_scratch_cells(model, net.rnn)
         assert n == net.cfg.num_layers * net.cfg.num_directions, n
     check_graph(model, contract, scratch=scratch)
+    return attach_contract(model, contract)
+
+
+def attach_contract(model: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
+    """Store the contract in the model's metadata (replacing any), and name the producer."""
     meta = {p.key: p.value for p in model.metadata_props}
     meta[CONTRACT_KEY] = contract.to_json()
     del model.metadata_props[:]
@@ -112,11 +117,33 @@ def _dims(v: onnx.ValueInfoProto) -> list[int | str | None]:
             for d in v.type.tensor_type.shape.dim]  # fmt: skip
 
 
-def check_graph(model: onnx.ModelProto, contract: Contract, *, scratch: bool) -> None:
-    """Checker + shape inference, the contract's I/O exactly, symbolic batch/time, right ops."""
+def check_graph(
+    model: onnx.ModelProto,
+    contract: Contract,
+    *,
+    scratch: bool = False,
+    step: bool = False,
+    stale_sizes: tuple[int, ...] = (),
+) -> None:
+    """Checker + shape inference, the contract's I/O exactly, symbolic batch/time, right ops.
+
+    ``scratch``: the recurrence must be ``Scan`` loops (else native RNN/GRU/LSTM nodes);
+    ``step``: a one-step graph, with no recurrent node or loop at all.
+    ``stale_sizes``: the batch and time sizes the graph was traced at (chosen to collide with
+    no fixed dim of the model): none may appear as a dim of any inferred intermediate value,
+    where it would be a length baked in at export.
+    """
     onnx.checker.check_model(model, full_check=True)
-    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     problems = []
+    if stale_sizes:
+        for v in [*inferred.graph.value_info, *inferred.graph.output]:
+            dims = _dims(v)
+            if any(d in stale_sizes for d in dims if isinstance(d, int)):
+                problems.append(
+                    f"value {v.name!r} has shape {dims}: the example's batch/time size "
+                    f"{stale_sizes} is baked in"
+                )
     declared = {t.name: t for t in [*contract.inputs, *contract.outputs]}
     for s in contract.states:
         declared[s.input] = s
@@ -139,7 +166,10 @@ def check_graph(model: onnx.ModelProto, contract: Contract, *, scratch: bool) ->
             if isinstance(want, int) and got != want:
                 problems.append(f"{v.name}: dim {got!r} in the graph, contract says {want}")
     ops = {n.op_type for n in model.graph.node}
-    if scratch:
+    if step:
+        if ops & (LOOP_OPS | NATIVE_OPS):
+            problems.append(f"a one-step graph must not loop, got ops {sorted(ops)}")
+    elif scratch:
         if not ops & LOOP_OPS or ops & NATIVE_OPS:
             problems.append(f"hand-written cells must export as Scan, got ops {sorted(ops)}")
     else:

@@ -1,0 +1,479 @@
+"""Export any ``nn.Module`` built around ``nn.RNN``/``nn.GRU``/``nn.LSTM`` layers to ONNX.
+
+``export_module(module, example_inputs, path, name=...)``:
+1. probes the module eagerly (``rnnzoo.export.probe``): which recurrent layers it calls, in
+   which order, with which state; what ONNX cannot take is refused here, naming the layer;
+2. infers each input's and output's batch and time axes (or takes them from ``axes=``);
+3. lifts every recurrent call's state to graph I/O (``rnnzoo.export.lifting``);
+4. decides ``streamable`` by running chunks against the whole sequence
+   (``rnnzoo.export.streamability``);
+5. traces the lifted module with ``torch.onnx.export(dynamo=True)`` at a batch and time size
+   that collide with no fixed dim, so a length baked into the graph shows up in the checks;
+6. checks the graph (full checker, strict shape inference, native nodes, every batch/time dim
+   symbolic in inputs, outputs and inferred values) and writes it with its contract.
+
+Nothing is written unless every check passes.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from rnnzoo.contract import TASKS, Contract, StateSpec, TensorSpec
+from rnnzoo.errors import InvalidArgument
+from rnnzoo.export.contract_builder import BATCH, TIME, exporter_versions
+from rnnzoo.export.lifting import CallSpec, FlatModule, Plan, StateRef, check_layer, wrap_bare
+from rnnzoo.export.native import OPSET, quiet_export
+from rnnzoo.export.onnx_export import attach_contract, check_graph, write_model
+from rnnzoo.export.probe import (
+    Probe,
+    flatten,
+    infer_input_axes,
+    infer_output_axes,
+    probe,
+    resize,
+)
+from rnnzoo.export.sampling import make_sampler
+from rnnzoo.export.streamability import check_streamable
+from rnnzoo.export.trace_errors import explain
+
+Axes = Mapping[str, Mapping[str, int | None]]
+EXPORTER = "rnnzoo.export_module/1"
+
+
+def _index(t: torch.Tensor, pool: Sequence[torch.Tensor], used: set[int]) -> int | None:
+    for i, p in enumerate(pool):
+        if p is t and i not in used:
+            return i
+    return None
+
+
+def _check_cells(base: Probe) -> None:
+    looped = {n: k for n, k in base.cell_calls.items() if k > 1}
+    if looped:
+        name, k = next(iter(looped.items()))
+        raise InvalidArgument(
+            f"layer {name!r} is an nn.*Cell called {k} times in one forward (a Python loop over "
+            "time): the loop cannot become a dynamic-length ONNX graph. Fix: use the matching "
+            "nn.RNN/nn.GRU/nn.LSTM layer, or export the loop body with export_step(step_module, "
+            "(x_t, state), path), which loops over time with an ONNX Scan"
+        )
+
+
+def _arg_names(module: nn.Module, args: tuple) -> list[str]:
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    names = []
+    for i, _ in enumerate(args):
+        p = params[i] if i < len(params) else None
+        if p is None or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            names.append(f"input_{i}")
+        else:
+            names.append(p.name)
+    return names
+
+
+def _leaf_names(module: nn.Module, args: tuple, given: Sequence[str] | None) -> list[str]:
+    leaves, _ = flatten(args)
+    if given is not None:
+        if len(given) != len(leaves):
+            raise InvalidArgument(
+                f"input_names has {len(given)} names for {len(leaves)} input tensors"
+            )
+        return list(given)
+    names = []
+    for arg, base in zip(args, _arg_names(module, args), strict=True):
+        n = len(flatten(arg)[0])
+        names += [base] if n == 1 else [f"{base}_{j}" for j in range(n)]
+    return names
+
+
+def _plan(base: Probe, leaves: list[torch.Tensor], outs: list[torch.Tensor]):
+    """Modes of every call and the state pairs, in call order."""
+    calls, refs = [], []
+    used_in: set[int] = set()
+    used_out: set[int] = set()
+    notes = []
+    for k, c in enumerate(base.calls):
+        mode = "lifted"
+        in_idx: list[int | None] = [None] * len(c.hn)
+        if c.hx is not None:
+            found = [_index(t, leaves, used_in) for t in c.hx]
+            if all(i is not None for i in found) and len(found) == len(c.hn):
+                mode, in_idx = "given", found
+                used_in.update(found)
+            elif all(bool((t == 0).all()) for t in c.hx):
+                notes.append(f"{c.layer}: zero initial state made in forward, lifted")
+            else:
+                mode = "internal"
+                notes.append(
+                    f"{c.layer}: initial state computed from data in forward: not lifted"
+                )
+        calls.append(CallSpec(c.layer, mode))
+        if mode == "internal":
+            continue
+        for part, h in enumerate(c.hn):
+            out_idx = _index(h, outs, used_out)
+            if out_idx is not None:
+                used_out.add(out_idx)
+            refs.append(StateRef(k, part, in_idx[part], out_idx))
+    return calls, refs, used_in, used_out, notes
+
+
+def _export_sizes(module: nn.Module, fixed: set[int]) -> tuple[int, int]:
+    taken = {0, 1} | fixed
+    for t in [*module.parameters(), *module.buffers()]:
+        taken.update(int(d) for d in t.shape)
+    B = next(b for b in range(7, 10_000) if b not in taken)  # > any rank: shape vectors
+    T = next(t for t in range(B + 1, 10_000) if t not in taken)
+    return B, T
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _spec(name: str, t: torch.Tensor, ax: Mapping[str, int | None], meaning: str) -> TensorSpec:
+    b, tm = ax.get("batch"), ax.get("time")
+    if b is not None and b == tm:
+        raise InvalidArgument(f"{name}: batch and time cannot be the same axis ({b})")
+    for kind, a in (("batch", b), ("time", tm)):
+        if a is not None and not 0 <= a < t.dim():
+            raise InvalidArgument(f"{name}: {kind} axis {a} outside its shape {tuple(t.shape)}")
+    shape: list[int | str] = [int(d) for d in t.shape]
+    if b is not None:
+        shape[b] = BATCH
+    if tm is not None:
+        shape[tm] = TIME
+    return TensorSpec(name, _dtype(t), shape, meaning=meaning, batch_axis=b, time_axis=tm)
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    out, k = name, 1
+    while out in taken:
+        k += 1
+        out = f"{name}_{k}"
+    taken.add(out)
+    return out
+
+
+def build(
+    module: nn.Module,
+    example_inputs: Any,
+    *,
+    name: str,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    axes: Axes | None = None,
+    task: str = "generic",
+    contract_fields: Mapping[str, Any] | None = None,
+    source: Mapping[str, str] | None = None,
+    check_streaming: bool = True,
+) -> tuple[FlatModule, Contract, list[torch.Tensor], tuple[int, int]]:
+    """The lifted flat module and its contract (nothing exported yet).
+
+    Returns (flat, contract, export args at the chosen sizes, (batch, time) export sizes).
+    """
+    module = wrap_bare(module)
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    work = copy.deepcopy(module).eval()
+    for p in work.parameters():
+        if p.dtype != torch.float32:
+            raise InvalidArgument(
+                f"parameters are {p.dtype}: ONNX Runtime's CPU recurrent kernels are float32 "
+                "only; call module.float() before exporting"
+            )
+    if task not in TASKS:
+        raise InvalidArgument(f"task {task!r} is not one of {list(TASKS)}")
+    leaves, struct = flatten(args)
+    base = probe(work, args)
+    _check_cells(base)
+    if not base.calls:
+        raise InvalidArgument(
+            f"{type(module).__name__} calls no nn.RNN/nn.GRU/nn.LSTM in its forward: "
+            "export_module exports modules built on them; for a hand-written step "
+            "(x_t, state) -> (y_t, state) use export_step"
+        )
+    for c in base.calls:
+        check_layer(c.layer, c.rnn)
+    outs, _ = flatten(base.outputs)
+    in_names = _leaf_names(work, args, input_names)
+    if output_names is not None and len(output_names) != len(outs):
+        raise InvalidArgument(
+            f"output_names has {len(output_names)} names for {len(outs)} output tensors"
+        )
+    out_names = list(output_names) if output_names is not None else (
+        ["y"] if len(outs) == 1 else [f"y_{i}" for i in range(len(outs))]
+    )
+    calls, refs, used_in, used_out, notes = _plan(base, leaves, outs)
+    data_in = [i for i in range(len(leaves)) if i not in used_in]
+    data_out = [i for i in range(len(outs)) if i not in used_out]
+
+    # Axes: the caller's where named, else inferred from the recurrent calls.
+    axes = {k: dict(v) for k, v in (axes or {}).items()}
+    unknown = set(axes) - set(in_names) - set(out_names)
+    if unknown:
+        raise InvalidArgument(
+            f"axes names {sorted(unknown)}: not among inputs {in_names} or outputs {out_names}"
+        )
+    to_infer = [i for i in data_in if in_names[i] not in axes]
+    in_axes = infer_input_axes(work, leaves, struct, to_infer, sorted(used_in), base)
+    for i in data_in:
+        if in_names[i] in axes:
+            in_axes[i] = axes[in_names[i]]
+    if not any(a.get("time") is not None for a in in_axes.values()):
+        raise InvalidArgument(
+            f"no input of {type(module).__name__} has a time axis that the recurrent layers "
+            "read; name it with axes={INPUT_NAME: {'batch': ..., 'time': ...}}"
+        )
+    sizes = {}
+    for kind in ("batch", "time"):
+        found = {int(leaves[i].shape[a[kind]]) for i, a in in_axes.items() if a.get(kind) is not None}
+        if len(found) > 1:
+            raise InvalidArgument(
+                f"the inputs' {kind} axes have different lengths {sorted(found)}: one {kind} "
+                "size is exported; name the axes with axes= if they were guessed wrong"
+            )
+        sizes[kind] = found
+    named_out = [k for k, n in enumerate(out_names) if n in axes]
+    out_axes = infer_output_axes(work, leaves, struct, in_axes, sorted(used_in), outs)
+    for k in named_out:
+        out_axes[k] = axes[out_names[k]]
+
+    taken: set[str] = set()
+    inputs = [
+        _spec(_unique(in_names[i], taken), leaves[i], in_axes[i], "input") for i in data_in
+    ]
+    outputs = [
+        _spec(_unique(out_names[k], taken), outs[k], out_axes[k], "output") for k in data_out
+    ]
+    per_layer: dict[str, int] = {}
+    for c in calls:
+        per_layer[c.layer] = per_layer.get(c.layer, 0) + 1
+    seen: dict[str, int] = {}
+    states = []
+    for ref in refs:
+        c = base.calls[ref.call]
+        if ref.part == 0:
+            seen[c.layer] = seen.get(c.layer, 0) + 1
+        prefix = (c.layer or "rnn").replace(".", "_")
+        if per_layer[c.layer] > 1:
+            prefix += f"_call{seen[c.layer]}"
+        letter = "hc"[ref.part]
+        h = c.hn[ref.part]
+        in_name = in_names[ref.in_leaf] if ref.in_leaf is not None else f"{prefix}_{letter}0"
+        out_name = out_names[ref.out_leaf] if ref.out_leaf is not None else f"{prefix}_{letter}n"
+        states.append(
+            StateSpec(
+                input=_unique(in_name, taken),
+                output=_unique(out_name, taken),
+                dtype=_dtype(h),
+                shape=[int(h.shape[0]), BATCH, int(h.shape[2])],
+                batch_axis=1,
+                init="zeros",
+                meaning=(
+                    f"{'hidden' if ref.part == 0 else 'cell'} state of {type(c.rnn).__name__} "
+                    f"{c.layer!r} ({calls[ref.call].mode}), "
+                    "(layers*directions, batch, hidden)"
+                ),
+            )
+        )
+    plan = Plan(args=struct, data_in=data_in, data_out=data_out, calls=calls, states=refs)
+    int_high = {}
+    for i, spec in zip(data_in, inputs, strict=True):
+        t = leaves[i]
+        if not t.is_floating_point() and t.dtype != torch.bool:
+            bounds = [n for ids, n in base.embedded if ids is t]
+            int_high[spec.name] = min(bounds) if bounds else int(t.max()) + 1
+    extra: dict[str, Any] = {
+        "exporter": EXPORTER,
+        "recurrent_op": "native",
+        "lifting": plan.to_dict(),
+        "calls": [f"{c.layer}:{c.mode}" for c in calls],
+        "int_high": int_high,
+    }
+    if notes:
+        extra["lifting_notes"] = notes
+    fields = dict(contract_fields or {})
+    fields.setdefault("extra", {})
+    fields["extra"] = {**extra, **fields["extra"]}
+    src = {f"{k}_version": v for k, v in exporter_versions().items()}
+    src["opset"] = str(OPSET)
+    src.update(source or {})
+    contract = Contract(
+        name=name, task=task, inputs=inputs, outputs=outputs, states=states, source=src, **fields
+    )
+    flat = FlatModule(module, plan)
+    streamable, reason = True, "not checked (check_streaming=False)"
+    if check_streaming:
+        streamable, reason = check_streamable(flat, contract, make_sampler(contract))
+    contract = _replace(contract, streamable=streamable, streamable_reason=reason)
+    contract.validate(origin=f"contract for {name}")
+
+    # Export sizes that collide with no fixed dim, so a baked length is caught by the checks.
+    fixed = {int(d) for s in [*inputs, *outputs, *states] for d in s.shape if isinstance(d, int)}
+    B, T = _export_sizes(work, fixed)
+    ex_args = []
+    for i, spec in zip(data_in, inputs, strict=True):
+        t = leaves[i]
+        if spec.batch_axis is not None:
+            t = resize(t, spec.batch_axis, B)
+        if spec.time_axis is not None:
+            t = resize(t, spec.time_axis, T)
+        ex_args.append(t)
+    gen = torch.Generator().manual_seed(0)
+    for st in states:
+        ex_args.append(0.1 * torch.randn(st.shape[0], B, st.shape[2], generator=gen))
+    return flat, contract, ex_args, (B, T)
+
+
+def _replace(contract: Contract, *, streamable: bool, streamable_reason: str) -> Contract:
+    extra = {**contract.extra, "streamable_reason": streamable_reason}
+    return Contract.from_dict(
+        {**_asdict(contract), "streamable": streamable, "extra": extra},
+        origin=f"contract for {contract.name}",
+    )
+
+
+def _asdict(contract: Contract) -> dict[str, Any]:
+    import json
+
+    return json.loads(contract.to_json())
+
+
+def trace(
+    flat: nn.Module,
+    contract: Contract,
+    ex_args: list[torch.Tensor],
+    sizes: tuple[int, int],
+    *,
+    what: str,
+) -> onnx.ModelProto:
+    """``torch.onnx.export`` of the flat module, post-processed and checked (nothing written)."""
+    batch, time = torch.export.Dim(BATCH), torch.export.Dim(TIME)
+    dims = {BATCH: batch, TIME: time}
+    specs = [*contract.inputs, *contract.states]
+    dyn = []
+    for spec in specs:
+        d = {i: dims[a] for i, a in enumerate(spec.shape) if isinstance(a, str)}
+        dyn.append(d or None)
+    in_names = [t.name for t in contract.inputs] + [s.input for s in contract.states]
+    out_names = [t.name for t in contract.outputs] + [s.output for s in contract.states]
+    try:
+        with quiet_export():
+            prog = torch.onnx.export(
+                flat,
+                tuple(ex_args),
+                dynamo=True,
+                input_names=in_names,
+                output_names=out_names,
+                dynamic_shapes={"flat": tuple(dyn)},  # FlatModule.forward(self, *flat)
+                opset_version=OPSET,
+                verbose=False,
+                report=False,
+            )
+    except InvalidArgument:
+        raise
+    except Exception as exc:  # torch.export's many error classes
+        raise explain(exc, what) from None
+    model = prog.model_proto
+    finish_graph(model, contract)
+    check_graph(model, contract, stale_sizes=tuple(sizes))
+    return attach_contract(model, contract)
+
+
+def finish_graph(model: onnx.ModelProto, contract: Contract) -> None:
+    """Name every batch/time dim of the graph I/O as the contract does, drop unused weights
+    and replace the tracer's value shapes by strict shape inference's (no stale lengths)."""
+    graph = model.graph
+    declared: dict[str, list] = {t.name: t.shape for t in [*contract.inputs, *contract.outputs]}
+    for s in contract.states:
+        declared[s.input] = declared[s.output] = s.shape
+    for v in [*graph.input, *graph.output]:
+        want = declared.get(v.name)
+        dims = v.type.tensor_type.shape.dim
+        if want is None or len(dims) != len(want):
+            continue
+        for d, w in zip(dims, want, strict=True):
+            if isinstance(w, str) and d.dim_param:  # symbolic already: give it the axis name
+                d.dim_param = w
+    used = {n for node in graph.node for n in node.input}
+    used |= {n for node in graph.node for a in node.attribute for n in _subgraph_inputs(a)}
+    keep = [t for t in graph.initializer if t.name in used or t.name in {o.name for o in graph.output}]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    del graph.value_info[:]
+    inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    graph.value_info.extend(inferred.graph.value_info)
+
+
+def _subgraph_inputs(attr: onnx.AttributeProto) -> set[str]:
+    names: set[str] = set()
+    for g in [attr.g, *attr.graphs] if attr.type in (attr.GRAPH, attr.GRAPHS) else []:
+        for node in g.node:
+            names.update(node.input)
+            for a in node.attribute:
+                names |= _subgraph_inputs(a)
+    return names
+
+
+def export_module(
+    module: nn.Module,
+    example_inputs: Any,
+    path: str | Path,
+    *,
+    name: str,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    axes: Axes | None = None,
+    task: str = "generic",
+    labels: Sequence[str] | None = None,
+    vocab: Sequence[str] | None = None,
+    normalization: Mapping[str, float] | None = None,
+    description: str = "",
+    source: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Contract:
+    """Export ``module`` called as ``module(*example_inputs)`` to ``path``; returns its contract.
+
+    ``example_inputs``: a tuple of positional arguments (tensors, or tuples of tensors such as
+    ``(h0, c0)``), or one tensor. ``axes={"x": {"batch": 1, "time": 0}}`` names the batch and
+    time axes of an input or output where inference cannot (``None``: no such axis).
+    ``input_names``/``output_names`` name the forward's tensors in flattened order (default:
+    the forward's parameter names; ``y`` or ``y_0``, ``y_1``, ...). Every recurrent call's
+    initial state becomes a graph input and its final state a graph output (see the contract's
+    ``states``), unless the forward takes and returns that state itself.
+    """
+    fields: dict[str, Any] = {"description": description, "extra": dict(extra or {})}
+    if labels is not None:
+        fields["labels"] = list(labels)
+    if vocab is not None:
+        fields["vocab"] = list(vocab)
+    if normalization is not None:
+        fields["normalization"] = {k: float(v) for k, v in normalization.items()}
+    flat, contract, ex_args, sizes = build(
+        module,
+        example_inputs,
+        name=name,
+        input_names=input_names,
+        output_names=output_names,
+        axes=axes,
+        task=task,
+        contract_fields=fields,
+        source=source,
+    )
+    what = f"module {type(module).__name__!r}"
+    model = trace(flat, contract, ex_args, sizes, what=what)
+    write_model(model, path)
+    return contract
+

@@ -1,0 +1,55 @@
+"""Random inputs and states laid out as a contract says: what parity and the streaming check feed.
+
+``make_sampler(contract)`` returns ``sample(B, T, gen) -> (data_inputs, states)``: every
+``"batch"`` dim becomes ``B`` and every ``"time"`` dim ``T``; float inputs are standard normal,
+integer inputs (token ids) uniform below the bound recorded in ``contract.extra["int_high"]``
+(an embedding's size, else one more than the example's largest id); states are uniform in
+(-1, 1), the range a tanh-bounded hidden state lives in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from rnnzoo.contract import Contract, TensorSpec
+from rnnzoo.export.contract_builder import BATCH, TIME
+
+Sampler = Callable[[int, int, torch.Generator], tuple[list[torch.Tensor], list[torch.Tensor]]]
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+
+
+def concrete_shape(shape: list, B: int, T: int) -> list[int]:
+    return [B if d == BATCH else T if d == TIME else int(d) for d in shape]
+
+
+def make_sampler(contract: Contract) -> Sampler:
+    highs = dict(contract.extra.get("int_high") or {})
+
+    def one(spec: TensorSpec, B: int, T: int, gen: torch.Generator) -> torch.Tensor:
+        shape = concrete_shape(spec.shape, B, T)
+        dtype = DTYPES[spec.dtype]
+        if dtype.is_floating_point:
+            return torch.randn(shape, generator=gen).to(dtype)
+        if dtype == torch.bool:
+            return torch.rand(shape, generator=gen) < 0.5
+        return torch.randint(0, int(highs.get(spec.name, 2)), shape, generator=gen).to(dtype)
+
+    def sample(B: int, T: int, gen: torch.Generator):
+        data = [one(spec, B, T, gen) for spec in contract.inputs]
+        states = [
+            (torch.rand(concrete_shape(s.shape, B, T), generator=gen) * 2 - 1).to(DTYPES[s.dtype])
+            for s in contract.states
+        ]
+        return data, states
+
+    return sample

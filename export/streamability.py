@@ -1,0 +1,93 @@
+"""Is a lifted module streamable? Decided by running it, not by guessing from its layers.
+
+A model streams when feeding a sequence chunk by chunk, carrying the state outputs into the
+next chunk's state inputs, gives what the whole sequence gives: the outputs concatenated along
+their time axes and the final states. ``check_streamable`` runs exactly that in PyTorch, in
+float64 (so rounding cannot hide or fake a difference), on random inputs and states, for a
+few chunkings. An output without a time axis (``out[:, -1]``, pooling) cannot be streamed in
+that sense at all. When the check fails, the reason names the likely culprits it can see:
+bidirectional layers, ``Conv1d`` with kernel > 1, attention.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from rnnzoo.contract import Contract
+from rnnzoo.export.lifting import LiftedRNN
+from rnnzoo.export.sampling import Sampler
+
+CHUNKINGS = ([1] * 9, [4, 5], [2, 3, 4], [8, 1])
+TOL = 1e-9  # float64: a streamable model agrees to rounding, a non-streamable one by far more
+
+
+def _suspects(module: nn.Module) -> list[str]:
+    found = []
+    inner = getattr(module, "module", module)  # a FlatModule's user module: the user's names
+    wrapped = {id(m.rnn) for m in inner.modules() if isinstance(m, LiftedRNN)}
+    for name, m in inner.named_modules():
+        if id(m) in wrapped:
+            continue
+        if isinstance(m, LiftedRNN):
+            name, m = m.name, m.rnn  # the user's own name for the layer
+        if isinstance(m, nn.RNNBase) and m.bidirectional:
+            found.append(f"bidirectional layer {name!r} (its backward direction reads the future)")
+        elif isinstance(m, nn.Conv1d) and m.kernel_size[0] > 1:
+            found.append(f"{name!r} is a Conv1d with kernel {m.kernel_size[0]} (it mixes steps)")
+        elif isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer)):
+            found.append(f"{name!r} attends over the whole sequence")
+    return found
+
+
+def check_streamable(
+    flat: nn.Module, contract: Contract, sample: Sampler, *, seed: int = 0
+) -> tuple[bool, str]:
+    """(streamable, reason). ``flat`` has the contract's flat signature."""
+    no_time = [t.name for t in contract.outputs if t.time_axis is None]
+    if no_time:
+        return False, (
+            f"output {', '.join(repr(n) for n in no_time)} has no time axis: it summarises the "
+            "whole sequence (e.g. out[:, -1] or pooling over time), so chunks cannot give it"
+        )
+    f64 = copy.deepcopy(flat).double().eval()
+    gen = torch.Generator().manual_seed(seed)
+    T = sum(CHUNKINGS[0])
+    data, states = sample(2, T, gen)
+    data = [d.double() if d.is_floating_point() else d for d in data]
+    states = [s.double() for s in states]
+    n_out = len(contract.outputs)
+    with torch.no_grad():
+        whole = f64(*data, *states)
+    worst, where = 0.0, ""
+    for sizes in CHUNKINGS:
+        st, pos, pieces = list(states), 0, []
+        for n in sizes:
+            chunk = [
+                d.narrow(spec.time_axis, pos, n) if spec.time_axis is not None else d
+                for spec, d in zip(contract.inputs, data, strict=True)
+            ]
+            with torch.no_grad():
+                got = f64(*chunk, *st)
+            pieces.append(got[:n_out])
+            st = list(got[n_out:])
+            pos += n
+        outs = [
+            torch.cat([p[i] for p in pieces], dim=spec.time_axis)
+            for i, spec in enumerate(contract.outputs)
+        ]
+        names = [t.name for t in contract.outputs] + [s.output for s in contract.states]
+        for name, a, b in zip(names, [*outs, *st], whole, strict=True):
+            err = float((a - b).abs().max()) if a.shape == b.shape else float("inf")
+            if err > TOL * (1 + float(b.abs().max())) and err > worst:
+                worst, where = err, f"{name!r} with chunks {sizes}"
+    if not worst:
+        return True, "chunked runs with the state carried equal the whole sequence (float64)"
+    culprits = _suspects(flat)
+    why = "; ".join(culprits) if culprits else "an output at step t depends on later steps"
+    return False, (
+        f"chunked runs with the state carried differ from the whole sequence by {worst:.1e} "
+        f"on {where}: {why}"
+    )
