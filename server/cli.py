@@ -26,6 +26,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-delay-ms", type=float, default=1.0, help="wait to fill a batch")
     p.add_argument("--max-message-mb", type=float, default=16.0)
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get at stop")
+    lim = p.add_argument_group("limits (docs/limits.md)")
+    lim.add_argument("--max-request-steps", type=int, default=100_000,
+                     help="steps per Stream chunk / Infer (batch x time) / prompt")  # fmt: skip
+    lim.add_argument("--max-buffer-steps", type=int, default=10_000,
+                     help="steps a bidirectional session may hold")  # fmt: skip
+    lim.add_argument("--max-generate-tokens", type=int, default=4_096)
+    lim.add_argument("--lease-ttl", type=float, default=30.0,
+                     help="seconds a stream's hold on its session lasts without renewal")  # fmt: skip
+    lim.add_argument("--keepalive-time", type=float, default=20.0,
+                     help="ping a connection idle this many seconds")  # fmt: skip
+    lim.add_argument("--keepalive-timeout", type=float, default=10.0,
+                     help="close it when a ping is unanswered this long")  # fmt: skip
+    lim.add_argument("--max-rpcs", type=int, default=4096, help="calls in flight at once")
+    lim.add_argument("--max-streams", type=int, default=2048, help="open Stream/Generate calls")
+    lim.add_argument("--max-streams-per-connection", type=int, default=1024)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument(
         "--allow-failed-parity",
@@ -69,9 +84,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         on_full=args.on_full,
         session_ttl_s=args.session_ttl or None,
+        max_request_steps=args.max_request_steps,
+        max_buffer_steps=args.max_buffer_steps,
+        max_generate_tokens=args.max_generate_tokens,
+        lease_ttl_s=args.lease_ttl,
     )
     options.check()
-    config = ServerConfig(args.host, args.port, args.max_message_mb, args.grace)
+    from rnnzoo.server.transport.admission import AdmissionLimits
+
+    config = ServerConfig(
+        args.host,
+        args.port,
+        args.max_message_mb,
+        args.grace,
+        keepalive_time_s=args.keepalive_time,
+        keepalive_timeout_s=args.keepalive_timeout,
+        admission=AdmissionLimits(args.max_rpcs, args.max_streams, args.max_streams_per_connection),
+    )
     config.check()
     from rnnzoo.server.runtime.repository import ALLOW_FAILED_PARITY
 
