@@ -1,4 +1,8 @@
-"""The zoo card: ``OUT/ZOO.md`` (one table row per model) and the PNG pictures it shows.
+"""The zoo card: ``OUT/ZOO.md`` and the PNG pictures it shows.
+
+One short table row per model (model, task, cell, metric, value, baseline, floor, parity);
+the details (hyperparameters, parity numbers and skipped cases, speed ratios, other hook
+columns) are bullets under each model in its group's section.
 
 Pictures: forecasts vs truth, training curves per group, and the long-range gradient story
 (gradient norm w.r.t. early inputs over training, pre-clip gradient norms, clip rate).
@@ -18,7 +22,6 @@ GROUP_TITLES = {
     "seq2seq": "Sequence to sequence",
 }
 TINY = 1e-30  # where exact zeros are drawn on log axes
-SHOWN_EXTRAS = ("onnx_files", "ort_speedup_step_b1", "ort_speedup_t1000_b1")
 
 
 def _fmt(v: Any) -> str:
@@ -34,10 +37,20 @@ def _fmt(v: Any) -> str:
 
 
 def _floor_cell(r: dict[str, Any]) -> str:
-    met = r["floor"]["met"]
+    """✔/✘ and the floor in brief; details (the floor's full text) go below the table."""
     if r["quick"]:
-        return f"not claimed (quick build); {r['floor']['text']}"
-    return {True: "yes", False: "**NO**", None: "—"}[met] + f" ({r['floor']['text']})"
+        return "not claimed (quick)"
+    floor = r["entry"].get("floor") or {}
+    if "max_ratio" in floor:
+        short = f"≤ {floor['max_ratio']}× baseline"
+    elif "min_value" in floor:
+        short = f"≥ {floor['min_value']}"
+    elif "beats" in floor:
+        short = f"beats {floor['beats']}"
+    else:
+        return "— (none)"
+    met = r["floor"]["met"]
+    return {True: f"✔ {short}", False: f"✘ **missed** {short}", None: f"? {short}"}[met]
 
 
 def _probe_note(train: dict[str, Any]) -> str:
@@ -53,41 +66,88 @@ def _probe_note(train: dict[str, Any]) -> str:
     )
 
 
+def _parity_cell(r: dict[str, Any]) -> str:
+    ok = r["extra"].get("parity_ok")
+    if ok is None:
+        return "—" if "onnx_files" not in r["extra"] else "✔"
+    return "✔" if ok else "✘ **failed**"
+
+
+def _cell_name(r: dict[str, Any]) -> str:
+    cfg = r["config"]
+    if r["family"] == "seq2seq":
+        return f"{cfg['cell']} enc-dec"
+    layers = f"{cfg['num_layers']}-layer " if cfg["num_layers"] > 1 else ""
+    return layers + ("bi-" if cfg["bidirectional"] else "") + cfg["cell"]
+
+
 def _table(results: list[dict[str, Any]]) -> list[str]:
-    extra_keys: list[str] = []  # scalar hook columns, plus a few small dicts/lists
-    for r in results:
-        for k, v in r["extra"].items():
-            if k not in extra_keys and (not isinstance(v, dict | list) or k in SHOWN_EXTRAS):
-                extra_keys.append(k)
-    head = [
-        "model", "task", "cell", "layers", "directions", "parameters", "metric", "value",
-        "baseline", "ratio", "floor met?", "train s", *extra_keys,
-    ]  # fmt: skip
+    """The main table: a few columns; everything else is in the per-model details."""
+    head = ["model", "task", "cell", "metric", "value", "baseline", "floor", "parity"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        cfg, m = r["config"], r["metrics"]
-        if r["family"] == "seq2seq":
-            cell, layers, dirs = f"{cfg['cell']} enc-dec", cfg["num_layers"], 1
-        else:
-            cell, layers = cfg["cell"], cfg["num_layers"]
-            dirs = 2 if cfg["bidirectional"] else 1
+        m = r["metrics"]
         row = [
-            f"`{r['name']}`",
+            f"[`{r['name']}`](#{r['name']})",
             r["task"]["name"],
-            cell,
-            layers,
-            dirs,
-            f"{m['parameters']:,}",
+            _cell_name(r),
             m["metric"],
             _fmt(m["value"]),
             f"{_fmt(m['baseline'])} ({m['baseline_name']})",
-            _fmt(m["ratio"]),
             _floor_cell(r),
-            f"{r['train']['seconds']:.1f}",
-            *[_fmt(r["extra"].get(k, "")) for k in extra_keys],
+            _parity_cell(r),
         ]
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
     return lines
+
+
+PARITY_KEYS = ("parity_ok", "parity_cases", "parity_max_abs", "parity_max_abs_stream",
+               "parity_seconds", "parity_skipped", "error")  # fmt: skip
+SPEED_KEYS = (("ort_speedup_step_b1", "one step:"), ("ort_speedup_t1000_b1", "T=1000:"))
+HIDDEN_KEYS = ("speed",)  # raw measurements: in metrics.json
+
+
+def _details(r: dict[str, Any]) -> list[str]:
+    """Sub-bullets under a model: architecture, floor, parity, speed, other hook columns."""
+    cfg, m, t, extra = r["config"], r["metrics"], r["train"], r["extra"]
+    if r["family"] == "seq2seq":
+        layers, dirs = cfg["num_layers"], 1
+    else:
+        layers, dirs = cfg["num_layers"], 2 if cfg["bidirectional"] else 1
+    out = [
+        f"  - model: {_cell_name(r)}, hidden {cfg.get('hidden_size', '?')}, {layers} layer(s), "
+        f"{dirs} direction(s), {m['parameters']:,} parameters; ratio to baseline "
+        f"{_fmt(m['ratio'])}; floor: {r['floor']['text']}",
+        f"  - training: {t['steps']} steps x batch {t['batch_size']}, lr {t['lr']}, clip "
+        f"{t['clip']} (fired on {100 * t['clip_fraction']:.0f}% of steps), seed {t['seed']}, "
+        f"{t['seconds']:.1f} s",
+    ]
+    if any(k in extra for k in PARITY_KEYS):
+        ok = extra.get("parity_ok", True)
+        parts = [("ok" if ok else "**FAILED**")]
+        if extra.get("parity_cases") is not None:
+            parts.append(f"{extra['parity_cases']} cases")
+        if extra.get("parity_max_abs") is not None:
+            parts.append(f"worst |ort − torch| {_fmt(extra['parity_max_abs'])}")
+        if extra.get("parity_max_abs_stream") is not None:
+            parts.append(f"streamed {_fmt(extra['parity_max_abs_stream'])}")
+        if extra.get("parity_seconds") is not None:
+            parts.append(f"{_fmt(extra['parity_seconds'])} s")
+        if extra.get("error"):
+            parts.append(str(extra["error"]))
+        out.append(f"  - parity (`{r['name']}.parity.json`): " + ", ".join(parts))
+        for skipped in extra.get("parity_skipped") or []:
+            out.append(f"    - skipped: {skipped}")
+    if extra.get("onnx_files"):
+        out.append(f"  - ONNX: {_fmt(extra['onnx_files'])}")
+    speed = [f"{label} {_fmt(extra[k])}" for k, label in SPEED_KEYS if extra.get(k)]
+    if speed:
+        out.append("  - ONNX Runtime speed-up over PyTorch, batch 1: " + "; ".join(speed))
+    shown = {*PARITY_KEYS, *(k for k, _ in SPEED_KEYS), *HIDDEN_KEYS, "onnx_files"}
+    for k, v in extra.items():
+        if k not in shown:
+            out.append(f"  - {k}: {_fmt(v)}")
+    return out
 
 
 def _plot_forecasts(out: Path, results: list[dict[str, Any]]) -> str | None:
@@ -238,7 +298,9 @@ def write_card(
         "",
         *_table(results),
         "",
-        "ratio = value / baseline. Losses (mse, bpc): lower is better; accuracies: higher.",
+        "Losses (mse, bits/char): lower is better; accuracies: higher. floor: what a full build "
+        "must reach (✔ met, ✘ missed); parity: ONNX Runtime equals PyTorch "
+        "(`rnnzoo verify`). Each model's details follow in its section below.",
         "",
     ]
     for g, title in GROUP_TITLES.items():
@@ -247,12 +309,11 @@ def write_card(
             continue
         lines += [f"## {title}", ""]
         for r in rows:
-            t = r["train"]
             lines.append(
-                f"- `{r['name']}`: {r['entry']['notes']}. {t['steps']} steps x batch "
-                f"{t['batch_size']}, lr {t['lr']}, clip {t['clip']} (fired on "
-                f"{100 * t['clip_fraction']:.0f}% of steps), seed {t['seed']}." + _probe_note(t)
+                f'- <a id="{r["name"]}"></a>`{r["name"]}`: {r["entry"]["notes"]}.'
+                + _probe_note(r["train"])
             )
+            lines += _details(r)
         if g == "longrange":
             lines += [
                 "",

@@ -1,7 +1,9 @@
 """``rnnzoo zoo list``, ``rnnzoo train NAME``, ``rnnzoo zoo build``.
 
 ``zoo build`` runs the export step (``rnnzoo.export.zoo_hook.after_train``) after each entry
-when that module is installed, unless ``--no-export``.
+when that module is installed, unless ``--no-export``. It is resumable: entries that are up to
+date (same config hash, export verified) are not redone unless ``--force``. ``train`` always
+retrains its entry.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
         threads=args.threads,
         log=_log,
+        force=True,  # asked for by name: train it even when up to date
     )
     return 0
 
@@ -72,6 +75,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
         threads=args.threads,
         log=_log,
+        force=args.force,
     )
     return 0
 
@@ -89,6 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--only", nargs="+", metavar="NAME", help="build only these entries")
     p.add_argument("--quick", action="store_true", help="tiny models for tests (floors unclaimed)")
     p.add_argument("--no-export", action="store_true", help="train only, skip ONNX export")
+    p.add_argument("--force", action="store_true", help="rebuild entries that are up to date too")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest here)")
     p.set_defaults(func=cmd_build)

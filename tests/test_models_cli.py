@@ -62,5 +62,5 @@ def test_zoo_build_quick_every_entry(tmp_path):
     assert rc == 0
     card = (tmp_path / "ZOO.md").read_text()
     for e in ENTRIES:
-        assert f"| `{e.name}` |" in card
+        assert f"| [`{e.name}`](#{e.name}) |" in card and f'<a id="{e.name}">' in card
         assert load_checkpoint(tmp_path / e.name)[1]["name"] == e.name
