@@ -90,6 +90,11 @@ class Client:
             options=[
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
+                # notice a dead server or path while a stream waits (the server allows a
+                # ping every 10 s; see docs/limits.md)
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.http2.ping_timeout_ms", 10_000),
             ],
         )
         self.stub = pb_grpc.RnnzooStub(self.channel)
