@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# The main job: set up, build the zoo if missing (train, export, verify), serve it, run the
-# demo clients against the server, stop it cleanly. ZOO_DIR and PORT may be overridden.
+# The main job: set up, build the zoo (train, export, verify; resumable, so a rerun after a
+# failure redoes only what is not up to date, and a built zoo costs seconds), serve it, run
+# the demo clients against the server, stop it cleanly. ZOO_DIR and PORT may be overridden.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 ZOO_DIR=${ZOO_DIR:-zoo}
 RNNZOO=.venv/bin/rnnzoo
 
-if [ ! -f "$ZOO_DIR/ZOO.md" ]; then
-    $RNNZOO zoo build --out "$ZOO_DIR"
-fi
+$RNNZOO zoo build --out "$ZOO_DIR"
 cat "$ZOO_DIR/ZOO.md"
 
 log=$(mktemp)
