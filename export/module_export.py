@@ -116,9 +116,7 @@ def _plan(base: Probe, leaves: list[torch.Tensor], outs: list[torch.Tensor]):
                 notes.append(f"{c.layer}: zero initial state made in forward, lifted")
             else:
                 mode = "internal"
-                notes.append(
-                    f"{c.layer}: initial state computed from data in forward: not lifted"
-                )
+                notes.append(f"{c.layer}: initial state computed from data in forward: not lifted")
         calls.append(CallSpec(c.layer, mode))
         if mode == "internal":
             continue
@@ -212,8 +210,10 @@ def build(
         raise InvalidArgument(
             f"output_names has {len(output_names)} names for {len(outs)} output tensors"
         )
-    out_names = list(output_names) if output_names is not None else (
-        ["y"] if len(outs) == 1 else [f"y_{i}" for i in range(len(outs))]
+    out_names = (
+        list(output_names)
+        if output_names is not None
+        else (["y"] if len(outs) == 1 else [f"y_{i}" for i in range(len(outs))])
     )
     calls, refs, used_in, used_out, notes = _plan(base, leaves, outs)
     data_in = [i for i in range(len(leaves)) if i not in used_in]
@@ -238,7 +238,9 @@ def build(
         )
     sizes = {}
     for kind in ("batch", "time"):
-        found = {int(leaves[i].shape[a[kind]]) for i, a in in_axes.items() if a.get(kind) is not None}
+        found = {
+            int(leaves[i].shape[a[kind]]) for i, a in in_axes.items() if a.get(kind) is not None
+        }
         if len(found) > 1:
             raise InvalidArgument(
                 f"the inputs' {kind} axes have different lengths {sorted(found)}: one {kind} "
@@ -251,9 +253,7 @@ def build(
         out_axes[k] = axes[out_names[k]]
 
     taken: set[str] = set()
-    inputs = [
-        _spec(_unique(in_names[i], taken), leaves[i], in_axes[i], "input") for i in data_in
-    ]
+    inputs = [_spec(_unique(in_names[i], taken), leaves[i], in_axes[i], "input") for i in data_in]
     outputs = [
         _spec(_unique(out_names[k], taken), outs[k], out_axes[k], "output") for k in data_out
     ]
@@ -409,7 +409,9 @@ def finish_graph(model: onnx.ModelProto, contract: Contract) -> None:
                 d.dim_param = w
     used = {n for node in graph.node for n in node.input}
     used |= {n for node in graph.node for a in node.attribute for n in _subgraph_inputs(a)}
-    keep = [t for t in graph.initializer if t.name in used or t.name in {o.name for o in graph.output}]
+    keep = [
+        t for t in graph.initializer if t.name in used or t.name in {o.name for o in graph.output}
+    ]
     del graph.initializer[:]
     graph.initializer.extend(keep)
     del graph.value_info[:]
@@ -476,4 +478,3 @@ def export_module(
     model = trace(flat, contract, ex_args, sizes, what=what)
     write_model(model, path)
     return contract
-

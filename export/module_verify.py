@@ -35,9 +35,7 @@ def eager_module(module: nn.Module, contract: Contract) -> nn.Module:
     )
 
 
-def verify_module(
-    module: nn.Module, path: str | Path, *, quick: bool = False, **kw: Any
-) -> Any:
+def verify_module(module: nn.Module, path: str | Path, *, quick: bool = False, **kw: Any) -> Any:
     """Compare ``path`` with ``module``; returns the parity ``Report`` (``.ok``, ``.failures``).
 
     ``quick``: T <= 64 and B <= 3 only. Other keywords go to ``check_parity`` (``times``,

@@ -153,16 +153,16 @@ def _scan_model(body_model: onnx.ModelProto, contract: Contract, n_state: int) -
         scan_in.append(f"{spec.name}/tm")
     scan_out = [s.output for s in contract.states] + [f"{t.name}/tm" for t in contract.outputs]
     nodes.append(
-        helper.make_node(
-            "Scan", scan_in, scan_out, name="scan", body=body, num_scan_inputs=n_x
-        )
+        helper.make_node("Scan", scan_in, scan_out, name="scan", body=body, num_scan_inputs=n_x)
     )
     for spec in contract.outputs:
         perm = [1, 0, *range(2, len(spec.shape))]
         nodes.append(helper.make_node("Transpose", [f"{spec.name}/tm"], [spec.name], perm=perm))
     b_in = list(body.input)
     b_out = list(body.output)
-    inputs = [_tensor_type(s.name, b_in[n_state + i], s.shape) for i, s in enumerate(contract.inputs)]
+    inputs = [
+        _tensor_type(s.name, b_in[n_state + i], s.shape) for i, s in enumerate(contract.inputs)
+    ]
     inputs += [_tensor_type(s.input, b_in[i], s.shape) for i, s in enumerate(contract.states)]
     outputs = [
         _tensor_type(t.name, b_out[n_state + i], t.shape) for i, t in enumerate(contract.outputs)
@@ -223,12 +223,16 @@ def export_step(
         )
     names = _names(step, args)
     in_names = list(input_names) if input_names is not None else names[:n_inputs]
-    out_names = list(output_names) if output_names is not None else (
-        ["y"] if len(ys) == 1 else [f"y_{i}" for i in range(len(ys))]
+    out_names = (
+        list(output_names)
+        if output_names is not None
+        else (["y"] if len(ys) == 1 else [f"y_{i}" for i in range(len(ys))])
     )
-    pairs = list(state_names) if state_names is not None else [
-        (f"{n}0", f"{n}n") for n in names[n_inputs:]
-    ]
+    pairs = (
+        list(state_names)
+        if state_names is not None
+        else [(f"{n}0", f"{n}n") for n in names[n_inputs:]]
+    )
     if len(in_names) != n_inputs or len(out_names) != len(ys) or len(pairs) != n_state:
         raise InvalidArgument(
             f"names: {len(in_names)} inputs, {len(out_names)} outputs, {len(pairs)} state pairs "

@@ -20,10 +20,10 @@ import torch
 from rnnzoo.errors import InvalidArgument
 
 _LIBS = tuple(
-    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-    for m in (torch, traceback, onnx, onnxscript)
-    if m.__file__
-) + (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+    os.path.dirname(os.path.abspath(f)) + os.sep
+    for f in (torch.__file__, traceback.__file__, onnx.__file__, onnxscript.__file__, __file__)
+    if f
+)
 _FILE_LINE = re.compile(r'File "([^"]+)", line (\d+)')
 
 DATA_DEPENDENT = (
