@@ -44,8 +44,8 @@ def export_core(rnn: nn.Module) -> nn.Module:
     )
 
 
-class _Graph(nn.Module):
-    """Flat signature for the exporter: (x, h0[, c0]) -> (y, hn[, cn])."""
+class FlatNet(nn.Module):
+    """Flat signature for the exporter and parity: (x, h0[, c0]) -> (y, hn[, cn])."""
 
     def __init__(self, net: RecurrentNet) -> None:
         super().__init__()
@@ -82,7 +82,7 @@ def to_onnx(net: RecurrentNet, contract: Contract) -> onnx.ModelProto:
     dyn: list[dict[int, Any]] = [{0: batch, 1: time}] + [{1: batch} for _ in args[1:]]
     with quiet_export():
         prog = torch.onnx.export(
-            _Graph(work),
+            FlatNet(work),
             args,
             dynamo=True,
             input_names=in_names,
