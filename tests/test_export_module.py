@@ -148,6 +148,22 @@ class LastStepClassifier(nn.Module):
         return self.head(out[:, -1])
 
 
+class TutorialZeroState(nn.Module):
+    """The tutorials' pattern: zero initial states made inside forward (lifted as zeros)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_layers, self.hidden = 2, 6
+        self.lstm = nn.LSTM(3, 6, num_layers=2, batch_first=True)
+        self.fc = nn.Linear(6, 1)
+
+    def forward(self, x):
+        h0 = torch.zeros(self.num_layers, x.size(0), self.hidden)
+        c0 = torch.zeros(self.num_layers, x.size(0), self.hidden)
+        out, _ = self.lstm(x, (h0, c0))
+        return self.fc(out)
+
+
 class ScratchGRUStep(nn.Module):
     """The seeds' from-scratch GRU: a GRU cell from plain parameters, one step per call."""
 
@@ -206,6 +222,8 @@ def _case(name):
             (torch.randn(B, T, 3), (h0, c0)),
             {"input_names": ["x", "h0", "c0"], "output_names": ["y", "hn", "cn"]},
         )
+    if name == "tutorial_zero_state":
+        return TutorialZeroState(), (torch.randn(B, T, 3),), {}
     if name == "last_step_classifier":
         return LastStepClassifier(), (torch.randn(B, T, 4),), {"output_names": ["logits"]}
     raise KeyError(name)
@@ -224,6 +242,7 @@ STREAMABLE = {
     "lstm_returns_state": True,
     "lstm_takes_state": True,
     "last_step_classifier": False,
+    "tutorial_zero_state": True,
 }
 
 
