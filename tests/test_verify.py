@@ -81,14 +81,15 @@ def test_broken_graph_fails_listing_every_case(lm_ckpt, tmp_path, capsys):
     assert not report.ok
     failing = {(c.mode, c.batch, c.time, c.tensor) for c in report.failures}
     assert ("whole", 1, 1, "logits") in failing and ("stream/chunk1", 2, 20, "logits") in failing
+    assert ("step1", 1, 0, "logits") in failing and ("step8", 3, 7, "logits") in failing
     assert all(abs(c.max_abs - 1e-3) < 1e-4 for c in report.failures)
     assert all(c.tensor == "logits" for c in report.failures)  # states untouched
     assert main(["verify", str(path), "--checkpoint", str(lm_ckpt), "--quick"]) == 1
     out = capsys.readouterr()
-    # --quick: 4 lengths x 2 batch sizes whole + 3 chunkings, each failing on logits only,
-    # plus one line saying logits never passed outright.
-    assert out.out.count("FAIL ") == 4 * 2 + 3 + 1
-    assert "FAIL chars/logits: no case passed on the tolerance alone" in out.out
+    # --quick: T in (1, 2, 7, 64) x B in (1, 3), every case failing on logits only: whole
+    # (8), chunked at T=64 (3 chunkings) and per-step (1 and 8 steps from T=0 and each T).
+    assert out.out.count("FAIL ") == 4 * 2 + 3 + 2 * 5 * 2
+    assert out.out.count("FAIL chars step1 ") == 2 * 5
     assert "parity comparisons exceed" in out.err
 
 
@@ -168,24 +169,11 @@ def test_zoo_hook_exports_verifies_and_reports_card_columns(lm_ckpt):
     cols = after_train(None, lm_ckpt, lm_ckpt.parent)  # the full T x B grid
     assert cols["onnx_files"] == ["chars.onnx"]
     assert cols["parity_max_abs"] < 1e-5 and cols["parity_max_abs_stream"] < 1e-5
-    assert cols["parity_cases"] == len(TIMES) * len(BATCHES) * 3 + 3 * 3
+    # Whole: every T x B; chunked: 3 chunkings at T=64 and 1000; per-step: 1 and 8 steps
+    # from T=0 and each T, for every B; each case compares 3 tensors (logits, hn, cn).
+    whole, chunked, steps = len(TIMES) * len(BATCHES), 3 * 2, 2 * (len(TIMES) + 1) * len(BATCHES)
+    assert cols["parity_cases"] == 3 * (whole + chunked + steps)
     assert set(cols["ort_speedup_step_b1"]) == {"step"}
     assert cols["speed"]["seq1000"]["ort_ms"] > 0
     saved = json.loads((lm_ckpt.parent / "chars.parity.json").read_text())
     assert saved["ok"] is True
-
-
-def test_float64_fallback_cannot_carry_a_tensor_alone():
-    from rnnzoo.export.verify import Case, Report
-
-    drift = Case(
-        "g", "whole", 3, 10000, "hn", 9e-5, 1e-3, True, ort_vs_exact=3e-5, torch_vs_exact=6e-5
-    )
-    report = Report(cases=[drift])
-    assert not report.ok and report.unresolved == ["g/hn"]  # no outright pass for hn
-    assert "float32 drift g whole B=3 T=10000 hn" in report.summary()
-    report.cases.append(Case("g", "whole", 1, 1, "hn", 1e-7, 1e-7, True))
-    assert report.ok and report.unresolved == []
-    chaos = Case("g", "whole", 3, 1000, "hn", 1.9, 8.0, True, ort_vs_exact=1.9, torch_vs_exact=1.96)
-    report.cases.append(chaos)
-    assert report.ok and "ill-conditioned g whole B=3 T=1000 hn" in report.summary()
