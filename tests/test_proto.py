@@ -76,3 +76,40 @@ def test_bad_tensors_are_invalid_argument(tensor, needle):
 def test_unsupported_arrays_are_refused_before_sending():
     with pytest.raises(InvalidArgument, match="supported dtypes"):
         to_tensor(np.array(["a", "b"]))
+
+
+def test_inference_code_is_not_stale(tmp_path):
+    """Triton's protos (package ``inference``) generate the checked-in modules, imports
+    made relative so they load as ``rnnzoo.proto.inference.v2``."""
+    pytest.importorskip("grpc_tools", reason="needs grpcio-tools (the dev extra)")
+    fresh = generate.generate_inference(tmp_path)
+    assert {p.name for p in fresh} == {
+        "model_config_pb2.py", "model_config_pb2.pyi", "grpc_service_pb2.py",
+        "grpc_service_pb2.pyi", "grpc_service_pb2_grpc.py",
+    }  # fmt: skip
+    here = Path(generate.HERE) / "inference" / "v2"
+    for p in fresh:
+        assert p.read_bytes() == (here / p.name).read_bytes(), (
+            f"{here / p.name} is stale: run `python -m rnnzoo.proto.generate` and commit it"
+        )
+    for p in fresh:
+        text = p.read_text()
+        assert "\nimport model_config_pb2" not in text and "\nimport grpc_service_pb2" not in text
+
+
+def test_inference_protos_are_triton_verbatim_with_their_licence():
+    from rnnzoo.proto.inference.v2 import grpc_service_pb2 as kpb
+
+    assert kpb.DESCRIPTOR.package == "inference"
+    service = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    assert {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
+            "ModelInfer", "ModelStreamInfer", "ModelConfig",
+            "ModelStatistics"} <= {m.name for m in service.methods}  # fmt: skip
+    here = Path(generate.HERE) / "inference" / "v2"
+    for name in ("grpc_service.proto", "model_config.proto"):
+        head = (here / name).read_text()[:2000]
+        assert "NVIDIA CORPORATION" in head and "Redistribution and use" in head
+    assert (
+        "BSD" in (here / "UPSTREAM").read_text()
+        or "Redistribution" in (here / "UPSTREAM").read_text()
+    )

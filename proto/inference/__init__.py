@@ -1,0 +1,1 @@
+"""rnnzoo.proto.inference: the KServe v2 / Triton ``inference`` package."""
