@@ -202,12 +202,17 @@ async def test_batch_starts_once_every_attached_stream_has_queued_not_after_the_
         tokens = [rt.attach(sid) for sid in sids]
         batcher = rt.batchers[("gru", "model")]
         res = await asyncio.wait_for(
-            asyncio.gather(*(rt.step(sid, {"x": seq(2, seed=i)}) for i, sid in enumerate(sids))),
+            asyncio.gather(
+                *(rt.step(sid, {"x": seq(2, seed=i)}, tokens[i]) for i, sid in enumerate(sids))
+            ),
             timeout=10,
         )
         assert [r.steps_total for r in res] == [2] * 4 and list(batcher.batch_sizes) == [4]
         # three streams send, the fourth detaches instead: the batch of three goes at once
-        pending = [asyncio.create_task(rt.step(sid, {"x": seq(1)})) for sid in sids[:3]]
+        pending = [
+            asyncio.create_task(rt.step(sid, {"x": seq(1)}, tokens[i]))
+            for i, sid in enumerate(sids[:3])
+        ]
         await asyncio.sleep(0.05)
         assert not any(t.done() for t in pending)  # still waiting for the fourth stream
         rt.detach(sids[3], tokens[3])

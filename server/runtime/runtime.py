@@ -14,6 +14,11 @@ Semantics worth knowing:
   session and start a new sequence;
 - inference runs in the batcher: small batches inline on the event loop (cheaper than a
   thread hand-over), big ones in a thread pool (see batching.py);
+- long work (``long_job_steps`` or more: a long Infer or Stream chunk, a bidirectional
+  prefix recompute, a long prompt) never runs on the event loop: it goes to the long-job
+  pool (``jobs.py``), low-priority threads shared round-robin across callers, a streamable
+  sequence sliced along time with its state carried; capped (ResourceExhausted beyond);
+- ownership and quotas follow the caller the transport sets (``caller.py``).
 - every cost is bounded before compute (``RuntimeOptions``, table in docs/limits.md): steps
   per request, output bytes (predicted from the contract), buffered steps, generated tokens;
 - a request answered with an error changes nothing: ``stepping``/``inferring`` hand the
@@ -29,6 +34,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,7 +51,9 @@ from rnnzoo.errors import (
 )
 
 from .batching import Batcher
+from .caller import job_key
 from .generate import check_sampling, decode, encode, never_sampled, sample_token
+from .jobs import LongJobs
 from .lease import Lease
 from .model import Chunk, ServedModel
 from .redact import clip, sid_tag
@@ -71,6 +79,16 @@ class RuntimeOptions:
     # its message size
     max_generate_tokens: int = 4_096
     lease_ttl_s: float = 30.0  # a stream's hold on its session, renewed while it lives
+    # Quota: live sessions per client (principal with authentication, else connection);
+    # 0 = none.
+    max_sessions_per_client: int = 5_000
+    # Long jobs (jobs.py): a request of this many steps (batch x time; a bidirectional
+    # session's whole prefix) or more runs in the long-job pool, never on the event loop.
+    long_job_steps: int = 2_048
+    long_workers: int = 0  # threads of the long-job pool; 0 = cpu_count - 1 (at least 1)
+    max_long_jobs: int = 64  # admitted at once (running or waiting); beyond: ResourceExhausted
+    max_long_jobs_per_client: int = 8
+    long_slice_s: float = 0.02  # a streamable long job runs in slices of about this long
 
     def check(self) -> None:
         problems = []
@@ -87,9 +105,14 @@ class RuntimeOptions:
         if self.session_ttl_s is not None and self.session_ttl_s < 0:
             problems.append(f"session_ttl_s must be >= 0 (or None), got {self.session_ttl_s}")
         for name in ("max_buffer_steps", "max_request_steps", "max_output_bytes",
-                     "max_generate_tokens"):  # fmt: skip
+                     "max_generate_tokens", "long_job_steps", "max_long_jobs",
+                     "max_long_jobs_per_client"):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_sessions_per_client < 0 or self.long_workers < 0:
+            problems.append("max_sessions_per_client and long_workers must be >= 0")
+        if not self.long_slice_s > 0:
+            problems.append(f"long_slice_s must be > 0, got {self.long_slice_s}")
         if not self.lease_ttl_s > 0:
             problems.append(f"lease_ttl_s must be > 0, got {self.lease_ttl_s}")
         if problems:
@@ -115,8 +138,12 @@ class Runtime:
             self.options.on_full,
             self.options.session_ttl_s,
             lease_ttl_s=self.options.lease_ttl_s,
+            max_per_client=self.options.max_sessions_per_client or None,
             **kw,
         )
+        o = self.options
+        self.jobs = LongJobs(o.long_workers, o.max_long_jobs, o.max_long_jobs_per_client)
+        self._row_step_s: dict[int, float] = {}  # id(graph) -> seconds per (row x step)
         self._executor = ThreadPoolExecutor(max(1, os.cpu_count() or 1), "rnnzoo-ort")
         self.batchers: dict[tuple[str, str], Batcher] = {}
         for name, entry in repo.entries.items():
@@ -160,6 +187,7 @@ class Runtime:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.jobs.shutdown()
         self._phase = "stopped"
 
     @property
@@ -360,7 +388,10 @@ class Runtime:
             batcher = self.batchers[(sess.model, "model")]
             if entry.info.streamable:
                 self._check_output(graph, 1, chunk.length, "this chunk")
-                outs, nxt = await batcher.submit(session_id, chunk, sess.state)
+                if chunk.length >= self.options.long_job_steps:
+                    outs, nxt = await self._long_chunk(graph, chunk, sess.state, True)
+                else:
+                    outs, nxt = await batcher.submit(session_id, chunk, sess.state)
                 self._check_epoch(sess, epoch)
                 yield StepResult(outs, sess.steps, sess.steps + chunk.length, False)
                 if self._may_commit(sess, epoch, lease):
@@ -375,7 +406,10 @@ class Runtime:
                 )
             self._check_output(graph, 1, total, "this chunk's revised prefix")
             prefix = graph.concat_chunks([*sess.buffer, chunk])
-            outs, nxt = await batcher.submit(session_id, prefix, sess.initial)
+            if total >= self.options.long_job_steps:  # a bidirectional net: one slice
+                outs, nxt = await self._long_chunk(graph, prefix, sess.initial, False)
+            else:
+                outs, nxt = await batcher.submit(session_id, prefix, sess.initial)
             self._check_epoch(sess, epoch)
             yield StepResult(outs, 0, total, True)
             if self._may_commit(sess, epoch, lease):
@@ -421,12 +455,12 @@ class Runtime:
         length = graph.feed_steps(graph.contract, feeds)
         self.check_steps(batch * length, "this request (batch x time)")
         self._check_output(graph, batch, length, "this request")
-        loop = asyncio.get_running_loop()
+        streamable = self._entry(model).info.streamable
         if session_id is None:
             if advance:
                 raise InvalidArgument("advance=True needs a session_id (whose state to move on)")
             states = graph.initial_batch_state(batch)
-            outs, _ = await loop.run_in_executor(self._executor, self._run, graph, feeds, states)
+            outs, _ = await self._compute(graph, feeds, states, batch, length, streamable)
             yield outs
             return
         sess = self.store.get(session_id)
@@ -447,9 +481,7 @@ class Runtime:
             if advance:
                 self._not_held(session_id, "Infer(advance=true)")
             epoch = sess.epoch
-            outs, nxt = await loop.run_in_executor(
-                self._executor, self._run, graph, feeds, sess.state
-            )
+            outs, nxt = await self._compute(graph, feeds, sess.state, 1, length, True)
             if advance:
                 self._check_epoch(sess, epoch)
             yield outs
@@ -462,6 +494,56 @@ class Runtime:
             raise InvalidArgument(
                 f"session {sid_tag(sess.id)} belongs to model {sess.model!r}, not {clip(model)!r}"
             )
+
+    # ---- long jobs ------------------------------------------------------------------------------
+    async def _compute(self, graph, feeds, states, batch: int, length: int, sliceable: bool):
+        """A batched call: in the long-job pool when long, else in the shared executor."""
+        if batch * length >= self.options.long_job_steps:
+            return await self._long_run(graph, feeds, states, batch, length, sliceable)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._run, graph, feeds, states)
+
+    async def _long_chunk(self, graph: ServedModel, chunk: Chunk, state: dict, sliceable: bool):
+        """One session's chunk as a long job: (batch-free outputs, batch-1 next state)."""
+        feeds = graph.stack_chunks([chunk])
+        outs, nxt = await self._long_run(graph, feeds, state, 1, chunk.length, sliceable)
+        return graph.split_outputs(outs, 1)[0], nxt
+
+    def _slice_steps(self, graph: ServedModel, batch: int) -> int:
+        per = self._row_step_s.get(id(graph))
+        if per is None:
+            return max(64, 2048 // batch)
+        return max(64, int(self.options.long_slice_s / (per * batch)))
+
+    async def _long_run(self, graph, feeds, states, batch: int, length: int, sliceable: bool):
+        """Run in the long-job pool; a streamable graph in time slices, state carried."""
+        key = job_key()
+        what = f"this request ({batch} x {length} steps)"
+        with self.jobs.admit(key, what):
+            if not sliceable:
+                return await self.jobs.run_slice(key, self._run, graph, feeds, states)
+            parts, t = [], 0
+            while t < length:
+                self._check()
+                n = min(length - t, self._slice_steps(graph, batch))
+                part = _time_slice(graph.contract.inputs, feeds, t, t + n)
+                outs, states = await self.jobs.run_slice(
+                    key, self._timed_run, graph, part, states, batch * n
+                )
+                parts.append(outs)
+                t += n
+            if len(parts) == 1:
+                return parts[0], states
+            outs = await self.jobs.run_slice(key, _concat_time, graph.contract.outputs, parts)
+            return outs, states
+
+    def _timed_run(self, graph: ServedModel, feeds: dict, states: dict, row_steps: int):
+        t0 = time.perf_counter()
+        res = self._run(graph, feeds, states)
+        per = (time.perf_counter() - t0) / row_steps
+        old = self._row_step_s.get(id(graph))
+        self._row_step_s[id(graph)] = per if old is None else 0.7 * old + 0.3 * per
+        return res
 
     @staticmethod
     def _run(graph: ServedModel, feeds: dict, states: dict):
@@ -533,6 +615,8 @@ class Runtime:
         """Run token ids (T,) through one graph from ``state``: (last-step outputs, state)."""
         graph = entry.graphs[role]
         chunk = graph.validate_chunk({graph.contract.inputs[0].name: ids})
+        if chunk.length >= self.options.long_job_steps:  # a long prompt: not on the loop
+            return await self._long_chunk(graph, chunk, state, entry.info.streamable)
         outs, nxt = await self.batchers[(entry.info.name, role)].submit(key, chunk, state)
         return outs, nxt
 
@@ -596,6 +680,31 @@ class Runtime:
                     return
                 yield (sep if n else "") + vocab[tok]
                 ids = np.array([tok], np.int64)
+
+
+def _time_slice(specs, feeds: dict, a: int, b: int) -> dict:
+    """Steps [a, b) of a batched feed (inputs without a time axis whole)."""
+    out = {}
+    for spec in specs:
+        arr = feeds[spec.name]
+        if spec.time_axis is None:
+            out[spec.name] = arr
+        else:
+            idx = [slice(None)] * arr.ndim
+            idx[spec.time_axis] = slice(a, b)
+            out[spec.name] = arr[tuple(idx)]
+    return out
+
+
+def _concat_time(specs, parts: list[dict]) -> dict:
+    """Outputs of consecutive time slices -> the whole sequence's outputs."""
+    out = {}
+    for spec in specs:
+        arrs = [p[spec.name] for p in parts]
+        out[spec.name] = (
+            arrs[-1] if spec.time_axis is None else np.concatenate(arrs, spec.time_axis)
+        )
+    return out
 
 
 __all__ = ["Chunk", "ModelInfo", "Runtime", "RuntimeOptions", "SessionInfo", "StepResult"]

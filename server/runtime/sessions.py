@@ -12,6 +12,11 @@
 - one stream at a time: attaching takes the session's lease (``lease.py``); a failed attach
   does not count as use (it leaves the idle TTL alone).
 - ids are secrets: messages show ``sid_tag(id)``, a short prefix, never the whole id.
+- ownership (``caller.py``): with authentication, a session belongs to the principal that
+  created it; to any other principal it does not exist (NotFound, the same message as an
+  unknown id, also for closed ones: existence is not revealed).
+- quota: at most ``max_per_client`` live sessions per caller key (principal, or connection
+  without authentication); over it ResourceExhausted names the quota and when to retry.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 
 from rnnzoo.errors import InvalidArgument, NotFound, ResourceExhausted
 
+from .caller import current
 from .lease import Lease, Leases
 from .redact import sid_tag
 
@@ -54,6 +60,8 @@ class Session:
     ttl_s: float | None = None  # idle seconds before expiry; None: never
     epoch: int = 0  # bumped on reset/close/expiry: a step in flight then drops its result
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    owner: str | None = None  # the principal that created it (authentication on), else None
+    quota_key: str | None = None  # what its quota counts against (None: no quota)
 
 
 class SessionStore:
@@ -66,6 +74,7 @@ class SessionStore:
         wall: Callable[[], float] = time.time,
         max_tombstones: int = MAX_TOMBSTONES,
         lease_ttl_s: float = 30.0,
+        max_per_client: int | None = None,
     ) -> None:
         if on_full not in ("reject", "evict"):
             raise ValueError(f"on_full must be 'reject' or 'evict', got {on_full!r}")
@@ -76,7 +85,9 @@ class SessionStore:
         self.clock, self.wall = clock, wall
         self.max_tombstones = max_tombstones
         self._live: OrderedDict[str, Session] = OrderedDict()  # LRU order: oldest first
-        self._dead: OrderedDict[str, str] = OrderedDict()  # id -> why (with when)
+        self._dead: OrderedDict[str, tuple[str, str | None]] = OrderedDict()  # id -> (why, owner)
+        self.max_per_client = max_per_client  # None: no per-client quota
+        self._per_key: dict[str, int] = {}  # quota key -> live sessions
         self.leases = Leases(lease_ttl_s, clock)  # which stream each attached session has
 
     def __len__(self) -> int:
@@ -86,8 +97,14 @@ class SessionStore:
         sess = self._live.pop(sid)
         self.leases.forget(sid)
         sess.epoch += 1
+        if sess.quota_key is not None:
+            n = self._per_key[sess.quota_key] - 1
+            if n:
+                self._per_key[sess.quota_key] = n
+            else:
+                del self._per_key[sess.quota_key]
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.wall()))
-        self._dead[sid] = f"{why} at {stamp}"
+        self._dead[sid] = (f"{why} at {stamp}", sess.owner)
         while len(self._dead) > self.max_tombstones:
             self._dead.popitem(last=False)
 
@@ -112,6 +129,17 @@ class SessionStore:
         self, model: str, initial: dict[str, np.ndarray], ttl_s: float | None = None
     ) -> Session:
         ttl = self.check_ttl(ttl_s)  # before anything is evicted
+        caller = current()
+        key = caller.key if caller is not None and self.max_per_client else None
+        if key is not None and self._per_key.get(key, 0) >= self.max_per_client:
+            self.sweep()  # expired sessions do not count against the quota
+            if self._per_key.get(key, 0) >= self.max_per_client:
+                raise ResourceExhausted(
+                    f"{caller.describe()} holds {self.max_per_client} live sessions, its "
+                    f"quota (max_sessions_per_client={self.max_per_client}); close sessions "
+                    "it no longer needs (CloseSession) and retry, or retry after one expires"
+                    + (f" (idle TTL {self.ttl_s:g} s)" if self.ttl_s else "")
+                )
         if len(self._live) >= self.max_sessions:
             self.sweep()  # expired sessions do not count against the capacity
         if len(self._live) >= self.max_sessions:
@@ -128,7 +156,11 @@ class SessionStore:
         now = self.clock()
         sid = secrets.token_urlsafe(24)
         sess = Session(sid, model, self.wall(), now, initial, dict(initial), ttl_s=ttl)
+        sess.owner = caller.principal if caller is not None else None
+        sess.quota_key = key
         self._live[sid] = sess
+        if key is not None:
+            self._per_key[key] = self._per_key.get(key, 0) + 1
         return sess
 
     def get(self, sid: str, touch: bool = True) -> Session:
@@ -137,15 +169,24 @@ class SessionStore:
         if sess is not None and self._expired(sess, now):
             self._bury(sid, f"expired after {sess.ttl_s:g} s idle")
             sess = None
-        if sess is None:
-            why = self._dead.get(sid)
-            if why:
+        caller = current()
+        principal = caller.principal if caller is not None else None
+        if sess is not None and principal is not None and sess.owner != principal:
+            sess = None  # another principal's session: it does not exist for this caller
+        elif sess is None:
+            why, owner = self._dead.get(sid, (None, None))
+            if why and (principal is None or owner == principal):
                 raise NotFound(f"session {sid_tag(sid)} was {why}; create a new session")
+        if sess is None:
             raise NotFound(f"no session {sid_tag(sid)}; create one first (sessions are per server)")
         if touch:
             sess.last_used = now
             self._live.move_to_end(sid)
         return sess
+
+    def count(self, key: str) -> int:
+        """Live sessions counted against quota key ``key``."""
+        return self._per_key.get(key, 0)
 
     def close(self, sid: str) -> None:
         self.get(sid, touch=False)

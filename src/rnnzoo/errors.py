@@ -35,3 +35,9 @@ class FailedPrecondition(RnnzooError):
 
 class Unavailable(RnnzooError):
     code = "unavailable"
+
+
+class Unauthenticated(RnnzooError):
+    """No valid credentials (the server requires a bearer token or a client certificate)."""
+
+    code = "unauthenticated"
