@@ -41,6 +41,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     lim.add_argument("--max-rpcs", type=int, default=4096, help="calls in flight at once")
     lim.add_argument("--max-streams", type=int, default=2048, help="open Stream/Generate calls")
     lim.add_argument("--max-streams-per-connection", type=int, default=1024)
+    lim.add_argument("--max-sessions-per-client", type=int, default=5_000,
+                     help="live sessions per principal (per connection without auth); 0 = none")  # fmt: skip
+    lim.add_argument("--requests-per-s", type=float, default=0.0,
+                     help="calls + Stream messages per second per client; 0 = no quota")  # fmt: skip
+    lim.add_argument("--burst", type=float, help="the rate quota's bursts (default 2 x rate)")
+    lim.add_argument("--long-job-steps", type=int, default=2_048,
+                     help="requests of this many steps run in the long-job pool, off the loop")  # fmt: skip
+    lim.add_argument("--long-workers", type=int, default=0,
+                     help="long-job threads (low priority); 0 = cpu_count - 1")  # fmt: skip
+    lim.add_argument("--max-long-jobs", type=int, default=64)
+    lim.add_argument("--max-long-jobs-per-client", type=int, default=8)
+    sec = p.add_argument_group("security (docs/limits.md)")
+    sec.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve TLS")
+    sec.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    sec.add_argument("--tls-client-ca", metavar="PEM",
+                     help="require client certificates signed by this CA (mTLS)")  # fmt: skip
+    sec.add_argument("--auth-tokens", metavar="FILE",
+                     help="bearer tokens: lines 'principal:token' (or JSON); every call must send one")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument(
         "--allow-failed-parity",
@@ -57,6 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk", type=int, default=1, help="steps per request")
     p.add_argument("--seed", type=int, default=0, help="noise of the generated signal")
     p.add_argument("--plot", metavar="FILE.png", help="save signal and predictions (matplotlib)")
+    add_client_arguments(p)
     p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("generate", help="generate text with an lm or seq2seq model")
@@ -67,7 +86,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
     p.add_argument("--seed", type=int)
+    add_client_arguments(p)
     p.set_defaults(func=cmd_generate)
+
+
+def add_client_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connection security")
+    g.add_argument("--token-file", metavar="FILE",
+                   help="file holding the bearer token (default: $RNNZOO_TOKEN, if set)")  # fmt: skip
+    g.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA")
+    g.add_argument("--tls-cert", metavar="PEM", help="client certificate (mTLS)")
+    g.add_argument("--tls-key", metavar="PEM", help="the client certificate's key (mTLS)")
+
+
+def client_from_args(args: argparse.Namespace):
+    """A Client for ``--target`` with the connection-security arguments."""
+    import os
+    from pathlib import Path
+
+    from rnnzoo.client import Client
+
+    token = os.environ.get("RNNZOO_TOKEN") or None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise InvalidArgument(
+                f"cannot read --token-file {args.token_file}: {exc.strerror}"
+            ) from None
+    return Client(
+        args.target, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -88,6 +137,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_buffer_steps=args.max_buffer_steps,
         max_generate_tokens=args.max_generate_tokens,
         lease_ttl_s=args.lease_ttl,
+        max_sessions_per_client=args.max_sessions_per_client,
+        long_job_steps=args.long_job_steps,
+        long_workers=args.long_workers,
+        max_long_jobs=args.max_long_jobs,
+        max_long_jobs_per_client=args.max_long_jobs_per_client,
     )
     options.check()
     from rnnzoo.server.transport.admission import AdmissionLimits
@@ -100,6 +154,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         keepalive_time_s=args.keepalive_time,
         keepalive_timeout_s=args.keepalive_timeout,
         admission=AdmissionLimits(args.max_rpcs, args.max_streams, args.max_streams_per_connection),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_tokens=args.auth_tokens,
+        requests_per_s=args.requests_per_s,
+        burst=args.burst,
     )
     config.check()
     from rnnzoo.server.runtime.repository import ALLOW_FAILED_PARITY
@@ -134,8 +194,6 @@ def _feature_count(info) -> int:
 def cmd_stream(args: argparse.Namespace) -> int:
     import grpc
 
-    from rnnzoo.client import Client
-
     if args.steps < 1 or args.chunk < 1:
         raise InvalidArgument("--steps and --chunk must be >= 1")
     if args.plot:
@@ -143,7 +201,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ModuleNotFoundError:
             raise FailedPrecondition("--plot needs matplotlib: pip install matplotlib") from None
-    with Client(args.target) as client:
+    with client_from_args(args) as client:
         try:
             info = client.model(args.model)
             x = signal_wave(args.steps, _feature_count(info), args.seed)
@@ -193,9 +251,7 @@ def _plot(path: str, model: str, x: np.ndarray, preds: np.ndarray) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import grpc
 
-    from rnnzoo.client import Client
-
-    with Client(args.target) as client:
+    with client_from_args(args) as client:
         try:
             seq2seq = client.model(args.model).task == "seq2seq"
             print(args.prompt + (" -> " if seq2seq else ""), end="", flush=True)

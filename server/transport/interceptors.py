@@ -27,6 +27,7 @@ from rnnzoo.errors import (
     NotFound,
     ResourceExhausted,
     RnnzooError,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -45,6 +46,7 @@ STATUS: dict[type[RnnzooError], grpc.StatusCode] = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 

@@ -12,6 +12,11 @@ Overload and dead peers (docs/limits.md):
 - keepalive: the server pings each connection after ``keepalive_time_s`` without traffic and
   closes it if no answer comes within ``keepalive_timeout_s``: the calls of a dead or frozen
   peer end, and its streams' sessions are detached.
+
+Security (docs/limits.md, "Security"): TLS (``tls_cert``/``tls_key``), mTLS
+(``tls_client_ca``: clients must present a certificate it signed), bearer tokens
+(``auth_tokens``) and the request-rate quota are applied by ``guard.Guard``, the first
+interceptor, for every service but health.
 """
 
 from __future__ import annotations
@@ -29,17 +34,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rnnzoo.errors import FailedPrecondition, InvalidArgument, Unavailable
+from rnnzoo.proto.inference.v2 import grpc_service_pb2 as kpb
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.server.runtime import Runtime, RuntimeOptions
 
 from .admission import Admission, AdmissionLimits
 from .codec import add_servicer
+from .guard import Guard, RateQuota, TokenTable
 from .interceptors import ErrorInterceptor
+from .kserve import KServeServicer
 from .logs import log
 from .servicer import RnnzooServicer
 
 LOG = logging.getLogger("rnnzoo.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Rnnzoo"].full_name  # "rnnzoo.v1.Rnnzoo"
+KSERVICE = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"]  # KServe v2 / Triton
 MB = 1 << 20
 RESPONSE_OVERHEAD = 64 << 10  # a response's bytes beyond its tensors' data (names, shapes)
 
@@ -59,8 +68,48 @@ class ServerConfig:
     keepalive_timeout_s: float = 10.0  # ...and close it if the ping is not answered by then
     min_client_ping_interval_s: float = 10.0  # clients may ping this often (no data needed)
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)
+    # security: PEM file paths; TLS needs both cert and key; a client CA turns on mTLS
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_tokens: str | None = None  # token file (guard.TokenTable.from_file)
+    requests_per_s: float = 0.0  # per client (principal, or connection); 0 = no rate quota
+    burst: float | None = None  # the rate quota's bucket; None = 2 x requests_per_s
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        """The server's TLS credentials (None: plaintext), files read now."""
+        if not self.tls:
+            return None
+
+        def read(path: str, what: str) -> bytes:
+            try:
+                return Path(path).read_bytes()
+            except OSError as exc:
+                raise InvalidArgument(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+        key = read(self.tls_key, "TLS key (--tls-key)")
+        cert = read(self.tls_cert, "TLS certificate (--tls-cert)")
+        ca = read(self.tls_client_ca, "client CA (--tls-client-ca)") if self.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+        )
+
+    def guard(self) -> Guard:
+        tokens = TokenTable.from_file(self.auth_tokens) if self.auth_tokens else None
+        rate = RateQuota(self.requests_per_s, self.burst) if self.requests_per_s else None
+        return Guard(tokens, rate, cert_principals=tokens is None and bool(self.tls_client_ca))
 
     def check(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidArgument("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca and not self.tls:
+            raise InvalidArgument("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        if self.requests_per_s < 0:
+            raise InvalidArgument(f"requests_per_s must be >= 0, got {self.requests_per_s}")
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"port must be in [0, 65535], got {self.port}")
         if self.max_message_mb <= 0:
@@ -112,15 +161,21 @@ class RnnzooServer:
         size = int(self.config.max_message_mb * MB)
         self.servicer = RnnzooServicer(_Unloaded(), size)  # type: ignore[arg-type]
         self.admission = Admission(self.config.admission)
+        self.guard = self.config.guard()  # first: refused callers reach nothing else
+        self._credentials = self.config.credentials()
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(self.admission)],
+            interceptors=[self.guard, ErrorInterceptor(self.admission)],
             options=self.config.grpc_options(),
             maximum_concurrent_rpcs=2 * self.config.admission.max_rpcs,  # above ours
         )
         add_servicer(self.servicer, self.server)
+        # KServe v2 / Triton (inference.GRPCInferenceService) on the same port and runtime
+        self.kserve = KServeServicer(_Unloaded(), size)
+        add_servicer(self.kserve, self.server, KSERVICE, kpb)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+            [SERVICE, KSERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME],
+            self.server,
         )
 
     @property
@@ -136,7 +191,10 @@ class RnnzooServer:
         """Bind and start answering (NOT_SERVING until ``load``). Returns the port."""
         address = f"{self.config.host}:{self.config.port}"
         try:
-            self.port = self.server.add_insecure_port(address)
+            if self._credentials is not None:
+                self.port = self.server.add_secure_port(address, self._credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
         except RuntimeError as exc:
             self.port = 0
             why = str(exc)
@@ -147,14 +205,27 @@ class RnnzooServer:
             raise FailedPrecondition(f"cannot listen on {address} ({why}); pick another --port")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
-        log(LOG, "bound", host=self.config.host, port=self.port)
-        if not _loopback(self.config.host):
+        auth = (
+            "tokens"
+            if self.guard.tokens
+            else "certificates"
+            if self.guard.authenticating
+            else "none"
+        )
+        log(LOG, "bound", host=self.config.host, port=self.port, tls=self.config.tls, auth=auth)
+        missing = [w for w, on in (("TLS", self.config.tls), ("authentication", auth != "none")) if not on]  # fmt: skip
+        if missing and not _loopback(self.config.host):
             log(
                 LOG,
-                "INSECURE: listening beyond this machine without TLS or authentication; "
-                "anyone who can reach this port can use every model and any session whose "
-                "id they learn. Bind 127.0.0.1, or put a TLS-terminating, authenticating "
-                "proxy in front",
+                f"INSECURE: listening beyond this machine without {' or '.join(missing)}: "
+                + (
+                    "anyone who can reach this port can use every model and any session whose "
+                    "id they learn. "
+                    if auth == "none"
+                    else "tokens and session ids cross the network in clear text. "
+                )
+                + "Use --tls-cert/--tls-key with --auth-tokens (or --tls-client-ca), or bind "
+                "127.0.0.1",
                 logging.WARNING,
                 host=self.config.host,
             )
@@ -170,6 +241,7 @@ class RnnzooServer:
         await runtime.start()
         self.runtime = runtime
         self.servicer.rt = runtime
+        self.kserve.rt = runtime
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         models = [m.name for m in runtime.list_models()]
         log(LOG, "serving", target=self.target, models=models)

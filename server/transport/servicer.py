@@ -23,6 +23,7 @@ from rnnzoo.server.runtime.redact import clip, sid_short
 
 from .codec import checked
 from .convert import model_info, request_inputs
+from .guard import charge
 from .logs import annotate, call_fields
 
 DEFAULT_MAX_RESPONSE_BYTES = 16 << 20
@@ -96,6 +97,8 @@ class RnnzooServicer:
         try:
             while (req := await context.read()) is not grpc.aio.EOF:
                 count += 1
+                if count > 1:
+                    charge()  # the request-rate quota: each message after the call's first
                 req = checked(req)
                 fields["request_id"], fields["requests"] = req.request_id, count
                 sid = _need(req.session_id, "session_id")

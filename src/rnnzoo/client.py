@@ -9,6 +9,11 @@
         for piece in client.generate("charlm", "the ", max_tokens=50):
             print(piece, end="")
 
+Security: ``Client(target, token=...)`` sends ``authorization: Bearer <token>`` with every
+call (servers started with ``--auth-tokens``); ``tls_ca=`` connects with TLS trusting that CA
+(``tls=True``: the system's roots), ``tls_cert=``/``tls_key=`` add a client certificate for
+mTLS. A token over a plaintext channel to another machine is refused.
+
 Server errors surface as ``RpcError`` (a ``grpc.RpcError``) with the server's code and
 message. ``Session.step`` keeps one ``Stream`` call open and sends one request per step;
 ``stream`` pipelines many chunks over one call. A failed step ends that call (the server
@@ -22,6 +27,7 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -81,29 +87,65 @@ _END = object()
 
 class Client:
     def __init__(
-        self, target: str = "127.0.0.1:50051", *, timeout: float = 30.0, max_message_mb: int = 64
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float = 30.0,
+        max_message_mb: int = 64,
+        token: str | None = None,
+        tls: bool | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
+        """``token``: bearer token sent with every call. ``tls``: connect with TLS (default:
+        when any ``tls_*`` is given); ``tls_ca``: PEM file of the CA to trust (default: the
+        system's); ``tls_cert``/``tls_key``: PEM files of a client certificate (mTLS);
+        ``tls_server_name``: the name to check the server's certificate against, when it is
+        not the target's host."""
         size = int(max_message_mb * (1 << 20))
         self.target, self.timeout = target, timeout
-        self.channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", size),
-                ("grpc.max_send_message_length", size),
-                # notice a dead server or path while a stream waits (the server allows a
-                # ping every 10 s; see docs/limits.md)
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.http2.ping_timeout_ms", 10_000),
-            ],
+        if (tls_cert is None) != (tls_key is None):
+            raise InvalidArgument("a client certificate needs both tls_cert and tls_key")
+        if tls is None:
+            tls = any(v is not None for v in (tls_ca, tls_cert, tls_server_name))
+        host = target.rsplit(":", 1)[0].strip("[]")
+        local = (
+            host in ("localhost", "::1") or host.startswith("127.") or target.startswith("unix:")
         )
+        if token is not None and not tls and not local:
+            raise InvalidArgument(
+                f"refusing to send a bearer token in clear text to {target}; connect with TLS "
+                "(tls_ca=... or tls=True)"
+            )
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+        options += [
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+            # notice a dead server or path while a stream waits (the server allows a
+            # ping every 10 s; see docs/limits.md)
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.ping_timeout_ms", 10_000),
+        ]
+        if tls:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca, "tls_ca"),
+                private_key=_read(tls_key, "tls_key"),
+                certificate_chain=_read(tls_cert, "tls_cert"),
+            )
+            self.channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
         self.stub = pb_grpc.RnnzooStub(self.channel)
         self._models: dict[str, pb.ModelInfo] = {}
 
     # ---- plumbing ------------------------------------------------------------------------
     def _call(self, method, request):
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise RpcError.wrap(err) from None
 
@@ -179,7 +221,7 @@ class Client:
         """Send every chunk over one Stream call (pipelined); yield the outputs in order."""
         reqs = (self._request(model, session_id, first_id + i, c) for i, c in enumerate(chunks))
         try:
-            for resp in self.stub.Stream(reqs):
+            for resp in self.stub.Stream(reqs, metadata=self._metadata):
                 yield _step_output(resp)
         except grpc.RpcError as err:
             raise RpcError.wrap(err) from None
@@ -213,7 +255,7 @@ class Client:
             top_k=top_k, seed=seed,
         )  # fmt: skip
         try:
-            for resp in self.stub.Generate(req):
+            for resp in self.stub.Generate(req, metadata=self._metadata):
                 yield resp.text
         except grpc.RpcError as err:
             raise RpcError.wrap(err) from None
@@ -236,7 +278,9 @@ class Session:
             self._next_id += 1
             if self._responses is None:
                 self._queue = queue.Queue()
-                self._responses = self.client.stub.Stream(iter(self._queue.get, _END))
+                self._responses = self.client.stub.Stream(
+                    iter(self._queue.get, _END), metadata=self.client._metadata
+                )
             self._queue.put(req)
             try:
                 return _step_output(next(self._responses))
@@ -278,6 +322,15 @@ class Session:
 
 
 # ---- helpers -------------------------------------------------------------------------------
+def _read(path: str | Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
 def _step_output(resp: pb.StreamResponse) -> StepOutput:
     return StepOutput(
         outputs=from_tensors(resp.outputs, what="output"),

@@ -1,0 +1,359 @@
+"""Who may call, and how often: one interceptor in front of every service and protocol.
+
+``Guard`` wraps the method handler of every RPC the server answers (rnnzoo.v1, KServe v2,
+reflection, anything added later), except the health service (load balancers probe it
+without credentials). Before the servicer runs it:
+
+1. authenticates the call. With a token table (``--auth-tokens FILE``) the call must carry
+   ``authorization: Bearer <token>``; the token is looked up by comparing its SHA-256 with
+   every entry's using ``hmac.compare_digest``, always over the whole table, so neither the
+   time taken nor an early exit tells which entry (or how much of one) matched. Without
+   tokens but with mTLS (``--tls-client-ca``), the principal is the client certificate's
+   common name. Missing or unknown token: UNAUTHENTICATED saying how to pass one;
+2. sets the call's ``Caller`` (``rnnzoo.server.runtime.caller``): the principal, and the key
+   quotas and fair scheduling count by (the principal, or the connection's peer address
+   without authentication). Session ownership and the session quota are enforced in the
+   runtime from it, so every servicer gets them;
+3. charges the caller's request-rate quota (``RateQuota``, a token bucket per key; a Stream
+   pays once per message through ``charge``): over it, RESOURCE_EXHAUSTED saying the quota
+   and when to retry.
+
+Quotas live in this process; once sessions move to a shared store (the durable-sessions
+issue) the counters belong there, so that N server processes do not multiply them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import inspect
+import json
+import logging
+import math
+import re
+import stat
+import time
+from pathlib import Path
+
+import grpc
+
+from rnnzoo.errors import InvalidArgument, ResourceExhausted, Unauthenticated
+from rnnzoo.server.runtime.caller import CALLER, Caller
+
+from .logs import log
+
+LOG = logging.getLogger("rnnzoo.auth")
+EXEMPT = ("/grpc.health.v1.Health/",)
+AUTH_KEY = "authorization"
+PRINCIPAL_RE = re.compile(r"^[A-Za-z0-9._@+=-]{1,64}$")
+MIN_TOKEN_CHARS = 16
+HOW = (
+    "send the metadata 'authorization: Bearer <token>' with every call (rnnzoo: "
+    "Client(target, token=...), or --token-file / RNNZOO_TOKEN for the CLI)"
+)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+class TokenTable:
+    """principal -> bearer token, held as SHA-256 digests."""
+
+    def __init__(self, entries: dict[str, str]) -> None:
+        if not entries:
+            raise InvalidArgument("the token table is empty; add lines 'principal:token'")
+        seen: dict[bytes, str] = {}
+        self._entries: list[tuple[str, bytes]] = []
+        for principal, token in entries.items():
+            if not PRINCIPAL_RE.match(principal):
+                raise InvalidArgument(
+                    f"principal {principal[:64]!r}: use 1-64 characters of letters, digits "
+                    "and ._@+=-"
+                )
+            if len(token) < MIN_TOKEN_CHARS or token != token.strip():
+                raise InvalidArgument(
+                    f"the token of principal {principal!r} is shorter than {MIN_TOKEN_CHARS} "
+                    "characters or has surrounding spaces; make one with: python -c "
+                    "'import secrets; print(secrets.token_urlsafe(32))'"
+                )
+            d = _digest(token)
+            if d in seen:
+                raise InvalidArgument(
+                    f"principals {seen[d]!r} and {principal!r} share a token; give each its own"
+                )
+            seen[d] = principal
+            self._entries.append((principal, d))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def principals(self) -> list[str]:
+        return [p for p, _ in self._entries]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TokenTable:
+        """Lines ``principal:token`` (``#`` comments, blank lines ignored), or JSON: an object
+        ``{"principal": "token", ...}`` or a list of ``{"principal": ..., "token": ...}``."""
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read the token file {p}: {exc.strerror}") from None
+        try:
+            mode = p.stat().st_mode
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                log(
+                    LOG,
+                    "the token file is readable by other users; chmod 600 it",
+                    logging.WARNING,
+                    file=str(p),
+                )
+        except OSError:
+            pass
+        entries: dict[str, str] = {}
+        stripped = text.lstrip()
+        if stripped.startswith(("{", "[")):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise InvalidArgument(f"{p}: not valid JSON ({exc})") from None
+            items = (
+                data.items()
+                if isinstance(data, dict)
+                else [(d.get("principal"), d.get("token")) for d in data if isinstance(d, dict)]
+            )
+            for principal, token in items:
+                if not isinstance(principal, str) or not isinstance(token, str):
+                    raise InvalidArgument(f"{p}: every entry needs a string principal and token")
+                if principal in entries:
+                    raise InvalidArgument(f"{p}: principal {principal!r} appears twice")
+                entries[principal] = token
+        else:
+            for n, line in enumerate(text.splitlines(), 1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                principal, sep, token = line.partition(":")
+                if not sep:
+                    raise InvalidArgument(f"{p}:{n}: expected 'principal:token'")
+                principal = principal.strip()
+                if principal in entries:
+                    raise InvalidArgument(f"{p}:{n}: principal {principal!r} appears twice")
+                entries[principal] = token.strip()
+        return cls(entries)
+
+    def lookup(self, token: str) -> str | None:
+        """The principal whose token this is, or None. Constant time in which entry matched:
+        every entry is compared, digests of equal length, no early exit."""
+        d = _digest(token)
+        found = None
+        for principal, want in self._entries:
+            if hmac.compare_digest(d, want):
+                found = principal
+        return found
+
+
+def bearer(metadata) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` entry, or None."""
+    for key, value in metadata or ():
+        if key == AUTH_KEY:
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "replace")
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            return ""
+    return None
+
+
+class RateQuota:
+    """A token bucket per caller key: ``rate`` requests/s, bursts of ``burst``."""
+
+    MAX_KEYS = 100_000
+
+    def __init__(self, rate: float, burst: float | None = None, clock=time.monotonic) -> None:
+        if not rate > 0 or not math.isfinite(rate):
+            raise InvalidArgument(f"requests per second must be > 0, got {rate}")
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, 2 * rate)
+        if self.burst < 1:
+            raise InvalidArgument(f"burst must be >= 1, got {self.burst}")
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+        self.refused = 0
+
+    def take(self, caller: Caller, n: float = 1.0) -> None:
+        now = self.clock()
+        tokens, at = self._buckets.get(caller.key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        if tokens < n:
+            self.refused += 1
+            wait = (n - tokens) / self.rate
+            self._buckets[caller.key] = (tokens, now)
+            raise ResourceExhausted(
+                f"{caller.describe()} is over its quota of {self.rate:g} requests/s "
+                f"(requests_per_s, bursts of {self.burst:g}; a Stream message counts as a "
+                f"request); retry in {wait:.3g} s, and send at most {self.rate:g} requests/s"
+            )
+        self._buckets[caller.key] = (tokens - n, now)
+        if len(self._buckets) > self.MAX_KEYS:
+            self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        """Forget buckets that have refilled (they read the same as a new one)."""
+        full = [
+            k for k, (t, at) in self._buckets.items() if t + (now - at) * self.rate >= self.burst
+        ]
+        for k in full:
+            del self._buckets[k]
+
+
+_QUOTA: contextvars.ContextVar[tuple[RateQuota, Caller] | None] = contextvars.ContextVar(
+    "rnnzoo_rate_quota", default=None
+)
+
+
+def charge(n: float = 1.0) -> None:
+    """Charge the current call's caller ``n`` more requests (a Stream's later messages)."""
+    q = _QUOTA.get()
+    if q is not None:
+        q[0].take(q[1], n)
+
+
+def _cert_name(context) -> str | None:
+    """The client certificate's common name (mTLS), or None."""
+    try:
+        ctx = context.auth_context() or {}
+    except Exception:  # no auth context on an insecure call
+        return None
+    for key in ("x509_common_name", "x509_subject_alternative_name"):
+        vals = ctx.get(key)
+        if vals:
+            v = vals[0]
+            return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+    return None
+
+
+class Guard(grpc.aio.ServerInterceptor):
+    """Authentication, the caller, and the request-rate quota for every RPC (see module)."""
+
+    def __init__(
+        self,
+        tokens: TokenTable | None = None,
+        rate: RateQuota | None = None,
+        cert_principals: bool = False,
+    ) -> None:
+        self.tokens = tokens
+        self.rate = rate
+        self.cert_principals = cert_principals  # mTLS without tokens: principal = cert CN
+        self.refused: dict[str, int] = {"UNAUTHENTICATED": 0, "RESOURCE_EXHAUSTED": 0}
+
+    @property
+    def authenticating(self) -> bool:
+        return self.tokens is not None or self.cert_principals
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(EXEMPT):
+            return handler
+        principal = None
+        if self.tokens is not None:  # decided once per call, from its metadata
+            token = bearer(handler_call_details.invocation_metadata)
+            principal = self.tokens.lookup(token) if token else None
+            if principal is None:
+                why = (
+                    "this server requires a bearer token and the call carried none"
+                    if token is None
+                    else "the bearer token is not valid (unknown, revoked or mistyped)"
+                )
+                return self._wrap(handler, method, None, f"{why}; {HOW}")
+        return self._wrap(handler, method, principal, None)
+
+    def _enter(self, method: str, context, principal: str | None, refusal: str | None) -> None:
+        if refusal is not None:
+            self._refuse(method, context, "UNAUTHENTICATED")
+            raise Unauthenticated(refusal)
+        if principal is None and self.cert_principals:
+            principal = _cert_name(context)
+            if principal is None:
+                self._refuse(method, context, "UNAUTHENTICATED")
+                raise Unauthenticated(
+                    "this server identifies clients by their TLS certificate and this call "
+                    "presented none with a common name; connect with a client certificate "
+                    "signed by the server's client CA"
+                )
+        caller = Caller(
+            f"principal:{principal}" if principal is not None else f"peer:{context.peer()}",
+            principal,
+        )
+        CALLER.set(caller)  # this call's task only: each RPC runs in its own task
+        if self.rate is not None:
+            _QUOTA.set((self.rate, caller))
+            try:
+                self.rate.take(caller)
+            except ResourceExhausted:
+                self._refuse(method, context, "RESOURCE_EXHAUSTED")
+                raise
+
+    def _refuse(self, method: str, context, code: str) -> None:
+        self.refused[code] = self.refused.get(code, 0) + 1
+        if code == "UNAUTHENTICATED":
+            log(LOG, "refused", logging.WARNING, rpc=method, code=code, peer=context.peer())
+
+    def _wrap(self, handler, method: str, principal: str | None, refusal: str | None):
+        enter = self._enter
+        if handler.response_streaming:
+            inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
+            factory = (
+                grpc.stream_stream_rpc_method_handler
+                if handler.request_streaming
+                else grpc.unary_stream_rpc_method_handler
+            )
+        else:
+            inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
+            factory = (
+                grpc.stream_unary_rpc_method_handler
+                if handler.request_streaming
+                else grpc.unary_unary_rpc_method_handler
+            )
+
+        if inspect.isasyncgenfunction(inner):
+
+            async def wrapper(request, context):
+                try:
+                    enter(method, context, principal, refusal)
+                except (Unauthenticated, ResourceExhausted) as exc:
+                    await _abort(context, exc)
+                async for response in inner(request, context):
+                    yield response
+
+        else:
+
+            async def wrapper(request, context):
+                try:
+                    enter(method, context, principal, refusal)
+                except (Unauthenticated, ResourceExhausted) as exc:
+                    await _abort(context, exc)
+                result = inner(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+
+        return factory(
+            wrapper,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+async def _abort(context, exc: Exception) -> None:
+    code = (
+        grpc.StatusCode.UNAUTHENTICATED
+        if isinstance(exc, Unauthenticated)
+        else grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    await context.abort(code, str(exc))
