@@ -25,14 +25,14 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Rnnzoo"]
 class Malformed:
     """Request bytes that are not a valid ``message`` (what the deserializer returns)."""
 
-    message: str  # the expected message type's name
+    message: str  # the expected message type's full name, e.g. rnnzoo.v1.StreamRequest
     size: int
     why: str
 
     def error(self) -> InvalidArgument:
         return InvalidArgument(
-            f"the request is not a valid rnnzoo.v1.{self.message} ({self.size} bytes: "
-            f"{self.why[:200]}); send a serialized {self.message} message"
+            f"the request is not a valid {self.message} ({self.size} bytes: "
+            f"{self.why[:200]}); send a serialized {self.message.rsplit('.', 1)[-1]} message"
         )
 
 
@@ -44,7 +44,7 @@ def checked(request):
 
 
 def _deserializer(cls: type[Message]):
-    name = cls.DESCRIPTOR.name
+    name = cls.DESCRIPTOR.full_name
     from_string = cls.FromString
 
     def decode(data: bytes):
@@ -56,12 +56,15 @@ def _deserializer(cls: type[Message]):
     return decode
 
 
-def method_handlers(servicer) -> dict[str, grpc.RpcMethodHandler]:
-    """One handler per RPC of rnnzoo.v1.Rnnzoo, with our deserializers."""
+def method_handlers(servicer, service=SERVICE, module=pb) -> dict[str, grpc.RpcMethodHandler]:
+    """One handler per RPC of ``service`` (default rnnzoo.v1.Rnnzoo) that ``servicer``
+    implements, with our deserializers (the others answer UNIMPLEMENTED)."""
     handlers = {}
-    for m in SERVICE.methods:
-        request = getattr(pb, m.input_type.name)
-        response = getattr(pb, m.output_type.name)
+    for m in service.methods:
+        if not hasattr(servicer, m.name):
+            continue
+        request = getattr(module, m.input_type.name)
+        response = getattr(module, m.output_type.name)
         factory = {
             (False, False): grpc.unary_unary_rpc_method_handler,
             (False, True): grpc.unary_stream_rpc_method_handler,
@@ -76,9 +79,9 @@ def method_handlers(servicer) -> dict[str, grpc.RpcMethodHandler]:
     return handlers
 
 
-def add_servicer(servicer, server: grpc.aio.Server) -> None:
-    handlers = method_handlers(servicer)
+def add_servicer(servicer, server: grpc.aio.Server, service=SERVICE, module=pb) -> None:
+    handlers = method_handlers(servicer, service, module)
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
-    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -12,6 +12,7 @@ from rnnzoo.errors import InvalidArgument
 from rnnzoo.proto.tensors import from_tensors
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.server.runtime import ModelInfo, Runtime
+from rnnzoo.server.runtime.text import text_inputs, token_inputs
 
 
 def _dims(shape: list) -> list[pb.Dim]:
@@ -104,16 +105,6 @@ def request_inputs(runtime: Runtime, model: str, req, *, batched: bool) -> dict[
                              ("tokens", has_tokens)) if on]  # fmt: skip
     if len(given) != 1:
         raise InvalidArgument(f"send exactly one of inputs, text or tokens; got {given or 'none'}")
-    contract = runtime.get_model(model).contracts.get("model")
-    if contract is None or not contract.vocab or len(contract.inputs) != 1:
-        raise InvalidArgument(
-            f"model {model!r} does not take text or token ids; send named tensors in inputs"
-        )
     if given[0] == "text":
-        ids = runtime.encode_text(model, req.text)
-    else:
-        runtime.check_steps(len(req.tokens.ids), "tokens")  # before numpy copies them
-        ids = np.asarray(req.tokens.ids, dtype=np.int64)
-        if ids.size == 0:
-            raise InvalidArgument("tokens is empty; send at least one token id")
-    return {contract.inputs[0].name: ids[None, :] if batched else ids}
+        return text_inputs(runtime, model, [req.text], batched)
+    return token_inputs(runtime, model, req.tokens.ids, batched)

@@ -37,6 +37,8 @@ from .logs import begin_call, log, now_ms
 
 LOG = logging.getLogger("rnnzoo.rpc")
 SERVICE_PREFIX = "/rnnzoo.v1.Rnnzoo/"
+# the services this interceptor owns, by method prefix -> protocol (the log's "protocol")
+PROTOCOLS = {SERVICE_PREFIX: "rnnzoo.v1", "/inference.GRPCInferenceService/": "kserve"}
 REQUEST_ID_KEY = "rnnzoo-request-id"  # trailing metadata: the Stream request that failed
 
 STATUS: dict[type[RnnzooError], grpc.StatusCode] = {
@@ -65,12 +67,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or not method.startswith(SERVICE_PREFIX):
+        prefix = next((p for p in PROTOCOLS if method.startswith(p)), None)
+        if handler is None or prefix is None:
             return handler
-        rpc = method.removeprefix(SERVICE_PREFIX)
+        rpc = method.removeprefix(prefix)
         if handler.response_streaming:
             inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
-            wrapped = _wrap_stream(rpc, inner, self.admission)
+            wrapped = _wrap_stream(rpc, inner, self.admission, PROTOCOLS[prefix])
             factory = (
                 grpc.stream_stream_rpc_method_handler
                 if handler.request_streaming
@@ -78,7 +81,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             )
         else:
             inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
-            wrapped = _wrap_unary(rpc, inner, self.admission)
+            wrapped = _wrap_unary(rpc, inner, self.admission, PROTOCOLS[prefix])
             factory = (
                 grpc.stream_unary_rpc_method_handler
                 if handler.request_streaming
@@ -102,9 +105,12 @@ def _admit(rpc: str, request, context, admission: Admission | None):
     return ticket
 
 
-def _wrap_unary(rpc: str, behavior, admission: Admission | None = None):
+def _wrap_unary(
+    rpc: str, behavior, admission: Admission | None = None, protocol: str = "rnnzoo.v1"
+):
     async def wrapper(request, context):
         fields, t0 = begin_call(), now_ms()
+        fields["protocol"] = protocol
         ticket = None
         try:
             ticket = _admit(rpc, request, context, admission)
@@ -120,13 +126,16 @@ def _wrap_unary(rpc: str, behavior, admission: Admission | None = None):
     return wrapper
 
 
-def _wrap_stream(rpc: str, behavior, admission: Admission | None = None):
+def _wrap_stream(
+    rpc: str, behavior, admission: Admission | None = None, protocol: str = "rnnzoo.v1"
+):
     if not inspect.isasyncgenfunction(behavior):
         # a read/write-style streaming handler (it awaits context.write): wrap the one call
-        return _wrap_unary(rpc, behavior, admission)
+        return _wrap_unary(rpc, behavior, admission, protocol)
 
     async def wrapper(request, context):
         fields, t0 = begin_call(), now_ms()
+        fields["protocol"] = protocol
         ticket = None
         try:
             ticket = _admit(rpc, request, context, admission)
