@@ -357,3 +357,31 @@ async def test_statistics_and_both_protocols_share_the_runtime(server, stub):
             np.frombuffer(r.outputs["y"].data, np.float32),
             _out(await stub.ModelInfer(_request("rnn", x))).ravel(),
         )
+
+
+async def test_sequences_are_per_principal(zoo, tmp_path):
+    """With authentication, (principal, model, id) names a sequence: another principal's
+    id 1 is a different sequence, and bob cannot continue alice's."""
+    alice, bob = "a" * 24, "b" * 24
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice:{alice}\nbob:{bob}\n")
+    tokens.chmod(0o600)
+    server = RnnzooServer(ServerConfig(port=0, grace_s=0.5, auth_tokens=str(tokens)))
+    await server.start()
+    await server.load(Runtime.from_dir(zoo[0], RuntimeOptions(session_ttl_s=None)))
+    try:
+        async with grpc.aio.insecure_channel(server.target) as ch:
+            stub = kgrpc.GRPCInferenceServiceStub(ch)
+            md = {n: (("authorization", f"Bearer {t}"),) for n, t in (("a", alice), ("b", bob))}
+            x = _signal(4, seed=13)
+            await stub.ModelInfer(_request("gru", x[None, :2], 1, start=True), metadata=md["a"])
+            await _expect(
+                Code.NOT_FOUND, stub.ModelInfer(_request("gru", x[None, 2:], 1), metadata=md["b"])
+            )
+            await stub.ModelInfer(_request("gru", x[None, :1], 1, start=True), metadata=md["b"])
+            rest = await stub.ModelInfer(_request("gru", x[None, 2:], 1), metadata=md["a"])
+            whole = await stub.ModelInfer(_request("gru", x[None]), metadata=md["a"])
+            np.testing.assert_allclose(_out(rest), _out(whole)[:, 2:], atol=TOL)
+            await _expect(Code.UNAUTHENTICATED, stub.ModelInfer(_request("gru", x[None])))
+    finally:
+        await server.stop(0.5)

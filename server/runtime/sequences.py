@@ -38,6 +38,7 @@ import numpy as np
 
 from rnnzoo.errors import FailedPrecondition, InvalidArgument, NotFound
 
+from .caller import current
 from .lease import Lease
 from .redact import clip
 
@@ -194,6 +195,9 @@ class Sequences:
         if contract is None:  # seq2seq: the runtime says why (rnnzoo.v1 Generate)
             self.rt._single(model, "a sequence")
         chunk = _unbatch(contract, inputs)
+        if principal is None:  # the authenticated caller's (caller.py), else the default
+            caller = current()
+            principal = caller.principal if caller is not None else None
         key = SeqKey(principal or "", model, seq_id)
         old = self.session_of(key)
         if old is None and not start:
@@ -208,6 +212,8 @@ class Sequences:
                         "while it is open: restarting it from elsewhere is refused; send the "
                         "request over that stream, or end that stream first"
                     )
+            # validated before a session is made (a full store may evict one for it)
+            self.rt.repo.entries[model].graphs["model"].validate_chunk(chunk)
             self._prune()
             sid = self.rt.create_session(model).id
             self._live[key] = sid  # concurrent requests of this id queue behind this one
