@@ -3,6 +3,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
+# tritonclient[grpc] in its own venv (it pins protobuf<7): the KServe v2 tests run it
+bash scripts/setup-tritonclient.sh || exit 1
 .venv/bin/ruff check . || exit 1
 .venv/bin/python -m pytest "$@"
 rc=$?
