@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     lim.add_argument("--max-rpcs", type=int, default=4096, help="calls in flight at once")
     lim.add_argument("--max-streams", type=int, default=2048, help="open Stream/Generate calls")
     lim.add_argument("--max-streams-per-connection", type=int, default=1024)
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics (rnnzoo_*) over HTTP on --host at this port; "
+                   "0 picks a free one (printed); default: no metrics endpoint")  # fmt: skip
     lim.add_argument("--max-sessions-per-client", type=int, default=5_000,
                      help="live sessions per principal (per connection without auth); 0 = none")  # fmt: skip
     lim.add_argument("--requests-per-s", type=float, default=0.0,
@@ -160,6 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         auth_tokens=args.auth_tokens,
         requests_per_s=args.requests_per_s,
         burst=args.burst,
+        metrics_port=args.metrics_port,
     )
     config.check()
     from rnnzoo.server.runtime.repository import ALLOW_FAILED_PARITY

@@ -36,6 +36,7 @@ import numpy as np
 
 from rnnzoo.errors import InvalidArgument, RnnzooError, Unavailable
 
+from . import telemetry
 from .model import Chunk, ServedModel
 
 Result = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # batch-free outputs, batch-1 states
@@ -64,6 +65,7 @@ class _Job:
     chunk: Chunk
     state: dict[str, np.ndarray]
     future: asyncio.Future | None  # None: run directly in ``submit``
+    queued: float = 0.0  # perf_counter when it was queued (0: never queued)
 
 
 class Batcher:
@@ -124,7 +126,7 @@ class Batcher:
         q = self._queues.get(key)
         if q is None:
             self._queues[key] = q = deque()
-        q.append(_Job(key, chunk, state, fut))
+        q.append(_Job(key, chunk, state, fut, time.perf_counter()))
         self._wake()
         return await fut
 
@@ -287,6 +289,7 @@ class Batcher:
         feeds = m.stack_chunks([j.chunk for j in jobs])
         states = m.stack_states([j.state for j in jobs])
         t0 = time.perf_counter()
+        telemetry.batch(m.contract.name, len(jobs), [t0 - j.queued for j in jobs if j.queued])
         outs, nxt = m.run(feeds, states)
         # a group's chunks share one length (see _run_jobs)
         per_step = (time.perf_counter() - t0) / (len(jobs) * jobs[0].chunk.length)

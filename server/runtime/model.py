@@ -16,6 +16,7 @@ everything else (floats for token ids, ints for features, bool, strings) is Inva
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from rnnzoo.contract import Contract, StateSpec, TensorSpec
 from rnnzoo.errors import InvalidArgument
 from rnnzoo.ort_options import session_options
 
+from . import telemetry
 from .redact import clip
 
 ORT_DTYPES = {
@@ -388,7 +390,9 @@ class ServedModel:
         """One ORT call on a batch. Returns (data outputs, next states keyed by state input)."""
         feeds = {**inputs, **states, **self.constants}
         names = self._fetch
+        t0 = time.perf_counter()
         res = self.session.run(names, feeds)
+        telemetry.ort_run(self.contract.name, time.perf_counter() - t0)
         n = len(self.contract.outputs)
         outs = dict(zip(names[:n], res[:n], strict=True))
         nxt = {st.input: r for st, r in zip(self.contract.states, res[n:], strict=True)}

@@ -32,6 +32,7 @@ import numpy as np
 
 from rnnzoo.errors import InvalidArgument, NotFound, ResourceExhausted
 
+from . import telemetry
 from .caller import current
 from .lease import Lease, Leases
 from .redact import sid_tag
@@ -95,6 +96,7 @@ class SessionStore:
 
     def _bury(self, sid: str, why: str) -> None:
         sess = self._live.pop(sid)
+        telemetry.session(why.split(" ", 1)[0], sess.model)  # closed, expired, evicted
         self.leases.forget(sid)
         sess.epoch += 1
         if sess.quota_key is not None:
@@ -159,6 +161,7 @@ class SessionStore:
         sess.owner = caller.principal if caller is not None else None
         sess.quota_key = key
         self._live[sid] = sess
+        telemetry.session("created", model)
         if key is not None:
             self._per_key[key] = self._per_key.get(key, 0) + 1
         return sess

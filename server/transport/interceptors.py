@@ -31,6 +31,7 @@ from rnnzoo.errors import (
     Unavailable,
 )
 
+from . import metrics
 from .admission import Admission
 from .codec import Malformed
 from .logs import begin_call, log, now_ms
@@ -179,4 +180,6 @@ async def _handle(rpc: str, exc: BaseException, context, fields: dict) -> None:
 def _log_call(rpc: str, fields: dict, t0: float) -> None:
     code = fields.pop("code", "OK")
     level = logging.INFO if code in ("OK", "CANCELLED") else logging.WARNING
-    log(LOG, "rpc", level, rpc=rpc, **fields, code=code, ms=round(now_ms() - t0, 3))
+    ms = now_ms() - t0
+    log(LOG, "rpc", level, rpc=rpc, **fields, code=code, ms=round(ms, 3))
+    metrics.call_ended(rpc, fields.get("protocol", "rnnzoo.v1"), code, ms / 1000.0)

@@ -25,8 +25,10 @@ from rnnzoo.server.runtime.redact import clip
 from rnnzoo.server.runtime.sequences import Holder, sequences_of
 from rnnzoo.server.runtime.text import text_inputs
 
+from . import metrics
 from .codec import checked
 from .convert import public_contract_json
+from .guard import charge
 from .interceptors import status_of
 from .kserve_tensors import OF_DTYPE, decode_inputs, fill_outputs, param_value
 from .logs import annotate, call_fields
@@ -115,6 +117,10 @@ class KServeServicer:
                 f"the response would be {size} bytes, over this server's message limit of "
                 f"{self.max_response_bytes} bytes; send fewer steps per request"
             )
+
+    @staticmethod
+    def _message(code: str, t0: int) -> None:
+        metrics.request("ModelStreamInfer", "kserve", code, (time.perf_counter_ns() - t0) / 1e9)
 
     def _record(self, model: str, ok: bool, t0: int, batch: int = 1) -> None:
         if model in self.rt.repo.entries:  # never grow the table from client strings
@@ -324,12 +330,15 @@ class KServeServicer:
                 t0 = time.perf_counter_ns()
                 model = ""
                 try:
+                    if count > 1:
+                        charge()  # the request-rate quota: each message after the first
                     req = checked(req)
                     model = req.model_name
                     fields["request_id"] = clip(req.id)
                     resp = await self._infer(req, holder, context.write)
                 except RnnzooError as exc:
                     self._record(model, False, t0)
+                    self._message(status_of(exc).name, t0)
                     message = f"{status_of(exc).name}: {exc}"
                     if getattr(req, "id", ""):
                         message += f" (request id {clip(req.id)!r})"
@@ -338,6 +347,7 @@ class KServeServicer:
                 except Exception as exc:  # never end the stream for one request
                     LOG.error("unexpected error", exc_info=exc, extra={"fields": dict(fields)})
                     self._record(model, False, t0)
+                    self._message("INTERNAL", t0)
                     await context.write(
                         kpb.ModelStreamInferResponse(
                             error_message=f"{grpc.StatusCode.INTERNAL.name}: internal server "
@@ -346,6 +356,7 @@ class KServeServicer:
                     )
                     continue
                 self._record(model, True, t0, _batch_of(resp))
+                self._message("OK", t0)
         finally:
             holder.release_all()
 

@@ -38,6 +38,7 @@ from rnnzoo.proto.inference.v2 import grpc_service_pb2 as kpb
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.server.runtime import Runtime, RuntimeOptions
 
+from . import metrics
 from .admission import Admission, AdmissionLimits
 from .codec import add_servicer
 from .guard import Guard, RateQuota, TokenTable
@@ -68,6 +69,7 @@ class ServerConfig:
     keepalive_timeout_s: float = 10.0  # ...and close it if the ping is not answered by then
     min_client_ping_interval_s: float = 10.0  # clients may ping this often (no data needed)
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)
+    metrics_port: int | None = None  # Prometheus text over HTTP on host:port; 0 = any free
     # security: PEM file paths; TLS needs both cert and key; a client CA turns on mTLS
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -110,6 +112,8 @@ class ServerConfig:
             raise InvalidArgument("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
         if self.requests_per_s < 0:
             raise InvalidArgument(f"requests_per_s must be >= 0, got {self.requests_per_s}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise InvalidArgument(f"metrics port must be in [0, 65535], got {self.metrics_port}")
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"port must be in [0, 65535], got {self.port}")
         if self.max_message_mb <= 0:
@@ -161,6 +165,8 @@ class RnnzooServer:
         size = int(self.config.max_message_mb * MB)
         self.servicer = RnnzooServicer(_Unloaded(), size)  # type: ignore[arg-type]
         self.admission = Admission(self.config.admission)
+        self._metrics = None  # the Prometheus HTTP server (config.metrics_port)
+        self.metrics_port: int | None = None
         self.guard = self.config.guard()  # first: refused callers reach nothing else
         self._credentials = self.config.credentials()
         self.server = grpc.aio.server(
@@ -204,6 +210,18 @@ class RnnzooServer:
             await self.server.stop(None)
             raise FailedPrecondition(f"cannot listen on {address} ({why}); pick another --port")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.config.metrics_port is not None:
+            try:
+                self._metrics = metrics.start_exporter(self.config.metrics_port, self.config.host)
+            except OSError as exc:
+                await self.server.stop(None)
+                raise FailedPrecondition(
+                    f"cannot serve metrics on {self.config.host}:{self.config.metrics_port} "
+                    f"({exc.strerror}); pick another --metrics-port"
+                ) from None
+            metrics.install()
+            self.metrics_port = self._metrics.server_port
+            log(LOG, "metrics", host=self.config.host, port=self.metrics_port)
         await self.server.start()
         auth = (
             "tokens"
@@ -244,6 +262,7 @@ class RnnzooServer:
         self.kserve.rt = runtime
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         models = [m.name for m in runtime.list_models()]
+        metrics.models_loaded(models)
         log(LOG, "serving", target=self.target, models=models)
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -253,6 +272,11 @@ class RnnzooServer:
         await self.server.stop(grace)
         if self.runtime is not None:
             await self.runtime.stop(grace)
+            metrics.models_loaded(self.runtime.repo.entries, ready=False)
+        if self._metrics is not None:
+            self._metrics.shutdown()
+            self._metrics.server_close()
+            self._metrics = None
         log(LOG, "stopped")
 
 
@@ -266,6 +290,8 @@ async def serve(
         runtime = await asyncio.to_thread(Runtime.from_dir, model_dir, options)
         await server.load(runtime)
         ready(f"listening on {server.target}", flush=True)
+        if server.metrics_port is not None:
+            ready(f"metrics on http://{config.host}:{server.metrics_port}/metrics", flush=True)
         await _until_signal()
     finally:
         await server.stop()

@@ -12,6 +12,7 @@ response is on its way (Stream: written), so a request answered with an error ch
 from __future__ import annotations
 
 import secrets
+import time
 
 import grpc
 
@@ -21,6 +22,7 @@ from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.server.runtime import Runtime
 from rnnzoo.server.runtime.redact import clip, sid_short
 
+from . import metrics
 from .codec import checked
 from .convert import model_info, request_inputs
 from .guard import charge
@@ -96,6 +98,7 @@ class RnnzooServicer:
 
         try:
             while (req := await context.read()) is not grpc.aio.EOF:
+                t0 = time.perf_counter()
                 count += 1
                 if count > 1:
                     charge()  # the request-rate quota: each message after the call's first
@@ -120,6 +123,7 @@ class RnnzooServicer:
                     fill_tensors(resp.outputs, res.outputs)
                     self._fits(resp)
                     await context.write(resp)
+                metrics.request("Stream", "rnnzoo.v1", "OK", time.perf_counter() - t0)
         finally:
             for sid, (lease, _) in attached.items():
                 self.rt.detach(sid, lease)
