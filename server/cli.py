@@ -69,6 +69,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve models whose parity record (NAME.parity.json) says parity failed or judged "
         "another file; a warning is logged for each (default: refuse to start)",
     )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse to start when any model fails to load (default: serve the others and "
+        "list the failed ones as not ready, with their reason)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("stream", help="stream a generated signal to a forecasting model")
@@ -169,6 +175,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from rnnzoo.server.runtime.repository import ALLOW_FAILED_PARITY
 
     ALLOW_FAILED_PARITY.set(args.allow_failed_parity)  # read where the models load
+    from rnnzoo.server.runtime.repository import STRICT
+
+    STRICT.set(args.strict)
     asyncio.run(serve(args.model_dir, options, config))
     return 0
 

@@ -16,6 +16,7 @@ serve --allow-failed-parity``), which serves it with a warning. No record: loads
 from __future__ import annotations
 
 import logging
+import re
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,21 @@ log = logging.getLogger(__name__)
 # The default for ``ModelRepository.from_dir(allow_failed_parity=None)``: ``rnnzoo serve
 # --allow-failed-parity`` sets it for the serving task (threads started from it inherit it).
 ALLOW_FAILED_PARITY: ContextVar[bool] = ContextVar("rnnzoo_allow_failed_parity", default=False)
+# The default for ``from_dir(strict=None)``: True (a model that fails fails the load) for the
+# library; ``rnnzoo serve`` sets it to its ``--strict`` flag (default off: a model that fails
+# to load is listed not ready with its reason, and the others serve).
+STRICT: ContextVar[bool] = ContextVar("rnnzoo_strict_load", default=True)
+_ABS_PATH = re.compile(
+    r"(?<![\w.])(?:[A-Za-z]:)?[/\\](?:[^\s'\":,;()\[\]]+[/\\])+([^\s'\":,;()\[\]]+)"
+)
+
+
+def public_reason(text: str, model_dir: Path) -> str:
+    """A load error as clients see it: paths under the model directory relative to it, any
+    other absolute path cut to its file name (the server log keeps the whole text)."""
+    for root in {str(model_dir.resolve()), str(model_dir)}:
+        text = text.replace(root.rstrip("/") + "/", "")
+    return _ABS_PATH.sub(r"\1", text)
 
 
 @dataclass(frozen=True)
@@ -58,8 +74,11 @@ class ServedEntry:
 
 
 class ModelRepository:
-    def __init__(self, entries: dict[str, ServedEntry]) -> None:
+    def __init__(self, entries: dict[str, ServedEntry], failed: dict[str, str] | None = None):
         self.entries = entries
+        # models that failed to load (non-strict): name -> why, without server paths; never
+        # half-served: none of their graphs is in ``entries``
+        self.failed: dict[str, str] = dict(failed or {})
 
     @classmethod
     def from_dir(
@@ -68,6 +87,7 @@ class ModelRepository:
         intra: int = 1,
         inter: int = 1,
         allow_failed_parity: bool | None = None,
+        strict: bool | None = None,
     ) -> ModelRepository:
         d = Path(model_dir)
         if not d.is_dir():
@@ -84,12 +104,40 @@ class ModelRepository:
             raise NotFound(
                 f"model directory {d} holds no .onnx files; export some with `rnnzoo export`"
             )
-        contracts = [(f, read_contract(f)) for f in files]
-        _check_parity(contracts, allow)
+        strict = STRICT.get() if strict is None else strict
+        failed: dict[str, str] = {}
+
+        def fail(name: str, exc: Exception) -> None:
+            if strict:
+                raise exc
+            log.error("model %r not served: %s", name, exc)
+            failed.setdefault(name, public_reason(str(exc), d))
+
+        contracts = []
+        for f in files:
+            try:
+                contracts.append((f, read_contract(f)))
+            except (InvalidArgument, NotFound, FailedPrecondition) as exc:
+                fail(f.name.split(".")[0], exc)
+        if strict:
+            _check_parity(contracts, allow)
+        else:
+            kept = []
+            for f, c in contracts:
+                try:
+                    _check_parity([(f, c)], allow)
+                    kept.append((f, c))
+                except FailedPrecondition as exc:
+                    fail(c.group or c.name, exc)
+            contracts = kept
         singles: dict[str, ServedEntry] = {}
         halves: dict[str, dict[str, ServedModel]] = {}
         for f, contract in contracts:
-            graph = ServedModel(f, contract, intra, inter)
+            try:
+                graph = ServedModel(f, contract, intra, inter)
+            except (InvalidArgument, FailedPrecondition) as exc:
+                fail(contract.group or contract.name, exc)
+                continue
             if contract.role == "model":
                 if contract.name in singles:
                     raise InvalidArgument(
@@ -113,6 +161,8 @@ class ModelRepository:
                     )
                 pair[contract.role] = graph
         for group, pair in halves.items():
+            if group in failed:  # one half failed: the pair is not served at all
+                continue
             missing = {"encoder", "decoder"} - set(pair)
             if missing:
                 have = next(iter(pair.values())).path
@@ -141,7 +191,12 @@ class ModelRepository:
                 dec.description or enc.description,
             )
             singles[group] = ServedEntry(info, dict(pair))
-        return cls(singles)
+        if not singles and failed:
+            raise FailedPrecondition(
+                f"no model in {d} could be served: "
+                + "; ".join(f"{n}: {why}" for n, why in sorted(failed.items()))
+            )
+        return cls(singles, failed)
 
     def get(self, name: str) -> ServedEntry:
         entry = self.entries.get(name)

@@ -254,6 +254,11 @@ class Runtime:
 
     def _entry(self, name: str) -> ServedEntry:
         entry = self.repo.entries.get(name)
+        if entry is None and name in self.repo.failed:
+            raise FailedPrecondition(
+                f"model {clip(name)!r} is not ready: it failed to load ({self.repo.failed[name]}); "
+                "the server's log has the details"
+            )
         if entry is None:
             raise NotFound(f"no model {clip(name)!r}; known models: {sorted(self.repo.entries)}")
         return entry

@@ -263,6 +263,9 @@ class RnnzooServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         models = [m.name for m in runtime.list_models()]
         metrics.models_loaded(models)
+        metrics.models_loaded(runtime.repo.failed, ready=False)
+        for name, why in sorted(runtime.repo.failed.items()):
+            log(LOG, "model not served", logging.ERROR, model=name, reason=why)
         log(LOG, "serving", target=self.target, models=models)
 
     async def stop(self, grace_s: float | None = None) -> None:
