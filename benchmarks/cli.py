@@ -19,6 +19,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sessions", help="comma-separated session counts, e.g. 1,16,64,256")
     p.add_argument("--steps", help="comma-separated steps per message, e.g. 1,8,32")
     p.add_argument("--delays", help="comma-separated --max-delay-ms values for D, first = main")
+    p.add_argument("--isolation", action="store_true",
+                   help="instead: the isolation scenario (a light client vs a heavy one; "
+                   "benchmarks/isolation.py)")  # fmt: skip
+    p.add_argument("--scenarios", default="bidir,infer", help="--isolation: bidir and/or infer")
+    p.add_argument("--baseline", action="store_true",
+                   help="--isolation: also run with the long-job pool off")  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +49,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .harness import BenchConfig, run
     from .report import text, write_doc
 
+    if args.isolation:
+        from . import isolation
+
+        args.duration = args.duration if args.duration is not None else 10.0
+        return isolation.cmd(args)
     cfg = BenchConfig.quick() if args.quick else BenchConfig()
     if args.duration is not None:
         if args.duration <= 0:
