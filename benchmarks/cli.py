@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="instead: the isolation scenario (a light client vs a heavy one; "
                    "benchmarks/isolation.py)")  # fmt: skip
     p.add_argument("--scenarios", default="bidir,infer", help="--isolation: bidir and/or infer")
+    p.add_argument("--nice", default="10", help="--isolation: --long-nice values to compare")
     p.add_argument("--baseline", action="store_true",
                    help="--isolation: also run with the long-job pool off")  # fmt: skip
 

@@ -54,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     lim.add_argument("--long-workers", type=int, default=0,
                      help="long-job threads (low priority); 0 = cpu_count - 1")  # fmt: skip
     lim.add_argument("--max-long-jobs", type=int, default=64)
+    lim.add_argument("--long-nice", type=int, default=10,
+                     help="nice value of the long-job threads (0-19; higher = yield more)")  # fmt: skip
     lim.add_argument("--max-long-jobs-per-client", type=int, default=8)
     sec = p.add_argument_group("security (docs/limits.md)")
     sec.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve TLS")
@@ -151,6 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         long_workers=args.long_workers,
         max_long_jobs=args.max_long_jobs,
         max_long_jobs_per_client=args.max_long_jobs_per_client,
+        long_nice=args.long_nice,
     )
     options.check()
     from rnnzoo.server.transport.admission import AdmissionLimits

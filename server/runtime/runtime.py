@@ -89,6 +89,7 @@ class RuntimeOptions:
     max_long_jobs: int = 64  # admitted at once (running or waiting); beyond: ResourceExhausted
     max_long_jobs_per_client: int = 8
     long_slice_s: float = 0.02  # a streamable long job runs in slices of about this long
+    long_nice: int = 10  # the long-job threads' nice value (lower OS priority); 0 = unchanged
 
     def check(self) -> None:
         problems = []
@@ -109,6 +110,8 @@ class RuntimeOptions:
                      "max_long_jobs_per_client"):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.long_nice <= 19:
+            problems.append(f"long_nice must be in [0, 19], got {self.long_nice}")
         if self.max_sessions_per_client < 0 or self.long_workers < 0:
             problems.append("max_sessions_per_client and long_workers must be >= 0")
         if not self.long_slice_s > 0:
@@ -142,7 +145,9 @@ class Runtime:
             **kw,
         )
         o = self.options
-        self.jobs = LongJobs(o.long_workers, o.max_long_jobs, o.max_long_jobs_per_client)
+        self.jobs = LongJobs(
+            o.long_workers, o.max_long_jobs, o.max_long_jobs_per_client, o.long_nice
+        )
         self._row_step_s: dict[int, float] = {}  # id(graph) -> seconds per (row x step)
         self._executor = ThreadPoolExecutor(max(1, os.cpu_count() or 1), "rnnzoo-ort")
         self.batchers: dict[tuple[str, str], Batcher] = {}
