@@ -17,7 +17,10 @@ from typing import Any
 import torch
 
 from rnnzoo.contract import Contract, read_contract
-from rnnzoo.export.verify import _feeds, _random_case, make_session
+from rnnzoo.export.native import one_thread
+from rnnzoo.export.onnx_export import FlatNet
+from rnnzoo.export.parity import make_session
+from rnnzoo.export.sampling import make_sampler
 from rnnzoo.models.rnn import RecurrentNet
 
 
@@ -42,21 +45,22 @@ def bench_net(
     """{label: {"torch_ms", "ort_ms", "ratio"}} for each (label, B, T) in ``shapes``."""
     contract = contract or read_contract(onnx_path)
     sess = make_session(onnx_path)
-    net = net.eval()
+    flat = FlatNet(net.eval())
+    sample = make_sampler(contract)
+    names = [t.name for t in contract.inputs] + [s.input for s in contract.states]
     gen = torch.Generator().manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     out: dict[str, Any] = {}
-    try:
+    with one_thread():
         for label, B, T in shapes:
-            x, state = _random_case(net, B, T, gen)
-            feeds = _feeds(contract, x, state)
+            xs, states = sample(B, T, gen)
+            args = [*xs, *states]
+            feeds = {n: a.numpy() for n, a in zip(names, args, strict=True)}
             # Long sequences: fewer repeats, same median estimator.
             n = max(3, repeats // (1 + T // 100))
 
-            def run_torch(x=x, state=state):
+            def run_torch(args=args):
                 with torch.no_grad():
-                    net(x, state)
+                    flat(*args)
 
             def run_ort(feeds=feeds):
                 sess.run(None, feeds)
@@ -70,6 +74,4 @@ def bench_net(
                 "ort_ms": round(t_ort * 1e3, 4),
                 "ratio": round(t_torch / t_ort, 2),
             }
-    finally:
-        torch.set_num_threads(threads)
     return out

@@ -1,8 +1,10 @@
-"""The contract an exported graph carries: built from the model's config and its checkpoint.
+"""What a zoo graph's contract says beyond what ``export_module`` derives from the module.
 
-Everything the serving side needs to run a graph without torch or zoo code: tensor names,
-dtypes and symbolic axes, the state pairs and their layout, the task's vocabularies and
-labels, whether it can stream, and where it came from (checkpoint hash, exporter versions).
+``export_module`` builds every contract (tensor specs, axes, state pairs, streamability,
+versions). For the zoo's own ``RecurrentNet`` graphs, ``zoo_graph`` adds what only the
+checkpoint knows: the served tensor names of docs/design.md (``x``/``tokens``, ``h0``/``c0``,
+``y``/``logits``, ``hn``/``cn``), their meanings, the task kind and its vocabularies, labels,
+normalization and special tokens, and a seq2seq half's role and group.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rnnzoo import __version__
-from rnnzoo.contract import TASKS, Contract, StateSpec, TensorSpec
+from rnnzoo.contract import TASKS
 from rnnzoo.models.rnn import RNNConfig
 
 BATCH, TIME = "batch", "time"
@@ -45,6 +47,55 @@ def io_names(cfg: RNNConfig, kind: str, role: str) -> tuple[str, str]:
     return in_name, "logits" if logits else "y"
 
 
+def zoo_graph(
+    cfg: RNNConfig, task: dict[str, Any] | None, role: str = "model", group: str | None = None
+) -> dict[str, Any]:
+    """``export_graph`` keywords for one RecurrentNet graph called as ``(x, h0[, c0])``.
+
+    ``task`` is the checkpoint's task dict. Returns ``input_names``, ``output_names``,
+    ``axes``, ``task``, ``meanings`` and ``contract_fields``.
+    """
+    task = dict(task or {})
+    kind = task.get("kind", "generic")
+    if kind not in TASKS:
+        kind = "generic"
+    in_name, out_name = io_names(cfg, kind, role)
+    states = list(cfg.state_names)
+    meanings = {
+        in_name: "token ids" if cfg.vocab_size is not None else "input features per step",
+        out_name: MEANINGS[role] if role in ("encoder", "decoder") else MEANINGS[kind],
+    }
+    for s in states:
+        meanings[f"{s}0"] = (
+            f"{'hidden' if s == 'h' else 'cell'} state, (layers*directions, batch, hidden), "
+            "index = layer*directions + direction"
+        )
+    special = {k: int(v) for k, v in (task.get("special_tokens") or {}).items()}
+    vocab = task.get("vocab") or task.get("src_vocab") or task.get("source_vocab")
+    target_vocab = task.get("target_vocab") or task.get("tgt_vocab")
+    norm = task.get("normalization")
+    fields = {
+        "role": role,
+        "group": group,
+        "vocab": list(vocab) if vocab else None,
+        "target_vocab": list(target_vocab) if target_vocab and role != "model" else None,
+        "target_separator": str(task.get("target_separator", "")) if role != "model" else "",
+        "labels": list(task["labels"]) if task.get("labels") else None,
+        "normalization": {k: float(v) for k, v in norm.items()} if norm else None,
+        "special_tokens": special,
+        "description": str(task.get("description", "")),
+    }
+    batch_time = {"batch": 0, "time": 1}
+    return {
+        "input_names": [in_name, *(f"{s}0" for s in states)],
+        "output_names": [out_name, *(f"{s}n" for s in states)],
+        "axes": {in_name: batch_time, out_name: batch_time},
+        "task": "seq2seq" if role in ("encoder", "decoder") else kind,
+        "meanings": meanings,
+        "contract_fields": fields,
+    }
+
+
 def exporter_versions() -> dict[str, str]:
     import onnx
     import onnxscript
@@ -57,71 +108,3 @@ def exporter_versions() -> dict[str, str]:
         "onnxscript": onnxscript.__version__,
         "python": platform.python_version(),
     }
-
-
-def build_contract(
-    cfg: RNNConfig,
-    *,
-    name: str,
-    task: dict[str, Any] | None = None,
-    role: str = "model",
-    group: str | None = None,
-    source: dict[str, str] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> Contract:
-    """The contract of one RecurrentNet graph. ``task`` is the checkpoint's task dict."""
-    task = dict(task or {})
-    kind = task.get("kind", "generic")
-    if kind not in TASKS:
-        kind = "generic"
-    in_name, out_name = io_names(cfg, kind, role)
-    D, L, H = cfg.num_directions, cfg.num_layers, cfg.hidden_size
-    if cfg.vocab_size is not None:
-        x = TensorSpec(in_name, "int64", [BATCH, TIME], meaning="token ids")
-    else:
-        x = TensorSpec(
-            in_name, "float32", [BATCH, TIME, cfg.input_size], meaning="input features per step"
-        )
-    feat = cfg.output_size if cfg.output_size > 0 else D * H
-    meaning = MEANINGS[role] if role in ("encoder", "decoder") else MEANINGS[kind]
-    y = TensorSpec(out_name, "float32", [BATCH, TIME, feat], meaning=meaning)
-    states = [
-        StateSpec(
-            input=f"{s}0",
-            output=f"{s}n",
-            dtype="float32",
-            shape=[L * D, BATCH, H],
-            batch_axis=1,
-            init="zeros",
-            meaning=(
-                f"{'hidden' if s == 'h' else 'cell'} state, (layers*directions, batch, hidden), "
-                "index = layer*directions + direction"
-            ),
-        )
-        for s in cfg.state_names
-    ]
-    special = {k: int(v) for k, v in (task.get("special_tokens") or {}).items()}
-    vocab = task.get("vocab") or task.get("src_vocab") or task.get("source_vocab")
-    target_vocab = task.get("target_vocab") or task.get("tgt_vocab")
-    norm = task.get("normalization")
-    contract = Contract(
-        name=name,
-        task="seq2seq" if role in ("encoder", "decoder") else kind,
-        inputs=[x],
-        outputs=[y],
-        states=states,
-        streamable=not cfg.bidirectional,
-        role=role,
-        group=group,
-        vocab=list(vocab) if vocab else None,
-        target_vocab=list(target_vocab) if target_vocab and role != "model" else None,
-        target_separator=str(task.get("target_separator", "")) if role != "model" else "",
-        labels=list(task["labels"]) if task.get("labels") else None,
-        normalization={k: float(v) for k, v in norm.items()} if norm else None,
-        special_tokens=special,
-        description=str(task.get("description", "")),
-        source={k: str(v) for k, v in (source or {}).items()},
-        extra=dict(extra or {}),
-    )
-    contract.validate(origin=f"contract for {name}")
-    return contract

@@ -1,7 +1,8 @@
 """State lifting: every recurrent call's state becomes graph I/O, whatever the forward's signature.
 
-``lift(module, plan)`` returns a ``FlatModule``: a copy of the user's module in which each
-``nn.RNN``/``nn.GRU``/``nn.LSTM`` submodule is replaced by a ``LiftedRNN`` stand-in, called with
+``FlatModule(module, plan)`` is a copy of the user's module in which each recurrent layer
+(``nn.RNN``/``nn.GRU``/``nn.LSTM``, or rnnzoo's hand-written ``ScratchRNN``) is replaced by a
+``LiftedRNN`` stand-in, called with
 the flat signature ``(*data_inputs, *state_inputs) -> (*data_outputs, *state_outputs)`` in
 contract order. Each recurrent *call* (a layer called twice has two) either
 
@@ -14,7 +15,9 @@ contract order. Each recurrent *call* (a layer called twice has two) either
 
 Eagerly the stand-ins run the original layers, which stay ordinary submodules (so
 ``copy.deepcopy(flat).double()`` gives the float64 reference); under
-``torch.onnx.export`` they emit native ONNX nodes (``rnnzoo.export.native.NativeLayers``).
+``torch.onnx.export`` they emit native ONNX nodes (``rnnzoo.export.native.NativeLayers``) or,
+for hand-written cells, placeholders that become ``Scan`` loops over the cell's own step
+(``rnnzoo.export.scan``).
 The per-call states travel through a plain ``_Calls`` object shared by the wrapper and the
 stand-ins, set at the start of each forward.
 """
@@ -30,7 +33,9 @@ from torch import nn
 
 from rnnzoo.errors import InvalidArgument
 from rnnzoo.export.native import NativeLayers, onnx_op
-from rnnzoo.export.probe import Struct, flatten, unflatten
+from rnnzoo.export.probe import Struct, flatten, is_recurrent, unflatten
+from rnnzoo.export.scan import ScratchLayers, check_scratch
+from rnnzoo.models.cells import ScratchRNN
 
 MODES = ("lifted", "given", "internal")
 
@@ -90,7 +95,14 @@ class _Calls:
 
 
 def check_layer(name: str, rnn: nn.Module) -> str:
-    """The ONNX op for layer ``name``, or an error naming it and the fix."""
+    """The ONNX op for layer ``name`` (``Scan`` for a hand-written cell), or an error naming it
+    and the fix."""
+    if isinstance(rnn, ScratchRNN):
+        try:
+            check_scratch(rnn)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"layer {name!r}: {exc}") from None
+        return "Scan"
     if isinstance(rnn, nn.LSTM) and rnn.proj_size:
         raise InvalidArgument(
             f"layer {name!r}: nn.LSTM(proj_size={rnn.proj_size}) cannot export: the ONNX LSTM "
@@ -104,17 +116,21 @@ def check_layer(name: str, rnn: nn.Module) -> str:
 
 
 class LiftedRNN(nn.Module):
-    """Stand-in for one ``nn.RNN``/``nn.GRU``/``nn.LSTM``: same call signature and results."""
+    """Stand-in for one recurrent layer: same call signature and results.
 
-    def __init__(self, name: str, rnn: nn.RNNBase, calls: _Calls) -> None:
+    ``core``: the index of a hand-written cell among the module's (its Scan placeholders say
+    which cell they stand for).
+    """
+
+    def __init__(self, name: str, rnn: nn.Module, calls: _Calls, core: int = 0) -> None:
         super().__init__()
-        check_layer(name, rnn)
+        self.op = check_layer(name, rnn)
         self.name = name
         self.rnn = rnn  # eager runs (float32 and the float64 reference)
-        self.native = NativeLayers(rnn)  # export: native nodes from reordered weights
-        self.native._eager = ()  # drop its back-reference: ``rnn`` is ours, one copy
+        # export: native nodes from reordered weights, or Scan placeholders
+        self.native = ScratchLayers(rnn, core) if self.op == "Scan" else NativeLayers(rnn)
         self.calls = calls
-        self.lstm = isinstance(rnn, nn.LSTM)
+        self.lstm = isinstance(rnn, nn.LSTM) or getattr(rnn, "mode", None) == "lstm"
 
     def forward(self, x: torch.Tensor, hx: Any = None):
         calls = self.calls
@@ -140,26 +156,29 @@ class LiftedRNN(nn.Module):
         return out, hn
 
 
-def install(module: nn.Module, calls: _Calls) -> nn.Module:
-    """Replace every recurrent submodule of ``module`` (in place) by a ``LiftedRNN``."""
+def install(module: nn.Module, calls: _Calls) -> list[ScratchRNN]:
+    """Replace every recurrent submodule of ``module`` (in place) by a ``LiftedRNN``; returns
+    the hand-written cells, in the order their placeholders number them."""
+    cores: list[ScratchRNN] = []
     for name, rnn in list(module.named_modules()):
-        if not isinstance(rnn, nn.RNNBase):
+        if not is_recurrent(rnn):
             continue
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        stand_in = LiftedRNN(name, rnn, calls)
         if name == "":
             raise InvalidArgument(
-                "the module is itself an nn.RNNBase: wrap it (export_module builds the wrapper)"
+                "the module is itself a recurrent layer: wrap it (export_module builds the wrapper)"
             )
-        setattr(parent, attr, stand_in)
-    return module
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, attr, LiftedRNN(name, rnn, calls, core=len(cores)))
+        if isinstance(rnn, ScratchRNN):
+            cores.append(rnn)
+    return cores
 
 
 class _Bare(nn.Module):
-    """Holds a bare ``nn.RNN``/``nn.GRU``/``nn.LSTM`` passed as the module to export."""
+    """Holds a bare recurrent layer passed as the module to export."""
 
-    def __init__(self, rnn: nn.RNNBase) -> None:
+    def __init__(self, rnn: nn.Module) -> None:
         super().__init__()
         self.rnn = rnn
 
@@ -169,7 +188,7 @@ class _Bare(nn.Module):
 
 def wrap_bare(module: nn.Module) -> nn.Module:
     """A bare recurrent layer gets a one-line wrapper so that it can be replaced like any other."""
-    return _Bare(module) if isinstance(module, nn.RNNBase) else module
+    return _Bare(module) if is_recurrent(module) else module
 
 
 class FlatModule(nn.Module):
@@ -179,7 +198,10 @@ class FlatModule(nn.Module):
         super().__init__()
         self.plan = plan
         self.calls = _Calls(plan.calls)
-        self.module = install(copy.deepcopy(wrap_bare(module)).eval(), self.calls)
+        self.module = copy.deepcopy(wrap_bare(module)).eval()
+        # the hand-written cells, for expanding their Scan placeholders after the trace (a
+        # plain list: they are submodules of ``module`` already)
+        self.scratch_cores = install(self.module, self.calls)
         self.n_data = len(plan.data_in)
 
     def forward(self, *flat: torch.Tensor):

@@ -1,5 +1,9 @@
 """Export any ``nn.Module`` built around ``nn.RNN``/``nn.GRU``/``nn.LSTM`` layers to ONNX.
 
+The one exporter: the zoo's own ``RecurrentNet``/``Seq2Seq`` export
+(``rnnzoo.export.onnx_export.export_model``) goes through ``export_graph`` too; its
+hand-written ``ScratchRNN`` cores become ``Scan`` loops over their own step.
+
 ``export_module(module, example_inputs, path, name=...)``:
 1. probes the module eagerly (``rnnzoo.export.probe``): which recurrent layers it calls, in
    which order, with which state; what ONNX cannot take is refused here, naming the layer;
@@ -30,18 +34,28 @@ from torch import nn
 from rnnzoo.contract import TASKS, Contract, StateSpec, TensorSpec
 from rnnzoo.errors import InvalidArgument
 from rnnzoo.export.contract_builder import BATCH, TIME, exporter_versions
-from rnnzoo.export.lifting import CallSpec, FlatModule, Plan, StateRef, check_layer, wrap_bare
-from rnnzoo.export.native import OPSET, quiet_export
-from rnnzoo.export.onnx_export import attach_contract, check_graph, write_model
+from rnnzoo.export.graph import attach_contract, check_graph, finish_graph, write_model
+from rnnzoo.export.lifting import (
+    CallSpec,
+    FlatModule,
+    LiftedRNN,
+    Plan,
+    StateRef,
+    check_layer,
+    wrap_bare,
+)
+from rnnzoo.export.native import OPSET, one_thread, quiet_export
 from rnnzoo.export.probe import (
     Probe,
     flatten,
     infer_input_axes,
     infer_output_axes,
     probe,
+    recurrent_layers,
     resize,
 )
 from rnnzoo.export.sampling import make_sampler
+from rnnzoo.export.scan import expand_scratch_cells
 from rnnzoo.export.streamability import check_streamable
 from rnnzoo.export.trace_errors import explain
 
@@ -142,6 +156,7 @@ def _dtype(t: torch.Tensor) -> str:
 
 
 def _spec(name: str, t: torch.Tensor, ax: Mapping[str, int | None], meaning: str) -> TensorSpec:
+    """The contract's spec of one data tensor; the caller's ``axes`` override inference."""
     b, tm = ax.get("batch"), ax.get("time")
     if b is not None and b == tm:
         raise InvalidArgument(f"{name}: batch and time cannot be the same axis ({b})")
@@ -176,10 +191,13 @@ def build(
     task: str = "generic",
     contract_fields: Mapping[str, Any] | None = None,
     source: Mapping[str, str] | None = None,
+    meanings: Mapping[str, str] | None = None,
     check_streaming: bool = True,
 ) -> tuple[FlatModule, Contract, list[torch.Tensor], tuple[int, int]]:
     """The lifted flat module and its contract (nothing exported yet).
 
+    ``contract_fields``: further ``Contract`` fields (labels, vocab, role, group, ...);
+    ``meanings``: tensor or state-input name -> its ``meaning`` in the contract.
     Returns (flat, contract, export args at the chosen sizes, (batch, time) export sizes).
     """
     module = wrap_bare(module)
@@ -193,6 +211,8 @@ def build(
             )
     if task not in TASKS:
         raise InvalidArgument(f"task {task!r} is not one of {list(TASKS)}")
+    for layer_name, rnn in recurrent_layers(work).items():  # before any run: name the layer
+        check_layer(layer_name, rnn)
     leaves, struct = flatten(args)
     base = probe(work, args)
     _check_cells(base)
@@ -202,8 +222,7 @@ def build(
             "export_module exports modules built on them; for a hand-written step "
             "(x_t, state) -> (y_t, state) use export_step"
         )
-    for c in base.calls:
-        check_layer(c.layer, c.rnn)
+    ops = {check_layer(c.layer, c.rnn) for c in base.calls}
     outs, _ = flatten(base.outputs)
     in_names = _leaf_names(work, args, input_names)
     if output_names is not None and len(output_names) != len(outs):
@@ -253,10 +272,15 @@ def build(
         out_axes[k] = axes[out_names[k]]
 
     taken: set[str] = set()
-    inputs = [_spec(_unique(in_names[i], taken), leaves[i], in_axes[i], "input") for i in data_in]
-    outputs = [
-        _spec(_unique(out_names[k], taken), outs[k], out_axes[k], "output") for k in data_out
-    ]
+    means = dict(meanings or {})
+    inputs = []
+    for i in data_in:
+        n = _unique(in_names[i], taken)
+        inputs.append(_spec(n, leaves[i], in_axes[i], means.get(n, "input")))
+    outputs = []
+    for k in data_out:
+        n = _unique(out_names[k], taken)
+        outputs.append(_spec(n, outs[k], out_axes[k], means.get(n, "output")))
     per_layer: dict[str, int] = {}
     for c in calls:
         per_layer[c.layer] = per_layer.get(c.layer, 0) + 1
@@ -273,19 +297,20 @@ def build(
         h = c.hn[ref.part]
         in_name = in_names[ref.in_leaf] if ref.in_leaf is not None else f"{prefix}_{letter}0"
         out_name = out_names[ref.out_leaf] if ref.out_leaf is not None else f"{prefix}_{letter}n"
+        in_name = _unique(in_name, taken)
+        meaning = means.get(in_name) or (
+            f"{'hidden' if ref.part == 0 else 'cell'} state of {type(c.rnn).__name__} "
+            f"{c.layer!r} ({calls[ref.call].mode}), (layers*directions, batch, hidden)"
+        )
         states.append(
             StateSpec(
-                input=_unique(in_name, taken),
+                input=in_name,
                 output=_unique(out_name, taken),
                 dtype=_dtype(h),
                 shape=[int(h.shape[0]), BATCH, int(h.shape[2])],
                 batch_axis=1,
                 init="zeros",
-                meaning=(
-                    f"{'hidden' if ref.part == 0 else 'cell'} state of {type(c.rnn).__name__} "
-                    f"{c.layer!r} ({calls[ref.call].mode}), "
-                    "(layers*directions, batch, hidden)"
-                ),
+                meaning=meaning,
             )
         )
     plan = Plan(args=struct, data_in=data_in, data_out=data_out, calls=calls, states=refs)
@@ -297,7 +322,10 @@ def build(
             int_high[spec.name] = min(bounds) if bounds else int(t.max()) + 1
     extra: dict[str, Any] = {
         "exporter": EXPORTER,
-        "recurrent_op": "native",
+        # native RNN/GRU/LSTM nodes, Scan loops over hand-written cells, or both
+        "recurrent_op": "+".join(
+            k for k, has in (("native", ops - {"Scan"}), ("Scan", ops & {"Scan"})) if has
+        ),
         "lifting": plan.to_dict(),
         "calls": [f"{c.layer}:{c.mode}" for c in calls],
         "int_high": int_high,
@@ -352,7 +380,7 @@ def _asdict(contract: Contract) -> dict[str, Any]:
 
 
 def trace(
-    flat: nn.Module,
+    flat: FlatModule,
     contract: Contract,
     ex_args: list[torch.Tensor],
     sizes: tuple[int, int],
@@ -387,46 +415,46 @@ def trace(
     except Exception as exc:  # torch.export's many error classes
         raise explain(exc, what) from None
     model = prog.model_proto
+    n_scan = expand_scratch_cells(model, flat.scratch_cores) if flat.scratch_cores else 0
     finish_graph(model, contract)
-    check_graph(model, contract, stale_sizes=tuple(sizes))
+    native = any(c.op != "Scan" for c in flat.module.modules() if isinstance(c, LiftedRNN))
+    check_graph(model, contract, native=native, scan=n_scan > 0, stale_sizes=tuple(sizes))
     return attach_contract(model, contract)
 
 
-def finish_graph(model: onnx.ModelProto, contract: Contract) -> None:
-    """Name every batch/time dim of the graph I/O as the contract does, drop unused weights
-    and replace the tracer's value shapes by strict shape inference's (no stale lengths)."""
-    graph = model.graph
-    declared: dict[str, list] = {t.name: t.shape for t in [*contract.inputs, *contract.outputs]}
-    for s in contract.states:
-        declared[s.input] = declared[s.output] = s.shape
-    for v in [*graph.input, *graph.output]:
-        want = declared.get(v.name)
-        dims = v.type.tensor_type.shape.dim
-        if want is None or len(dims) != len(want):
-            continue
-        for d, w in zip(dims, want, strict=True):
-            if isinstance(w, str) and d.dim_param:  # symbolic already: give it the axis name
-                d.dim_param = w
-    used = {n for node in graph.node for n in node.input}
-    used |= {n for node in graph.node for a in node.attribute for n in _subgraph_inputs(a)}
-    keep = [
-        t for t in graph.initializer if t.name in used or t.name in {o.name for o in graph.output}
-    ]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    del graph.value_info[:]
-    inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    graph.value_info.extend(inferred.graph.value_info)
+def export_graph(
+    module: nn.Module,
+    example_inputs: Any,
+    *,
+    name: str,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    axes: Axes | None = None,
+    task: str = "generic",
+    contract_fields: Mapping[str, Any] | None = None,
+    source: Mapping[str, str] | None = None,
+    meanings: Mapping[str, str] | None = None,
+) -> tuple[Contract, onnx.ModelProto]:
+    """The checked graph of ``module`` with its contract in the metadata (nothing written).
 
-
-def _subgraph_inputs(attr: onnx.AttributeProto) -> set[str]:
-    names: set[str] = set()
-    for g in [attr.g, *attr.graphs] if attr.type in (attr.GRAPH, attr.GRAPHS) else []:
-        for node in g.node:
-            names.update(node.input)
-            for a in node.attribute:
-                names |= _subgraph_inputs(a)
-    return names
+    ``export_module`` writes it; the zoo's ``export_model`` builds both halves of a seq2seq
+    pair with it before writing either. Keywords as in ``build``.
+    """
+    with one_thread():  # many small eager runs (probes, the streamability check)
+        flat, contract, ex_args, sizes = build(
+            module,
+            example_inputs,
+            name=name,
+            input_names=input_names,
+            output_names=output_names,
+            axes=axes,
+            task=task,
+            contract_fields=contract_fields,
+            source=source,
+            meanings=meanings,
+        )
+        what = f"module {type(module).__name__!r}"
+        return contract, trace(flat, contract, ex_args, sizes, what=what)
 
 
 def export_module(
@@ -463,7 +491,7 @@ def export_module(
         fields["vocab"] = list(vocab)
     if normalization is not None:
         fields["normalization"] = {k: float(v) for k, v in normalization.items()}
-    flat, contract, ex_args, sizes = build(
+    contract, model = export_graph(
         module,
         example_inputs,
         name=name,
@@ -474,7 +502,5 @@ def export_module(
         contract_fields=fields,
         source=source,
     )
-    what = f"module {type(module).__name__!r}"
-    model = trace(flat, contract, ex_args, sizes, what=what)
     write_model(model, path)
     return contract

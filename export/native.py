@@ -1,7 +1,7 @@
 """Native ONNX ``RNN``/``GRU``/``LSTM`` nodes for ``nn.RNN``/``nn.GRU``/``nn.LSTM``.
 
-``NativeLayers`` stands in for a model's ``.rnn`` during ``torch.onnx.export(dynamo=True)``:
-its forward emits one native ONNX node per layer through ``torch.onnx.ops.symbolic_multi_out``
+``NativeLayers`` stands in for an ``nn.RNN``/``nn.GRU``/``nn.LSTM`` during
+``torch.onnx.export(dynamo=True)`` (used by ``rnnzoo.export.lifting.LiftedRNN``): its forward emits one native ONNX node per layer through ``torch.onnx.ops.symbolic_multi_out``
 (bidirectional layers as one node with ``direction="bidirectional"``), so the graph keeps a
 symbolic time axis instead of the unrolled or length-specialised graph that the default
 translation of ``nn.RNN``/``nn.GRU``/``nn.LSTM`` produces in torch 2.13 (see REFERENCE.md).
@@ -42,6 +42,23 @@ def quiet_export() -> Iterator[None]:
             yield
     finally:
         lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread for the duration (restored after).
+
+    The exporter's and the parity check's eager runs are many small calls (a few steps of a
+    small net each); on a shared 2-core host each of them, run with 2 OpenMP threads, waited
+    on the busy core (a tiny GRU's full parity grid: 107 s with 2 threads). The server's ONNX
+    Runtime sessions run on one thread too. One thread changes no result beyond summation order.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # PyTorch gate chunk index for each ONNX gate position.
@@ -89,6 +106,7 @@ def onnx_weights(rnn: nn.RNNBase, layer: int) -> tuple[torch.Tensor, torch.Tenso
 class NativeLayers(nn.Module):
     """Export-time stand-in for ``nn.RNN/GRU/LSTM``, same call signature and layout.
 
+    Its forward is for ``torch.onnx.export`` only (eager runs use the original layer).
     Batch-first and time-major layers both export (the node itself always runs time-major);
     ``hx=None`` means zero initial states, as in PyTorch.
     """
@@ -118,12 +136,9 @@ class NativeLayers(nn.Module):
             self.register_buffer(f"W{layer}", W)
             self.register_buffer(f"R{layer}", R)
             self.register_buffer(f"B{layer}", B)
-        self._eager = (rnn,)  # not a submodule: its parameters must not reach the graph
 
     def forward(self, x: torch.Tensor, hx=None):
         """x: (B, T, F) or (T, B, F); hx: h0 or (h0, c0), each (L*D, B, H) -> like nn.LSTM."""
-        if not torch.onnx.is_in_onnx_export():
-            return self._eager[0](x, hx)  # eager: the original module, bit for bit
         lstm = self.op == "LSTM"
         # (T, B, F): ORT runs only the time-major layout
         seq = x.transpose(0, 1) if self.batch_first else x

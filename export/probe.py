@@ -1,7 +1,7 @@
 """An eager probe run of a user's module: which recurrent layers it calls, in what order, how.
 
-``probe(module, args)`` runs the forward once with hooks on every ``nn.RNN``/``nn.GRU``/
-``nn.LSTM`` (one ``Call`` per call, in order: a layer called twice gives two calls), counts the
+``probe(module, args)`` runs the forward once with hooks on every recurrent layer (``nn.RNN``/
+``nn.GRU``/``nn.LSTM``, or rnnzoo's hand-written ``ScratchRNN``; one ``Call`` per call, in order: a layer called twice gives two calls), counts the
 calls of every ``nn.*Cell`` and records what each ``nn.Embedding`` was fed. It raises clear
 errors for what ONNX recurrent nodes cannot take (packed sequences, unbatched input).
 
@@ -22,6 +22,10 @@ import torch
 from torch import nn
 
 from rnnzoo.errors import InvalidArgument
+from rnnzoo.models.cells import ScratchRNN
+
+# What the exporter treats as one recurrent layer: native nodes for nn.*, Scan for ScratchRNN.
+RECURRENT = (nn.RNNBase, ScratchRNN)
 
 Struct = Any  # "T" | ["seq", kind, [Struct...]] | ["dict", [keys], [Struct...]] | ["const", v]
 
@@ -69,7 +73,7 @@ class Call:
     """One call of a recurrent layer during the probe."""
 
     layer: str  # qualified name in the module, e.g. "encoder.lstm"
-    rnn: nn.RNNBase
+    rnn: nn.Module  # one of RECURRENT
     batch: int
     time: int
     hx: tuple[torch.Tensor, ...] | None  # the initial state passed: (h,) or (h, c); None: none
@@ -87,8 +91,12 @@ class Probe:
         return [(c.batch, c.time) for c in self.calls]
 
 
-def recurrent_layers(module: nn.Module) -> dict[str, nn.RNNBase]:
-    return {n: m for n, m in module.named_modules() if isinstance(m, nn.RNNBase)}
+def is_recurrent(m: nn.Module) -> bool:
+    return isinstance(m, RECURRENT)
+
+
+def recurrent_layers(module: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in module.named_modules() if is_recurrent(m)}
 
 
 def probe(module: nn.Module, args: tuple) -> Probe:
@@ -96,7 +104,7 @@ def probe(module: nn.Module, args: tuple) -> Probe:
     calls: list[Call] = []
     cells: dict[str, int] = {}
     embedded: list[tuple[torch.Tensor, int]] = []
-    pending: list[tuple[str, nn.RNNBase, int, int, Any]] = []
+    pending: list[tuple[str, nn.Module, int, int, Any]] = []
     handles = []
 
     def pre(name: str):
@@ -140,7 +148,7 @@ def probe(module: nn.Module, args: tuple) -> Probe:
             embedded.append((a[0], mod.num_embeddings))
 
     for name, m in module.named_modules():
-        if isinstance(m, nn.RNNBase):
+        if is_recurrent(m):
             handles.append(m.register_forward_pre_hook(pre(name), with_kwargs=True))
             handles.append(m.register_forward_hook(post, with_kwargs=True))
         elif isinstance(m, nn.RNNCellBase):

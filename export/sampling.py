@@ -3,8 +3,9 @@
 ``make_sampler(contract)`` returns ``sample(B, T, gen) -> (data_inputs, states)``: every
 ``"batch"`` dim becomes ``B`` and every ``"time"`` dim ``T``; float inputs are standard normal,
 integer inputs (token ids) uniform below the bound recorded in ``contract.extra["int_high"]``
-(an embedding's size, else one more than the example's largest id); states are uniform in
-(-1, 1), the range a tanh-bounded hidden state lives in.
+(an embedding's size, else one more than the example's largest id); hidden states are uniform
+in (-1, 1), the range a tanh-bounded hidden state lives in, and LSTM cell states (part 1 of a
+call in the contract's lifting plan), which are unbounded, standard normal.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from rnnzoo.contract import Contract, TensorSpec
+from rnnzoo.contract import Contract, StateSpec, TensorSpec
 from rnnzoo.export.contract_builder import BATCH, TIME
 
 Sampler = Callable[[int, int, torch.Generator], tuple[list[torch.Tensor], list[torch.Tensor]]]
@@ -44,12 +45,19 @@ def make_sampler(contract: Contract) -> Sampler:
             return torch.rand(shape, generator=gen) < 0.5
         return torch.randint(0, int(highs.get(spec.name, 2)), shape, generator=gen).to(dtype)
 
+    refs = (contract.extra.get("lifting") or {}).get("states") or []
+    cell = [bool(r.get("part")) for r in refs] if len(refs) == len(contract.states) else []
+    cell = cell or [False] * len(contract.states)
+
+    def state(spec: StateSpec, is_cell: bool, B: int, T: int, gen: torch.Generator):
+        shape = concrete_shape(spec.shape, B, T)
+        if is_cell:
+            return torch.randn(shape, generator=gen).to(DTYPES[spec.dtype])
+        return (torch.rand(shape, generator=gen) * 2 - 1).to(DTYPES[spec.dtype])
+
     def sample(B: int, T: int, gen: torch.Generator):
         data = [one(spec, B, T, gen) for spec in contract.inputs]
-        states = [
-            (torch.rand(concrete_shape(s.shape, B, T), generator=gen) * 2 - 1).to(DTYPES[s.dtype])
-            for s in contract.states
-        ]
+        states = [state(s, c, B, T, gen) for s, c in zip(contract.states, cell, strict=True)]
         return data, states
 
     return sample

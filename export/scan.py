@@ -8,14 +8,18 @@ with the dynamo exporter at a symbolic batch size. The time axis stays symbolic 
 
 Export runs in two steps, because a graph-valued attribute cannot pass through
 ``symbolic_multi_out``:
-1. ``ScratchLayers`` stands in for the ``ScratchRNN`` during export and emits a placeholder
-   node ``rnnzoo::ScratchCell(h0, [c0], X) -> (hn, [cn], Y)`` per (layer, direction);
-2. ``expand_scratch_cells`` replaces every placeholder by a ``Scan`` with the exported step
-   as its body (inputs: states then ``x_t``; outputs: new states then ``y_t``), reversed for
-   the backward direction.
+1. ``ScratchLayers`` is the export-time stand-in of a ``ScratchRNN`` (used by
+   ``rnnzoo.export.lifting.LiftedRNN``, like ``NativeLayers`` for ``nn.RNN``/``GRU``/``LSTM``)
+   and emits a placeholder node ``rnnzoo::ScratchCell(h0, [c0], X) -> (hn, [cn], Y)`` per
+   (layer, direction), tagged with the index of its cell among the module's hand-written cells;
+2. ``expand_scratch_cells`` replaces every placeholder by a ``Scan`` with that cell's exported
+   step as its body (inputs: states then ``x_t``; outputs: new states then ``y_t``), reversed
+   for the backward direction.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import onnx
 import torch
@@ -30,26 +34,37 @@ DOMAIN = "rnnzoo"
 PLACEHOLDER = "ScratchCell"
 
 
-class ScratchLayers(nn.Module):
-    """Export-time stand-in for a ``ScratchRNN``: one placeholder node per layer and direction."""
+def check_scratch(rnn: ScratchRNN) -> None:
+    """Raise for a hand-written cell that cannot export."""
+    if rnn.mode not in GATES:
+        raise InvalidArgument(f"hand-written cell mode {rnn.mode!r} is not exportable")
+    if next(rnn.parameters()).dtype != torch.float32:
+        raise InvalidArgument("hand-written cells export as float32 only: call model.float()")
 
-    def __init__(self, rnn: ScratchRNN) -> None:
+
+class ScratchLayers(nn.Module):
+    """Export-time stand-in for a ``ScratchRNN``: one placeholder node per layer and direction.
+
+    Its forward is for ``torch.onnx.export`` only; ``core`` numbers the cell among the
+    module's hand-written cells, for ``expand_scratch_cells``.
+    """
+
+    def __init__(self, rnn: ScratchRNN, core: int = 0) -> None:
         super().__init__()
-        if rnn.mode not in GATES:
-            raise InvalidArgument(f"hand-written cell mode {rnn.mode!r} is not exportable")
-        if next(rnn.parameters()).dtype != torch.float32:
-            raise InvalidArgument("hand-written cells export as float32 only: call model.float()")
+        check_scratch(rnn)
         self.mode = rnn.mode
+        self.core = core
         self.hidden_size = rnn.hidden_size
         self.num_layers = rnn.num_layers
         self.num_directions = 2 if rnn.bidirectional else 1
-        self._eager = (rnn,)  # the placeholder carries no weights; the Scan bodies will
+        # The placeholder carries no weights; the Scan bodies will.
 
     def forward(self, x: torch.Tensor, hx=None):
         """x: (B, T, F); hx: h0 or (h0, c0), each (L*D, B, H) -> like ScratchRNN."""
-        if not torch.onnx.is_in_onnx_export():
-            return self._eager[0](x, hx)
         lstm = self.mode == "lstm"
+        if hx is None:
+            zeros = x.new_zeros(self.num_layers * self.num_directions, x.shape[0], self.hidden_size)
+            hx = (zeros, zeros) if lstm else zeros
         h0, c0 = hx if lstm else (hx, None)
         D, H = self.num_directions, self.hidden_size
         seq = x.transpose(0, 1)  # (T, B, F): Scan iterates over axis 0
@@ -63,7 +78,7 @@ class ScratchLayers(nn.Module):
                 outs = torch.onnx.ops.symbolic_multi_out(
                     f"{DOMAIN}::{PLACEHOLDER}",
                     [*states, seq],
-                    {"layer": layer, "reverse": d},
+                    {"layer": layer, "reverse": d, "core": self.core},
                     dtypes=[x.dtype] * (len(states) + 1),
                     shapes=[[B, H]] * len(states) + [[T, B, H]],
                     version=1,
@@ -151,21 +166,24 @@ def _prefix_names(graph: onnx.GraphProto, prefix: str) -> None:
         init.name = ren(init.name)
 
 
-def expand_scratch_cells(model: onnx.ModelProto, rnn: ScratchRNN, tag: str = "") -> int:
-    """Replace each ``rnnzoo::ScratchCell`` placeholder by a Scan over the cell's step.
+def expand_scratch_cells(model: onnx.ModelProto, cores: Sequence[ScratchRNN]) -> int:
+    """Replace each ``rnnzoo::ScratchCell`` placeholder by a Scan over its cell's step.
 
-    Returns how many were replaced. ``tag`` keeps body names unique when one file holds
-    several scratch cores.
+    ``cores``: the module's hand-written cells, indexed by the placeholders' ``core``.
+    Returns how many were replaced.
     """
     graph = model.graph
     count = 0
+    seen: dict[str, int] = {}
     for i, node in enumerate(list(graph.node)):
         if node.domain != DOMAIN or node.op_type != PLACEHOLDER:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        layer, reverse = int(attrs["layer"]), int(attrs["reverse"])
-        prefix = f"{tag}scan_l{layer}{'_rev' if reverse else ''}/"
-        body = step_body(rnn, layer, bool(reverse), prefix)
+        layer, reverse, core = int(attrs["layer"]), int(attrs["reverse"]), int(attrs["core"])
+        base = f"scan{core}_l{layer}{'_rev' if reverse else ''}"
+        seen[base] = seen.get(base, 0) + 1  # a cell called twice: one Scan per call
+        prefix = base + (f"_call{seen[base]}" if seen[base] > 1 else "") + "/"
+        body = step_body(cores[core], layer, bool(reverse), prefix)
         scan = helper.make_node(
             "Scan",
             list(node.input),  # states then X

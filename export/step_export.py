@@ -9,7 +9,12 @@ itself is traced (at a symbolic batch size) and
   ``(x (batch, time, ...), state) -> (y (batch, time, ...), state)`` and streams like any
   recurrent graph;
 - ``mode="step"``: is the graph, ``(x_t (batch, ...), state) -> (y_t (batch, ...), state)``,
-  for a caller that loops itself.
+  for a caller that loops itself. Its contract says ``streamable``: an output reads only its
+  own step and the state given, so the server runs it one step per message (a chunk of length
+  1: no time axis), carrying the state, as it runs any streamable graph. Declared
+  non-streamable, the server would re-run the buffered "prefix" from the initial state, and
+  a prefix of a graph without a time axis is its last step: every output after the first
+  would be wrong.
 
 ``example_inputs`` is ``(x_t, ..., state, ...)``: the first ``n_inputs`` tensors are per-step
 inputs, the rest the state; the step returns ``(y_t, ..., state, ...)`` with the new state
@@ -32,9 +37,8 @@ from torch import nn
 from rnnzoo.contract import TASKS, Contract, StateSpec, TensorSpec
 from rnnzoo.errors import InvalidArgument
 from rnnzoo.export.contract_builder import BATCH, TIME, exporter_versions
-from rnnzoo.export.module_export import finish_graph
+from rnnzoo.export.graph import attach_contract, check_graph, finish_graph, write_model
 from rnnzoo.export.native import OPSET, quiet_export
-from rnnzoo.export.onnx_export import attach_contract, check_graph, write_model
 from rnnzoo.export.probe import Struct, flatten, unflatten
 from rnnzoo.export.scan import _prefix_names
 from rnnzoo.export.trace_errors import explain
@@ -277,7 +281,8 @@ def export_step(
     reason = (
         "a Scan over the step: each output reads only its own step and the state carried"
         if scan
-        else "one-step graph: no time axis; the caller loops over time, carrying the state"
+        else "one-step graph: no time axis; each call advances one step from the state given, "
+        "so it streams one step per call with the state carried"
     )
     contract = Contract(
         name=name,
@@ -285,7 +290,7 @@ def export_step(
         inputs=inputs,
         outputs=outputs,
         states=states,
-        streamable=scan,
+        streamable=True,
         labels=list(labels) if labels is not None else None,
         description=description,
         source=src,
@@ -317,6 +322,6 @@ def export_step(
             call, ex, [*in_names, *(p[0] for p in pairs)], [*out_names, *(p[1] for p in pairs)]
         )
         finish_graph(model, contract)
-    check_graph(model, contract, scratch=scan, step=not scan, stale_sizes=(B,))
+    check_graph(model, contract, native=False, scan=scan, stale_sizes=(B,))
     write_model(attach_contract(model, contract), path)
     return contract

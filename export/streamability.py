@@ -18,6 +18,7 @@ from torch import nn
 
 from rnnzoo.contract import Contract
 from rnnzoo.export.lifting import LiftedRNN
+from rnnzoo.export.probe import is_recurrent
 from rnnzoo.export.sampling import Sampler
 
 CHUNKINGS = ([1] * 9, [4, 5], [2, 3, 4], [8, 1])
@@ -33,7 +34,7 @@ def _suspects(module: nn.Module) -> list[str]:
             continue
         if isinstance(m, LiftedRNN):
             name, m = m.name, m.rnn  # the user's own name for the layer
-        if isinstance(m, nn.RNNBase) and m.bidirectional:
+        if is_recurrent(m) and m.bidirectional:
             found.append(f"bidirectional layer {name!r} (its backward direction reads the future)")
         elif isinstance(m, nn.Conv1d) and m.kernel_size[0] > 1:
             found.append(f"{name!r} is a Conv1d with kernel {m.kernel_size[0]} (it mixes steps)")

@@ -1,17 +1,15 @@
 """``verify_net``/``verify_file``: a zoo graph (or a seq2seq pair) against its checkpoint.
 
 The rule itself lives in ``rnnzoo.export.parity`` (per-step, short and conditioned long cases;
-see its docstring). Here a ``RecurrentNet`` becomes the flat ``(x, h0[, c0]) -> (y, hn[, cn])``
-module the graph was exported from, with random inputs and non-zero states as its sample.
+see its docstring). A ``RecurrentNet`` graph was exported from ``FlatNet(net)`` by
+``export_module``'s path, so it is verified by ``verify_module`` on the same wrapper; this
+module adds what checkpoints need: finding them, checking their hash, and both seq2seq halves.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 from rnnzoo.contract import Contract, read_contract
 from rnnzoo.errors import FailedPrecondition
@@ -25,7 +23,6 @@ from rnnzoo.export.parity import (
     TIMES,
     Case,
     Report,
-    check_parity,
     compare,
     make_session,
     report_json,
@@ -47,27 +44,6 @@ __all__ = [
 ]
 
 
-def _random_case(net: RecurrentNet, B: int, T: int, gen: torch.Generator):
-    cfg = net.cfg
-    if cfg.vocab_size is not None:
-        x = torch.randint(0, cfg.vocab_size, (B, T), generator=gen, dtype=torch.int64)
-    else:
-        x = torch.randn(B, T, cfg.input_size, generator=gen)
-    shape = (cfg.num_layers * cfg.num_directions, B, cfg.hidden_size)
-    h = torch.rand(shape, generator=gen) * 2 - 1  # h lives in (-1, 1) for tanh-bounded cells
-    state = [h]
-    if cfg.is_lstm:
-        state.append(torch.randn(shape, generator=gen))  # c is unbounded
-    return x, tuple(state)
-
-
-def _feeds(contract: Contract, x: torch.Tensor, state) -> dict[str, np.ndarray]:
-    feeds = {contract.inputs[0].name: x.numpy()}
-    for spec, s in zip(contract.states, state, strict=True):
-        feeds[spec.input] = np.ascontiguousarray(s.numpy())
-    return feeds
-
-
 def verify_net(
     net: RecurrentNet,
     onnx_path: str | Path,
@@ -79,17 +55,16 @@ def verify_net(
     report: Report | None = None,
     **kw: Any,
 ) -> Report:
-    """Compare one graph with the RecurrentNet it came from; returns (and extends) a Report."""
-    contract = contract or read_contract(onnx_path)
+    """Compare one graph with the RecurrentNet it came from; returns (and extends) a Report.
 
-    def sample(B: int, T: int, gen: torch.Generator):
-        x, state = _random_case(net, B, T, gen)
-        return [x], list(state)
+    The zoo's graphs are ``export_module`` graphs of ``FlatNet(net)``: this is
+    ``verify_module`` on it (the same eager wrapper, sampler and rule).
+    """
+    from rnnzoo.export.module_verify import verify_module
 
-    flat = FlatNet(net.eval())
-    return check_parity(
-        flat, onnx_path, contract, sample, times=times, batches=batches, stream=stream,
-        report=report, **kw,
+    return verify_module(
+        FlatNet(net.eval()), onnx_path, contract=contract, times=times, batches=batches,
+        stream=stream, report=report, **kw,
     )  # fmt: skip
 
 

@@ -13,7 +13,8 @@ from torch import nn
 
 from rnnzoo.contract import read_contract
 from rnnzoo.errors import InvalidArgument
-from rnnzoo.export.onnx_export import LOOP_OPS, NATIVE_OPS, export_model
+from rnnzoo.export.graph import LOOP_OPS, NATIVE_OPS
+from rnnzoo.export.onnx_export import export_model
 from rnnzoo.export.verify import make_session, verify_net
 from rnnzoo.models.rnn import CELLS, RecurrentNet, RNNConfig, Seq2Seq, Seq2SeqConfig
 
