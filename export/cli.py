@@ -70,18 +70,6 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _report_numbers(report: Any) -> tuple[int | None, float | None]:
-    """(cases, worst abs error) from the report's JSON, where it has them."""
-    from rnnzoo.export.verify import report_json
-
-    try:
-        cases = json.loads(report_json(report)).get("cases")
-        vals = [float(c["max_abs"]) for c in cases if c.get("max_abs") is not None]
-        return len(cases), (max(vals) if vals else None)
-    except (TypeError, ValueError, KeyError, AttributeError):
-        return None, None
-
-
 def export_verified(
     ckpt_path: str | Path,
     out: str | Path | None = None,
@@ -124,8 +112,7 @@ def export_verified(
             error: BaseException | None = exc
         else:
             error = None
-        n, worst = _report_numbers(report) if report is not None else (None, None)
-        numbers = f"{n} cases, worst {worst:.1e}" if n is not None and worst is not None else ""
+        numbers = report.headline() if report is not None else ""
         if ok:
             record = parity_record.make_record(
                 name, ok=True, summary=summary, files=staged, location=".",

@@ -130,10 +130,25 @@ class Report:
     def ok(self) -> bool:
         return bool(self.cases) and not self.failures and not self.unjudged
 
-    def max_abs(self, mode_prefix: str = "") -> float | None:
-        """Worst abs error over the cases whose mode starts with ``mode_prefix`` (None: none)."""
-        vals = [c.max_abs for c in self.cases if c.mode.startswith(mode_prefix)]
+    def max_abs(self, mode_prefix: str = "", *, fixed_only: bool = False) -> float | None:
+        """Worst abs error over the cases whose mode starts with ``mode_prefix`` (None: none);
+        ``fixed_only``: over the fixed-tolerance cases alone (what float32 always resolves)."""
+        vals = [
+            c.max_abs
+            for c in self.cases
+            if c.mode.startswith(mode_prefix) and (c.fixed or not fixed_only)
+        ]
         return max(vals) if vals else None
+
+    def headline(self) -> str:
+        """One line for progress output: cases, worst error where it is resolved, max kappa."""
+        fixed, kappa = self.max_abs(fixed_only=True), self.max_kappa()
+        parts = [f"{len(self.cases)} cases"]
+        if fixed is not None:
+            parts.append(f"worst {fixed:.1e} at the fixed tolerance")
+        if kappa is not None:
+            parts.append(f"max kappa {kappa:.2g}")
+        return ", ".join(parts)
 
     def worst(self) -> dict[str, float]:
         """Max abs error per tensor over every case (``graph/tensor`` when several graphs)."""

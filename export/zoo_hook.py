@@ -33,7 +33,7 @@ def after_train(entry: Any, ckpt_path: str | Path, out_dir: str | Path) -> dict[
     """Export + verify + bench one zoo entry; returns card columns."""
     from rnnzoo.contract import read_contract
     from rnnzoo.export.bench import bench_net
-    from rnnzoo.export.cli import _report_numbers, export_verified
+    from rnnzoo.export.cli import export_verified
     from rnnzoo.export.source import load
     from rnnzoo.models.zoo import stage
 
@@ -51,17 +51,17 @@ def after_train(entry: Any, ckpt_path: str | Path, out_dir: str | Path) -> dict[
             for label, r in bench_net(net, path, contract=c).items():
                 key = label if c.role == "model" else f"{c.role}_{label}"
                 speed[key] = r
-    cases, worst = _report_numbers(report)
-    max_abs = getattr(report, "max_abs", None)
-    stream = max_abs("stream") if callable(max_abs) else None  # None: nothing streamable
+    stream = report.max_abs("stream")  # None: nothing streamable
     return {
         "onnx_files": [p.name for p in files],
         "parity_ok": True,
-        "parity_max_abs": worst,
+        "parity_max_abs": report.max_abs(),
+        "parity_max_abs_fixed": report.max_abs(fixed_only=True),
+        "parity_max_kappa": report.max_kappa(),
         "parity_max_abs_stream": "n/a (bidirectional)" if stream is None else stream,
-        "parity_cases": cases,
-        "parity_skipped": list(getattr(report, "skipped", []) or []),
-        "parity_seconds": round(float(getattr(report, "seconds", 0.0) or 0.0), 1),
+        "parity_cases": len(report.cases),
+        "parity_skipped": list(report.skipped),
+        "parity_seconds": round(report.seconds, 1),
         "ort_speedup_step_b1": {k: v["ratio"] for k, v in speed.items() if "step" in k},
         "ort_speedup_t1000_b1": {k: v["ratio"] for k, v in speed.items() if "seq1000" in k},
         "speed": speed,

@@ -101,8 +101,9 @@ def _table(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-PARITY_KEYS = ("parity_ok", "parity_cases", "parity_max_abs", "parity_max_abs_stream",
-               "parity_seconds", "parity_skipped", "error")  # fmt: skip
+PARITY_KEYS = ("parity_ok", "parity_cases", "parity_max_abs", "parity_max_abs_fixed",
+               "parity_max_kappa", "parity_max_abs_stream", "parity_seconds", "parity_skipped",
+               "error")  # fmt: skip
 SPEED_KEYS = (("ort_speedup_step_b1", "one step:"), ("ort_speedup_t1000_b1", "T=1000:"))
 HIDDEN_KEYS = ("speed",)  # raw measurements: in metrics.json
 
@@ -127,8 +128,12 @@ def _details(r: dict[str, Any]) -> list[str]:
         parts = [("ok" if ok else "**FAILED**")]
         if extra.get("parity_cases") is not None:
             parts.append(f"{extra['parity_cases']} cases")
+        if extra.get("parity_max_abs_fixed") is not None:
+            parts.append(f"worst |ort − torch| {_fmt(extra['parity_max_abs_fixed'])} per step")
         if extra.get("parity_max_abs") is not None:
-            parts.append(f"worst |ort − torch| {_fmt(extra['parity_max_abs'])}")
+            parts.append(f"{_fmt(extra['parity_max_abs'])} over whole sequences")
+        if extra.get("parity_max_kappa") is not None:
+            parts.append(f"conditioning κ up to {_fmt(extra['parity_max_kappa'])}")
         if extra.get("parity_max_abs_stream") is not None:
             parts.append(f"streamed {_fmt(extra['parity_max_abs_stream'])}")
         if extra.get("parity_seconds") is not None:
