@@ -125,7 +125,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., streamable: _Optional[bool] = ..., description: _Optional[str] = ..., graphs: _Optional[_Iterable[_Union[Graph, _Mapping]]] = ..., vocab: _Optional[_Iterable[str]] = ..., target_vocab: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., special_tokens: _Optional[_Mapping[str, int]] = ..., normalization: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("model", "initial_state", "ttl_s")
+    __slots__ = ("model", "initial_state", "ttl_s", "snapshot")
     class InitialStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -136,10 +136,78 @@ class CreateSessionRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INITIAL_STATE_FIELD_NUMBER: _ClassVar[int]
     TTL_S_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     model: str
     initial_state: _containers.MessageMap[str, Tensor]
     ttl_s: float
-    def __init__(self, model: _Optional[str] = ..., initial_state: _Optional[_Mapping[str, Tensor]] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+    snapshot: SessionSnapshot
+    def __init__(self, model: _Optional[str] = ..., initial_state: _Optional[_Mapping[str, Tensor]] = ..., ttl_s: _Optional[float] = ..., snapshot: _Optional[_Union[SessionSnapshot, _Mapping]] = ...) -> None: ...
+
+class SessionSnapshot(_message.Message):
+    __slots__ = ("model", "model_hash", "steps", "state", "initial_state", "buffer", "model_source")
+    class StateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    class InitialStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    class ModelSourceEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_STATE_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_hash: str
+    steps: int
+    state: _containers.MessageMap[str, Tensor]
+    initial_state: _containers.MessageMap[str, Tensor]
+    buffer: _containers.RepeatedCompositeFieldContainer[Chunk]
+    model_source: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[str] = ..., model_hash: _Optional[str] = ..., steps: _Optional[int] = ..., state: _Optional[_Mapping[str, Tensor]] = ..., initial_state: _Optional[_Mapping[str, Tensor]] = ..., buffer: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., model_source: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("inputs",)
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    inputs: _containers.MessageMap[str, Tensor]
+    def __init__(self, inputs: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+
+class SnapshotSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ForkSessionRequest(_message.Message):
+    __slots__ = ("session_id", "ttl_s")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    ttl_s: float
+    def __init__(self, session_id: _Optional[str] = ..., ttl_s: _Optional[float] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("session_id", "model", "created_at", "ttl_s")
@@ -180,7 +248,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("session_id", "request_id", "inputs", "text", "tokens")
+    __slots__ = ("session_id", "request_id", "inputs", "text", "tokens", "position")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -193,12 +261,14 @@ class StreamRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     request_id: int
     inputs: _containers.MessageMap[str, Tensor]
     text: str
     tokens: TokenIds
-    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., text: _Optional[str] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
+    position: int
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., text: _Optional[str] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., position: _Optional[int] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
     __slots__ = ("request_id", "session_id", "outputs", "start", "steps_total", "revised")
@@ -224,7 +294,7 @@ class StreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., session_id: _Optional[str] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ..., start: _Optional[int] = ..., steps_total: _Optional[int] = ..., revised: _Optional[bool] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("model", "inputs", "text", "tokens", "session_id", "advance")
+    __slots__ = ("model", "inputs", "text", "tokens", "session_id", "advance", "position")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -238,13 +308,15 @@ class InferRequest(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     ADVANCE_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
     model: str
     inputs: _containers.MessageMap[str, Tensor]
     text: str
     tokens: TokenIds
     session_id: str
     advance: bool
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., text: _Optional[str] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., session_id: _Optional[str] = ..., advance: _Optional[bool] = ...) -> None: ...
+    position: int
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., text: _Optional[str] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., session_id: _Optional[str] = ..., advance: _Optional[bool] = ..., position: _Optional[int] = ...) -> None: ...
 
 class InferResponse(_message.Message):
     __slots__ = ("outputs",)

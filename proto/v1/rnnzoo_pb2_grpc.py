@@ -59,6 +59,16 @@ class RnnzooStub:
                 request_serializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.ResetSessionRequest.SerializeToString,
                 response_deserializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.ResetSessionResponse.FromString,
                 _registered_method=True)
+        self.SnapshotSession = channel.unary_unary(
+                '/rnnzoo.v1.Rnnzoo/SnapshotSession',
+                request_serializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.SnapshotSessionRequest.SerializeToString,
+                response_deserializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.SessionSnapshot.FromString,
+                _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/rnnzoo.v1.Rnnzoo/ForkSession',
+                request_serializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.Session.FromString,
+                _registered_method=True)
         self.Stream = channel.stream_stream(
                 '/rnnzoo.v1.Rnnzoo/Stream',
                 request_serializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.StreamRequest.SerializeToString,
@@ -109,6 +119,23 @@ class RnnzooServicer:
 
     def ResetSession(self, request, context):
         """Puts a session back at its initial state, step count 0.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SnapshotSession(self, request, context):
+        """The session's state as data: state tensors, step count, model name and the model's graph
+        hash (bidirectional models: the buffered prefix too). Restore it with CreateSession
+        (snapshot=...) on this or another server. The snapshot is user data: keep it secret.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkSession(self, request, context):
+        """A new session (new id) with a copy of the session's state, for what-if branches and beam
+        search. It counts against capacity and quotas like any new session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -175,6 +202,16 @@ def add_RnnzooServicer_to_server(servicer, server):
                     servicer.ResetSession,
                     request_deserializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.ResetSessionRequest.FromString,
                     response_serializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.ResetSessionResponse.SerializeToString,
+            ),
+            'SnapshotSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.SnapshotSession,
+                    request_deserializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.SnapshotSessionRequest.FromString,
+                    response_serializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.SessionSnapshot.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.ForkSessionRequest.FromString,
+                    response_serializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.Session.SerializeToString,
             ),
             'Stream': grpc.stream_stream_rpc_method_handler(
                     servicer.Stream,
@@ -327,6 +364,60 @@ class Rnnzoo:
             '/rnnzoo.v1.Rnnzoo/ResetSession',
             rnnzoo_dot_v1_dot_rnnzoo__pb2.ResetSessionRequest.SerializeToString,
             rnnzoo_dot_v1_dot_rnnzoo__pb2.ResetSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SnapshotSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnzoo.v1.Rnnzoo/SnapshotSession',
+            rnnzoo_dot_v1_dot_rnnzoo__pb2.SnapshotSessionRequest.SerializeToString,
+            rnnzoo_dot_v1_dot_rnnzoo__pb2.SessionSnapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnzoo.v1.Rnnzoo/ForkSession',
+            rnnzoo_dot_v1_dot_rnnzoo__pb2.ForkSessionRequest.SerializeToString,
+            rnnzoo_dot_v1_dot_rnnzoo__pb2.Session.FromString,
             options,
             channel_credentials,
             insecure,
