@@ -31,7 +31,7 @@ def test_package_is_versioned():
     service = pb.DESCRIPTOR.services_by_name["Rnnzoo"]
     assert {m.name for m in service.methods} == {
         "ListModels", "GetModel", "CreateSession", "CloseSession", "ResetSession",
-        "Stream", "Infer", "Generate",
+        "Stream", "Infer", "Generate", "SnapshotSession", "ForkSession",
     }  # fmt: skip
     stream = service.methods_by_name["Stream"]
     assert stream.client_streaming and stream.server_streaming
