@@ -53,7 +53,7 @@ def test_validation_lists_every_problem():
         Contract.from_dict(bad, origin="m.rnnzoo.json")
     msg = str(err.value)
     assert "m.rnnzoo.json" in msg
-    assert "task 'poetry'" in msg
+    assert "task: 'poetry' is not one of" in msg
     assert "float8" in msg
     assert "fixed int" in msg
 

@@ -13,6 +13,14 @@ Conventions every rnnzoo graph follows (a sidecar may declare others):
 - the same graph serves whole sequences, chunks and single steps, so a model that
   ``streamable`` says can stream gives, chunk by chunk, what it gives on the whole sequence.
 
+Formats: ``rnnzoo.contract/1`` is the original field set; ``rnnzoo.contract/2`` adds context
+windows (``context_steps``/``initial_context`` on inputs, ``drop_leading_steps`` on outputs) and
+chunk rules (``chunk``). A contract is written as /2 only when it uses a /2 field, so a server
+that reads only /1 refuses it by its format instead of ignoring what it does not know; this
+reader refuses a /1 file that uses a /2 field, and unknown fields and formats always. The JSON
+Schema ``contract.schema.json`` (package data, ``schema()``) says every rule it can; the rest
+(names unique, axes inside shapes, ...) is ``Contract.validate``.
+
 numpy only: this module is imported by the serving runtime.
 """
 
@@ -20,13 +28,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from rnnzoo.errors import InvalidArgument
 
 CONTRACT_KEY = "rnnzoo.contract"
-CONTRACT_FORMAT = "rnnzoo.contract/1"
+CONTRACT_FORMAT = "rnnzoo.contract/1"  # the default: what a contract without /2 fields is
+CONTRACT_FORMAT_2 = "rnnzoo.contract/2"
+FORMATS = (CONTRACT_FORMAT, CONTRACT_FORMAT_2)
+SCHEMA_FILE = "contract.schema.json"
 SIDECAR_SUFFIX = ".rnnzoo.json"
 
 TASKS = ("forecast", "classify", "tag", "lm", "seq2seq", "generic")
@@ -51,6 +64,13 @@ class TensorSpec:
     meaning: str = ""
     batch_axis: int | None = 0  # None: the tensor has no batch axis (a constant)
     time_axis: int | None = 1  # None: the tensor has no time axis
+    # /2, inputs: the server keeps the last ``context_steps`` steps of this input per session
+    # and prepends them to each chunk (zeros, or ``initial_context``, before the first).
+    context_steps: int = 0
+    initial_context: list[Any] | None = None  # one sequence's K steps (no batch axis)
+    # /2, outputs: steps dropped from the start of the time axis before returning (K for an
+    # output given per input step, context included).
+    drop_leading_steps: int = 0
 
     def feature_shape(self) -> list[Dim]:
         """The dims that are neither batch nor time (what one step of one sequence holds)."""
@@ -83,6 +103,32 @@ class ConstantInput:
 
 
 @dataclass(frozen=True)
+class ChunkRule:
+    """/2: the chunk lengths a model takes, in new steps: exactly ``steps``, or a multiple
+    of ``multiple_of``."""
+
+    steps: int | None = None
+    multiple_of: int | None = None
+
+    @property
+    def unit(self) -> int:
+        """Whole sequences are cut into pieces of a multiple of this."""
+        return int(self.steps or self.multiple_of or 1)
+
+    def describe(self) -> str:
+        if self.steps:
+            return f"chunks of exactly {self.steps} new steps (contract chunk.steps={self.steps})"
+        return (
+            f"chunks of a multiple of {self.multiple_of} new steps "
+            f"(contract chunk.multiple_of={self.multiple_of})"
+        )
+
+
+# /2 fields at their defaults: omitted when written, so such a contract stays /1
+_V2_DEFAULTS = {"context_steps": 0, "initial_context": None, "drop_leading_steps": 0}
+
+
+@dataclass(frozen=True)
 class Contract:
     name: str
     task: str
@@ -102,21 +148,38 @@ class Contract:
     description: str = ""
     source: dict[str, str] = field(default_factory=dict)  # checkpoint hash, exporter versions
     extra: dict[str, Any] = field(default_factory=dict)
+    chunk: ChunkRule | None = None  # /2: the chunk lengths the model takes
     format: str = CONTRACT_FORMAT
 
     # ---- (de)serialisation -------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: /2 fields at their defaults left out, ``format`` /2 exactly when a
+        /2 field is used (so a /1-only reader refuses it rather than ignoring the field)."""
+        data = asdict(self)
+        for spec in (*data["inputs"], *data["outputs"]):
+            for key, default in _V2_DEFAULTS.items():
+                if spec.get(key, default) == default:
+                    spec.pop(key, None)
+        if data["chunk"] is None:
+            del data["chunk"]
+        else:
+            data["chunk"] = {k: v for k, v in data["chunk"].items() if v is not None}
+        data["format"] = CONTRACT_FORMAT_2 if v2_fields(data) else CONTRACT_FORMAT
+        return data
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, origin: str = "contract") -> Contract:
         if not isinstance(data, dict):
             raise ContractError(f"{origin}: expected a JSON object, got {type(data).__name__}")
+        data = {k: v for k, v in data.items() if k != "$schema"}
         fmt = data.get("format", CONTRACT_FORMAT)
-        if fmt != CONTRACT_FORMAT:
+        if fmt not in FORMATS:
             raise ContractError(
                 f"{origin}: unsupported contract format {fmt!r}; this rnnzoo reads "
-                f"{CONTRACT_FORMAT!r} (re-export the model with this version)"
+                f"{list(FORMATS)} (upgrade rnnzoo, or re-export the model with this version)"
             )
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
@@ -124,16 +187,33 @@ class Contract:
             raise ContractError(
                 f"{origin}: unknown contract fields {unknown}; known: {sorted(known)}"
             )
+        used = v2_fields(data)
+        if used and fmt != CONTRACT_FORMAT_2:
+            raise ContractError(
+                f"{origin}: uses {used}, field(s) of {CONTRACT_FORMAT_2!r}, but declares format "
+                f'{fmt!r}; set "format": "{CONTRACT_FORMAT_2}" (a server that reads only '
+                "/1 then refuses the file instead of ignoring those fields)"
+            )
+        problems = schema_problems(data)
         try:
             kw = dict(data)
             kw["inputs"] = [TensorSpec(**t) for t in data.get("inputs", [])]
             kw["outputs"] = [TensorSpec(**t) for t in data.get("outputs", [])]
             kw["states"] = [StateSpec(**s) for s in data.get("states", [])]
             kw["constants"] = [ConstantInput(**c) for c in data.get("constants", [])]
+            if data.get("chunk") is not None:
+                kw["chunk"] = ChunkRule(**data["chunk"])
             contract = cls(**kw)
-        except TypeError as exc:  # missing/unexpected keys in a nested spec
+        except (TypeError, AttributeError) as exc:  # a nested spec of the wrong JSON type
+            if problems:
+                _raise(origin, problems)
             raise ContractError(f"{origin}: {exc}") from None
-        contract.validate(origin=origin)
+        try:
+            more = contract._problems()
+        except Exception:  # values of the wrong type: the schema has said so already
+            more = []
+        if problems or more:
+            _raise(origin, [*problems, *(p for p in more if p not in problems)])
         return contract
 
     @classmethod
@@ -146,47 +226,45 @@ class Contract:
 
     # ---- checks -------------------------------------------------------------
     def validate(self, *, origin: str = "contract") -> None:
-        """Raise ContractError listing every problem found."""
+        """Raise ContractError listing every problem found: the JSON Schema's, then the
+        checks a schema cannot say."""
+        data = json.loads(json.dumps(asdict(self), default=list))
+        problems = schema_problems(data)
+        problems += [p for p in self._problems() if p not in problems]
+        if problems:
+            _raise(origin, problems)
+
+    def _problems(self) -> list[str]:
+        """What the JSON Schema cannot say: names unique, axes inside shapes, fixed dims."""
         problems: list[str] = []
-        if not self.name:
-            problems.append("'name' is empty")
-        if self.task not in TASKS:
-            problems.append(f"task {self.task!r} is not one of {list(TASKS)}")
-        if self.role not in ROLES:
-            problems.append(f"role {self.role!r} is not one of {list(ROLES)}")
-        if self.role != "model" and not self.group:
-            problems.append(f"role {self.role!r} needs 'group' (the served model name)")
-        if not self.inputs:
-            problems.append("no data inputs declared")
-        if not self.outputs:
-            problems.append("no outputs declared")
         names: set[str] = set()
-        for spec in [*self.inputs, *self.outputs]:
-            if spec.name in names:
-                problems.append(f"tensor name {spec.name!r} declared twice")
-            names.add(spec.name)
-            if spec.dtype not in DTYPES:
-                problems.append(f"{spec.name}: dtype {spec.dtype!r} is not one of {list(DTYPES)}")
-            for axis_name, axis in (("batch_axis", spec.batch_axis), ("time_axis", spec.time_axis)):
-                if axis is not None and not 0 <= axis < len(spec.shape):
-                    problems.append(f"{spec.name}: {axis_name}={axis} outside shape {spec.shape}")
+        for kind, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
+            for i, spec in enumerate(specs):
+                where = f"{kind}[{i}] ({spec.name})"
+                if spec.name in names:
+                    problems.append(f"tensor name {spec.name!r} declared twice")
+                names.add(spec.name)
+                axes = (("batch_axis", spec.batch_axis), ("time_axis", spec.time_axis))
+                for axis_name, axis in axes:
+                    if axis is not None and not 0 <= axis < len(spec.shape):
+                        problems.append(f"{where}: {axis_name}={axis} outside shape {spec.shape}")
+                if spec.batch_axis is not None and spec.batch_axis == spec.time_axis:
+                    problems.append(f"{where}: batch_axis and time_axis are the same axis")
+                if spec.context_steps:
+                    skip = {spec.batch_axis, spec.time_axis}
+                    free = [d for a, d in enumerate(spec.shape) if a not in skip]
+                    if any(not isinstance(d, int) for d in free):
+                        problems.append(
+                            f"{where}: context_steps needs every dim but batch and time fixed "
+                            f"(the server keeps the context), got {spec.shape}"
+                        )
         for st in self.states:
             for n in (st.input, st.output):
                 if n in names:
                     problems.append(f"state tensor {n!r} also declared as a data input/output")
                 names.add(n)
-            if st.dtype not in DTYPES:
-                problems.append(
-                    f"state {st.input}: dtype {st.dtype!r} is not one of {list(DTYPES)}"
-                )
             if not 0 <= st.batch_axis < len(st.shape):
                 problems.append(f"state {st.input}: batch_axis={st.batch_axis} outside {st.shape}")
-            if st.init not in INIT_KINDS:
-                problems.append(
-                    f"state {st.input}: init {st.init!r} is not one of {list(INIT_KINDS)}"
-                )
-            if st.init == "value" and st.init_value is None:
-                problems.append(f"state {st.input}: init='value' needs 'init_value'")
             fixed = [d for i, d in enumerate(st.shape) if i != st.batch_axis]
             if any(not isinstance(d, int) for d in fixed):
                 problems.append(
@@ -196,12 +274,62 @@ class Contract:
             if c.name in names:
                 problems.append(f"constant input {c.name!r} clashes with another tensor name")
             names.add(c.name)
-        if problems:
-            raise ContractError(f"{origin} is invalid:\n  - " + "\n  - ".join(problems))
+        return problems
 
     # ---- helpers ---------------------------------------------------------------
     def state_feature_shape(self, state: StateSpec) -> list[int]:
         return [int(d) for i, d in enumerate(state.shape) if i != state.batch_axis]
+
+
+def v2_fields(data: dict[str, Any]) -> list[str]:
+    """The /2 fields a contract's JSON form uses (at other than their defaults)."""
+    used = ["chunk"] if data.get("chunk") is not None else []
+    for kind in ("inputs", "outputs"):
+        specs = data.get(kind)
+        for i, spec in enumerate(specs if isinstance(specs, list) else []):
+            if not isinstance(spec, dict):
+                continue
+            for key, default in _V2_DEFAULTS.items():
+                if spec.get(key, default) != default:
+                    used.append(f"{kind}[{i}].{key}")
+    return used
+
+
+@cache
+def schema() -> dict[str, Any]:
+    """The contract's JSON Schema (``contract.schema.json``, shipped in the package)."""
+    text = resources.files("rnnzoo").joinpath(SCHEMA_FILE).read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+@cache
+def _validator():
+    import jsonschema  # lazy: the CLI imports this module at start-up
+
+    cls = jsonschema.validators.validator_for(schema())
+    cls.check_schema(schema())
+    return cls(schema())
+
+
+def schema_problems(data: Any) -> list[str]:
+    """Every place ``data`` breaks the JSON Schema, as ``path: message`` lines."""
+    out = []
+    for err in sorted(_validator().iter_errors(data), key=lambda e: [str(p) for p in e.path]):
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.path)
+        where = where.lstrip(".") or "the contract"
+        msg = err.message
+        if err.instance is None and err.path and err.path[-1] == "value":
+            msg = "not set (null, the placeholder `rnnzoo contract init` writes): set the value"
+        elif err.validator == "oneOf" and err.schema.get("description"):
+            msg = f"{msg} ({err.schema['description']})"
+        elif err.validator == "unevaluatedProperties":
+            msg = f"{msg} (unknown field)"
+        out.append(f"{where}: {msg}")
+    return out
+
+
+def _raise(origin: str, problems: list[str]) -> None:
+    raise ContractError(f"{origin} is invalid:\n  - " + "\n  - ".join(problems))
 
 
 def sidecar_path(onnx_path: str | Path) -> Path:
