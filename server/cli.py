@@ -54,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     lim.add_argument("--long-workers", type=int, default=0,
                      help="long-job threads (low priority); 0 = cpu_count - 1")  # fmt: skip
     lim.add_argument("--max-long-jobs", type=int, default=64)
+    lim.add_argument("--no-malloc-trim", dest="malloc_trim", action="store_false",
+                     help="do not give freed memory back to the OS after large requests")  # fmt: skip
     lim.add_argument("--long-nice", type=int, default=10,
                      help="nice value of the long-job threads (0-19; higher = yield more)")  # fmt: skip
     lim.add_argument("--max-long-jobs-per-client", type=int, default=8)
@@ -154,6 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_long_jobs=args.max_long_jobs,
         max_long_jobs_per_client=args.max_long_jobs_per_client,
         long_nice=args.long_nice,
+        malloc_trim=args.malloc_trim,
     )
     options.check()
     from rnnzoo.server.transport.admission import AdmissionLimits

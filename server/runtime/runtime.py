@@ -47,6 +47,7 @@ from rnnzoo.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    RnnzooError,
     Unavailable,
 )
 
@@ -55,6 +56,7 @@ from .caller import job_key
 from .generate import check_sampling, decode, encode, never_sampled, sample_token
 from .jobs import LongJobs
 from .lease import Lease
+from .memory import LARGE_BYTES, LARGE_STEPS, Trimmer
 from .model import Chunk, ServedModel
 from .redact import clip, sid_tag
 from .repository import ModelInfo, ModelRepository, ServedEntry
@@ -90,6 +92,7 @@ class RuntimeOptions:
     max_long_jobs_per_client: int = 8
     long_slice_s: float = 0.02  # a streamable long job runs in slices of about this long
     long_nice: int = 10  # the long-job threads' nice value (lower OS priority); 0 = unchanged
+    malloc_trim: bool = True  # give freed memory back to the OS after large requests
 
     def check(self) -> None:
         problems = []
@@ -149,6 +152,7 @@ class Runtime:
             o.long_workers, o.max_long_jobs, o.max_long_jobs_per_client, o.long_nice
         )
         self._row_step_s: dict[int, float] = {}  # id(graph) -> seconds per (row x step)
+        self.trimmer = Trimmer(self.options.malloc_trim)
         self._executor = ThreadPoolExecutor(max(1, os.cpu_count() or 1), "rnnzoo-ort")
         self.batchers: dict[tuple[str, str], Batcher] = {}
         for name, entry in repo.entries.items():
@@ -193,6 +197,7 @@ class Runtime:
                     await task
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.jobs.shutdown()
+        self.trimmer.cancel()
         self._phase = "stopped"
 
     @property
@@ -235,6 +240,8 @@ class Runtime:
     def check_steps(self, n: int, what: str) -> None:
         """``what`` (e.g. "this chunk") has ``n`` steps: refuse it over max_request_steps."""
         limit = self.options.max_request_steps
+        if n >= LARGE_STEPS:  # a big request message was decoded, allowed or not
+            self.trimmer.soon()
         if n > limit:
             raise ResourceExhausted(
                 f"{what} has {n} steps, over this server's limit of {limit} steps per request "
@@ -522,14 +529,18 @@ class Runtime:
     def _slice_steps(self, graph: ServedModel, batch: int) -> int:
         per = self._row_step_s.get(id(graph))
         if per is None:
-            return max(64, 2048 // batch)
-        return max(64, int(self.options.long_slice_s / (per * batch)))
+            n = max(64, 2048 // batch)
+        else:
+            n = max(64, int(self.options.long_slice_s / (per * batch)))
+        unit = graph.chunk.unit if graph.chunk is not None else 1  # whole chunks per slice
+        return max(unit, n // unit * unit)
 
     async def _long_run(self, graph, feeds, states, batch: int, length: int, sliceable: bool):
         """Run in the long-job pool; a streamable graph in time slices, state carried."""
         key = job_key()
         what = f"this request ({batch} x {length} steps)"
-        with self.jobs.admit(key, what):
+        large = graph.output_bytes(batch, length) >= LARGE_BYTES or batch * length >= LARGE_STEPS
+        with self.jobs.admit(key, what), self._trim_after(large):
             if not sliceable:
                 return await self.jobs.run_slice(key, self._run, graph, feeds, states)
             parts, t = [], 0
@@ -547,6 +558,15 @@ class Runtime:
             outs = await self.jobs.run_slice(key, _concat_time, graph.contract.outputs, parts)
             return outs, states
 
+    @contextlib.contextmanager
+    def _trim_after(self, large: bool):
+        """Schedule a malloc_trim once large work ends, however it ends (memory.py)."""
+        try:
+            yield
+        finally:
+            if large:
+                self.trimmer.soon()
+
     def _timed_run(self, graph: ServedModel, feeds: dict, states: dict, row_steps: int):
         t0 = time.perf_counter()
         res = self._run(graph, feeds, states)
@@ -559,6 +579,8 @@ class Runtime:
     def _run(graph: ServedModel, feeds: dict, states: dict):
         try:
             return graph.run(feeds, states)
+        except RnnzooError:  # ORT's failures come described whole (ServedModel.run)
+            raise
         except Exception as exc:
             raise InvalidArgument(
                 f"model {graph.contract.name!r} failed on this input "
@@ -673,7 +695,7 @@ class Runtime:
         with self._generating(entry, key):
             _, enc_state = await self._feed("encoder", entry, key, src, enc.init_states)
             # encoder state outputs map by position onto decoder state inputs
-            state = {}
+            state = dict(dec.init_states)  # and a decoder's context windows start afresh
             for es, ds in zip(enc.contract.states, dec.contract.states, strict=True):
                 state[ds.input] = np.moveaxis(enc_state[es.input], es.batch_axis, ds.batch_axis)
             special = dec.contract.special_tokens
