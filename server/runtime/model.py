@@ -7,6 +7,14 @@ microseconds, so extra threads only add synchronisation; spinning threads burn t
 event loop and the other sessions need (2 spinning threads measured ~2x slower on 2 cores).
 Throughput comes from batching sessions into one call instead.
 
+Context windows (contract /2 ``context_steps``): the last K steps of such an input are part
+of each sequence's state, under the key ``context:NAME`` beside the recurrent states, with the
+input's own batch axis. So they are stacked and split by the batcher, reset with the session,
+and snapshotted with the rest of its state. ``run`` prepends them to the new steps, keeps the
+last K of the result as the next context, and drops each output's ``drop_leading_steps``. A
+fixed chunk rule (``chunk.steps``) makes ``run`` cut a longer sequence into such chunks, the
+state carried, so a whole-sequence Infer equals the same steps streamed.
+
 Dtype policy for client inputs (documented, applied in ``validate_chunk``): float inputs accept
 float16/float32/float64 and are cast to the contract dtype (float64 -> float32 loses only
 precision the model cannot use); integer inputs accept any integer dtype whose values fit;
@@ -38,6 +46,14 @@ ORT_DTYPES = {
     "tensor(int32)": "int32",
     "tensor(bool)": "bool",
 }
+
+
+CONTEXT_PREFIX = "context:"  # a context window's key among a sequence's states
+MAX_ERROR_CHARS = 4000  # an ORT error longer than this is cut at a word boundary
+
+
+def context_key(name: str) -> str:
+    return CONTEXT_PREFIX + name
 
 
 def _free_axis(spec: TensorSpec) -> int | None:
@@ -97,7 +113,18 @@ class ServedModel:
             ) from None
         self._check_contract()
         self.constants = {c.name: np.asarray(c.value, dtype=c.dtype) for c in contract.constants}
+        # context windows: (input spec, state key, K) for each input with context_steps
+        self._ctx = [(s, context_key(s.name), s.context_steps) for s in contract.inputs
+                     if s.context_steps]  # fmt: skip
+        # every per-sequence state array, recurrent and context: (key, batch axis)
+        self._slots = [(st.input, st.batch_axis) for st in contract.states]
+        self._slots += [(key, s.batch_axis) for s, key, _ in self._ctx]
         self.init_states = {st.input: self._init_state(st) for st in contract.states}
+        for spec, key, _ in self._ctx:
+            self.init_states[key] = self._init_context(spec)
+        self.chunk = contract.chunk
+        self._drop = [(s.name, s.time_axis, s.drop_leading_steps) for s in contract.outputs
+                      if s.drop_leading_steps]  # fmt: skip
         # A decoder reads its own outputs back: its input ids are target-vocabulary ids.
         vocab = contract.target_vocab if contract.role == "decoder" else contract.vocab
         self.vocab_size = len(vocab) if vocab else None
@@ -179,6 +206,22 @@ class ServedModel:
                 )
         return np.expand_dims(v, st.batch_axis)
 
+    def _init_context(self, spec: TensorSpec) -> np.ndarray:
+        """One sequence's initial context window (K steps), with a batch axis of size 1."""
+        shape = [1 if i == spec.batch_axis else d for i, d in enumerate(spec.shape)]
+        shape[spec.time_axis] = spec.context_steps
+        free = [d for i, d in enumerate(shape) if i != spec.batch_axis]
+        if spec.initial_context is None:
+            return np.zeros(shape, dtype=spec.dtype)
+        v = np.asarray(spec.initial_context, dtype=spec.dtype)
+        if list(v.shape) != free:
+            raise InvalidArgument(
+                f"{self.path}: input {spec.name!r} initial_context has shape {list(v.shape)}, "
+                f"expected {free} (context_steps={spec.context_steps} steps of one sequence, "
+                "no batch axis)"
+            )
+        return np.expand_dims(v, spec.batch_axis)
+
     # ---- validation -----------------------------------------------------------------------
     def _coerce(self, spec_name: str, dtype: str | np.dtype, arr) -> np.ndarray:
         a = arr if type(arr) is np.ndarray else np.asarray(arr)
@@ -257,7 +300,34 @@ class ServedModel:
             if self.vocab_size:
                 self._check_values(p.spec, a)
             out[p.name] = a
+        if self.chunk is not None and length is not None:
+            self.check_chunk(length, stream=True)
         return Chunk(out, length or 1)
+
+    def check_chunk(self, length: int, *, stream: bool) -> None:
+        """The contract's chunk rule, in new steps: a streamed chunk must follow it; a whole
+        sequence (Infer) must be a whole number of fixed chunks (``run`` cuts it)."""
+        rule = self.chunk
+        if rule is None:
+            return
+        unit = rule.unit
+        if stream and rule.steps and length != rule.steps:
+            raise InvalidArgument(
+                f"model {self.contract.name!r} takes {rule.describe()}; this chunk has "
+                f"{length} steps"
+            )
+        if length % unit:
+            what = "this chunk" if stream else "this sequence"
+            how = (
+                f"send a whole number of {unit}-step chunks (run one after the other, state "
+                "carried)"
+                if rule.steps
+                else f"send a multiple of {unit} steps"
+            )
+            raise InvalidArgument(
+                f"model {self.contract.name!r} takes {rule.describe()}; {what} has {length} "
+                f"steps: {how}"
+            )
 
     def validate_batch(self, inputs: dict) -> tuple[dict[str, np.ndarray], int]:
         """Whole-sequence inputs WITH the batch axis -> (arrays, batch size)."""
@@ -278,6 +348,8 @@ class ServedModel:
                 batch = n
             self._check_values(spec, a)
             out[spec.name] = a
+        if self.chunk is not None:
+            self.check_chunk(self.feed_steps(self.contract, out), stream=False)
         return out, batch or 1
 
     @staticmethod
@@ -294,8 +366,12 @@ class ServedModel:
                 )
 
     def validate_state(self, state: dict) -> dict[str, np.ndarray]:
-        """A client-given initial state of ONE sequence (batch-free) -> batch-1 arrays."""
-        want = {st.input: st for st in self.contract.states}
+        """A client-given state of ONE sequence (batch-free) -> batch-1 arrays. Keys: state
+        input names, and ``context:NAME`` for a context window (a snapshot carries both);
+        what is not given starts from its initial value."""
+        want = {st.input: (st.dtype, st.batch_axis) for st in self.contract.states}
+        for spec, key, _ in self._ctx:
+            want[key] = (spec.dtype, spec.batch_axis)
         unknown = [clip(n) for n in sorted(set(state) - set(want))[:8]]
         if unknown:
             raise InvalidArgument(
@@ -304,16 +380,26 @@ class ServedModel:
             )
         out = dict(self.init_states)
         for name, arr in state.items():
-            st = want[name]
-            a = self._coerce(name, st.dtype, arr)
-            shape = self.contract.state_feature_shape(st)
+            dtype, axis = want[name]
+            a = self._coerce(name, dtype, arr)
+            shape = list(np.take(self.init_states[name], 0, axis=axis).shape)
             if list(a.shape) != shape:
                 raise InvalidArgument(
                     f"initial state {name!r}: expected shape {shape} (one sequence, no batch "
                     f"axis), got {list(a.shape)}"
                 )
-            out[name] = np.expand_dims(a, st.batch_axis)
+            out[name] = np.expand_dims(a, axis)
         return out
+
+    @property
+    def slots(self) -> list[tuple[str, int]]:
+        """Every per-sequence state array, recurrent and context window: (key, batch axis)."""
+        return list(self._slots)
+
+    def unbatch_state(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A session's batch-1 states -> one sequence's, without the batch axis (the inverse
+        of ``validate_state``); context windows included."""
+        return {key: np.take(state[key], 0, axis=ax) for key, ax in self._slots}
 
     def output_bytes(self, batch: int, steps: int) -> int:
         """Bytes of data outputs one call on ``batch`` sequences of ``steps`` steps returns
@@ -354,12 +440,10 @@ class ServedModel:
         return Chunk(arrays, sum(c.length for c in chunks))
 
     def stack_states(self, states: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Per-sequence batch-1 states (recurrent and context) -> one batch."""
         if len(states) == 1:  # already batch-1 arrays; ORT never writes its inputs
-            return {st.input: states[0][st.input] for st in self.contract.states}
-        return {
-            st.input: np.concatenate([s[st.input] for s in states], axis=st.batch_axis)
-            for st in self.contract.states
-        }
+            return {key: states[0][key] for key, _ in self._slots}
+        return {key: np.concatenate([s[key] for s in states], axis=ax) for key, ax in self._slots}
 
     def split_outputs(self, outputs: dict[str, np.ndarray], n: int) -> list[dict]:
         """Batched outputs -> per-sequence batch-free outputs."""
@@ -379,12 +463,11 @@ class ServedModel:
     def split_states(self, states: dict[str, np.ndarray], n: int) -> list[dict]:
         """Batched next states (keyed by state INPUT name) -> per-sequence batch-1 arrays."""
         res: list[dict] = [{} for _ in range(n)]
-        for st in self.contract.states:
-            ax = st.batch_axis
-            a = states[st.input]
+        for key, ax in self._slots:
+            a = states[key]
             for i in range(n):
                 idx = (slice(None),) * ax + (slice(i, i + 1),)
-                res[i][st.input] = a[idx]  # a view, batch axis kept (size 1)
+                res[i][key] = a[idx]  # a view, batch axis kept (size 1)
         return res
 
     def initial_batch_state(self, n: int) -> dict[str, np.ndarray]:
@@ -393,13 +476,85 @@ class ServedModel:
     def run(
         self, inputs: dict[str, np.ndarray], states: dict[str, np.ndarray]
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """One ORT call on a batch. Returns (data outputs, next states keyed by state input)."""
-        feeds = {**inputs, **states, **self.constants}
+        """One batch of new steps. Returns (data outputs, next states keyed by state input,
+        and context windows by ``context:NAME``). A fixed chunk rule: a longer sequence runs
+        as consecutive chunks, the state carried (outputs without a time axis: the last's)."""
+        rule = self.chunk
+        steps = self.feed_steps(self.contract, inputs) if rule and rule.steps else 0
+        if not rule or not rule.steps or steps <= rule.steps:
+            return self._run_once(inputs, states)
+        parts = []
+        for a in range(0, steps, rule.steps):
+            part = {}
+            for spec in self.contract.inputs:
+                arr = inputs[spec.name]
+                if spec.time_axis is not None:
+                    idx = [slice(None)] * arr.ndim
+                    idx[spec.time_axis] = slice(a, a + rule.steps)
+                    arr = arr[tuple(idx)]
+                part[spec.name] = arr
+            outs, states = self._run_once(part, states)
+            parts.append(outs)
+        return {
+            spec.name: parts[-1][spec.name]
+            if spec.time_axis is None
+            else np.concatenate([p[spec.name] for p in parts], spec.time_axis)
+            for spec in self.contract.outputs
+        }, states
+
+    def _run_once(
+        self, inputs: dict[str, np.ndarray], states: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        feeds = {**inputs, **self.constants}
+        nxt_ctx = {}
+        for spec, key, k in self._ctx:  # context windows: prepend, keep the last K
+            full = np.concatenate([states[key], inputs[spec.name]], axis=spec.time_axis)
+            feeds[spec.name] = full
+            idx = [slice(None)] * full.ndim
+            idx[spec.time_axis] = slice(full.shape[spec.time_axis] - k, None)
+            nxt_ctx[key] = np.ascontiguousarray(full[tuple(idx)])
+        for st in self.contract.states:
+            feeds[st.input] = states[st.input]
         names = self._fetch
         t0 = time.perf_counter()
-        res = self.session.run(names, feeds)
+        try:
+            res = self.session.run(names, feeds)
+        except Exception as exc:  # ORT's own error classes
+            raise InvalidArgument(self.describe_failure(exc, feeds)) from None
         telemetry.ort_run(self.contract.name, time.perf_counter() - t0)
         n = len(self.contract.outputs)
         outs = dict(zip(names[:n], res[:n], strict=True))
+        for name, axis, drop in self._drop:
+            a = outs[name]
+            idx = [slice(None)] * a.ndim
+            idx[axis] = slice(drop, None)
+            outs[name] = a[tuple(idx)]
         nxt = {st.input: r for st, r in zip(self.contract.states, res[n:], strict=True)}
+        nxt.update(nxt_ctx)
         return outs, nxt
+
+    def describe_failure(self, exc: BaseException, feeds: dict[str, np.ndarray]) -> str:
+        """ORT's error text, whole (cut only past MAX_ERROR_CHARS, at a word boundary), and
+        the feeds: their shapes, context steps, and each fixed graph dim a feed breaks."""
+        text = " ".join(str(exc).split())
+        if len(text) > MAX_ERROR_CHARS:
+            text = text[:MAX_ERROR_CHARS].rsplit(" ", 1)[0] + " [...]"
+        graph = {i.name: i.shape for i in self.session.get_inputs()}
+        ctx = {spec.name: k for spec, _, k in self._ctx}
+        fed, wrong = [], []
+        for name, a in feeds.items():
+            note = f" ({ctx[name]} context steps + new)" if name in ctx else ""
+            fed.append(f"{name} {a.dtype}{list(a.shape)}{note}")
+            want = graph.get(name)
+            if want is None:
+                continue
+            if len(want) != a.ndim:
+                wrong.append(f"input {name!r} has rank {a.ndim}, the graph wants {want}")
+                continue
+            for i, (g, w) in enumerate(zip(a.shape, want, strict=True)):
+                if isinstance(w, int) and g != w:
+                    wrong.append(f"input {name!r} dim {i} is {g}, the graph wants {w} ({want})")
+        msg = f"model {self.contract.name!r} failed on this input ({type(exc).__name__}: {text})"
+        if wrong:
+            msg += "; " + "; ".join(wrong)
+        return msg + "; fed " + ", ".join(fed)
