@@ -26,6 +26,12 @@ Semantics worth knowing:
   caller's block ends without an error (the response went out);
 - ownership: a stream holds its session's lease (``lease.py``); Infer(advance), reset and
   close on a session leased by a live stream are FailedPrecondition.
+- durable sessions (``options.state_store``; ``durable.py``, ``store.py``): snapshot, restore
+  and fork; every state change is written through the store (fenced by the lease epoch)
+  before its response goes out; a request may carry its expected position, and a chunk
+  already applied gets its stored response again (``StepResult.replay``). The ``a*``
+  coroutines (``acreate_session``, ``aattach``, ``aclose_session``, ``areset_session``) are
+  the store-aware forms of the plain methods, which stay per process.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +59,7 @@ from rnnzoo.errors import (
 
 from .batching import Batcher
 from .caller import job_key
+from .durable import Durability, batch_free, check_position
 from .generate import check_sampling, decode, encode, never_sampled, sample_token
 from .jobs import LongJobs
 from .lease import Lease
@@ -61,6 +68,8 @@ from .model import Chunk, ServedModel
 from .redact import clip, sid_tag
 from .repository import ModelInfo, ModelRepository, ServedEntry
 from .sessions import Session, SessionInfo, SessionStore
+from .snapshot import Snapshot
+from .store import StateStore, open_store
 
 
 @dataclass
@@ -93,6 +102,9 @@ class RuntimeOptions:
     long_slice_s: float = 0.02  # a streamable long job runs in slices of about this long
     long_nice: int = 10  # the long-job threads' nice value (lower OS priority); 0 = unchanged
     malloc_trim: bool = True  # give freed memory back to the OS after large requests
+    # Durable sessions (store.py): a directory (embedded SQLite) or a redis:// URL; None =
+    # sessions live in this process only.
+    state_store: str | None = None
 
     def check(self) -> None:
         problems = []
@@ -131,10 +143,29 @@ class StepResult:
     start: int  # index in the session's sequence of the first returned step
     steps_total: int
     revised: bool  # True: outputs re-cover the whole prefix (non-streamable models)
+    # Deduplication: the stored response of the chunk at this position (then nothing was
+    # computed and the other fields are empty).
+    replay: bytes | None = None
+    # ``await persist(response_bytes)`` before sending the response: writes the new state
+    # and the response through the state store (and keeps the response for deduplication).
+    persist: Callable | None = field(default=None, compare=False)
+
+
+class Outputs(dict):
+    """Infer's outputs; ``replay``/``persist`` as in StepResult."""
+
+    replay: bytes | None = None
+    persist: Callable | None = None
 
 
 class Runtime:
-    def __init__(self, repo: ModelRepository, options: RuntimeOptions | None = None, clock=None):
+    def __init__(
+        self,
+        repo: ModelRepository,
+        options: RuntimeOptions | None = None,
+        clock=None,
+        state_store: StateStore | None = None,
+    ):
         self.options = options or RuntimeOptions()
         self.options.check()
         self.repo = repo
@@ -166,6 +197,9 @@ class Runtime:
         self._phase = "new"  # new -> running -> stopping -> stopped
         self._sweeper: asyncio.Task | None = None
         self._renewer: asyncio.Task | None = None
+        if state_store is None:
+            state_store = open_store(self.options.state_store)
+        self.durable = Durability(self, state_store)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, options: RuntimeOptions | None = None) -> Runtime:
@@ -198,6 +232,7 @@ class Runtime:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.jobs.shutdown()
         self.trimmer.cancel()
+        await self.durable.close()
         self._phase = "stopped"
 
     @property
@@ -227,13 +262,20 @@ class Runtime:
         still stuck somewhere, and its session frees when the lease runs out."""
         while True:
             await asyncio.sleep(self.options.lease_ttl_s / 3)
-            self.renew_leases()
+            renewed = self._renew_local()
+            if self.durable.store is not None:
+                with contextlib.suppress(Exception):  # unreachable: the leases run out
+                    await self.store.leases.renew_in_store(renewed)
 
     def renew_leases(self) -> int:
-        renewed = 0
+        return len(self._renew_local())
+
+    def _renew_local(self) -> list[Lease]:
+        """Renew the leases of live streams here; returns them (the store renews them too)."""
+        renewed = []
         for lease, _, alive in list(self._streams.values()):
             if (alive is None or alive()) and self.store.leases.renew(lease):
-                renewed += 1
+                renewed.append(lease)
         return renewed
 
     # ---- limits --------------------------------------------------------------------------------
@@ -308,6 +350,105 @@ class Runtime:
         sess = self.store.create(model, init, ttl_s)
         return self.store.info(sess)
 
+    async def acreate_session(
+        self,
+        model: str,
+        initial_state: dict[str, np.ndarray] | None = None,
+        ttl_s: float | None = None,
+        snapshot: Snapshot | None = None,
+    ) -> SessionInfo:
+        """``create_session``, written through the state store; with ``snapshot``, a restore
+        (FailedPrecondition if it was taken from another version of the model)."""
+        self._check()
+        if snapshot is None:
+            info = self.create_session(model, initial_state, ttl_s)
+            sess = self.store.get(info.id, touch=False)
+        else:
+            if model and model != snapshot.model:
+                raise InvalidArgument(
+                    f"the snapshot is of model {snapshot.model!r}, not {clip(model)!r}"
+                )
+            if initial_state:
+                raise InvalidArgument("give a snapshot or an initial_state, not both")
+            self.durable.check_snapshot(snapshot)
+            sess = self.store.create(snapshot.model, dict(snapshot.initial), ttl_s)
+            self.durable.fill(sess, snapshot)
+        try:
+            await self.durable.create(sess)
+        except BaseException:
+            self.store.close(sess.id)
+            raise
+        return self.store.info(sess)
+
+    def restore_snapshot(self, snap: Snapshot) -> Snapshot:
+        """A client's snapshot (batch-free states, raw chunks) -> checked, session-ready."""
+        self.durable.check_snapshot(snap)
+        _, graph = self._single(snap.model, "a session")
+        if snap.steps < 0:
+            raise InvalidArgument(f"snapshot steps must be >= 0, got {snap.steps}")
+        snap.state = graph.validate_state(snap.state)
+        snap.initial = graph.validate_state(snap.initial)
+        snap.buffer = [graph.validate_chunk(c) for c in snap.buffer]
+        if snap.buffer and sum(c.length for c in snap.buffer) != snap.steps:
+            raise InvalidArgument("the snapshot's buffered chunks do not add up to its steps")
+        return snap
+
+    async def snapshot_session(self, session_id: str) -> tuple[Snapshot, dict, dict, list]:
+        """(snapshot, batch-free state, batch-free initial state, buffered chunks' arrays)."""
+        self._check()
+        await self.durable.fresh(session_id)
+        sess = self.store.get(session_id)
+        snap = self.durable.snapshot(sess)
+        graph = self._entry(sess.model).graphs["model"]
+        return (snap, batch_free(graph, snap.state), batch_free(graph, snap.initial),
+                [c.arrays for c in snap.buffer])  # fmt: skip
+
+    async def fork_session(self, session_id: str, ttl_s: float | None = None) -> SessionInfo:
+        """A new session with a copy of ``session_id``'s state (counts against capacity and
+        quotas like any new session)."""
+        self._check()
+        await self.durable.fresh(session_id)
+        src = self.store.get(session_id)
+        snap = self.durable.snapshot(src)
+        if ttl_s is None:
+            ttl_s = src.ttl_s
+        return await self.acreate_session(src.model, None, ttl_s, snapshot=snap)
+
+    async def aattach(
+        self, session_id: str, holder: str | None = None, alive: Callable[[], bool] | None = None
+    ) -> Lease:
+        """``attach``, taking the lease in the state store (any process) when the session is
+        there; the session is read from the store as it stands."""
+        self._check()
+        if self.durable.store is None:
+            return self.attach(session_id, holder, alive)
+        holder = holder or secrets.token_hex(8)
+        if session_id not in self.store._live:
+            await self.durable.fresh(session_id)
+        self.store.get(session_id, touch=False)  # NotFound / ownership before the store
+        lease, rec = await self.store.leases.take(session_id, holder)
+        if rec is not None:
+            from .snapshot import from_bytes
+
+            self.durable.adopt(session_id, from_bytes(rec.snap), rec.epoch, rec.resp, rec.rpos)
+        self.store.get(session_id)
+        return self._attached(session_id, lease, alive)
+
+    async def aclose_session(self, session_id: str, lease: Lease | None = None) -> None:
+        await self.durable.fresh(session_id)
+        self.close_session(session_id, lease)
+        if self.durable.store is not None:
+            await self.durable.store.delete(session_id)
+
+    async def areset_session(self, session_id: str, lease: Lease | None = None) -> None:
+        await self.durable.fresh(session_id)
+        sess = self.store.get(session_id, touch=False)
+        self._not_held(session_id, "ResetSession", lease)
+        snap = self.durable.snapshot(sess)
+        snap.state, snap.steps, snap.buffer = dict(sess.initial), 0, []
+        await self.durable.write(sess, snap, lease, None, -1)
+        self.reset_session(session_id, lease)
+
     def _not_held(self, session_id: str, what: str, lease: Lease | None = None) -> None:
         """FailedPrecondition if a live stream other than ``lease``'s holds the session."""
         held = self.store.leases.holder_alive(session_id)
@@ -336,6 +477,7 @@ class Runtime:
         sess.state = dict(sess.initial)
         sess.steps = 0
         sess.buffer = []
+        sess.last = None
         sess.epoch += 1
 
     def attach(
@@ -345,6 +487,9 @@ class Runtime:
         stream still lives: the runtime renews the lease while it does (None: always)."""
         self._check()
         lease = self.store.attach(session_id, holder or secrets.token_hex(8))
+        return self._attached(session_id, lease, alive)
+
+    def _attached(self, session_id: str, lease: Lease, alive) -> Lease:
         batcher = self.batchers.get((self.store.get(session_id, touch=False).model, "model"))
         old = self._streams.get(session_id)
         if old is not None and old[1] is not None:  # a take-over from a dead stream
@@ -386,13 +531,23 @@ class Runtime:
 
     @contextlib.asynccontextmanager
     async def stepping(
-        self, session_id: str, inputs: dict[str, np.ndarray], lease: Lease | None = None
+        self,
+        session_id: str,
+        inputs: dict[str, np.ndarray],
+        lease: Lease | None = None,
+        position: int | None = None,
     ) -> AsyncIterator[StepResult]:
         """Compute one chunk and yield its result inside the session's lock; the new state
         is committed when the ``async with`` block ends without an error (the caller sent
         the response), and not at all otherwise. ``lease``: the calling stream's lease; a
-        session leased by another live stream is FailedPrecondition."""
+        session leased by another live stream is FailedPrecondition. ``position``: the
+        steps the request expects before its chunk (deduplication, see durable.py); a
+        replayed chunk yields ``StepResult.replay``. A caller that sends the response calls
+        ``await result.persist(response_bytes)`` first: the state is then written through
+        the store, and committed here even if the send fails (a retry gets the replay)."""
         self._check()
+        if lease is None:
+            await self.durable.fresh(session_id)
         sess = self.store.get(session_id)
         entry, graph = self._single(sess.model, "step")
         self._check_lease(session_id, lease)
@@ -402,7 +557,12 @@ class Runtime:
             sess = self.store.get(session_id)  # closed/expired while waiting?
             self._check_lease(session_id, lease)
             epoch = sess.epoch
+            replay = check_position(sess, position)
+            if replay is not None:
+                yield StepResult({}, 0, sess.steps, False, replay=replay)
+                return
             batcher = self.batchers[(sess.model, "model")]
+            steps0, keep = sess.steps, position is not None or sess.durable
             if entry.info.streamable:
                 self._check_output(graph, 1, chunk.length, "this chunk")
                 if chunk.length >= self.options.long_job_steps:
@@ -410,28 +570,55 @@ class Runtime:
                 else:
                     outs, nxt = await batcher.submit(session_id, chunk, sess.state)
                 self._check_epoch(sess, epoch)
-                yield StepResult(outs, sess.steps, sess.steps + chunk.length, False)
-                if self._may_commit(sess, epoch, lease):
-                    sess.state, sess.steps = nxt, sess.steps + chunk.length
-                return
-            total = sess.steps + chunk.length
-            if total > self.options.max_buffer_steps:
-                raise ResourceExhausted(
-                    f"session {sid_tag(session_id)} of non-streamable model {sess.model!r} "
-                    f"would hold {total} steps, over the server's max_buffer_steps="
-                    f"{self.options.max_buffer_steps}; reset the session or start a new one"
-                )
-            self._check_output(graph, 1, total, "this chunk's revised prefix")
-            prefix = graph.concat_chunks([*sess.buffer, chunk])
-            if total >= self.options.long_job_steps:  # a bidirectional net: one slice
-                outs, nxt = await self._long_chunk(graph, prefix, sess.initial, False)
+                total, buffer = steps0 + chunk.length, None
             else:
-                outs, nxt = await batcher.submit(session_id, prefix, sess.initial)
-            self._check_epoch(sess, epoch)
-            yield StepResult(outs, 0, total, True)
-            if self._may_commit(sess, epoch, lease):
-                sess.buffer.append(chunk)
-                sess.state, sess.steps = nxt, total
+                total = steps0 + chunk.length
+                if total > self.options.max_buffer_steps:
+                    raise ResourceExhausted(
+                        f"session {sid_tag(session_id)} of non-streamable model {sess.model!r} "
+                        f"would hold {total} steps, over the server's max_buffer_steps="
+                        f"{self.options.max_buffer_steps}; reset the session or start a new one"
+                    )
+                self._check_output(graph, 1, total, "this chunk's revised prefix")
+                prefix = graph.concat_chunks([*sess.buffer, chunk])
+                if total >= self.options.long_job_steps:  # a bidirectional net: one slice
+                    outs, nxt = await self._long_chunk(graph, prefix, sess.initial, False)
+                else:
+                    outs, nxt = await batcher.submit(session_id, prefix, sess.initial)
+                self._check_epoch(sess, epoch)
+                buffer = [*sess.buffer, chunk]
+            written: list[bytes | None] = []
+
+            async def persist(resp: bytes | None) -> None:
+                await self._persist(sess, epoch, lease, nxt, total, buffer, resp, steps0)
+                written.append(resp)
+
+            start = steps0 if buffer is None else 0
+            yield StepResult(outs, start, total, buffer is not None, persist=persist)
+            if not written:
+                if not self._may_commit(sess, epoch, lease):
+                    return
+                if sess.durable and self.durable.store is not None:  # a caller without persist
+                    await persist(None)
+            sess.state, sess.steps = nxt, total
+            if buffer is not None:
+                sess.buffer = buffer
+            resp = written[0] if written else None
+            sess.last = (steps0, resp) if keep and resp is not None else None
+
+    async def _persist(self, sess: Session, epoch: int, lease: Lease | None, state: dict,
+                       steps: int, buffer: list | None, resp: bytes | None, rpos: int) -> None:  # fmt: skip
+        """Write a step's new state (and its response) through the store, fenced."""
+        self._check_epoch(sess, epoch)
+        if lease is not None and not self.store.leases.current(lease):
+            self._check_lease(sess.id, lease)  # raises: the lease ran out
+        if not sess.durable or self.durable.store is None:
+            return
+        snap = self.durable.snapshot(sess)
+        snap.state, snap.steps = state, steps
+        if buffer is not None:
+            snap.buffer = buffer
+        await self.durable.write(sess, snap, lease, resp, rpos)
 
     @staticmethod
     def _check_epoch(sess: Session, epoch: int) -> None:
@@ -463,9 +650,12 @@ class Runtime:
         inputs: dict[str, np.ndarray],
         session_id: str | None = None,
         advance: bool = False,
+        position: int | None = None,
     ) -> AsyncIterator[dict[str, np.ndarray]]:
-        """Yield the outputs; with ``advance``, the session moves on when the ``async with``
-        block ends without an error, and not otherwise."""
+        """Yield the outputs (an ``Outputs`` dict); with ``advance``, the session moves on
+        when the ``async with`` block ends without an error, and not otherwise. With
+        ``advance``, ``position`` deduplicates as in ``stepping`` and the caller may
+        ``await outputs.persist(response_bytes)`` before sending (write-through)."""
         self._check()
         _, graph = self._single(model, "infer")
         feeds, batch = graph.validate_batch(inputs)
@@ -478,8 +668,11 @@ class Runtime:
                 raise InvalidArgument("advance=True needs a session_id (whose state to move on)")
             states = graph.initial_batch_state(batch)
             outs, _ = await self._compute(graph, feeds, states, batch, length, streamable)
-            yield outs
+            yield Outputs(outs)
             return
+        if position is not None and not advance:
+            raise InvalidArgument("position is for requests that advance the session")
+        await self.durable.fresh(session_id)
         sess = self.store.get(session_id)
         self._check_session_model(sess, model)
         if batch != 1:
@@ -498,12 +691,36 @@ class Runtime:
             if advance:
                 self._not_held(session_id, "Infer(advance=true)")
             epoch = sess.epoch
+            replay = check_position(sess, position) if advance else None
+            if replay is not None:
+                out = Outputs()
+                out.replay = replay
+                yield out
+                return
             outs, nxt = await self._compute(graph, feeds, sess.state, 1, length, True)
             if advance:
                 self._check_epoch(sess, epoch)
-            yield outs
-            if advance and sess.epoch == epoch and self.store.leases.holder_alive(sess.id) is None:
-                sess.state, sess.steps = nxt, sess.steps + length
+            out, steps0, written = Outputs(outs), sess.steps, []
+            if advance:
+
+                async def persist(resp: bytes | None) -> None:
+                    self._not_held(session_id, "Infer(advance=true)")
+                    await self._persist(sess, epoch, None, nxt, steps0 + length, None, resp, steps0)
+                    written.append(resp)
+
+                out.persist = persist
+            yield out
+            if not advance or sess.epoch != epoch:
+                return
+            if not written:
+                if self.store.leases.holder_alive(sess.id) is not None:
+                    return
+                if sess.durable and self.durable.store is not None:
+                    await out.persist(None)
+            sess.state, sess.steps = nxt, steps0 + length
+            resp = written[0] if written else None
+            keep = position is not None or sess.durable
+            sess.last = (steps0, resp) if keep and resp is not None else None
 
     @staticmethod
     def _check_session_model(sess: Session, model: str) -> None:

@@ -17,6 +17,10 @@
   unknown id, also for closed ones: existence is not revealed).
 - quota: at most ``max_per_client`` live sessions per caller key (principal, or connection
   without authentication); over it ResourceExhausted names the quota and when to retry.
+- with a state store (``store.py``) this table is the process's working set: ``adopt``
+  installs (or refreshes) a session read from the store; ``on_bury(session, why)`` tells the
+  runtime what to do in the store (a close or eviction deletes it there; an idle expiry here
+  only drops the cached copy, the store's own TTL decides there).
 """
 
 from __future__ import annotations
@@ -63,6 +67,9 @@ class Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     owner: str | None = None  # the principal that created it (authentication on), else None
     quota_key: str | None = None  # what its quota counts against (None: no quota)
+    last: tuple[int, bytes] | None = None  # (position it answered, the last response): dedup
+    durable: bool = False  # written to the state store (its writes go through it)
+    fence: int = 0  # the store epoch this copy was read at (fences writes from outside a stream)
 
 
 class SessionStore:
@@ -90,12 +97,15 @@ class SessionStore:
         self.max_per_client = max_per_client  # None: no per-client quota
         self._per_key: dict[str, int] = {}  # quota key -> live sessions
         self.leases = Leases(lease_ttl_s, clock)  # which stream each attached session has
+        self.on_bury: Callable[[Session, str], None] | None = None
 
     def __len__(self) -> int:
         return len(self._live)
 
     def _bury(self, sid: str, why: str) -> None:
         sess = self._live.pop(sid)
+        if self.on_bury is not None:
+            self.on_bury(sess, why)
         telemetry.session(why.split(" ", 1)[0], sess.model)  # closed, expired, evicted
         self.leases.forget(sid)
         sess.epoch += 1
@@ -186,6 +196,46 @@ class SessionStore:
             sess.last_used = now
             self._live.move_to_end(sid)
         return sess
+
+    def adopt(self, sid: str, fill: Callable[[Session], None], model: str, created_at: float,
+              initial: dict[str, np.ndarray], ttl_s: float | None, owner: str | None,
+              quota_key: str | None) -> Session:  # fmt: skip
+        """Install (or refresh) session ``sid`` read from a state store; ``fill`` sets its
+        state, steps, buffer and dedup fields. The table is then a cache: at capacity the
+        least recently used copy is dropped from memory (it stays in the store)."""
+        sess = self._live.get(sid)
+        if sess is None:
+            self._dead.pop(sid, None)
+            while len(self._live) >= self.max_sessions:
+                oldest = next(iter(self._live))
+                self._uncache(oldest)
+            sess = Session(sid, model, created_at, self.clock(), initial, dict(initial))
+            sess.ttl_s, sess.owner, sess.quota_key = ttl_s, owner, quota_key
+            self._live[sid] = sess
+            if quota_key is not None:
+                self._per_key[quota_key] = self._per_key.get(quota_key, 0) + 1
+        sess.initial = initial
+        fill(sess)
+        sess.durable = True
+        sess.last_used = self.clock()
+        self._live.move_to_end(sid)
+        return sess
+
+    def _uncache(self, sid: str) -> None:
+        """Drop a session's cached copy (no tombstone, no store change)."""
+        sess = self._live.pop(sid)
+        sess.epoch += 1
+        if sess.quota_key is not None:
+            n = self._per_key[sess.quota_key] - 1
+            if n:
+                self._per_key[sess.quota_key] = n
+            else:
+                del self._per_key[sess.quota_key]
+
+    def gone(self, sid: str, why: str) -> None:
+        """The store no longer has ``sid``: bury the cached copy (if any) with ``why``."""
+        if sid in self._live:
+            self._bury(sid, why)
 
     def count(self, key: str) -> int:
         """Live sessions counted against quota key ``key``."""

@@ -27,6 +27,7 @@ from .codec import checked
 from .convert import model_info, request_inputs
 from .guard import charge
 from .logs import annotate, call_fields
+from .snapshots import from_proto, to_proto
 
 DEFAULT_MAX_RESPONSE_BYTES = 16 << 20
 
@@ -60,23 +61,36 @@ class RnnzooServicer:
         return model_info(self.rt.get_model(_need(request.name, "name")))
 
     async def CreateSession(self, request, context):
-        annotate(model=clip(request.model))
+        annotate(model=clip(request.model or request.snapshot.model))
         state = from_tensors(request.initial_state, what="initial state")
         ttl = request.ttl_s if request.HasField("ttl_s") else None
-        info = self.rt.create_session(_need(request.model, "model"), state or None, ttl)
+        if request.HasField("snapshot"):
+            snap = self.rt.restore_snapshot(from_proto(request.snapshot))
+            info = await self.rt.acreate_session(request.model, state, ttl, snapshot=snap)
+        else:
+            model = _need(request.model, "model")
+            info = await self.rt.acreate_session(model, state or None, ttl)
         annotate(session=sid_short(info.id))
-        return pb.Session(
-            session_id=info.id, model=info.model, created_at=info.created_at, ttl_s=info.ttl_s or 0
-        )
+        return _session(info)
+
+    async def SnapshotSession(self, request, context):
+        annotate(session=sid_short(request.session_id))
+        return to_proto(*await self.rt.snapshot_session(_need(request.session_id, "session_id")))
+
+    async def ForkSession(self, request, context):
+        annotate(session=sid_short(request.session_id))
+        ttl = request.ttl_s if request.HasField("ttl_s") else None
+        info = await self.rt.fork_session(_need(request.session_id, "session_id"), ttl)
+        return _session(info)
 
     async def CloseSession(self, request, context):
         annotate(session=sid_short(request.session_id))
-        self.rt.close_session(_need(request.session_id, "session_id"))
+        await self.rt.aclose_session(_need(request.session_id, "session_id"))
         return pb.CloseSessionResponse()
 
     async def ResetSession(self, request, context):
         annotate(session=sid_short(request.session_id))
-        self.rt.reset_session(_need(request.session_id, "session_id"))
+        await self.rt.areset_session(_need(request.session_id, "session_id"))
         return pb.ResetSessionResponse()
 
     async def Stream(self, request_iterator, context):
@@ -106,22 +120,28 @@ class RnnzooServicer:
                 fields["request_id"], fields["requests"] = req.request_id, count
                 sid = _need(req.session_id, "session_id")
                 if sid not in attached:
-                    lease = self.rt.attach(sid, holder, alive)
+                    lease = await self.rt.aattach(sid, holder, alive)
                     model = self.rt.session_info(sid).model
                     attached[sid] = (lease, model)
                     annotate(session=sid_short(sid), model=model)
                 lease, model = attached[sid]
                 inputs = request_inputs(self.rt, model, req, batched=False)
-                async with self.rt.stepping(sid, inputs, lease) as res:
-                    resp = pb.StreamResponse(
-                        request_id=req.request_id,
-                        session_id=sid,
-                        start=res.start,
-                        steps_total=res.steps_total,
-                        revised=res.revised,
-                    )
-                    fill_tensors(resp.outputs, res.outputs)
-                    self._fits(resp)
+                position = req.position if req.HasField("position") else None
+                async with self.rt.stepping(sid, inputs, lease, position) as res:
+                    if res.replay is not None:  # already applied: the same answer again
+                        resp = pb.StreamResponse.FromString(res.replay)
+                        resp.request_id = req.request_id
+                    else:
+                        resp = pb.StreamResponse(
+                            session_id=sid,
+                            start=res.start,
+                            steps_total=res.steps_total,
+                            revised=res.revised,
+                        )
+                        fill_tensors(resp.outputs, res.outputs)
+                        self._fits(resp)
+                        await res.persist(resp.SerializeToString())  # before it goes out
+                        resp.request_id = req.request_id
                     await context.write(resp)
                 metrics.request("Stream", "rnnzoo.v1", "OK", time.perf_counter() - t0)
         finally:
@@ -132,11 +152,16 @@ class RnnzooServicer:
         model = _need(request.model, "model")
         annotate(model=clip(model), session=sid_short(request.session_id))
         inputs = request_inputs(self.rt, model, request, batched=True)
+        position = request.position if request.HasField("position") else None
         async with self.rt.inferring(
-            model, inputs, session_id=request.session_id or None, advance=request.advance
+            model, inputs, request.session_id or None, request.advance, position
         ) as outputs:
+            if outputs.replay is not None:
+                return pb.InferResponse.FromString(outputs.replay)
             resp = pb.InferResponse(outputs=to_tensors(outputs))
             self._fits(resp)
+            if outputs.persist is not None:
+                await outputs.persist(resp.SerializeToString())
         return resp
 
     async def Generate(self, request, context):
@@ -151,3 +176,9 @@ class RnnzooServicer:
         async for piece in pieces:
             yield pb.GenerateResponse(text=piece, index=index)
             index += 1
+
+
+def _session(info) -> pb.Session:
+    return pb.Session(
+        session_id=info.id, model=info.model, created_at=info.created_at, ttl_s=info.ttl_s or 0
+    )

@@ -19,12 +19,26 @@ message. ``Session.step`` keeps one ``Stream`` call open and sends one request p
 ``stream`` pipelines many chunks over one call. A failed step ends that call (the server
 reports errors by ending the stream); the next ``step`` opens a new one and resumes the same
 session, whose state the failed request did not change.
+
+Session state as data: ``snapshot(session_id)`` returns a ``SessionSnapshot`` (state, steps,
+model and its graph hash), ``restore(snapshot)`` opens a new session from one (on any server
+that serves the same model version), ``fork(session_id)`` copies a session on the server.
+
+Idempotent retries: ``Session.step`` sends the position it expects (steps before the chunk);
+when the call fails with a status in ``RETRY_CODES`` (the server or the path to it died) it
+reopens the stream and resends the chunk with the same position, for up to ``retry_s``
+seconds. The server answers a chunk it already applied with the stored response, so a retry
+never applies a step twice. Behind nginx, a replica killed mid-stream was seen to surface as
+UNAVAILABLE (and INTERNAL for an HTTP/2 stream reset by the proxy); both are retried. While a
+dead replica's lease on the session has not run out yet, the new replica answers
+FAILED_PRECONDITION "... lease runs out in N s": that is retried too within ``retry_s``.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +97,20 @@ class StepOutput:
 
 
 _END = object()
+# Statuses after which a chunk is resent (see the module docstring).
+RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+
+
+def _retryable(err: grpc.RpcError, failing_over: bool) -> bool:
+    code = err.code()
+    if code in RETRY_CODES:
+        return True
+    # the dead replica's lease: it runs out by itself
+    return (
+        failing_over
+        and code == grpc.StatusCode.FAILED_PRECONDITION
+        and ("lease runs out" in (err.details() or ""))
+    )
 
 
 class Client:
@@ -98,6 +126,7 @@ class Client:
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
         tls_server_name: str | None = None,
+        retry_s: float = 60.0,
     ) -> None:
         """``token``: bearer token sent with every call. ``tls``: connect with TLS (default:
         when any ``tls_*`` is given); ``tls_ca``: PEM file of the CA to trust (default: the
@@ -105,7 +134,7 @@ class Client:
         ``tls_server_name``: the name to check the server's certificate against, when it is
         not the target's host."""
         size = int(max_message_mb * (1 << 20))
-        self.target, self.timeout = target, timeout
+        self.target, self.timeout, self.retry_s = target, timeout, retry_s
         if (tls_cert is None) != (tls_key is None):
             raise InvalidArgument("a client certificate needs both tls_cert and tls_key")
         if tls is None:
@@ -190,6 +219,25 @@ class Client:
         )
         return self._call(self.stub.CreateSession, req)
 
+    def snapshot(self, session_id: str) -> pb.SessionSnapshot:
+        """The session's state as data (keep it secret: it encodes what the session saw)."""
+        req = pb.SnapshotSessionRequest(session_id=session_id)
+        return self._call(self.stub.SnapshotSession, req)
+
+    def restore(self, snapshot: pb.SessionSnapshot | bytes, ttl_s: float | None = None) -> Session:
+        """A new session at ``snapshot`` (a SessionSnapshot or its bytes), on this server."""
+        if isinstance(snapshot, bytes):
+            snapshot = pb.SessionSnapshot.FromString(snapshot)
+        req = pb.CreateSessionRequest(model=snapshot.model, snapshot=snapshot, ttl_s=ttl_s)
+        info = self._call(self.stub.CreateSession, req)
+        return Session(self, info.session_id, info.model, position=snapshot.steps)
+
+    def fork(self, session_id: str, ttl_s: float | None = None) -> Session:
+        """A new session with a copy of ``session_id``'s state."""
+        req = pb.ForkSessionRequest(session_id=session_id, ttl_s=ttl_s)
+        info = self._call(self.stub.ForkSession, req)
+        return Session(self, info.session_id, info.model)
+
     def close_session(self, session_id: str) -> None:
         self._call(self.stub.CloseSession, pb.CloseSessionRequest(session_id=session_id))
 
@@ -204,14 +252,15 @@ class Client:
     ) -> Session:
         """A new session; use it in ``with`` so it is closed on exit."""
         info = self.create_session(model, initial_state, ttl_s)
-        return Session(self, info.session_id, model)
+        return Session(self, info.session_id, model, position=0)
 
-    def resume(self, session_id: str, model: str) -> Session:
-        """A handle on an existing session (e.g. after a disconnect)."""
-        return Session(self, session_id, model)
+    def resume(self, session_id: str, model: str, position: int | None = None) -> Session:
+        """A handle on an existing session (e.g. after a disconnect). ``position``: its
+        steps so far, if known (enables deduplicated retries)."""
+        return Session(self, session_id, model, position=position)
 
-    def _request(self, model: str, session_id: str, request_id: int, chunk: Chunk):
-        req = pb.StreamRequest(session_id=session_id, request_id=request_id)
+    def _request(self, model: str, session_id: str, request_id: int, chunk: Chunk, position=None):
+        req = pb.StreamRequest(session_id=session_id, request_id=request_id, position=position)
         _fill(req, self.model(model), chunk, batched=False)
         return req
 
@@ -264,35 +313,71 @@ class Client:
 class Session:
     """One server-side session. ``step`` runs over one long-lived Stream call."""
 
-    def __init__(self, client: Client, session_id: str, model: str) -> None:
+    def __init__(
+        self, client: Client, session_id: str, model: str, position: int | None = None
+    ) -> None:
         self.client, self.id, self.model = client, session_id, model
+        self.position = position  # steps applied, as the last response said (None: unknown)
         self._queue: queue.Queue | None = None
         self._responses = None
         self._next_id = 0
         self._lock = threading.Lock()  # one step at a time: responses pair with requests
+        self.retries = 0  # chunks resent after a failed call (for tests and logs)
 
     def step(self, x: Chunk) -> StepOutput:
-        """Send one chunk (a single step, or T steps) and wait for its outputs."""
+        """Send one chunk (a single step, or T steps) and wait for its outputs. With a known
+        position, a call that fails with a retryable status is reopened and the chunk resent
+        (deduplicated by the server) until ``client.retry_s`` runs out."""
         with self._lock:
-            req = self.client._request(self.model, self.id, self._next_id, x)
+            req = self.client._request(self.model, self.id, self._next_id, x, self.position)
             self._next_id += 1
-            if self._responses is None:
-                self._queue = queue.Queue()
-                self._responses = self.client.stub.Stream(
-                    iter(self._queue.get, _END), metadata=self.client._metadata
-                )
-            self._queue.put(req)
-            try:
-                return _step_output(next(self._responses))
-            except grpc.RpcError as err:
-                self._queue = self._responses = None  # that call is over; next step reopens
-                raise RpcError.wrap(err) from None
+            deadline, delay, failing_over = time.monotonic() + self.client.retry_s, 0.05, False
+            while True:
+                try:
+                    out = self._send(req)
+                except grpc.RpcError as err:
+                    self._queue = self._responses = None  # that call is over; reopen
+                    if (
+                        self.position is None
+                        or not _retryable(err, failing_over)
+                        or time.monotonic() + delay > deadline
+                    ):
+                        raise RpcError.wrap(err) from None
+                    failing_over = True
+                    self.retries += 1
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                if self.position is not None:
+                    self.position = out.steps_total
+                return out
+
+    def _send(self, req) -> StepOutput:
+        if self._responses is None:
+            self._queue = queue.Queue()
+            self._responses = self.client.stub.Stream(
+                iter(self._queue.get, _END), metadata=self.client._metadata
+            )
+        self._queue.put(req)
+        return _step_output(next(self._responses))
+
+    def snapshot(self) -> pb.SessionSnapshot:
+        return self.client.snapshot(self.id)
+
+    def fork(self) -> Session:
+        forked = self.client.fork(self.id)
+        forked.position = self.position
+        return forked
 
     def stream(self, chunks: Iterable[Chunk]) -> Iterator[StepOutput]:
         """Pipeline many chunks over one Stream call; yields outputs in order."""
         self.detach()
         first, self._next_id = self._next_id, self._next_id + 1_000_000_000
-        yield from self.client.stream(self.id, self.model, chunks, first_id=first)
+        known, self.position = self.position is not None, None  # unknown if it fails midway
+        for out in self.client.stream(self.id, self.model, chunks, first_id=first):
+            if known:
+                self.position = out.steps_total
+            yield out
 
     def detach(self) -> None:
         """End this handle's Stream call; the session lives on and can be resumed."""
@@ -309,6 +394,7 @@ class Session:
 
     def reset(self) -> None:
         self.client.reset_session(self.id)
+        self.position = 0
 
     def close(self) -> None:
         self.detach()
