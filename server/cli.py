@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-delay-ms", type=float, default=1.0, help="wait to fill a batch")
     p.add_argument("--max-message-mb", type=float, default=16.0)
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get at stop")
+    p.add_argument("--state-store", default=None, metavar="DIR|redis://host:port/db",
+                   help="keep sessions in a durable store so they outlive this process: a "
+                   "directory (embedded SQLite, WAL) or a redis:// / rediss:// URL; default: "
+                   "none, sessions live in this process only (docs/scale-out.md)")  # fmt: skip
     lim = p.add_argument_group("limits (docs/limits.md)")
     lim.add_argument("--max-request-steps", type=int, default=100_000,
                      help="steps per Stream chunk / Infer (batch x time) / prompt")  # fmt: skip
@@ -157,6 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_long_jobs_per_client=args.max_long_jobs_per_client,
         long_nice=args.long_nice,
         malloc_trim=args.malloc_trim,
+        state_store=args.state_store,
     )
     options.check()
     from rnnzoo.server.transport.admission import AdmissionLimits
