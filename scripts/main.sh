@@ -12,7 +12,9 @@ $RNNZOO zoo build --out "$ZOO_DIR"
 cat "$ZOO_DIR/ZOO.md"
 
 log=$(mktemp)
-$RNNZOO serve --model-dir "$ZOO_DIR" --port "${PORT:-0}" >"$log" 2>&1 &
+# Sessions outlive the server: they are kept in an embedded store (SQLite, WAL) under the zoo.
+STATE_STORE=${STATE_STORE:-$ZOO_DIR/.sessions}
+$RNNZOO serve --model-dir "$ZOO_DIR" --port "${PORT:-0}" --state-store "$STATE_STORE" >"$log" 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null; rm -f "$log"' EXIT
 for _ in $(seq 1 300); do
