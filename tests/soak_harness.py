@@ -98,7 +98,9 @@ async def memory(target: str, rss: Rss, rounds: int = 5, concurrent: int = 4) ->
         stub = pb_grpc.RnnzooStub(ch)
         fit = None
         try:
-            await stub.Infer(pb.InferRequest(model="charlm", tokens=pb.TokenIds(ids=[5] * 5 * 10**6)))
+            await stub.Infer(
+                pb.InferRequest(model="charlm", tokens=pb.TokenIds(ids=[5] * 5 * 10**6))
+            )
         except grpc.aio.AioRpcError as err:
             fit = int(err.details().split("send at most ")[1].split()[0])
         steps = fit or 10**5
