@@ -36,6 +36,7 @@ from rnnzoo.errors import InvalidArgument
 from rnnzoo.ort_options import session_options
 
 from . import telemetry
+from .probe import probe
 from .redact import clip
 
 ORT_DTYPES = {
@@ -93,7 +94,18 @@ class _InputPlan:
 class ServedModel:
     """A checked ONNX graph. ``run`` is thread-safe (ORT sessions are)."""
 
-    def __init__(self, path: Path, contract: Contract, intra: int = 1, inter: int = 1) -> None:
+    def __init__(
+        self,
+        path: Path,
+        contract: Contract,
+        intra: int = 1,
+        inter: int = 1,
+        probe_graph: bool = True,
+        must_run: bool = False,
+    ) -> None:
+        """``probe_graph``: run the graph at batch 1 and 2 as the contract says (probe.py);
+        ``must_run``: a graph that fails at batch 1 is an error too (``contract check``)."""
+        self.must_run = must_run
         self.path = Path(path)
         self.contract = contract
         try:
@@ -125,6 +137,8 @@ class ServedModel:
         self.chunk = contract.chunk
         self._drop = [(s.name, s.time_axis, s.drop_leading_steps) for s in contract.outputs
                       if s.drop_leading_steps]  # fmt: skip
+        if probe_graph:
+            self._probe()
         # A decoder reads its own outputs back: its input ids are target-vocabulary ids.
         vocab = contract.target_vocab if contract.role == "decoder" else contract.vocab
         self.vocab_size = len(vocab) if vocab else None
@@ -190,6 +204,17 @@ class ServedModel:
             raise InvalidArgument(
                 f"{where}: contract does not match the graph; {fix}:\n  - "
                 + "\n  - ".join(problems)
+            )
+
+    def _probe(self) -> None:
+        """Run the graph at batch 1 and 2 as the contract says (probe.py): a wrong batch axis
+        fails the load naming the field, not the first batched request."""
+        problems = probe(self.session, self.contract, self.constants, must_run=self.must_run)
+        if problems:
+            raise InvalidArgument(
+                f"{self.path}: the graph does not behave as its contract says (run at batch 1 "
+                "and 2); fix the contract (sidecar or metadata), `rnnzoo contract check` "
+                "shows the same:\n  - " + "\n  - ".join(problems)
             )
 
     def _init_state(self, st: StateSpec) -> np.ndarray:

@@ -19,6 +19,7 @@ SUBSYSTEMS: list[tuple[str, tuple[str, ...], str]] = [
     ("rnnzoo.models.cli", ("zoo", "train"), "pip install 'rnnzoo[train]'"),
     ("rnnzoo.export.cli", ("export", "verify"), "pip install 'rnnzoo[train]'"),
     ("rnnzoo.server.cli", ("serve", "stream", "generate"), "pip install rnnzoo"),
+    ("rnnzoo.contract_cli", ("contract",), "pip install rnnzoo"),
     ("rnnzoo.benchmarks.cli", ("bench",), "pip install 'rnnzoo[train]'"),
 ]
 
