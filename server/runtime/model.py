@@ -582,4 +582,4 @@ class ServedModel:
         msg = f"model {self.contract.name!r} failed on this input ({type(exc).__name__}: {text})"
         if wrong:
             msg += "; " + "; ".join(wrong)
-        return msg + "; fed " + ", ".join(fed)
+        return msg + "; fed " + ", ".join(fed) + "; the session state is unchanged"
