@@ -209,3 +209,26 @@ def test_new_fields_need_format_2_and_old_readers_refuse_them(tmp_path):
     )
     assert run.returncode != 0
     assert "unsupported contract format 'rnnzoo.contract/2'" in run.stderr
+
+
+def test_context_declared_in_onnx_metadata_as_rnnzoo_export_writes_it(tmp_path):
+    """rnnzoo's own exports carry the contract in the metadata (export/graph.py writes
+    ``Contract.to_json()``): a /2 contract there is served the same way."""
+    import onnx
+
+    from rnnzoo.contract import CONTRACT_KEY
+
+    path = build_vad(tmp_path / "vad.onnx", doc_example("vad-example"), sidecar=False)
+    model = onnx.load(str(path))
+    text = Contract.from_dict(doc_example("vad-example")).to_json()
+    assert json.loads(text)["format"] == "rnnzoo.contract/2"
+    onnx.helper.set_model_props(model, {CONTRACT_KEY: text})
+    onnx.save(model, str(path))
+    graph = Runtime.from_dir(tmp_path).repo.get("vad").graphs["model"]
+    x = audio(2 * N, seed=5)
+    state = graph.initial_batch_state(1)
+    probs = []
+    for a in (0, N):
+        outs, state = graph.run({"audio": x[None, a : a + N]}, state)
+        probs.append(outs["prob"][0])
+    np.testing.assert_allclose(np.concatenate(probs), bare_vad(tmp_path, x)["prob"], atol=TOL)
