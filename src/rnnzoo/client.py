@@ -323,6 +323,7 @@ class Session:
         self._next_id = 0
         self._lock = threading.Lock()  # one step at a time: responses pair with requests
         self.retries = 0  # chunks resent after a failed call (for tests and logs)
+        self.failures: list[str] = []  # the statuses those calls failed with
 
     def step(self, x: Chunk) -> StepOutput:
         """Send one chunk (a single step, or T steps) and wait for its outputs. With a known
@@ -345,6 +346,7 @@ class Session:
                         raise RpcError.wrap(err) from None
                     failing_over = True
                     self.retries += 1
+                    self.failures.append(err.code().name)
                     time.sleep(delay)
                     delay = min(delay * 2, 1.0)
                     continue

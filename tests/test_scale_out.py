@@ -1,0 +1,226 @@
+"""Sessions that outlive the process: the SQLite (DIR) and Redis state stores behind real
+``rnnzoo serve`` processes, restarts (SIGTERM, kill -9), leases across processes, fencing,
+and a replica killed behind nginx. redis-server and nginx are real (scripts/setup.sh
+installs them); each test starts and stops its own instances."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import time
+
+import grpc
+import numpy as np
+import pytest
+from onnx_fixtures import build_zoo
+from scaleout_harness import Nginx, Redis, Serve, free_port
+
+from rnnzoo.client import Client, RpcError
+from rnnzoo.server.runtime.store import RedisStore, SqliteStore, Write
+
+EXACT = 1e-6
+
+
+def _x(steps: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(steps, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("zoo")
+    build_zoo(d)
+    return d
+
+
+@pytest.fixture
+def redis(tmp_path):
+    r = Redis(tmp_path)
+    yield r
+    r.stop()
+
+
+@pytest.fixture(params=["dir", "redis"])
+def store(request, tmp_path):
+    if request.param == "dir":
+        yield str(tmp_path / "sessions")
+        return
+    r = Redis(tmp_path)
+    yield r.url()
+    r.stop()
+
+
+def _offline(zoo_target: str, model: str, x: np.ndarray) -> np.ndarray:
+    with Client(zoo_target) as c:
+        return c.infer(model, x[None])["y"][0]
+
+
+def _open(target: str) -> Client:
+    c = Client(target, timeout=20, retry_s=30)
+    c.wait_ready(20)
+    return c
+
+
+def _resume(c: Client, sid: str, model: str, position: int, x: np.ndarray, wait_s: float = 15):
+    """Step a resumed session, waiting out a dead owner's lease."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return c.resume(sid, model, position).step(x)
+        except RpcError as err:
+            if "lease runs out" not in err.details() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "kill9"])
+def test_restart_loses_no_session_and_no_acknowledged_step(zoo, store, tmp_path, how):
+    srv = Serve(zoo, store, tmp_path, "--lease-ttl", "2")
+    xs = {m: _x(12, i) for i, m in enumerate(["lstm2", "gru", "rnn"])}
+    try:
+        c = _open(srv.target)
+        refs = {m: c.infer(m, x[None])["y"][0] for m, x in xs.items()}
+        sessions = {}
+        for m, x in xs.items():
+            s = c.session(m)
+            got = [s.step(x[t]).value for t in range(7)]  # 7 acknowledged steps, stream open
+            sessions[m] = (s.id, got)
+        if how == "sigterm":
+            assert srv.term() == 0
+        else:
+            srv.kill9()  # the streams' leases stay in the store until they run out
+        c.close()
+        srv.stop()
+        srv = Serve(zoo, store, tmp_path, "--lease-ttl", "2")
+        c = _open(srv.target)
+        for m, (sid, got) in sessions.items():
+            t0 = time.monotonic()
+            rest = _resume(c, sid, m, 7, xs[m][7:])
+            waited = time.monotonic() - t0
+            assert rest.start == 7 and rest.steps_total == 12  # 0 acknowledged steps lost
+            np.testing.assert_allclose(np.concatenate([*got, rest.value]), refs[m], atol=EXACT)
+            if how == "sigterm":
+                assert waited < 1.5  # a clean stop released its leases
+        c.close()
+    finally:
+        srv.stop()
+
+
+def test_store_files_are_private(tmp_path):
+    d = tmp_path / "st"
+    SqliteStore(d)
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    for f in d.iterdir():
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o600, f
+
+
+@pytest.mark.parametrize("kind", ["dir", "redis"])
+def test_fencing_a_paused_old_owner_cannot_overwrite(kind, tmp_path):
+    async def go(st):
+        assert (await st.write([Write("s1", 0, b"v0", 60, create=True)], 1.0)) == [True]
+        a = await st.acquire("s1", "A", 0.3)
+        assert a.ok and a.record.snap == b"v0"
+        b = await st.acquire("s1", "B", 0.3)  # A's lease is alive
+        assert not b.ok and 0 < b.held_for_s <= 0.3
+        assert (await st.write([Write("s1", a.epoch, b"A1", 60)], 0.3)) == [True]
+        await asyncio.sleep(0.45)  # A pauses past its lease
+        b = await st.acquire("s1", "B", 5)
+        assert b.ok and b.epoch == a.epoch + 1 and b.record.snap == b"A1"
+        # the old owner wakes up and writes: fenced off, in the same round trip
+        assert (await st.write([Write("s1", a.epoch, b"A2", 60)], 5)) == [False]
+        assert (await st.renew([("s1", "A", a.epoch)], 5)) == [False]
+        # a write from outside a stream is refused while B's lease lives
+        assert (await st.write([Write("s1", b.epoch, b"X", 60, leased=False)], 5)) == [False]
+        assert (await st.write([Write("s1", b.epoch, b"B1", 60)], 5)) == [True]
+        assert (await st.load("s1")).snap == b"B1"
+        await st.release("s1", "B", b.epoch)
+        assert (await st.load("s1")).holder == ""
+        await st.close()
+
+    if kind == "dir":
+        asyncio.run(go(SqliteStore(tmp_path / "st")))
+    else:
+        r = Redis(tmp_path, password="s3cret")
+        try:
+            asyncio.run(go(RedisStore(r.url())))
+        finally:
+            r.stop()
+
+
+def test_redis_auth_ttl_and_down_is_unavailable(zoo, tmp_path):
+    r = Redis(tmp_path, password="s3cret")
+    srv = Serve(zoo, r.url(), tmp_path, "--session-ttl", "30")
+    try:
+        c = _open(srv.target)
+        s = c.session("gru")
+        s.step(_x(2, 1))
+        import redis as redis_py
+
+        raw = redis_py.Redis(port=r.port, password="s3cret")
+        key = f"rnnzoo:s:{s.id}"
+        assert 0 < raw.pttl(key) <= 30_000  # bounded: the session's idle TTL
+        raw.close()
+        s.detach()
+        r.stop()
+        with pytest.raises(RpcError) as info:
+            c.session("gru")
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "state store" in info.value.details() and "s3cret" not in info.value.details()
+        c.close()
+    finally:
+        srv.stop()
+        r.stop()
+
+
+def test_a_second_process_cannot_advance_a_leased_session_until_its_owner_dies(
+    zoo, redis, tmp_path
+):
+    a = Serve(zoo, redis.url(), tmp_path, "--lease-ttl", "2")
+    b = Serve(zoo, redis.url(), tmp_path, "--lease-ttl", "2")
+    x = _x(9, 3)
+    try:
+        ca, cb = _open(a.target), _open(b.target)
+        ref = ca.infer("lstm2", x[None])["y"][0]
+        s = ca.session("lstm2")
+        first = s.step(x[:4])  # A's stream holds the lease
+        with pytest.raises(RpcError) as info:
+            cb.resume(s.id, "lstm2", 4).step(x[4:])
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "another server process" in info.value.details()
+        with pytest.raises(RpcError) as info:
+            cb.infer("lstm2", x[None, 4:], session_id=s.id, advance=True)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        time.sleep(3)  # A stays alive: it renews its lease (TTL 2 s)
+        with pytest.raises(RpcError):
+            cb.resume(s.id, "lstm2", 4).step(x[4:])
+        a.kill9()
+        rest = _resume(cb, s.id, "lstm2", 4, x[4:])  # the dead owner's lease runs out
+        np.testing.assert_allclose(np.concatenate([first.value, rest.value]), ref, atol=EXACT)
+        cb.close()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_replica_killed_behind_nginx_client_retries_exactly(zoo, redis, tmp_path):
+    r1 = Serve(zoo, redis.url(), tmp_path, "--lease-ttl", "2")
+    port2 = free_port()
+    ng = Nginx(tmp_path, [r1.port, port2])  # replica 2 is not up yet: nginx uses replica 1
+    r2 = None
+    x = _x(40, 8)
+    try:
+        c = _open(ng.target)
+        ref = c.infer("lstm2", x[None])["y"][0]
+        s = c.session("lstm2")
+        got = [s.step(x[t]).value for t in range(20)]
+        r2 = Serve(zoo, redis.url(), tmp_path, "--lease-ttl", "2", port=port2)
+        r1.kill9()  # mid-session: the stream's replica dies
+        got += [s.step(x[t]).value for t in range(20, 40)]
+        assert s.retries >= 1
+        np.testing.assert_allclose(np.concatenate(got), ref, atol=1e-5)
+        print("statuses seen by the client when its replica died:", s.failures)
+        c.close()
+    finally:
+        for p in (ng, r1, r2):
+            if p is not None:
+                p.stop()
