@@ -232,3 +232,21 @@ def test_context_declared_in_onnx_metadata_as_rnnzoo_export_writes_it(tmp_path):
         outs, state = graph.run({"audio": x[None, a : a + N]}, state)
         probs.append(outs["prob"][0])
     np.testing.assert_allclose(np.concatenate(probs), bare_vad(tmp_path, x)["prob"], atol=TOL)
+
+
+async def test_context_travels_with_snapshots_and_forks(models):
+    rt = Runtime.from_dir(models, RuntimeOptions(session_ttl_s=None))
+    await rt.start()
+    try:
+        x = audio(2 * N, seed=7)
+        truth = bare_vad(models, x)
+        sid = rt.create_session("vad").id
+        await rt.step(sid, {"audio": x[:N]})
+        _, state, initial, _ = await rt.snapshot_session(sid)
+        np.testing.assert_array_equal(state["context:audio"], x[N - K : N])  # batch-free
+        assert not initial["context:audio"].any()
+        fork = await rt.fork_session(sid)
+        res = await rt.step(fork.id, {"audio": x[N:]})
+        np.testing.assert_allclose(res.outputs["prob"], truth["prob"][N // K :], atol=TOL)
+    finally:
+        await rt.stop()

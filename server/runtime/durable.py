@@ -177,8 +177,6 @@ def check_position(sess: Session, position: int | None) -> bytes | None:
 
 
 def batch_free(graph, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A session's batch-1 states -> one sequence's states without the batch axis."""
-    out = {}
-    for st in graph.contract.states:
-        out[st.input] = np.take(state[st.input], 0, axis=st.batch_axis)
-    return out
+    """A session's batch-1 states -> one sequence's states without the batch axis, context
+    windows (``context:NAME``) included: they are state (model.py)."""
+    return graph.unbatch_state(state)
