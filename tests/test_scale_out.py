@@ -224,3 +224,38 @@ def test_replica_killed_behind_nginx_client_retries_exactly(zoo, redis, tmp_path
         for p in (ng, r1, r2):
             if p is not None:
                 p.stop()
+
+
+def test_writes_are_grouped_per_batch_not_per_session(zoo, redis):
+    """16 sessions stepping at once: their write-throughs share store round trips."""
+    import threading
+
+    from rnnzoo.server.runtime import Runtime, RuntimeOptions
+    from rnnzoo.server.transport import BackgroundServer
+
+    store = RedisStore(redis.url())
+    opts = RuntimeOptions(session_ttl_s=None, max_delay_ms=2.0)
+    steps, n = 20, 16
+    with BackgroundServer(
+        lambda: Runtime(Runtime.from_dir(zoo, opts).repo, opts, None, store)
+    ) as srv:
+        c = _open(srv.target)
+        sessions = [c.session("gru") for _ in range(n)]
+        before = store.round_trips
+        barrier = threading.Barrier(n)
+
+        def run(s):
+            barrier.wait()
+            for t in range(steps):
+                s.step(_x(1, t))
+
+        threads = [threading.Thread(target=run, args=(s,)) for s in sessions]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        trips = store.round_trips - before
+        c.close()
+    print(f"{trips} store round trips for {n * steps} session steps")
+    assert all(s.position == steps for s in sessions)
+    assert trips <= n * steps / 3, trips  # one per session and step would be 320
