@@ -87,12 +87,12 @@ def test_streamed_equals_offline(served, name):
     cuts = np.sort(rng.choice(np.arange(1, T), size=4, replace=False))
     chunks = np.split(seq, cuts)
     got = np.full_like(want, np.nan)
-    s = client.session(name)
+    s = again = client.session(name)
     try:
         _collect((s.step(c) for c in chunks[:2]), got)
         s.detach()  # the stream ends; the session lives on
         again = client.resume(s.id, name)
         _collect((again.step(c) for c in chunks[2:]), got)
     finally:
-        client.close_session(s.id)
+        again.close()  # ends the resumed stream first: an attached session refuses CloseSession
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
