@@ -7,14 +7,13 @@ name and ``model_hash`` (sha256 of the ONNX graph files and their contracts; a s
 restores only onto the same model version). ``meta`` carries the store-only fields
 (created_at, ttl_s, owner, quota key): never sent to clients.
 
-``to_bytes``/``from_bytes`` are the store's format: one ``.npz`` archive (no pickle) with
-the metadata as JSON. The transport converts to and from the proto message itself.
+``to_bytes``/``from_bytes`` are the store's format: a JSON header and the arrays' raw
+bytes (no pickle). The transport converts to and from the proto message itself.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass, field
 
@@ -50,41 +49,49 @@ def model_hash(graphs: list[ServedModel]) -> str:
     return digest
 
 
+MAGIC = b"RZS1"  # format 1: magic, u32 header length, JSON header, raw array bytes
+
+
 def to_bytes(snap: Snapshot) -> bytes:
-    arrays: dict[str, np.ndarray] = {}
-    for k, v in snap.state.items():
-        arrays[f"s/{k}"] = v
-    for k, v in snap.initial.items():
-        arrays[f"i/{k}"] = v
+    """The store's format: a JSON header naming each array (dtype, shape, byte range) and the
+    arrays' raw C-order bytes. No pickle; ~10x cheaper than an .npz (it runs per step)."""
+    arrays: list[tuple[str, np.ndarray]] = [(f"s/{k}", v) for k, v in snap.state.items()]
+    arrays += [(f"i/{k}", v) for k, v in snap.initial.items()]
     lengths = []
     for n, chunk in enumerate(snap.buffer):
         lengths.append(chunk.length)
-        for k, v in chunk.arrays.items():
-            arrays[f"b/{n}/{k}"] = v
-    head = {
+        arrays += [(f"b/{n}/{k}", v) for k, v in chunk.arrays.items()]
+    index, blobs, offset = [], [], 0
+    for name, a in arrays:
+        b = np.ascontiguousarray(a).tobytes()
+        index.append([name, a.dtype.str, list(a.shape), offset, len(b)])
+        blobs.append(b)
+        offset += len(b)
+    head = json.dumps({
         "model": snap.model, "model_hash": snap.model_hash, "steps": snap.steps,
-        "source": snap.source, "meta": snap.meta, "buffer": lengths,
-    }  # fmt: skip
-    arrays["head"] = np.frombuffer(json.dumps(head).encode(), np.uint8)
-    out = io.BytesIO()
-    np.savez(out, **arrays)
-    return out.getvalue()
+        "source": snap.source, "meta": snap.meta, "buffer": lengths, "arrays": index,
+    }).encode()  # fmt: skip
+    return b"".join([MAGIC, len(head).to_bytes(4, "little"), head, *blobs])
 
 
 def from_bytes(data: bytes) -> Snapshot:
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        head = json.loads(z["head"].tobytes().decode())
-        state, initial = {}, {}
-        chunks: list[dict] = [{} for _ in head["buffer"]]
-        for name in z.files:
-            kind, _, rest = name.partition("/")
-            if kind == "s":
-                state[rest] = z[name]
-            elif kind == "i":
-                initial[rest] = z[name]
-            elif kind == "b":
-                n, _, key = rest.partition("/")
-                chunks[int(n)][key] = z[name]
+    if data[:4] != MAGIC:
+        raise ValueError("not an rnnzoo session snapshot (format 1)")
+    n = int.from_bytes(data[4:8], "little")
+    head = json.loads(data[8 : 8 + n])
+    body = memoryview(data)[8 + n :]
+    state, initial = {}, {}
+    chunks: list[dict] = [{} for _ in head["buffer"]]
+    for name, dtype, shape, off, size in head["arrays"]:
+        a = np.frombuffer(body[off : off + size], np.dtype(dtype)).reshape(shape).copy()
+        kind, _, rest = name.partition("/")
+        if kind == "s":
+            state[rest] = a
+        elif kind == "i":
+            initial[rest] = a
+        else:
+            idx, _, key = rest.partition("/")
+            chunks[int(idx)][key] = a
     buffer = [Chunk(a, length) for a, length in zip(chunks, head["buffer"], strict=True)]
     return Snapshot(
         head["model"], head["model_hash"], int(head["steps"]), state, initial, buffer,
