@@ -395,6 +395,8 @@ class RedisStore(StateStore):
                 f"{str(exc)[:200]}); sessions cannot be read or written until it is back, retry"
             ) from None
         except rex.ResponseError as exc:  # e.g. NOAUTH, a read-only replica
+            if "NOSCRIPT" in str(exc):
+                self._loaded = False  # Redis restarted: load the scripts again next call
             raise Unavailable(f"the state store {self.url} refused ({str(exc)[:200]})") from None
 
     async def _pipeline(self, name: str, calls: list[tuple[list, list]]) -> list:
