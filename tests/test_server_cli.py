@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from onnx_fixtures import build_zoo
 
-from rnnzoo.server.cli import signal_wave
+from rnnzoo.client_cli import signal_wave
 
 CLI = [sys.executable, "-m", "rnnzoo.cli"]
 
@@ -106,7 +106,7 @@ def test_signal_wave_is_deterministic():
 
 def test_serving_path_never_imports_torch():
     code = (
-        "import sys, rnnzoo.client, rnnzoo.server.transport, rnnzoo.server.cli, rnnzoo.cli;"
+        "import sys, rnnzoo.client, rnnzoo.client_cli, rnnzoo.server.transport, rnnzoo.server.cli, rnnzoo.cli;"
         "rnnzoo.cli._build_parser('serve');"
         "bad = sorted(m for m in sys.modules if m.startswith(('torch', 'rnnzoo.models')));"
         "print(bad); sys.exit(1 if bad else 0)"

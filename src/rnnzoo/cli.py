@@ -18,7 +18,8 @@ from rnnzoo.errors import RnnzooError
 SUBSYSTEMS: list[tuple[str, tuple[str, ...], str]] = [
     ("rnnzoo.models.cli", ("zoo", "train"), "pip install 'rnnzoo[train]'"),
     ("rnnzoo.export.cli", ("export", "verify"), "pip install 'rnnzoo[train]'"),
-    ("rnnzoo.server.cli", ("serve", "stream", "generate"), "pip install rnnzoo"),
+    ("rnnzoo.server.cli", ("serve",), "pip install rnnzoo"),
+    ("rnnzoo.client_cli", ("stream", "generate"), "pip install rnnzoo"),
     ("rnnzoo.contract_cli", ("contract",), "pip install rnnzoo"),
     ("rnnzoo.benchmarks.cli", ("bench",), "pip install 'rnnzoo[train]'"),
 ]
