@@ -1,6 +1,11 @@
-"""Generation helpers (numpy): token sampling and text <-> ids through a contract vocab."""
+"""Generation: token sampling, text <-> ids through a contract vocab, and the generation loops
+(lm and seq2seq) that feed a model's graphs token by token through the runtime's batchers.
+
+``Runtime.generate`` checks the request and picks the loop; the loops take the runtime."""
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
@@ -79,3 +84,81 @@ def decode(vocab: list[str] | None, ids, model: str, sep: str = "") -> str:
             f"{arr.tolist()[:20]}"
         )
     return sep.join(vocab[int(i)] for i in arr)
+
+
+# ---- the generation loops ------------------------------------------------------------------
+async def feed(rt, role: str, entry, key, ids: np.ndarray, state: dict):
+    """Run token ids (T,) through one graph from ``state``: (last-step outputs, state)."""
+    graph = entry.graphs[role]
+    chunk = graph.validate_chunk({graph.contract.inputs[0].name: ids})
+    if chunk.length >= rt.options.long_job_steps:  # a long prompt: not on the loop
+        return await rt.compute.long_chunk(graph, chunk, state, entry.info.streamable)
+    outs, nxt = await rt.batchers[(entry.info.name, role)].submit(key, chunk, state)
+    return outs, nxt
+
+
+async def generate_lm(rt, entry, prompt, max_tokens, temperature, top_k, rng):
+    """Continue ``prompt`` with an lm: yield each sampled character until eos or ``max_tokens``."""
+    graph = entry.graphs["model"]
+    c = graph.contract
+    ids = encode(c.vocab, prompt, c.name)
+    if ids.size == 0:
+        if "bos" not in c.special_tokens:
+            raise InvalidArgument(f"model {c.name!r} needs a non-empty prompt (it has no bos)")
+        ids = np.array([c.special_tokens["bos"]], np.int64)
+    key, state = object(), graph.init_states
+    logits_name = c.outputs[0].name
+    banned = never_sampled(c.special_tokens)
+    with generating(rt, entry, key):
+        for _ in range(max_tokens):
+            rt._check()
+            outs, state = await feed(rt, "model", entry, key, ids, state)
+            tok = sample_token(outs[logits_name][-1], temperature, top_k, rng, banned)
+            if tok == c.special_tokens.get("eos", -1):
+                return
+            yield c.vocab[tok]
+            ids = np.array([tok], np.int64)
+
+
+@contextlib.contextmanager
+def generating(rt, entry, key: object):
+    """A generation feeds its graphs step after step like a stream: attach its key, so
+    a batch delay waits for it only while it has nothing queued (alone: never)."""
+    batchers = [rt.batchers[(entry.info.name, role)] for role in entry.graphs]
+    for b in batchers:
+        b.attach(key)
+    try:
+        yield
+    finally:
+        for b in batchers:
+            b.detach(key)
+
+
+async def generate_seq2seq(rt, entry, prompt, max_tokens, temperature, top_k, rng):
+    """Encode ``prompt``, then decode from bos: yield each sampled token until eos or
+    ``max_tokens``."""
+    enc, dec = entry.graphs["encoder"], entry.graphs["decoder"]
+    src = encode(enc.contract.vocab, prompt, entry.info.name)
+    if src.size == 0:
+        raise InvalidArgument(f"seq2seq model {entry.info.name!r} needs a non-empty prompt")
+    key = object()
+    with generating(rt, entry, key):
+        _, enc_state = await feed(rt, "encoder", entry, key, src, enc.init_states)
+        # encoder state outputs map by position onto decoder state inputs
+        state = dict(dec.init_states)  # and a decoder's context windows start afresh
+        for es, ds in zip(enc.contract.states, dec.contract.states, strict=True):
+            state[ds.input] = np.moveaxis(enc_state[es.input], es.batch_axis, ds.batch_axis)
+        special = dec.contract.special_tokens
+        vocab = dec.contract.target_vocab or dec.contract.vocab
+        logits_name = dec.contract.outputs[0].name
+        sep = dec.contract.target_separator
+        ids = np.array([special["bos"]], np.int64)
+        banned = never_sampled(special)
+        for n in range(max_tokens):
+            rt._check()
+            outs, state = await feed(rt, "decoder", entry, key, ids, state)
+            tok = sample_token(outs[logits_name][-1], temperature, top_k, rng, banned)
+            if tok == special["eos"]:
+                return
+            yield (sep if n else "") + vocab[tok]
+            ids = np.array([tok], np.int64)

@@ -38,12 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import secrets
-import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,112 +48,29 @@ from rnnzoo.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
-    RnnzooError,
     Unavailable,
 )
 
 from .batching import Batcher
-from .caller import job_key
-from .durable import Durability, batch_free, check_position
-from .generate import check_sampling, decode, encode, never_sampled, sample_token
-from .jobs import LongJobs
+from .compute import Compute
+from .durable import Durability, check_position
+from .generate import check_sampling, decode, encode, generate_lm, generate_seq2seq
 from .lease import Lease
-from .memory import LARGE_BYTES, LARGE_STEPS, Trimmer
+from .memory import LARGE_STEPS
 from .model import Chunk, ServedModel
+from .options import Outputs, RuntimeOptions, StepResult
 from .redact import clip, sid_tag
 from .repository import ModelInfo, ModelRepository, ServedEntry
+from .session_ops import SessionOps
 from .sessions import Session, SessionInfo, SessionStore
-from .snapshot import Snapshot
 from .store import StateStore, open_store
 
 
-@dataclass
-class RuntimeOptions:
-    intra_op_threads: int = 1  # ORT: sequential, no spinning (see model.py)
-    inter_op_threads: int = 1
-    max_batch: int = 64
-    max_delay_ms: float = 1.0  # wait for attached streams up to this long; 0 = no wait
-    max_sessions: int = 10_000
-    on_full: str = "reject"  # or "evict" (least recently used)
-    session_ttl_s: float | None = 600.0  # None or 0 disables idle expiry
-    max_buffer_steps: int = 10_000  # non-streamable (bidirectional) sessions
-    sweep_interval_s: float = 5.0  # how often the sweeper looks for idle sessions
-    # Cost limits, checked before compute (docs/limits.md). Over one: ResourceExhausted
-    # saying the limit and how to stay under it.
-    max_request_steps: int = 100_000  # per Stream chunk, per Infer (batch x time), per prompt
-    max_output_bytes: int = 15 << 20  # predicted from the contract; the server caps it to
-    # its message size
-    max_generate_tokens: int = 4_096
-    lease_ttl_s: float = 30.0  # a stream's hold on its session, renewed while it lives
-    # Quota: live sessions per client (principal with authentication, else connection);
-    # 0 = none.
-    max_sessions_per_client: int = 5_000
-    # Long jobs (jobs.py): a request of this many steps (batch x time; a bidirectional
-    # session's whole prefix) or more runs in the long-job pool, never on the event loop.
-    long_job_steps: int = 2_048
-    long_workers: int = 0  # threads of the long-job pool; 0 = cpu_count - 1 (at least 1)
-    max_long_jobs: int = 64  # admitted at once (running or waiting); beyond: ResourceExhausted
-    max_long_jobs_per_client: int = 8
-    long_slice_s: float = 0.02  # a streamable long job runs in slices of about this long
-    long_nice: int = 10  # the long-job threads' nice value (lower OS priority); 0 = unchanged
-    malloc_trim: bool = True  # give freed memory back to the OS after large requests
-    # Durable sessions (store.py): a directory (embedded SQLite) or a redis:// URL; None =
-    # sessions live in this process only.
-    state_store: str | None = None
+class Runtime(SessionOps):
+    """The facade: lifecycle, limits, models, stepping and inference; session management is
+    ``SessionOps`` (session_ops.py), where the computing runs ``Compute`` (compute.py), the
+    generation loops generate.py."""
 
-    def check(self) -> None:
-        problems = []
-        if self.intra_op_threads < 1 or self.inter_op_threads < 1:
-            problems.append("intra_op_threads and inter_op_threads must be >= 1")
-        if self.max_batch < 1:
-            problems.append(f"max_batch must be >= 1, got {self.max_batch}")
-        if self.max_delay_ms < 0:
-            problems.append(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
-        if self.max_sessions < 1:
-            problems.append(f"max_sessions must be >= 1, got {self.max_sessions}")
-        if self.on_full not in ("reject", "evict"):
-            problems.append(f"on_full must be 'reject' or 'evict', got {self.on_full!r}")
-        if self.session_ttl_s is not None and self.session_ttl_s < 0:
-            problems.append(f"session_ttl_s must be >= 0 (or None), got {self.session_ttl_s}")
-        for name in ("max_buffer_steps", "max_request_steps", "max_output_bytes",
-                     "max_generate_tokens", "long_job_steps", "max_long_jobs",
-                     "max_long_jobs_per_client"):  # fmt: skip
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.long_nice <= 19:
-            problems.append(f"long_nice must be in [0, 19], got {self.long_nice}")
-        if self.max_sessions_per_client < 0 or self.long_workers < 0:
-            problems.append("max_sessions_per_client and long_workers must be >= 0")
-        if not self.long_slice_s > 0:
-            problems.append(f"long_slice_s must be > 0, got {self.long_slice_s}")
-        if not self.lease_ttl_s > 0:
-            problems.append(f"lease_ttl_s must be > 0, got {self.lease_ttl_s}")
-        if problems:
-            raise InvalidArgument("bad runtime options: " + "; ".join(problems))
-
-
-@dataclass(frozen=True, slots=True)
-class StepResult:
-    outputs: dict[str, np.ndarray]  # batch-free, (T, ...)
-    start: int  # index in the session's sequence of the first returned step
-    steps_total: int
-    revised: bool  # True: outputs re-cover the whole prefix (non-streamable models)
-    # Deduplication: the stored response of the chunk at this position (then nothing was
-    # computed and the other fields are empty).
-    replay: bytes | None = None
-    # ``await persist(response_bytes)`` before sending the response: writes the new state
-    # and the response through the state store (and keeps the response for deduplication).
-    persist: Callable | None = field(default=None, compare=False)
-
-
-class Outputs(dict):
-    """Infer's outputs; ``replay``/``persist`` as in StepResult."""
-
-    replay: bytes | None = None
-    persist: Callable | None = None
-
-
-class Runtime:
     def __init__(
         self,
         repo: ModelRepository,
@@ -178,18 +90,13 @@ class Runtime:
             max_per_client=self.options.max_sessions_per_client or None,
             **kw,
         )
-        o = self.options
-        self.jobs = LongJobs(
-            o.long_workers, o.max_long_jobs, o.max_long_jobs_per_client, o.long_nice
-        )
-        self._row_step_s: dict[int, float] = {}  # id(graph) -> seconds per (row x step)
-        self.trimmer = Trimmer(self.options.malloc_trim)
-        self._executor = ThreadPoolExecutor(max(1, os.cpu_count() or 1), "rnnzoo-ort")
+        self.compute = Compute(self.options, self._check)  # the ORT and long-job pools
+        self.jobs, self.trimmer = self.compute.jobs, self.compute.trimmer
         self.batchers: dict[tuple[str, str], Batcher] = {}
         for name, entry in repo.entries.items():
             for role, graph in entry.graphs.items():
                 self.batchers[(name, role)] = Batcher(
-                    graph, self._executor, self.options.max_batch, self.options.max_delay_ms
+                    graph, self.compute.executor, self.options.max_batch, self.options.max_delay_ms
                 )
         # session id -> (its stream's lease, its batcher, is the stream alive?): a batcher's
         # delay waits only for streams; the renewer renews the leases of live streams
@@ -229,9 +136,7 @@ class Runtime:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self.jobs.shutdown()
-        self.trimmer.cancel()
+        self.compute.shutdown()
         await self.durable.close()
         self._phase = "stopped"
 
@@ -335,182 +240,6 @@ class Runtime:
             )
         return entry, entry.graphs["model"]
 
-    # ---- sessions --------------------------------------------------------------------------
-    def create_session(
-        self,
-        model: str,
-        initial_state: dict[str, np.ndarray] | None = None,
-        ttl_s: float | None = None,
-    ) -> SessionInfo:
-        """A new session. ``ttl_s``: its own idle expiry, at most the server's (None: the
-        server's)."""
-        self._check()
-        _, graph = self._single(model, "a session")
-        init = graph.validate_state(initial_state or {})
-        sess = self.store.create(model, init, ttl_s)
-        return self.store.info(sess)
-
-    async def acreate_session(
-        self,
-        model: str,
-        initial_state: dict[str, np.ndarray] | None = None,
-        ttl_s: float | None = None,
-        snapshot: Snapshot | None = None,
-    ) -> SessionInfo:
-        """``create_session``, written through the state store; with ``snapshot``, a restore
-        (FailedPrecondition if it was taken from another version of the model)."""
-        self._check()
-        if snapshot is None:
-            info = self.create_session(model, initial_state, ttl_s)
-            sess = self.store.get(info.id, touch=False)
-        else:
-            if model and model != snapshot.model:
-                raise InvalidArgument(
-                    f"the snapshot is of model {snapshot.model!r}, not {clip(model)!r}"
-                )
-            if initial_state:
-                raise InvalidArgument("give a snapshot or an initial_state, not both")
-            self.durable.check_snapshot(snapshot)
-            sess = self.store.create(snapshot.model, dict(snapshot.initial), ttl_s)
-            self.durable.fill(sess, snapshot)
-        try:
-            await self.durable.create(sess)
-        except BaseException:
-            self.store.close(sess.id)
-            raise
-        return self.store.info(sess)
-
-    def restore_snapshot(self, snap: Snapshot) -> Snapshot:
-        """A client's snapshot (batch-free states, raw chunks) -> checked, session-ready."""
-        self.durable.check_snapshot(snap)
-        _, graph = self._single(snap.model, "a session")
-        if snap.steps < 0:
-            raise InvalidArgument(f"snapshot steps must be >= 0, got {snap.steps}")
-        snap.state = graph.validate_state(snap.state)
-        snap.initial = graph.validate_state(snap.initial)
-        snap.buffer = [graph.validate_chunk(c) for c in snap.buffer]
-        if snap.buffer and sum(c.length for c in snap.buffer) != snap.steps:
-            raise InvalidArgument("the snapshot's buffered chunks do not add up to its steps")
-        return snap
-
-    async def snapshot_session(self, session_id: str) -> tuple[Snapshot, dict, dict, list]:
-        """(snapshot, batch-free state, batch-free initial state, buffered chunks' arrays)."""
-        self._check()
-        await self.durable.fresh(session_id)
-        sess = self.store.get(session_id)
-        snap = self.durable.snapshot(sess)
-        graph = self._entry(sess.model).graphs["model"]
-        return (snap, batch_free(graph, snap.state), batch_free(graph, snap.initial),
-                [c.arrays for c in snap.buffer])  # fmt: skip
-
-    async def fork_session(self, session_id: str, ttl_s: float | None = None) -> SessionInfo:
-        """A new session with a copy of ``session_id``'s state (counts against capacity and
-        quotas like any new session)."""
-        self._check()
-        await self.durable.fresh(session_id)
-        src = self.store.get(session_id)
-        snap = self.durable.snapshot(src)
-        if ttl_s is None:
-            ttl_s = src.ttl_s
-        return await self.acreate_session(src.model, None, ttl_s, snapshot=snap)
-
-    async def aattach(
-        self, session_id: str, holder: str | None = None, alive: Callable[[], bool] | None = None
-    ) -> Lease:
-        """``attach``, taking the lease in the state store (any process) when the session is
-        there; the session is read from the store as it stands."""
-        self._check()
-        if self.durable.store is None:
-            return self.attach(session_id, holder, alive)
-        holder = holder or secrets.token_hex(8)
-        if session_id not in self.store._live:
-            await self.durable.fresh(session_id)
-        self.store.get(session_id, touch=False)  # NotFound / ownership before the store
-        lease, rec = await self.store.leases.take(session_id, holder)
-        if rec is not None:
-            from .snapshot import from_bytes
-
-            self.durable.adopt(session_id, from_bytes(rec.snap), rec.epoch, rec.resp, rec.rpos)
-        self.store.get(session_id)
-        return self._attached(session_id, lease, alive)
-
-    async def aclose_session(self, session_id: str, lease: Lease | None = None) -> None:
-        await self.durable.fresh(session_id)
-        self.close_session(session_id, lease)
-        if self.durable.store is not None:
-            await self.durable.store.delete(session_id)
-
-    async def areset_session(self, session_id: str, lease: Lease | None = None) -> None:
-        await self.durable.fresh(session_id)
-        sess = self.store.get(session_id, touch=False)
-        self._not_held(session_id, "ResetSession", lease)
-        snap = self.durable.snapshot(sess)
-        snap.state, snap.steps, snap.buffer = dict(sess.initial), 0, []
-        await self.durable.write(sess, snap, lease, None, -1)
-        self.reset_session(session_id, lease)
-
-    def _not_held(self, session_id: str, what: str, lease: Lease | None = None) -> None:
-        """FailedPrecondition if a live stream other than ``lease``'s holds the session."""
-        held = self.store.leases.holder_alive(session_id)
-        if held is not None and held is not lease:
-            raise FailedPrecondition(
-                f"session {sid_tag(session_id)} is attached to an open stream, which owns it "
-                f"while it is open: {what} is refused. End that stream first (or send the "
-                "chunks over it); a stream that died frees the session when its lease runs "
-                f"out, at most {self.store.leases.ttl_s:g} s after its last renewal "
-                f"({held.expires_at - self.store.clock():.1f} s from now)"
-            )
-
-    def close_session(self, session_id: str, lease: Lease | None = None) -> None:
-        """Close; FailedPrecondition while a stream other than ``lease``'s holder is attached."""
-        self._check()
-        self.store.get(session_id, touch=False)
-        self._not_held(session_id, "CloseSession", lease)
-        self.store.close(session_id)
-
-    def reset_session(self, session_id: str, lease: Lease | None = None) -> None:
-        """Back to the initial state; FailedPrecondition while another stream is attached."""
-        self._check()
-        sess = self.store.get(session_id, touch=False)
-        self._not_held(session_id, "ResetSession", lease)
-        sess = self.store.get(session_id)
-        sess.state = dict(sess.initial)
-        sess.steps = 0
-        sess.buffer = []
-        sess.last = None
-        sess.epoch += 1
-
-    def attach(
-        self, session_id: str, holder: str | None = None, alive: Callable[[], bool] | None = None
-    ) -> Lease:
-        """Take the session's lease for ``holder`` (a stream). ``alive()`` says whether that
-        stream still lives: the runtime renews the lease while it does (None: always)."""
-        self._check()
-        lease = self.store.attach(session_id, holder or secrets.token_hex(8))
-        return self._attached(session_id, lease, alive)
-
-    def _attached(self, session_id: str, lease: Lease, alive) -> Lease:
-        batcher = self.batchers.get((self.store.get(session_id, touch=False).model, "model"))
-        old = self._streams.get(session_id)
-        if old is not None and old[1] is not None:  # a take-over from a dead stream
-            old[1].detach(session_id)
-        if batcher is not None:
-            batcher.attach(session_id)
-        self._streams[session_id] = (lease, batcher, alive)
-        return lease
-
-    def detach(self, session_id: str, lease: Lease) -> None:
-        self.store.detach(session_id, lease)  # allowed while stopping: streams close then
-        entry = self._streams.get(session_id)
-        if entry is not None and entry[0] is lease:
-            del self._streams[session_id]
-            if entry[1] is not None:
-                entry[1].detach(session_id)
-
-    def session_info(self, session_id: str) -> SessionInfo:
-        self._check()
-        return self.store.info(self.store.get(session_id))
-
     # ---- stepping ----------------------------------------------------------------------------
     async def step(
         self, session_id: str, inputs: dict[str, np.ndarray], lease: Lease | None = None
@@ -566,7 +295,7 @@ class Runtime:
             if entry.info.streamable:
                 self._check_output(graph, 1, chunk.length, "this chunk")
                 if chunk.length >= self.options.long_job_steps:
-                    outs, nxt = await self._long_chunk(graph, chunk, sess.state, True)
+                    outs, nxt = await self.compute.long_chunk(graph, chunk, sess.state, True)
                 else:
                     outs, nxt = await batcher.submit(session_id, chunk, sess.state)
                 self._check_epoch(sess, epoch)
@@ -582,7 +311,7 @@ class Runtime:
                 self._check_output(graph, 1, total, "this chunk's revised prefix")
                 prefix = graph.concat_chunks([*sess.buffer, chunk])
                 if total >= self.options.long_job_steps:  # a bidirectional net: one slice
-                    outs, nxt = await self._long_chunk(graph, prefix, sess.initial, False)
+                    outs, nxt = await self.compute.long_chunk(graph, prefix, sess.initial, False)
                 else:
                     outs, nxt = await batcher.submit(session_id, prefix, sess.initial)
                 self._check_epoch(sess, epoch)
@@ -667,7 +396,7 @@ class Runtime:
             if advance:
                 raise InvalidArgument("advance=True needs a session_id (whose state to move on)")
             states = graph.initial_batch_state(batch)
-            outs, _ = await self._compute(graph, feeds, states, batch, length, streamable)
+            outs, _ = await self.compute.run(graph, feeds, states, batch, length, streamable)
             yield Outputs(outs)
             return
         if position is not None and not advance:
@@ -697,7 +426,7 @@ class Runtime:
                 out.replay = replay
                 yield out
                 return
-            outs, nxt = await self._compute(graph, feeds, sess.state, 1, length, True)
+            outs, nxt = await self.compute.run(graph, feeds, sess.state, 1, length, True)
             if advance:
                 self._check_epoch(sess, epoch)
             out, steps0, written = Outputs(outs), sess.steps, []
@@ -728,81 +457,6 @@ class Runtime:
             raise InvalidArgument(
                 f"session {sid_tag(sess.id)} belongs to model {sess.model!r}, not {clip(model)!r}"
             )
-
-    # ---- long jobs ------------------------------------------------------------------------------
-    async def _compute(self, graph, feeds, states, batch: int, length: int, sliceable: bool):
-        """A batched call: in the long-job pool when long, else in the shared executor."""
-        if batch * length >= self.options.long_job_steps:
-            return await self._long_run(graph, feeds, states, batch, length, sliceable)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run, graph, feeds, states)
-
-    async def _long_chunk(self, graph: ServedModel, chunk: Chunk, state: dict, sliceable: bool):
-        """One session's chunk as a long job: (batch-free outputs, batch-1 next state)."""
-        feeds = graph.stack_chunks([chunk])
-        outs, nxt = await self._long_run(graph, feeds, state, 1, chunk.length, sliceable)
-        return graph.split_outputs(outs, 1)[0], nxt
-
-    def _slice_steps(self, graph: ServedModel, batch: int) -> int:
-        per = self._row_step_s.get(id(graph))
-        if per is None:
-            n = max(64, 2048 // batch)
-        else:
-            n = max(64, int(self.options.long_slice_s / (per * batch)))
-        unit = graph.chunk.unit if graph.chunk is not None else 1  # whole chunks per slice
-        return max(unit, n // unit * unit)
-
-    async def _long_run(self, graph, feeds, states, batch: int, length: int, sliceable: bool):
-        """Run in the long-job pool; a streamable graph in time slices, state carried."""
-        key = job_key()
-        what = f"this request ({batch} x {length} steps)"
-        large = graph.output_bytes(batch, length) >= LARGE_BYTES or batch * length >= LARGE_STEPS
-        with self.jobs.admit(key, what), self._trim_after(large):
-            if not sliceable:
-                return await self.jobs.run_slice(key, self._run, graph, feeds, states)
-            parts, t = [], 0
-            while t < length:
-                self._check()
-                n = min(length - t, self._slice_steps(graph, batch))
-                part = _time_slice(graph.contract.inputs, feeds, t, t + n)
-                outs, states = await self.jobs.run_slice(
-                    key, self._timed_run, graph, part, states, batch * n
-                )
-                parts.append(outs)
-                t += n
-            if len(parts) == 1:
-                return parts[0], states
-            outs = await self.jobs.run_slice(key, _concat_time, graph.contract.outputs, parts)
-            return outs, states
-
-    @contextlib.contextmanager
-    def _trim_after(self, large: bool):
-        """Schedule a malloc_trim once large work ends, however it ends (memory.py)."""
-        try:
-            yield
-        finally:
-            if large:
-                self.trimmer.soon()
-
-    def _timed_run(self, graph: ServedModel, feeds: dict, states: dict, row_steps: int):
-        t0 = time.perf_counter()
-        res = self._run(graph, feeds, states)
-        per = (time.perf_counter() - t0) / row_steps
-        old = self._row_step_s.get(id(graph))
-        self._row_step_s[id(graph)] = per if old is None else 0.7 * old + 0.3 * per
-        return res
-
-    @staticmethod
-    def _run(graph: ServedModel, feeds: dict, states: dict):
-        try:
-            return graph.run(feeds, states)
-        except RnnzooError:  # ORT's failures come described whole (ServedModel.run)
-            raise
-        except Exception as exc:
-            raise InvalidArgument(
-                f"model {graph.contract.name!r} failed on this input "
-                f"({type(exc).__name__}: {str(exc).strip()[:300]})"
-            ) from None
 
     # ---- text and generation ---------------------------------------------------------------
     def _text_vocabs(self, model: str) -> tuple[list[str] | None, list[str] | None]:
@@ -849,9 +503,9 @@ class Runtime:
         entry = self._entry(model)
         rng = np.random.default_rng(seed)
         if entry.is_seq2seq:
-            gen = self._generate_seq2seq(entry, prompt, max_tokens, temperature, top_k, rng)
+            gen = generate_seq2seq(self, entry, prompt, max_tokens, temperature, top_k, rng)
         elif entry.info.task == "lm" and entry.graphs["model"].contract.vocab:
-            gen = self._generate_lm(entry, prompt, max_tokens, temperature, top_k, rng)
+            gen = generate_lm(self, entry, prompt, max_tokens, temperature, top_k, rng)
         else:
             raise FailedPrecondition(
                 f"model {clip(model)!r} (task {entry.info.task!r}) does not generate text; "
@@ -859,101 +513,6 @@ class Runtime:
             )
         async for piece in gen:
             yield piece
-
-    async def _feed(self, role: str, entry: ServedEntry, key, ids: np.ndarray, state: dict):
-        """Run token ids (T,) through one graph from ``state``: (last-step outputs, state)."""
-        graph = entry.graphs[role]
-        chunk = graph.validate_chunk({graph.contract.inputs[0].name: ids})
-        if chunk.length >= self.options.long_job_steps:  # a long prompt: not on the loop
-            return await self._long_chunk(graph, chunk, state, entry.info.streamable)
-        outs, nxt = await self.batchers[(entry.info.name, role)].submit(key, chunk, state)
-        return outs, nxt
-
-    async def _generate_lm(self, entry, prompt, max_tokens, temperature, top_k, rng):
-        graph = entry.graphs["model"]
-        c = graph.contract
-        ids = encode(c.vocab, prompt, c.name)
-        if ids.size == 0:
-            if "bos" not in c.special_tokens:
-                raise InvalidArgument(f"model {c.name!r} needs a non-empty prompt (it has no bos)")
-            ids = np.array([c.special_tokens["bos"]], np.int64)
-        key, state = object(), graph.init_states
-        logits_name = c.outputs[0].name
-        banned = never_sampled(c.special_tokens)
-        with self._generating(entry, key):
-            for _ in range(max_tokens):
-                self._check()
-                outs, state = await self._feed("model", entry, key, ids, state)
-                tok = sample_token(outs[logits_name][-1], temperature, top_k, rng, banned)
-                if tok == c.special_tokens.get("eos", -1):
-                    return
-                yield c.vocab[tok]
-                ids = np.array([tok], np.int64)
-
-    @contextlib.contextmanager
-    def _generating(self, entry: ServedEntry, key: object):
-        """A generation feeds its graphs step after step like a stream: attach its key, so
-        a batch delay waits for it only while it has nothing queued (alone: never)."""
-        batchers = [self.batchers[(entry.info.name, role)] for role in entry.graphs]
-        for b in batchers:
-            b.attach(key)
-        try:
-            yield
-        finally:
-            for b in batchers:
-                b.detach(key)
-
-    async def _generate_seq2seq(self, entry, prompt, max_tokens, temperature, top_k, rng):
-        enc, dec = entry.graphs["encoder"], entry.graphs["decoder"]
-        src = encode(enc.contract.vocab, prompt, entry.info.name)
-        if src.size == 0:
-            raise InvalidArgument(f"seq2seq model {entry.info.name!r} needs a non-empty prompt")
-        key = object()
-        with self._generating(entry, key):
-            _, enc_state = await self._feed("encoder", entry, key, src, enc.init_states)
-            # encoder state outputs map by position onto decoder state inputs
-            state = dict(dec.init_states)  # and a decoder's context windows start afresh
-            for es, ds in zip(enc.contract.states, dec.contract.states, strict=True):
-                state[ds.input] = np.moveaxis(enc_state[es.input], es.batch_axis, ds.batch_axis)
-            special = dec.contract.special_tokens
-            vocab = dec.contract.target_vocab or dec.contract.vocab
-            logits_name = dec.contract.outputs[0].name
-            sep = dec.contract.target_separator
-            ids = np.array([special["bos"]], np.int64)
-            banned = never_sampled(special)
-            for n in range(max_tokens):
-                self._check()
-                outs, state = await self._feed("decoder", entry, key, ids, state)
-                tok = sample_token(outs[logits_name][-1], temperature, top_k, rng, banned)
-                if tok == special["eos"]:
-                    return
-                yield (sep if n else "") + vocab[tok]
-                ids = np.array([tok], np.int64)
-
-
-def _time_slice(specs, feeds: dict, a: int, b: int) -> dict:
-    """Steps [a, b) of a batched feed (inputs without a time axis whole)."""
-    out = {}
-    for spec in specs:
-        arr = feeds[spec.name]
-        if spec.time_axis is None:
-            out[spec.name] = arr
-        else:
-            idx = [slice(None)] * arr.ndim
-            idx[spec.time_axis] = slice(a, b)
-            out[spec.name] = arr[tuple(idx)]
-    return out
-
-
-def _concat_time(specs, parts: list[dict]) -> dict:
-    """Outputs of consecutive time slices -> the whole sequence's outputs."""
-    out = {}
-    for spec in specs:
-        arrs = [p[spec.name] for p in parts]
-        out[spec.name] = (
-            arrs[-1] if spec.time_axis is None else np.concatenate(arrs, spec.time_axis)
-        )
-    return out
 
 
 __all__ = ["Chunk", "ModelInfo", "Runtime", "RuntimeOptions", "SessionInfo", "StepResult"]
