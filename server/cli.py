@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep sessions in a durable store so they outlive this process: a "
                    "directory (embedded SQLite, WAL) or a redis:// / rediss:// URL; default: "
                    "none, sessions live in this process only (docs/scale-out.md)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="serving processes sharing the port (SO_REUSEPORT) and the sessions "
+                   "(needs --state-store when N > 1); 0 = one per usable core (CPU affinity "
+                   "and cgroup quota); default: %(default)s (docs/scale-out.md)")  # fmt: skip
     lim = p.add_argument_group("limits (docs/limits.md)")
     lim.add_argument("--max-request-steps", type=int, default=100_000,
                      help="steps per Stream chunk / Infer (batch x time) / prompt")  # fmt: skip
@@ -135,5 +139,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from rnnzoo.server.runtime.repository import STRICT
 
     STRICT.set(args.strict)
+    from rnnzoo.server.transport.workers import Supervisor, spec_of, worker_count
+
+    n = worker_count(args.workers, args.state_store)
+    if n > 1:
+        spec = spec_of(args.model_dir, options, config, args.log_level,
+                       args.allow_failed_parity, args.strict)  # fmt: skip
+        sup = Supervisor(n, spec, config.host, config.port, config.grace_s, config.metrics_port)
+        return asyncio.run(sup.run())
     asyncio.run(serve(args.model_dir, options, config))
     return 0

@@ -41,12 +41,17 @@ def begin_call() -> dict:
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, fields: dict | None = None) -> None:
+        super().__init__()
+        self.fields = fields or {}  # on every line (a worker's index)
+
     def format(self, record: logging.LogRecord) -> str:
         out = {
             "ts": round(record.created, 6),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
+            **self.fields,
         }
         out.update(getattr(record, "fields", None) or {})
         if record.exc_info:
@@ -54,10 +59,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def configure(level: int = logging.INFO, stream=None) -> None:
-    """Send every ``rnnzoo`` logger to ``stream`` (stderr) as JSON lines."""
+def configure(level: int = logging.INFO, stream=None, fields: dict | None = None) -> None:
+    """Send every ``rnnzoo`` logger to ``stream`` (stderr) as JSON lines, with ``fields``
+    on each."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(fields))
     root = logging.getLogger("rnnzoo")
     root.handlers[:] = [handler]
     root.setLevel(level)

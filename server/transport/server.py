@@ -77,6 +77,10 @@ class ServerConfig:
     auth_tokens: str | None = None  # token file (guard.TokenTable.from_file)
     requests_per_s: float = 0.0  # per client (principal, or connection); 0 = no rate quota
     burst: float | None = None  # the rate quota's bucket; None = 2 x requests_per_s
+    # a worker of ``rnnzoo serve --workers N`` (workers.py): share the port the supervisor
+    # reserved (SO_REUSEPORT), and record metrics for the supervisor's exporter
+    reuseport: bool = False
+    record_metrics: bool = False
 
     @property
     def tls(self) -> bool:
@@ -132,8 +136,9 @@ class ServerConfig:
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
             # grpc shares a busy port by default (SO_REUSEPORT): two servers would split
-            # the traffic and each see half of the sessions. Fail the bind instead.
-            ("grpc.so_reuseport", 0),
+            # the traffic and each see half of the sessions. Fail the bind instead. Workers
+            # (workers.py) share the port their supervisor reserved after the same check.
+            ("grpc.so_reuseport", 1 if self.reuseport else 0),
             ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
             ("grpc.http2.ping_timeout_ms", int(self.keepalive_timeout_s * 1000)),
@@ -159,6 +164,9 @@ class RnnzooServer:
     def __init__(self, config: ServerConfig | None = None) -> None:
         self.config = config or ServerConfig()
         self.config.check()
+        # Health says SERVING once the runtime is loaded and the gate is open: always for one
+        # server; a worker's opens when its supervisor says every worker is up (workers.py)
+        self.gate_open = True
         self.runtime: Runtime | None = None
         self.port: int | None = None
         self.health = health.aio.HealthServicer()
@@ -222,6 +230,8 @@ class RnnzooServer:
             metrics.install()
             self.metrics_port = self._metrics.server_port
             log(LOG, "metrics", host=self.config.host, port=self.metrics_port)
+        elif self.config.record_metrics:
+            metrics.install()  # a worker: the supervisor serves the aggregate
         await self.server.start()
         auth = (
             "tokens"
@@ -260,13 +270,21 @@ class RnnzooServer:
         self.runtime = runtime
         self.servicer.rt = runtime
         self.kserve.rt = runtime
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.gate_open:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         models = [m.name for m in runtime.list_models()]
         metrics.models_loaded(models)
         metrics.models_loaded(runtime.repo.failed, ready=False)
         for name, why in sorted(runtime.repo.failed.items()):
             log(LOG, "model not served", logging.ERROR, model=name, reason=why)
         log(LOG, "serving", target=self.target, models=models)
+
+    async def set_gate(self, open_: bool) -> None:
+        """Open or close the health gate (a worker: are all workers up?)."""
+        self.gate_open = open_
+        if self.runtime is not None and self.runtime.ready:
+            status = health_pb2.HealthCheckResponse
+            await self._set_health(status.SERVING if open_ else status.NOT_SERVING)
 
     async def stop(self, grace_s: float | None = None) -> None:
         grace = self.config.grace_s if grace_s is None else grace_s
@@ -284,10 +302,16 @@ class RnnzooServer:
 
 
 async def serve(
-    model_dir: str | Path, options: RuntimeOptions, config: ServerConfig, ready=print
+    model_dir: str | Path, options: RuntimeOptions, config: ServerConfig, ready=print, fleet=None
 ) -> None:
-    """Serve ``model_dir`` until SIGTERM/SIGINT, then stop gracefully."""
+    """Serve ``model_dir`` until SIGTERM/SIGINT, then stop gracefully. ``fleet``: a worker's
+    link to its supervisor (workers.FleetLink): health stays NOT_SERVING until the supervisor
+    says all workers are up, and the worker stops when the supervisor goes away."""
     server = RnnzooServer(config)
+    stop = asyncio.Event()
+    if fleet is not None:
+        server.gate_open = False
+        fleet.start(asyncio.get_running_loop(), server.set_gate, stop.set)
     await server.start()
     try:
         runtime = await asyncio.to_thread(Runtime.from_dir, model_dir, options)
@@ -295,13 +319,13 @@ async def serve(
         ready(f"listening on {server.target}", flush=True)
         if server.metrics_port is not None:
             ready(f"metrics on http://{config.host}:{server.metrics_port}/metrics", flush=True)
-        await _until_signal()
+        await _until_signal(stop)
     finally:
         await server.stop()
 
 
-async def _until_signal() -> None:
-    stop = asyncio.Event()
+async def _until_signal(stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -127,8 +127,11 @@ class Client:
         tls_key: str | Path | None = None,
         tls_server_name: str | None = None,
         retry_s: float = 60.0,
+        own_connection: bool = False,
     ) -> None:
-        """``token``: bearer token sent with every call. ``tls``: connect with TLS (default:
+        """``own_connection``: a connection of this client's own, not shared with other
+        clients of the same target in this process (a server with several workers balances
+        connections, not calls). ``token``: bearer token sent with every call. ``tls``: connect with TLS (default:
         when any ``tls_*`` is given); ``tls_ca``: PEM file of the CA to trust (default: the
         system's); ``tls_cert``/``tls_key``: PEM files of a client certificate (mTLS);
         ``tls_server_name``: the name to check the server's certificate against, when it is
@@ -159,6 +162,8 @@ class Client:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.ping_timeout_ms", 10_000),
         ]
+        if own_connection:
+            options.append(("grpc.use_local_subchannel_pool", 1))
         if tls:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=_read(tls_ca, "tls_ca"),
