@@ -86,7 +86,7 @@ def export_verified(
     from rnnzoo import parity_record
     from rnnzoo.export.source import load
     from rnnzoo.export.verify import report_json, verify_file
-    from rnnzoo.models.zoo import build_progress, stage
+    from rnnzoo.models.build import build_progress, stage
 
     say = log or build_progress() or _stderr
     ckpt_path = Path(ckpt_path)

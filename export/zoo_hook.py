@@ -35,7 +35,7 @@ def after_train(entry: Any, ckpt_path: str | Path, out_dir: str | Path) -> dict[
     from rnnzoo.export.bench import bench_net
     from rnnzoo.export.cli import export_verified
     from rnnzoo.export.source import load
-    from rnnzoo.models.zoo import stage
+    from rnnzoo.models.build import stage
 
     ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
     name = _name(entry, ckpt_path)

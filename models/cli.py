@@ -48,7 +48,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rnnzoo.models.zoo import DEFAULT_OUT, build_zoo
+    from rnnzoo.models.build import build_zoo
+    from rnnzoo.models.zoo import DEFAULT_OUT
 
     build_zoo(
         args.out or DEFAULT_OUT,
@@ -64,7 +65,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from rnnzoo.models.zoo import DEFAULT_OUT, build_zoo, select
+    from rnnzoo.models.build import build_zoo
+    from rnnzoo.models.zoo import DEFAULT_OUT, select
 
     select(args.only)  # unknown names fail before anything trains
     build_zoo(

@@ -14,7 +14,8 @@ from onnx import numpy_helper
 from rnnzoo.errors import FailedPrecondition, NotFound
 from rnnzoo.export.zoo_hook import after_train
 from rnnzoo.models import zoo
-from rnnzoo.models.zoo import build_zoo, config_hash, get_entry
+from rnnzoo.models.build import build_zoo, config_hash
+from rnnzoo.models.zoo import get_entry
 from rnnzoo.server.runtime import ModelRepository
 
 

@@ -18,7 +18,7 @@ import textwrap
 import pytest
 
 from rnnzoo.export.cli import export_checkpoint
-from rnnzoo.models.zoo import build_zoo
+from rnnzoo.models.build import build_zoo
 
 SECOND_KERNELS = {
     "ATEN_CPU_CAPABILITY": "default",

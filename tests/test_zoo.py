@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from rnnzoo.errors import FailedPrecondition, NotFound
+from rnnzoo.models.build import build_zoo
 from rnnzoo.models.checkpoint import load_checkpoint
 from rnnzoo.models.rnn import RNNConfig, Seq2SeqConfig
-from rnnzoo.models.zoo import ENTRIES, REGISTRY, Entry, build_zoo, check_floor, get_entry, select
+from rnnzoo.models.zoo import ENTRIES, REGISTRY, Entry, check_floor, get_entry, select
 
 
 def test_registry_is_data_and_covers_the_issue():
