@@ -9,7 +9,7 @@ prompt. Such work never runs on the event loop (where it would stall every other
   priority (``nice``, per thread on Linux), so on shared cores the event loop, which answers
   the light clients, wins the CPU when both want it;
 - a job is cut into slices (``run_slice`` per slice; a streamable sequence is sliced along
-  time with its state carried: see ``Runtime._long_run``), and the slot goes round-robin
+  time with its state carried: see ``Compute.long_run``), and the slot goes round-robin
   across callers (``caller.job_key``: the principal, or the connection): after each slice a
   job queues behind the other callers' waiting slices, so one client's two 100,000-step
   Infers take turns with a third client's job instead of running before it;
