@@ -41,9 +41,9 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None) -> l
 
     Writes the servable file(s) directly, unverified: ``export_verified`` is the safe path.
     """
-    from rnnzoo.export.contract_builder import sha256_file
     from rnnzoo.export.onnx_export import export_model
     from rnnzoo.export.source import load
+    from rnnzoo.parity_record import sha256_file
 
     ckpt_path = Path(ckpt_path)
     model, ckpt = load(ckpt_path)

@@ -9,9 +9,7 @@ normalization and special tokens, and a seq2seq half's role and group.
 
 from __future__ import annotations
 
-import hashlib
 import platform
-from pathlib import Path
 from typing import Any
 
 from rnnzoo import __version__
@@ -30,14 +28,6 @@ MEANINGS = {
     "encoder": "top-layer hidden states per step (batch, time, directions*hidden)",
     "decoder": "per-step next-token logits over target_vocab",
 }
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def io_names(cfg: RNNConfig, kind: str, role: str) -> tuple[str, str]:

@@ -92,7 +92,7 @@ def find_checkpoint(onnx_path: Path, contract: Contract) -> Path:
 
 
 def check_checkpoint_matches(contract: Contract, ckpt_path: Path, origin: Path) -> str:
-    from rnnzoo.export.contract_builder import sha256_file
+    from rnnzoo.parity_record import sha256_file
 
     sha = sha256_file(ckpt_path)
     want = contract.source.get("checkpoint_sha256")

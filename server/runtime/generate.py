@@ -106,18 +106,30 @@ async def generate_lm(rt, entry, prompt, max_tokens, temperature, top_k, rng):
         if "bos" not in c.special_tokens:
             raise InvalidArgument(f"model {c.name!r} needs a non-empty prompt (it has no bos)")
         ids = np.array([c.special_tokens["bos"]], np.int64)
-    key, state = object(), graph.init_states
+    key = object()
+    with generating(rt, entry, key):
+        eos = c.special_tokens.get("eos", -1)  # none: only max_tokens ends it
+        tokens = sample_loop(rt, entry, "model", key, ids, graph.init_states, eos, max_tokens,
+                             temperature, top_k, rng)  # fmt: skip
+        async for tok in tokens:
+            yield c.vocab[tok]
+
+
+async def sample_loop(rt, entry, role, key, ids, state, eos, max_tokens, temperature, top_k, rng):
+    """Feed ``ids`` through graph ``role`` from ``state``, then each sampled token back in:
+    yield token ids until ``eos`` (never yielded) or ``max_tokens``. Special tokens other
+    than eos are never sampled. The one loop of both lm and seq2seq generation."""
+    c = entry.graphs[role].contract
     logits_name = c.outputs[0].name
     banned = never_sampled(c.special_tokens)
-    with generating(rt, entry, key):
-        for _ in range(max_tokens):
-            rt._check()
-            outs, state = await feed(rt, "model", entry, key, ids, state)
-            tok = sample_token(outs[logits_name][-1], temperature, top_k, rng, banned)
-            if tok == c.special_tokens.get("eos", -1):
-                return
-            yield c.vocab[tok]
-            ids = np.array([tok], np.int64)
+    for _ in range(max_tokens):
+        rt._check()
+        outs, state = await feed(rt, role, entry, key, ids, state)
+        tok = sample_token(outs[logits_name][-1], temperature, top_k, rng, banned)
+        if tok == eos:
+            return
+        yield tok
+        ids = np.array([tok], np.int64)
 
 
 @contextlib.contextmanager
@@ -148,17 +160,13 @@ async def generate_seq2seq(rt, entry, prompt, max_tokens, temperature, top_k, rn
         state = dict(dec.init_states)  # and a decoder's context windows start afresh
         for es, ds in zip(enc.contract.states, dec.contract.states, strict=True):
             state[ds.input] = np.moveaxis(enc_state[es.input], es.batch_axis, ds.batch_axis)
-        special = dec.contract.special_tokens
         vocab = dec.contract.target_vocab or dec.contract.vocab
-        logits_name = dec.contract.outputs[0].name
         sep = dec.contract.target_separator
-        ids = np.array([special["bos"]], np.int64)
-        banned = never_sampled(special)
-        for n in range(max_tokens):
-            rt._check()
-            outs, state = await feed(rt, "decoder", entry, key, ids, state)
-            tok = sample_token(outs[logits_name][-1], temperature, top_k, rng, banned)
-            if tok == special["eos"]:
-                return
+        special = dec.contract.special_tokens
+        bos = np.array([special["bos"]], np.int64)
+        tokens = sample_loop(rt, entry, "decoder", key, bos, state, special["eos"], max_tokens,
+                             temperature, top_k, rng)  # fmt: skip
+        n = 0
+        async for tok in tokens:
             yield (sep if n else "") + vocab[tok]
-            ids = np.array([tok], np.int64)
+            n += 1

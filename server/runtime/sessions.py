@@ -109,12 +109,7 @@ class SessionStore:
         telemetry.session(why.split(" ", 1)[0], sess.model)  # closed, expired, evicted
         self.leases.forget(sid)
         sess.epoch += 1
-        if sess.quota_key is not None:
-            n = self._per_key[sess.quota_key] - 1
-            if n:
-                self._per_key[sess.quota_key] = n
-            else:
-                del self._per_key[sess.quota_key]
+        self._unquota(sess)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.wall()))
         self._dead[sid] = (f"{why} at {stamp}", sess.owner)
         while len(self._dead) > self.max_tombstones:
@@ -225,6 +220,10 @@ class SessionStore:
         """Drop a session's cached copy (no tombstone, no store change)."""
         sess = self._live.pop(sid)
         sess.epoch += 1
+        self._unquota(sess)
+
+    def _unquota(self, sess: Session) -> None:
+        """A session leaves this process: its caller's live-session count drops by one."""
         if sess.quota_key is not None:
             n = self._per_key[sess.quota_key] - 1
             if n:
