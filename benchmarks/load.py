@@ -107,12 +107,22 @@ async def run_cell(
     duration_s: float = 2.0,
     max_messages: int = 2_000_000,
     server_pid: int | None = None,
+    connections: int = 1,
 ) -> CellResult:
+    """``connections``: channels, each with its own subchannel pool (a connection of its
+    own); sessions are spread over them round robin (a server with several workers balances
+    connections, not calls)."""
     assert sessions >= 1 and steps >= 1 and duration_s > 0
     opts = [("grpc.max_receive_message_length", 16 * MB), ("grpc.max_send_message_length", 16 * MB)]
+    if connections > 1:
+        opts.append(("grpc.use_local_subchannel_pool", 1))
+    extra = [grpc.aio.insecure_channel(target, options=opts) for _ in range(connections - 1)]
     async with grpc.aio.insecure_channel(target, options=opts) as channel:
-        await asyncio.wait_for(channel.channel_ready(), 30)
-        stub = pb_grpc.RnnzooStub(channel)
+        channels = [channel, *extra]
+        for ch in channels:
+            await asyncio.wait_for(ch.channel_ready(), 30)
+        stubs = [pb_grpc.RnnzooStub(ch) for ch in channels]
+        stub = stubs[0]
         ids = [
             (await stub.CreateSession(pb.CreateSessionRequest(model=model))).session_id
             for _ in range(sessions)
@@ -132,14 +142,24 @@ async def run_cell(
             await asyncio.gather(
                 *(
                     _session_loop(
-                        stub, sid, c, input_name, t_start, t_end, max_messages, rtts, stop
+                        stubs[i % len(stubs)],
+                        sid,
+                        c,
+                        input_name,
+                        t_start,
+                        t_end,
+                        max_messages,
+                        rtts,
+                        stop,
                     )
-                    for sid, c in zip(ids, chunks, strict=True)
+                    for i, (sid, c) in enumerate(zip(ids, chunks, strict=True))
                 )
             )
         finally:
             for sid in ids:
                 await stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
+            for ch in extra:
+                await ch.close()
     # A capped cell ends when the cap was hit; trips still in flight then do not count.
     window_end = min(t_end, stop.get("capped_at") or t_end)
     window = window_end - t_start
