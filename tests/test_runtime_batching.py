@@ -222,6 +222,28 @@ async def test_batch_starts_once_every_attached_stream_has_queued_not_after_the_
         await rt.stop()
 
 
+async def test_an_idle_attached_stream_does_not_hold_back_the_others(zoo):
+    """A stream that is attached but sends nothing stops being waited for once it has been
+    idle for the active window: with a 60 s delay, the active stream's chunks must not sit
+    out the delay (the 10 s timeouts would fire; no timing is asserted)."""
+    repo, _ = zoo
+    rt = await started(repo, max_delay_ms=60_000)
+    try:
+        batcher = rt.batchers[("gru", "model")]
+        batcher._active_window_s = 0.05  # the window derived from a 60 s delay is 20 min
+        sids = [rt.create_session("gru").id for _ in range(3)]
+        tokens = [rt.attach(sid) for sid in sids]
+        await asyncio.sleep(0.1)  # all idle now; the other two stay attached and silent
+        for n in range(3):
+            res = await asyncio.wait_for(rt.step(sids[0], {"x": seq(1, seed=n)}, tokens[0]), 10)
+            assert res.steps_total == n + 1
+        await asyncio.sleep(0.1)  # now the first one is idle too: an idle one wakes up alone
+        res = await asyncio.wait_for(rt.step(sids[1], {"x": seq(1)}, tokens[1]), 10)
+        assert res.steps_total == 1
+    finally:
+        await rt.stop()
+
+
 async def test_batches_over_the_time_budget_leave_the_event_loop(zoo, monkeypatch):
     """Inline or executor is decided by the predicted ORT time (measured seconds per step x
     steps), so a slow model cannot stall the loop however few steps it runs."""

@@ -7,7 +7,9 @@
 - ``max_batch`` caps a call;
 - ``max_delay_ms`` > 0: once the first chunk arrives, wait up to that long for more work, but
   only while some attached stream (``attach``) that is not already in a running batch has no
-  chunk queued: a lone stream, or streams that all answered already, never wait. With no
+  chunk queued: a lone stream, or streams that all answered already, never wait. An attached
+  stream that has sent nothing for ``ACTIVE_WINDOW_S`` (or 20 delays, if longer) counts as
+  idle and is not waited for, so an idle stream does not slow the others. With no
   stream attached (direct ``submit`` callers) it waits the whole delay unless ``max_batch``
   fills. 0 batches what is already waiting;
 - small batches run inline on the event loop (a lone stream's chunk right in ``submit``):
@@ -28,7 +30,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -51,6 +53,9 @@ Result = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # batch-free outpu
 # 88-98k steps/s inline vs 67-85k via two pipelined executor threads, and 64 x 64 at
 # 123-140k vs 98-112k. Inline, ORT runs near its hot-loop rate; in a thread it competes with
 # the loop and the client for the same cores and caches.
+# An attached stream that sent nothing for this long no longer holds delayed batches back:
+# a closed-loop client sends again within a round trip (~0.1-1 ms here), an idle one never.
+ACTIVE_WINDOW_S = 0.2
 INLINE_BUDGET_S = 0.05  # a loop stall no client notices next to a p99 of tens of ms
 INLINE_MAX_STEPS = 512
 # Executor batches running at once. Two: one computes while the loop turns the other's
@@ -81,6 +86,9 @@ class Batcher:
         # batch pops the first job of the first ``max_batch`` keys, never walking the rest.
         self._queues: dict[object, deque[_Job]] = {}
         self._attached: set[object] = set()  # keys of streams that will send more work
+        # Attached keys by last activity (oldest first): the ones a delayed batch waits for.
+        self._active: OrderedDict[object, float] = OrderedDict()
+        self._active_window_s = max(ACTIVE_WINDOW_S, 20 * self.max_delay_s)
         # The batcher task sleeps on ``_waiter`` until ``_want`` keys have work queued, a
         # running batch ends, or a timer fires: ``submit`` wakes it only when that holds,
         # not once per chunk.
@@ -101,19 +109,37 @@ class Batcher:
     def attach(self, key: object) -> None:
         """``key`` has a stream open: a delayed batch may wait for its next chunk."""
         self._attached.add(key)
+        self._touch(key)
 
     def detach(self, key: object) -> None:
         self._attached.discard(key)
+        self._active.pop(key, None)
         self._wake(force=True)  # one stream fewer to wait for: re-check now
+
+    def _touch(self, key: object) -> None:
+        self._active[key] = time.monotonic()
+        self._active.move_to_end(key)
+
+    def _n_active(self) -> int:
+        """Attached streams that sent within the active window (idle ones are dropped)."""
+        horizon = time.monotonic() - self._active_window_s
+        while self._active:
+            key, seen = next(iter(self._active.items()))
+            if seen >= horizon:
+                break
+            del self._active[key]
+        return len(self._active)
 
     async def submit(self, key: object, chunk: Chunk, state: dict[str, np.ndarray]) -> Result:
         if self._task is None or self._task.done():
             raise Unavailable("the server is not running; retry against a running server")
+        if key in self._attached:
+            self._touch(key)
         if (
             not self._queues
             and not self._running
-            and len(self._attached) == 1
             and key in self._attached
+            and self._n_active() == 1
             and self._inline(chunk.length, 1)
         ):
             # The only attached stream and nothing queued or running: no other work could
@@ -186,7 +212,7 @@ class Batcher:
         """Queued keys worth waiting for: attached streams not already in a running batch."""
         if not self._attached:
             return self.max_batch
-        return max(1, min(self.max_batch, len(self._attached) - len(self._running)))
+        return max(1, min(self.max_batch, self._n_active() - len(self._running)))
 
     async def _gather(self) -> None:
         """Wait up to max_delay for more work while an attached stream has none queued."""
