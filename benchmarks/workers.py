@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rnnzoo.server.transport.workers import usable_cores
+from rnnzoo.cores import usable_cores
 
 from .load import run_cell
 from .servers import ServerProcess

@@ -168,10 +168,13 @@ def build_zoo(
     threads: int = 1,
     log: Callable[[str], None] = print,
     force: bool = False,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
     """Train the entries that are not up to date, run the hooks, write metrics and the card.
 
     ``force``: retrain and rerun the hooks even for entries that are up to date.
+    ``jobs``: entries built at once, each in its own process with ``threads`` torch threads
+    (the hooks must then be module-level functions, and progress lines go to stdout).
     Raises ``FailedPrecondition`` naming every entry whose hook failed, and (full builds only)
     every entry that missed its floor; the card is written first.
     """
@@ -184,7 +187,7 @@ def build_zoo(
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)  # for the hooks and the card too (see train_entry)
     try:
-        return _build(out, entries, quick, list(after_train), progress, threads, log, force)
+        return _build(out, entries, quick, list(after_train), progress, threads, log, force, jobs)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -229,6 +232,7 @@ def _build(
     threads: int,
     log: Callable[[str], None],
     force: bool,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
     from rnnzoo.models.card import write_card
     from rnnzoo.models.checkpoint import save_checkpoint
@@ -239,7 +243,10 @@ def _build(
     counts = {"trained": 0, "up to date": 0, "rerun hooks": 0}
     t_all = time.perf_counter()
     n = len(entries)
-    for i, entry in enumerate(entries, 1):
+    if jobs > 1 and n > 1:
+        results = _build_in_processes(out, entries, quick, hooks, threads, force, jobs,
+                                      done, failed, counts)  # fmt: skip
+    for i, entry in enumerate(entries if jobs <= 1 or n <= 1 else [], 1):
         prefix = f"[{i}/{n}] {entry.name}: "
         token = _PROGRESS.set(lambda msg, prefix=prefix: log(prefix + msg))
         try:
@@ -357,6 +364,78 @@ def _build_entry(
         f"{'FAILED' if entry.name in failed else 'built'} in {_secs(result['seconds'])}"
     )
     return result
+
+
+def _entry_in_process(
+    out: Path, name: str, label: str, quick: bool, hooks: list[Hook], threads: int, force: bool
+) -> tuple[dict[str, Any] | None, str | None, dict[str, int]]:
+    """One entry in a worker process: (its row, its hook's failure, what was done)."""
+    import torch
+
+    from rnnzoo.models.checkpoint import save_checkpoint
+
+    torch.set_num_threads(threads)
+    done: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    counts = {"trained": 0, "up to date": 0, "rerun hooks": 0}
+    token = _PROGRESS.set(lambda msg: print(label + msg, flush=True))
+    try:
+        result = _build_entry(out, zoo.get_entry(name), quick, hooks, False, threads, force,
+                              done, failed, counts, save_checkpoint)  # fmt: skip
+    finally:
+        _PROGRESS.reset(token)
+    return result, failed.get(name), counts
+
+
+def _build_in_processes(
+    out: Path,
+    entries: list[Entry],
+    quick: bool,
+    hooks: list[Hook],
+    threads: int,
+    force: bool,
+    jobs: int,
+    done: dict[str, dict],
+    failed: dict[str, str],
+    counts: dict[str, int],
+) -> list[dict[str, Any]]:
+    """Build entries ``jobs`` at a time, one process each (training is single-threaded: two
+    processes on two cores take ~half the time of one, where two torch threads in one process
+    were ~50x slower). Floors that compare entries are settled once all are built."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    n = len(entries)
+    ctx = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state in the workers
+    with ProcessPoolExecutor(max_workers=min(jobs, n), mp_context=ctx) as pool:
+        futures = [
+            pool.submit(
+                _entry_in_process,
+                out,
+                e.name,
+                f"[{i}/{n}] {e.name}: ",
+                quick,
+                hooks,
+                threads,
+                force,
+            )
+            for i, e in enumerate(entries, 1)
+        ]
+        outcomes = [f.result() for f in futures]
+    results = []
+    for entry, (result, failure, did) in zip(entries, outcomes, strict=True):
+        for k, v in did.items():
+            counts[k] += v
+        if failure is not None:
+            failed[entry.name] = failure
+        if result is not None:
+            done[entry.name] = result["metrics"]
+            results.append(result)
+    for result in results:  # a floor like "beats tag-gru" needs every entry's metrics
+        entry = zoo.get_entry(result["name"])
+        result["floor"] = check_floor(entry, result["metrics"], _others(out, entry, done, quick))
+        _write_result(out, result)
+    return results
 
 
 def _others(out: Path, entry: Entry, done: dict[str, dict], quick: bool) -> dict[str, dict]:

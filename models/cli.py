@@ -65,6 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from rnnzoo.cores import usable_cores
     from rnnzoo.models.build import build_zoo
     from rnnzoo.models.zoo import DEFAULT_OUT, select
 
@@ -78,6 +79,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         threads=args.threads,
         log=_log,
         force=args.force,
+        jobs=args.jobs if args.jobs > 0 else usable_cores(),
     )
     return 0
 
@@ -98,6 +100,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="rebuild entries that are up to date too")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest here)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="entries built at once, one process each (default 0: one per usable core)",
+    )
     p.set_defaults(func=cmd_build)
 
     p = subparsers.add_parser("train", help="train one zoo entry into OUT/NAME/model.pt")

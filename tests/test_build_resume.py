@@ -150,3 +150,29 @@ def test_a_failed_parity_leaves_nothing_servable_and_a_record_saying_so(tmp_path
     assert "training ... up to date" in text and "verify ... ok" in text
     assert json.loads((entry / "sine-rnn.parity.json").read_text())["ok"] is True
     assert ModelRepository.from_dir(tmp_path).get("sine-rnn")
+
+
+@pytest.mark.slow
+def test_entries_built_in_parallel_processes_equal_entries_built_one_at_a_time(tmp_path, capfd):
+    """``jobs=2`` builds each entry in its own process: the same checkpoints, records and
+    card rows as a one-at-a-time build, and a floor comparing two entries is still settled."""
+    import torch
+
+    only = ["sine-rnn", "tag-gru", "tag-bigru"]
+    one = build_zoo(tmp_path / "one", only=only, quick=True, after_train=[after_train], log=print)
+    two = build_zoo(
+        tmp_path / "two", only=only, quick=True, after_train=[after_train], log=print, jobs=2
+    )
+    out = capfd.readouterr().out
+    assert sum("verify ... ok" in ln for ln in out.splitlines()) == 2 * len(only)
+    assert [r["name"] for r in two] == only
+    for a, b in zip(one, two, strict=True):
+        assert a["metrics"]["value"] == b["metrics"]["value"], a["name"]
+        assert a["floor"] == b["floor"], a["name"]
+        sa = torch.load(tmp_path / "one" / a["name"] / "model.pt", weights_only=False)
+        sb = torch.load(tmp_path / "two" / b["name"] / "model.pt", weights_only=False)
+        for k, v in sa["state_dict"].items():
+            assert torch.equal(v, sb["state_dict"][k]), (a["name"], k)
+        record = json.loads((tmp_path / "two" / b["name"] / f"{b['name']}.parity.json").read_text())
+        assert record["ok"] is True
+    assert "`tag-bigru`" in (tmp_path / "two" / "ZOO.md").read_text()

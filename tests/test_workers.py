@@ -20,13 +20,9 @@ from scaleout_harness import RNNZOO, Proc, free_port
 
 from rnnzoo.cli import main
 from rnnzoo.client import Client
+from rnnzoo.cores import cgroup_cpu_limit, usable_cores
 from rnnzoo.errors import FailedPrecondition, InvalidArgument
-from rnnzoo.server.transport.workers import (
-    cgroup_cpu_limit,
-    reserve_port,
-    usable_cores,
-    worker_count,
-)
+from rnnzoo.server.transport.workers import reserve_port, worker_count
 
 EXACT = 1e-6
 
