@@ -41,6 +41,7 @@ import grpc
 from rnnzoo.errors import InvalidArgument, ResourceExhausted, Unauthenticated
 from rnnzoo.server.runtime.caller import CALLER, Caller
 
+from .handlers import handler_parts
 from .logs import log
 
 LOG = logging.getLogger("rnnzoo.auth")
@@ -306,20 +307,7 @@ class Guard(grpc.aio.ServerInterceptor):
 
     def _wrap(self, handler, method: str, principal: str | None, refusal: str | None):
         enter = self._enter
-        if handler.response_streaming:
-            inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
-            factory = (
-                grpc.stream_stream_rpc_method_handler
-                if handler.request_streaming
-                else grpc.unary_stream_rpc_method_handler
-            )
-        else:
-            inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
-            factory = (
-                grpc.stream_unary_rpc_method_handler
-                if handler.request_streaming
-                else grpc.unary_unary_rpc_method_handler
-            )
+        inner, factory = handler_parts(handler)
 
         if inspect.isasyncgenfunction(inner):
 

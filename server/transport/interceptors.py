@@ -34,6 +34,7 @@ from rnnzoo.errors import (
 from . import metrics
 from .admission import Admission
 from .codec import Malformed
+from .handlers import handler_parts
 from .logs import begin_call, log, now_ms
 
 LOG = logging.getLogger("rnnzoo.rpc")
@@ -72,22 +73,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or prefix is None:
             return handler
         rpc = method.removeprefix(prefix)
-        if handler.response_streaming:
-            inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
-            wrapped = _wrap_stream(rpc, inner, self.admission, PROTOCOLS[prefix])
-            factory = (
-                grpc.stream_stream_rpc_method_handler
-                if handler.request_streaming
-                else grpc.unary_stream_rpc_method_handler
-            )
-        else:
-            inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
-            wrapped = _wrap_unary(rpc, inner, self.admission, PROTOCOLS[prefix])
-            factory = (
-                grpc.stream_unary_rpc_method_handler
-                if handler.request_streaming
-                else grpc.unary_unary_rpc_method_handler
-            )
+        inner, factory = handler_parts(handler)
+        wrap = _wrap_stream if handler.response_streaming else _wrap_unary
+        wrapped = wrap(rpc, inner, self.admission, PROTOCOLS[prefix])
         return factory(
             wrapped,
             request_deserializer=handler.request_deserializer,
