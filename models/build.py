@@ -246,16 +246,17 @@ def _build(
     if jobs > 1 and n > 1:
         results = _build_in_processes(out, entries, quick, hooks, threads, force, jobs,
                                       done, failed, counts)  # fmt: skip
-    for i, entry in enumerate(entries if jobs <= 1 or n <= 1 else [], 1):
-        prefix = f"[{i}/{n}] {entry.name}: "
-        token = _PROGRESS.set(lambda msg, prefix=prefix: log(prefix + msg))
-        try:
-            result = _build_entry(out, entry, quick, hooks, progress_bar, threads, force, done,
-                                  failed, counts, save_checkpoint)  # fmt: skip
-        finally:
-            _PROGRESS.reset(token)
-        if result is not None:
-            results.append(result)
+    else:
+        for i, entry in enumerate(entries, 1):
+            prefix = f"[{i}/{n}] {entry.name}: "
+            token = _PROGRESS.set(lambda msg, prefix=prefix: log(prefix + msg))
+            try:
+                result = _build_entry(out, entry, quick, hooks, progress_bar, threads, force,
+                                      done, failed, counts, save_checkpoint)  # fmt: skip
+            finally:
+                _PROGRESS.reset(token)
+            if result is not None:
+                results.append(result)
     total = time.perf_counter() - t_all
     # The card covers every entry built into OUT, not only this run's (`rnnzoo train NAME`
     # into a built zoo updates one row).
