@@ -33,7 +33,7 @@ import onnxruntime as ort
 
 from rnnzoo.contract import Contract, StateSpec, TensorSpec
 from rnnzoo.errors import InvalidArgument
-from rnnzoo.ort_options import session_options
+from rnnzoo.ort_options import run_fn, session_options
 
 from . import telemetry
 from .probe import probe
@@ -123,6 +123,7 @@ class ServedModel:
                 f"{self.path}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc}); "
                 "re-export the model or remove it from the model directory"
             ) from None
+        self._ort_run = run_fn(self.session)  # the direct call (see run_fn: ~14 µs a call)
         self._check_contract()
         self.constants = {c.name: np.asarray(c.value, dtype=c.dtype) for c in contract.constants}
         # context windows: (input spec, state key, K) for each input with context_steps
@@ -144,6 +145,8 @@ class ServedModel:
         self.vocab_size = len(vocab) if vocab else None
         # what ``run`` asks ORT for, fixed per graph
         self._fetch = [s.name for s in contract.outputs] + [st.output for st in contract.states]
+        self._out_names = [s.name for s in contract.outputs]  # the fetch's first part
+        self._state_keys = [st.input for st in contract.states]  # next states' keys, in order
         # Per-message validation reads these instead of re-deriving them from the contract.
         self._plans = [_InputPlan.of(spec) for spec in contract.inputs]
         self._input_names = frozenset(p.name for p in self._plans)
@@ -265,14 +268,11 @@ class ServedModel:
                 f"input {spec_name!r}: expected dtype {want}, got {a.dtype}; send {want} "
                 "(floats accept float16/32/64, integers any integer type)"
             )
-        # One reduction instead of isfinite().all(): a finite sum means every value is
-        # finite; only a non-finite sum (NaN/inf inside, or a float64 sum that overflowed)
-        # needs the exact element-wise check. Summed in float64: float16/32 cannot overflow it.
-        if (
-            want.kind == "f"
-            and not math.isfinite(np.add.reduce(out, axis=None, dtype=np.float64))
-            and not np.isfinite(out).all()
-        ):
+        # One BLAS dot instead of isfinite().all(): a finite sum of squares means every
+        # value is finite; only a non-finite one (NaN/inf inside, or squares that overflowed
+        # the dtype) needs the exact element-wise check. 1.5 µs on a one-step chunk, vs 3.2
+        # for a float64 add.reduce and 3.4 for isfinite().all() (2-core AMD EPYC).
+        if want.kind == "f" and not math.isfinite(np.vdot(out, out)) and not np.isfinite(out).all():
             raise InvalidArgument(f"input {spec_name!r}: contains NaN or infinity")
         return out
 
@@ -540,22 +540,21 @@ class ServedModel:
             nxt_ctx[key] = np.ascontiguousarray(full[tuple(idx)])
         for st in self.contract.states:
             feeds[st.input] = states[st.input]
-        names = self._fetch
         t0 = time.perf_counter()
         try:
-            res = self.session.run(names, feeds)
+            res = self._ort_run(self._fetch, feeds)
         except Exception as exc:  # ORT's own error classes
             raise InvalidArgument(self.describe_failure(exc, feeds)) from None
         telemetry.ort_run(self.contract.name, time.perf_counter() - t0)
-        n = len(self.contract.outputs)
-        outs = dict(zip(names[:n], res[:n], strict=True))
+        outs = dict(zip(self._out_names, res, strict=False))  # res: outputs, then states
         for name, axis, drop in self._drop:
             a = outs[name]
             idx = [slice(None)] * a.ndim
             idx[axis] = slice(drop, None)
             outs[name] = a[tuple(idx)]
-        nxt = {st.input: r for st, r in zip(self.contract.states, res[n:], strict=True)}
-        nxt.update(nxt_ctx)
+        nxt = dict(zip(self._state_keys, res[len(self._out_names) :], strict=True))
+        if nxt_ctx:
+            nxt.update(nxt_ctx)
         return outs, nxt
 
     def describe_failure(self, exc: BaseException, feeds: dict[str, np.ndarray]) -> str:

@@ -85,8 +85,9 @@ class StepResult:
     # Deduplication: the stored response of the chunk at this position (then nothing was
     # computed and the other fields are empty).
     replay: bytes | None = None
-    # ``await persist(response_bytes)`` before sending the response: writes the new state
-    # and the response through the state store (and keeps the response for deduplication).
+    # ``await persist(encode)`` before sending the response: fences the step, writes the new
+    # state and the response (``encode()``'s bytes, asked for only when kept) through the
+    # state store, and keeps the response for deduplication.
     persist: Callable | None = field(default=None, compare=False)
 
 

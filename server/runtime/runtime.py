@@ -63,6 +63,7 @@ from .redact import clip, sid_tag
 from .repository import ModelInfo, ModelRepository, ServedEntry
 from .session_ops import SessionOps
 from .sessions import Session, SessionInfo, SessionStore
+from .stepping import Stepping
 from .store import StateStore, open_store
 
 
@@ -258,82 +259,20 @@ class Runtime(SessionOps):
                 "to resume the session"
             )
 
-    @contextlib.asynccontextmanager
-    async def stepping(
+    def stepping(
         self,
         session_id: str,
         inputs: dict[str, np.ndarray],
         lease: Lease | None = None,
         position: int | None = None,
-    ) -> AsyncIterator[StepResult]:
-        """Compute one chunk and yield its result inside the session's lock; the new state
-        is committed when the ``async with`` block ends without an error (the caller sent
-        the response), and not at all otherwise. ``lease``: the calling stream's lease; a
-        session leased by another live stream is FailedPrecondition. ``position``: the
-        steps the request expects before its chunk (deduplication, see durable.py); a
-        replayed chunk yields ``StepResult.replay``. A caller that sends the response calls
-        ``await result.persist(response_bytes)`` first: the state is then written through
-        the store, and committed here even if the send fails (a retry gets the replay)."""
-        self._check()
-        if lease is None:
-            await self.durable.fresh(session_id)
-        sess = self.store.get(session_id)
-        entry, graph = self._single(sess.model, "step")
-        self._check_lease(session_id, lease)
-        chunk = graph.validate_chunk(inputs)  # before anything is queued or locked
-        self.check_steps(chunk.length, "this chunk")
-        async with sess.lock:
-            sess = self.store.get(session_id)  # closed/expired while waiting?
-            self._check_lease(session_id, lease)
-            epoch = sess.epoch
-            replay = check_position(sess, position)
-            if replay is not None:
-                yield StepResult({}, 0, sess.steps, False, replay=replay)
-                return
-            batcher = self.batchers[(sess.model, "model")]
-            steps0, keep = sess.steps, position is not None or sess.durable
-            if entry.info.streamable:
-                self._check_output(graph, 1, chunk.length, "this chunk")
-                if chunk.length >= self.options.long_job_steps:
-                    outs, nxt = await self.compute.long_chunk(graph, chunk, sess.state, True)
-                else:
-                    outs, nxt = await batcher.submit(session_id, chunk, sess.state)
-                self._check_epoch(sess, epoch)
-                total, buffer = steps0 + chunk.length, None
-            else:
-                total = steps0 + chunk.length
-                if total > self.options.max_buffer_steps:
-                    raise ResourceExhausted(
-                        f"session {sid_tag(session_id)} of non-streamable model {sess.model!r} "
-                        f"would hold {total} steps, over the server's max_buffer_steps="
-                        f"{self.options.max_buffer_steps}; reset the session or start a new one"
-                    )
-                self._check_output(graph, 1, total, "this chunk's revised prefix")
-                prefix = graph.concat_chunks([*sess.buffer, chunk])
-                if total >= self.options.long_job_steps:  # a bidirectional net: one slice
-                    outs, nxt = await self.compute.long_chunk(graph, prefix, sess.initial, False)
-                else:
-                    outs, nxt = await batcher.submit(session_id, prefix, sess.initial)
-                self._check_epoch(sess, epoch)
-                buffer = [*sess.buffer, chunk]
-            written: list[bytes | None] = []
-
-            async def persist(resp: bytes | None) -> None:
-                await self._persist(sess, epoch, lease, nxt, total, buffer, resp, steps0)
-                written.append(resp)
-
-            start = steps0 if buffer is None else 0
-            yield StepResult(outs, start, total, buffer is not None, persist=persist)
-            if not written:
-                if not self._may_commit(sess, epoch, lease):
-                    return
-                if sess.durable and self.durable.store is not None:  # a caller without persist
-                    await persist(None)
-            sess.state, sess.steps = nxt, total
-            if buffer is not None:
-                sess.buffer = buffer
-            resp = written[0] if written else None
-            sess.last = (steps0, resp) if keep and resp is not None else None
+    ) -> Stepping:
+        """``async with rt.stepping(...) as result``: compute one chunk and yield its
+        ``StepResult`` inside the session's lock; the new state is committed when the block
+        ends without an error (the caller sent the response), and not at all otherwise.
+        ``lease``: the calling stream's lease; ``position``: the steps the request expects
+        before its chunk (deduplication). A caller that sends the response calls
+        ``await result.persist(encode)`` first (see stepping.py)."""
+        return Stepping(self, session_id, inputs, lease, position)
 
     async def _persist(self, sess: Session, epoch: int, lease: Lease | None, state: dict,
                        steps: int, buffer: list | None, resp: bytes | None, rpos: int) -> None:  # fmt: skip
@@ -384,7 +323,8 @@ class Runtime(SessionOps):
         """Yield the outputs (an ``Outputs`` dict); with ``advance``, the session moves on
         when the ``async with`` block ends without an error, and not otherwise. With
         ``advance``, ``position`` deduplicates as in ``stepping`` and the caller may
-        ``await outputs.persist(response_bytes)`` before sending (write-through)."""
+        ``await outputs.persist(encode)`` before sending (write-through; ``encode()`` returns
+        the response's bytes, called only when they are kept)."""
         self._check()
         _, graph = self._single(model, "infer")
         feeds, batch = graph.validate_batch(inputs)
@@ -432,8 +372,10 @@ class Runtime(SessionOps):
             out, steps0, written = Outputs(outs), sess.steps, []
             if advance:
 
-                async def persist(resp: bytes | None) -> None:
+                async def persist(encode: Callable[[], bytes] | None) -> None:
                     self._not_held(session_id, "Infer(advance=true)")
+                    keep = position is not None or sess.durable
+                    resp = encode() if encode is not None and keep else None
                     await self._persist(sess, epoch, None, nxt, steps0 + length, None, resp, steps0)
                     written.append(resp)
 

@@ -1,8 +1,9 @@
-"""Who may call, and how often: one interceptor in front of every service and protocol.
+"""Who may call, and how often: one policy in front of every service and protocol.
 
-``Guard`` wraps the method handler of every RPC the server answers (rnnzoo.v1, KServe v2,
-reflection, anything added later), except the health service (load balancers probe it
-without credentials). Before the servicer runs it:
+``Guard`` is applied to every RPC the server answers (rnnzoo.v1, KServe v2, reflection,
+anything added later), except the health service (load balancers probe it without
+credentials), by the server's one interceptor (``interceptors.py``). Before the servicer
+runs it:
 
 1. authenticates the call. With a token table (``--auth-tokens FILE``) the call must carry
    ``authorization: Bearer <token>``; the token is looked up by comparing its SHA-256 with
@@ -27,21 +28,18 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import hmac
-import inspect
 import json
 import logging
 import math
 import re
 import stat
 import time
+from dataclasses import dataclass
 from pathlib import Path
-
-import grpc
 
 from rnnzoo.errors import InvalidArgument, ResourceExhausted, Unauthenticated
 from rnnzoo.server.runtime.caller import CALLER, Caller
 
-from .handlers import handler_parts
 from .logs import log
 
 LOG = logging.getLogger("rnnzoo.auth")
@@ -238,8 +236,24 @@ def _cert_name(context) -> str | None:
     return None
 
 
-class Guard(grpc.aio.ServerInterceptor):
-    """Authentication, the caller, and the request-rate quota for every RPC (see module)."""
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the guard decided for one call from its metadata, before the call runs."""
+
+    method: str
+    principal: str | None  # the bearer token's principal (None: no token table)
+    refusal: str | None  # why the call is refused (UNAUTHENTICATED), or None
+
+
+class Guard:
+    """Authentication, the caller, and the request-rate quota for every RPC (see module).
+
+    A policy, not an interceptor of its own: the server's one interceptor
+    (``interceptors.ErrorInterceptor``) asks it for a ``Decision`` per call and runs
+    ``enter`` first thing in the call, so refused calls reach nothing else, their errors go
+    through the one error->status mapping, and a streamed message resumes one wrapper, not
+    two (each wrapper layer cost ~1 µs per resumption, 3.4 resumptions per message).
+    """
 
     def __init__(
         self,
@@ -256,25 +270,28 @@ class Guard(grpc.aio.ServerInterceptor):
     def authenticating(self) -> bool:
         return self.tokens is not None or self.cert_principals
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
+    def decide(self, handler_call_details) -> Decision | None:
+        """The call's decision from its metadata; None for an exempt method (health)."""
         method = handler_call_details.method
-        if handler is None or method.startswith(EXEMPT):
-            return handler
-        principal = None
-        if self.tokens is not None:  # decided once per call, from its metadata
-            token = bearer(handler_call_details.invocation_metadata)
-            principal = self.tokens.lookup(token) if token else None
-            if principal is None:
-                why = (
-                    "this server requires a bearer token and the call carried none"
-                    if token is None
-                    else "the bearer token is not valid (unknown, revoked or mistyped)"
-                )
-                return self._wrap(handler, method, None, f"{why}; {HOW}")
-        return self._wrap(handler, method, principal, None)
+        if method.startswith(EXEMPT):
+            return None
+        if self.tokens is None:
+            return Decision(method, None, None)
+        token = bearer(handler_call_details.invocation_metadata)  # once per call
+        principal = self.tokens.lookup(token) if token else None
+        if principal is not None:
+            return Decision(method, principal, None)
+        why = (
+            "this server requires a bearer token and the call carried none"
+            if token is None
+            else "the bearer token is not valid (unknown, revoked or mistyped)"
+        )
+        return Decision(method, None, f"{why}; {HOW}")
 
-    def _enter(self, method: str, context, principal: str | None, refusal: str | None) -> None:
+    def enter(self, decision: Decision, context) -> None:
+        """First thing in a call: refuse it (Unauthenticated, ResourceExhausted), or set its
+        ``Caller`` (and the rate quota that ``charge`` draws on) for the call's task."""
+        method, principal, refusal = decision.method, decision.principal, decision.refusal
         if refusal is not None:
             self._refuse(method, context, "UNAUTHENTICATED")
             raise Unauthenticated(refusal)
@@ -304,44 +321,3 @@ class Guard(grpc.aio.ServerInterceptor):
         self.refused[code] = self.refused.get(code, 0) + 1
         if code == "UNAUTHENTICATED":
             log(LOG, "refused", logging.WARNING, rpc=method, code=code, peer=context.peer())
-
-    def _wrap(self, handler, method: str, principal: str | None, refusal: str | None):
-        enter = self._enter
-        inner, factory = handler_parts(handler)
-
-        if inspect.isasyncgenfunction(inner):
-
-            async def wrapper(request, context):
-                try:
-                    enter(method, context, principal, refusal)
-                except (Unauthenticated, ResourceExhausted) as exc:
-                    await _abort(context, exc)
-                async for response in inner(request, context):
-                    yield response
-
-        else:
-
-            async def wrapper(request, context):
-                try:
-                    enter(method, context, principal, refusal)
-                except (Unauthenticated, ResourceExhausted) as exc:
-                    await _abort(context, exc)
-                result = inner(request, context)
-                if inspect.isawaitable(result):
-                    result = await result
-                return result
-
-        return factory(
-            wrapper,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-
-async def _abort(context, exc: Exception) -> None:
-    code = (
-        grpc.StatusCode.UNAUTHENTICATED
-        if isinstance(exc, Unauthenticated)
-        else grpc.StatusCode.RESOURCE_EXHAUSTED
-    )
-    await context.abort(code, str(exc))

@@ -15,8 +15,8 @@ Overload and dead peers (docs/limits.md):
 
 Security (docs/limits.md, "Security"): TLS (``tls_cert``/``tls_key``), mTLS
 (``tls_client_ca``: clients must present a certificate it signed), bearer tokens
-(``auth_tokens``) and the request-rate quota are applied by ``guard.Guard``, the first
-interceptor, for every service but health.
+(``auth_tokens``) and the request-rate quota are decided by ``guard.Guard`` and applied
+first in every call (every service but health) by the one interceptor.
 """
 
 from __future__ import annotations
@@ -175,10 +175,10 @@ class RnnzooServer:
         self.admission = Admission(self.config.admission)
         self._metrics = None  # the Prometheus HTTP server (config.metrics_port)
         self.metrics_port: int | None = None
-        self.guard = self.config.guard()  # first: refused callers reach nothing else
+        self.guard = self.config.guard()  # first in every call: refused callers reach nothing
         self._credentials = self.config.credentials()
         self.server = grpc.aio.server(
-            interceptors=[self.guard, ErrorInterceptor(self.admission)],
+            interceptors=[ErrorInterceptor(self.admission, self.guard)],
             options=self.config.grpc_options(),
             maximum_concurrent_rpcs=2 * self.config.admission.max_rpcs,  # above ours
         )

@@ -140,7 +140,7 @@ class RnnzooServicer:
                         )
                         fill_tensors(resp.outputs, res.outputs)
                         self._fits(resp)
-                        await res.persist(resp.SerializeToString())  # before it goes out
+                        await res.persist(resp.SerializeToString)  # before it goes out
                         resp.request_id = req.request_id
                     await context.write(resp)
                 metrics.request("Stream", "rnnzoo.v1", "OK", time.perf_counter() - t0)
@@ -161,7 +161,7 @@ class RnnzooServicer:
             resp = pb.InferResponse(outputs=to_tensors(outputs))
             self._fits(resp)
             if outputs.persist is not None:
-                await outputs.persist(resp.SerializeToString())
+                await outputs.persist(resp.SerializeToString)
         return resp
 
     async def Generate(self, request, context):
