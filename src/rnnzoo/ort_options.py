@@ -31,7 +31,7 @@ def run_fn(session: ort.InferenceSession):
     the bench model (B=1, T=1, 2-core AMD EPYC): 68 µs through the wrapper, 54 µs direct. Our
     callers build feeds from the contract, checked at load, so the check can never fire; a
     missing feed still fails, in ORT's C++ code. Falls back to the wrapper when an ORT
-    version lays the session out differently (the pin is ==1.32.0; tests/test_model.py
+    version lays the session out differently (the pin is ==1.32.0; tests/test_ort_options.py
     checks the direct call gives the wrapper's results). The wrapper's other job, retrying
     on another execution provider after an EP failure, does not apply: we run on the CPU
     provider only.
