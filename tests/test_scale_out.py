@@ -262,3 +262,30 @@ def test_writes_are_grouped_per_batch_not_per_session(zoo, redis):
     print(f"{trips} store round trips for {n * steps} session steps")
     assert all(s.position == steps for s in sessions)
     assert trips <= n * steps / 3, trips  # one per session and step would be 320
+
+
+def test_a_store_made_before_shared_quotas_gains_their_column_and_still_reads(tmp_path):
+    import sqlite3
+
+    d = tmp_path / "old"
+    d.mkdir()
+    conn = sqlite3.connect(d / "sessions.sqlite3")
+    conn.execute(
+        "CREATE TABLE sessions (sid TEXT PRIMARY KEY, snap BLOB NOT NULL, epoch INTEGER NOT NULL "
+        "DEFAULT 0, holder TEXT NOT NULL DEFAULT '', lexp REAL NOT NULL DEFAULT 0, resp BLOB, "
+        "rpos INTEGER NOT NULL DEFAULT -1, expires REAL NOT NULL)"
+    )
+    conn.execute("INSERT INTO sessions (sid, snap, expires) VALUES ('s1', x'00', 1e12)")
+    conn.commit()
+    conn.close()
+    store = SqliteStore(d)
+
+    async def go():
+        assert (await store.load("s1")).snap == b"\x00"  # the old row reads as before
+        w = Write("s2", 0, b"\x01", 60.0, create=True, quota_key="principal:a", quota_max=1)
+        assert await store.write([w], 30.0) == [True]
+        w2 = Write("s3", 0, b"\x02", 60.0, create=True, quota_key="principal:a", quota_max=1)
+        assert await store.write([w2], 30.0) == [None]  # over the quota, counted in the store
+        assert await store.take_tokens("principal:a", 3, rate=1.0, burst=2.0) == 2
+
+    asyncio.run(go())

@@ -23,6 +23,7 @@ import numpy as np
 
 from rnnzoo.errors import FailedPrecondition
 
+from .caller import current
 from .redact import sid_tag
 from .sessions import Session
 from .snapshot import Snapshot, from_bytes, model_hash, to_bytes
@@ -114,7 +115,16 @@ class Durability:
         if self.store is None:
             return
         snap = to_bytes(self.snapshot(sess, meta=True))
-        ok = await self.writer.write(Write(sess.id, 0, snap, self._ttl(sess), create=True))
+        sessions = self.rt.store
+        # the session quota, counted in the store: N processes do not multiply it
+        quota = (sessions.max_per_client or 0) if sess.quota_key is not None else 0
+        w = Write(sess.id, 0, snap, self._ttl(sess), create=True, quota_key=sess.quota_key,
+                  quota_max=quota)  # fmt: skip
+        ok = await self.writer.write(w)
+        if ok is None:
+            caller = current()
+            assert caller is not None  # a quota key comes from the caller
+            raise sessions.over_quota(caller, " across the servers sharing the state store")
         if not ok:  # pragma: no cover - 192 random bits
             raise FailedPrecondition(f"session id {sid_tag(sess.id)} exists in the store")
         sess.durable, sess.fence = True, 0

@@ -37,7 +37,7 @@ import numpy as np
 from rnnzoo.errors import InvalidArgument, NotFound, ResourceExhausted
 
 from . import telemetry
-from .caller import current
+from .caller import Caller, current
 from .lease import Lease, Leases
 from .redact import sid_tag
 
@@ -141,12 +141,7 @@ class SessionStore:
         if key is not None and self._per_key.get(key, 0) >= self.max_per_client:
             self.sweep()  # expired sessions do not count against the quota
             if self._per_key.get(key, 0) >= self.max_per_client:
-                raise ResourceExhausted(
-                    f"{caller.describe()} holds {self.max_per_client} live sessions, its "
-                    f"quota (max_sessions_per_client={self.max_per_client}); close sessions "
-                    "it no longer needs (CloseSession) and retry, or retry after one expires"
-                    + (f" (idle TTL {self.ttl_s:g} s)" if self.ttl_s else "")
-                )
+                raise self.over_quota(caller)
         if len(self._live) >= self.max_sessions:
             self.sweep()  # expired sessions do not count against the capacity
         if len(self._live) >= self.max_sessions:
@@ -170,6 +165,16 @@ class SessionStore:
         if key is not None:
             self._per_key[key] = self._per_key.get(key, 0) + 1
         return sess
+
+    def over_quota(self, caller: Caller, where: str = "") -> ResourceExhausted:
+        """The refusal of a create over ``caller``'s session quota; ``where``: how the
+        sessions were counted, if not here."""
+        return ResourceExhausted(
+            f"{caller.describe()} holds {self.max_per_client} live sessions{where}, its "
+            f"quota (max_sessions_per_client={self.max_per_client}); close sessions it no "
+            "longer needs (CloseSession) and retry, or retry after one expires"
+            + (f" (idle TTL {self.ttl_s:g} s)" if self.ttl_s else "")
+        )
 
     def get(self, sid: str, touch: bool = True) -> Session:
         sess = self._live.get(sid)

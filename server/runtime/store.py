@@ -61,6 +61,11 @@ class Write:
     rpos: int = -1
     leased: bool = True  # False: also refused while another live lease is held
     create: bool = False  # a new session: refused if the id exists
+    # create only: the caller's key and its max_sessions_per_client (0: no quota). The store
+    # counts the key's live sessions across every process and refuses the create at the
+    # limit, in the same round trip (the result is then None).
+    quota_key: str | None = None
+    quota_max: int = 0
 
 
 @dataclass(slots=True)
@@ -79,8 +84,14 @@ class StateStore(ABC):
     round_trips = 0  # store calls made (tests check writes are grouped per batch)
 
     @abstractmethod
-    async def write(self, writes: list[Write], lease_ttl_s: float) -> list[bool]:
-        """Apply fenced writes in one round trip; one bool each (False: fenced off)."""
+    async def write(self, writes: list[Write], lease_ttl_s: float) -> list[bool | None]:
+        """Apply fenced writes in one round trip; one result each: True applied, False
+        fenced off (or, for a create, the id exists), None a create over its quota."""
+
+    @abstractmethod
+    async def take_tokens(self, key: str, want: int, rate: float, burst: float) -> int:
+        """The shared token bucket ``key`` (refilled at ``rate``/s, at most ``burst``):
+        take up to ``want`` whole tokens; returns how many it gave (0 when empty)."""
 
     @abstractmethod
     async def load(self, sid: str) -> Record | None: ...
@@ -138,6 +149,12 @@ CREATE TABLE IF NOT EXISTS sessions (
     resp BLOB,
     rpos INTEGER NOT NULL DEFAULT -1,
     expires REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS buckets (
+    key TEXT PRIMARY KEY,
+    tokens REAL NOT NULL,
+    at REAL NOT NULL,
+    full_at REAL NOT NULL
 )
 """
 
@@ -168,7 +185,13 @@ class SqliteStore(StateStore):
         self._local = threading.local()
         self._lock = threading.Lock()  # one writer thread at a time within this process
         self._last_sweep = 0.0
-        self._conn().executescript(_SCHEMA)
+        conn = self._conn()
+        conn.executescript(_SCHEMA)
+        # a store made before session quotas were shared: add their column
+        if "qkey" not in {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}:
+            with contextlib.suppress(sqlite3.OperationalError):  # another process added it
+                conn.execute("ALTER TABLE sessions ADD COLUMN qkey TEXT")
+        conn.execute("CREATE INDEX IF NOT EXISTS sessions_qkey ON sessions (qkey)")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -199,15 +222,24 @@ class SqliteStore(StateStore):
 
     def _write(self, conn: sqlite3.Connection, writes: list[Write], lease_ttl_s: float):
         now = time.time()
-        out = []
+        out: list[bool | None] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
             for w in writes:
                 expires = now + min(w.ttl_s, self.max_ttl_s)
                 if w.create:
+                    if w.quota_max > 0 and w.quota_key is not None:
+                        (live,) = conn.execute(
+                            "SELECT COUNT(*) FROM sessions WHERE qkey=? AND expires>=?",
+                            (w.quota_key, now),
+                        ).fetchone()
+                        if live >= w.quota_max:
+                            out.append(None)
+                            continue
                     cur = conn.execute(
-                        "INSERT OR IGNORE INTO sessions (sid, snap, expires) VALUES (?, ?, ?)",
-                        (w.sid, w.snap, expires),
+                        "INSERT OR IGNORE INTO sessions (sid, snap, expires, qkey) "
+                        "VALUES (?, ?, ?, ?)",
+                        (w.sid, w.snap, expires, w.quota_key),
                     )
                 elif w.leased:
                     cur = conn.execute(
@@ -226,11 +258,34 @@ class SqliteStore(StateStore):
             if now - self._last_sweep > self.SWEEP_EVERY_S:
                 self._last_sweep = now
                 conn.execute("DELETE FROM sessions WHERE expires < ?", (now,))
+                conn.execute("DELETE FROM buckets WHERE full_at < ?", (now,))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         return out
+
+    async def take_tokens(self, key: str, want: int, rate: float, burst: float) -> int:
+        return await self._run(self._take_tokens, key, want, rate, burst)
+
+    def _take_tokens(self, conn: sqlite3.Connection, key: str, want: int, rate: float,
+                     burst: float) -> int:  # fmt: skip
+        now = time.time()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT tokens, at FROM buckets WHERE key=?", (key,)).fetchone()
+            tokens = burst if row is None else min(burst, row[0] + max(0.0, now - row[1]) * rate)
+            got = max(0, min(want, int(tokens)))
+            tokens -= got
+            conn.execute(
+                "INSERT OR REPLACE INTO buckets (key, tokens, at, full_at) VALUES (?, ?, ?, ?)",
+                (key, tokens, now, now + (burst - tokens) / rate),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return got
 
     async def load(self, sid: str) -> Record | None:
         return await self._run(self._load, sid)
@@ -306,6 +361,17 @@ _NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] /
 _WRITE = """
 if ARGV[7] == '1' then
   if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+  local qmax = tonumber(ARGV[9])
+  if qmax > 0 then
+    local live = 0
+    for _, sid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+      if redis.call('EXISTS', ARGV[10] .. sid) == 1 then live = live + 1
+      else redis.call('SREM', KEYS[2], sid) end
+    end
+    if live >= qmax then return -1 end
+    redis.call('SADD', KEYS[2], ARGV[11])
+    redis.call('PEXPIRE', KEYS[2], ARGV[12])
+  end
   redis.call('HSET', KEYS[1], 'snap', ARGV[2], 'epoch', 0, 'holder', '', 'lexp', 0,
              'resp', '', 'rpos', -1)
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
@@ -348,6 +414,20 @@ redis.call('HSET', KEYS[1], 'lexp', now + tonumber(ARGV[3]))
 return 1
 """
 
+_TAKE = """
+local rate, burst, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local v = redis.call('HMGET', KEYS[1], 't', 'at')
+local tokens = burst
+if v[1] then
+  tokens = math.min(burst, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate / 1000)
+end
+local got = math.max(0, math.min(want, math.floor(tokens)))
+tokens = tokens - got
+redis.call('HSET', KEYS[1], 't', tostring(tokens), 'at', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
+return got
+"""
+
 _RELEASE = """
 local v = redis.call('HMGET', KEYS[1], 'epoch', 'holder')
 if v[1] == ARGV[2] and v[2] == ARGV[1] then redis.call('HSET', KEYS[1], 'holder', '', 'lexp', 0) end
@@ -359,9 +439,18 @@ class RedisStore(StateStore):
     """A Redis hash per session (``rnnzoo:s:<id>``) with a key TTL refreshed by every write
     (the session's idle TTL, at most ``max_ttl_s``), so Redis memory stays bounded. AUTH and
     TLS come from the URL (``redis://:password@host:port/db``, ``rediss://``). Every call is
-    one round trip (scripts pipelined); an unreachable Redis raises Unavailable."""
+    one round trip (scripts pipelined); an unreachable Redis raises Unavailable.
+
+    Shared quotas: a set per session-quota key (``rnnzoo:q:<key>``) holds the ids of its
+    sessions; a create counts the members whose session still exists (dropping the rest) and
+    refuses at the limit, in the same script as the create. The set expires ``max_ttl_s``
+    after the key's last create. A hash per rate key (``rnnzoo:r:<key>``) is its token
+    bucket, expiring once it would be full again. The create script reads session keys it
+    does not declare: one Redis (or a primary with replicas), not Redis Cluster."""
 
     PREFIX = "rnnzoo:s:"
+    QUOTA_PREFIX = "rnnzoo:q:"  # a set per quota key: the ids of its sessions
+    RATE_PREFIX = "rnnzoo:r:"  # a hash per rate key: its token bucket
 
     def __init__(self, url: str, max_ttl_s: float = DEFAULT_MAX_TTL_S):
         try:
@@ -376,7 +465,7 @@ class RedisStore(StateStore):
         self._scripts = {
             name: self._client.register_script(src if name == "release" else _NOW + src)
             for name, src in (("write", _WRITE), ("load", _LOAD), ("acquire", _ACQUIRE),
-                              ("renew", _RENEW), ("release", _RELEASE))
+                              ("renew", _RENEW), ("release", _RELEASE), ("take", _TAKE))
         }  # fmt: skip
 
     def _key(self, sid: str) -> str:
@@ -412,14 +501,22 @@ class RedisStore(StateStore):
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
             return await pipe.execute()
 
-    async def write(self, writes: list[Write], lease_ttl_s: float) -> list[bool]:
+    async def write(self, writes: list[Write], lease_ttl_s: float) -> list[bool | None]:
         calls = []
         for w in writes:
             ttl_ms = int(1000 * min(w.ttl_s, self.max_ttl_s))
+            quota = w.create and w.quota_max > 0 and w.quota_key is not None
+            qkey = self.QUOTA_PREFIX + w.quota_key if quota else self._key(w.sid)
             args = [w.epoch, w.snap, w.resp or b"", w.rpos, max(ttl_ms, 1),
-                    int(w.leased), int(w.create), int(lease_ttl_s * 1000)]  # fmt: skip
-            calls.append(([self._key(w.sid)], args))
-        return [bool(r) for r in await self._pipeline("write", calls)]
+                    int(w.leased), int(w.create), int(lease_ttl_s * 1000),
+                    w.quota_max if quota else 0, self.PREFIX, w.sid,
+                    int(1000 * self.max_ttl_s)]  # fmt: skip
+            calls.append(([self._key(w.sid), qkey], args))
+        return [None if r == -1 else bool(r) for r in await self._pipeline("write", calls)]
+
+    async def take_tokens(self, key: str, want: int, rate: float, burst: float) -> int:
+        (got,) = await self._pipeline("take", [([self.RATE_PREFIX + key], [rate, burst, want])])
+        return int(got)
 
     async def load(self, sid: str) -> Record | None:
         (v,) = await self._pipeline("load", [([self._key(sid)], [])])
@@ -468,7 +565,8 @@ class GroupWriter:
         self._task: asyncio.Task | None = None
         self._scheduled = False
 
-    async def write(self, w: Write) -> bool:
+    async def write(self, w: Write) -> bool | None:
+        """The write's result (see ``StateStore.write``)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._pending.append((w, fut))

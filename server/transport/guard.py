@@ -19,8 +19,9 @@ runs it:
    pays once per message through ``charge``): over it, RESOURCE_EXHAUSTED saying the quota
    and when to retry.
 
-Quotas live in this process; once sessions move to a shared store (the durable-sessions
-issue) the counters belong there, so that N server processes do not multiply them.
+With a state store (``--state-store``), both quotas are counted there, so N server
+processes sharing it (``--workers``, replicas) do not multiply them: the session quota in the
+store's create (``store.py``), the request rate through ``RateQuota.share``.
 """
 
 from __future__ import annotations
@@ -169,7 +170,16 @@ def bearer(metadata) -> str | None:
 
 
 class RateQuota:
-    """A token bucket per caller key: ``rate`` requests/s, bursts of ``burst``."""
+    """A token bucket per caller key: ``rate`` requests/s, bursts of ``burst``.
+
+    In this process by default. ``share(store)`` moves the buckets into the state store, so
+    that N server processes sharing it (``--workers``, replicas) do not multiply the quota:
+    each process then takes tokens from the shared bucket in grants of ``grant`` (50 ms of
+    the rate, at most a quarter of a burst, at least 1), one store round trip per grant, and
+    spends them locally. At most N grants are outstanding beyond the bucket, and over time
+    the rate is the bucket's: tokens a process took and did not spend are lost to it, which
+    only makes the quota stricter.
+    """
 
     MAX_KEYS = 100_000
 
@@ -183,23 +193,55 @@ class RateQuota:
         self.clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
         self.refused = 0
+        self.store = None  # a StateStore once shared
+        self.grant = max(1, min(int(self.rate / 20), int(self.burst / 4)))
+        self._grants: dict[str, float] = {}  # shared: key -> tokens taken, not yet spent
 
-    def take(self, caller: Caller, n: float = 1.0) -> None:
+    def share(self, store) -> None:
+        """Keep the buckets in ``store`` (a StateStore), shared with every process using it."""
+        self.store = store
+
+    def take(self, caller: Caller, n: float = 1.0):
+        """Charge ``caller`` ``n`` requests: None, or ResourceExhausted over the quota. Shared,
+        when this process's grant has run out, an awaitable that asks the store (await it)."""
+        if self.store is not None:
+            left = self._grants.get(caller.key, 0.0)
+            if left >= n:
+                self._grants[caller.key] = left - n
+                return None
+            return self._refill(caller, n)
         now = self.clock()
         tokens, at = self._buckets.get(caller.key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - at) * self.rate)
         if tokens < n:
-            self.refused += 1
-            wait = (n - tokens) / self.rate
             self._buckets[caller.key] = (tokens, now)
-            raise ResourceExhausted(
-                f"{caller.describe()} is over its quota of {self.rate:g} requests/s "
-                f"(requests_per_s, bursts of {self.burst:g}; a Stream message counts as a "
-                f"request); retry in {wait:.3g} s, and send at most {self.rate:g} requests/s"
-            )
+            raise self._over(caller, (n - tokens) / self.rate)
         self._buckets[caller.key] = (tokens - n, now)
         if len(self._buckets) > self.MAX_KEYS:
             self._prune(now)
+        return None
+
+    async def _refill(self, caller: Caller, n: float) -> None:
+        want = max(self.grant, math.ceil(n))
+        got = await self.store.take_tokens(caller.key, want, self.rate, self.burst)
+        left = self._grants.get(caller.key, 0.0) + got  # re-read: other calls refill too
+        if left < n:
+            self._grants[caller.key] = left
+            raise self._over(caller, (n - left) / self.rate)
+        self._grants[caller.key] = left - n
+        if len(self._grants) > self.MAX_KEYS:
+            for k in [k for k, v in self._grants.items() if v < 1]:
+                del self._grants[k]
+
+    def _over(self, caller: Caller, wait_s: float) -> ResourceExhausted:
+        self.refused += 1
+        shared = " across the servers sharing the state store" if self.store is not None else ""
+        return ResourceExhausted(
+            f"{caller.describe()} is over its quota of {self.rate:g} requests/s{shared} "
+            f"(requests_per_s, bursts of {self.burst:g}; a Stream message counts as a "
+            f"request); retry in {max(wait_s, 1 / self.rate):.3g} s, and send at most "
+            f"{self.rate:g} requests/s"
+        )
 
     def _prune(self, now: float) -> None:
         """Forget buckets that have refilled (they read the same as a new one)."""
@@ -215,11 +257,14 @@ _QUOTA: contextvars.ContextVar[tuple[RateQuota, Caller] | None] = contextvars.Co
 )
 
 
-def charge(n: float = 1.0) -> None:
-    """Charge the current call's caller ``n`` more requests (a Stream's later messages)."""
+def charge(n: float = 1.0):
+    """Charge the current call's caller ``n`` more requests (a Stream's later messages).
+    Returns None, or an awaitable the caller must await (a shared quota asking its store);
+    raises ResourceExhausted over the quota."""
     q = _QUOTA.get()
     if q is not None:
-        q[0].take(q[1], n)
+        return q[0].take(q[1], n)
+    return None
 
 
 def _cert_name(context) -> str | None:
@@ -288,7 +333,7 @@ class Guard:
         )
         return Decision(method, None, f"{why}; {HOW}")
 
-    def enter(self, decision: Decision, context) -> None:
+    async def enter(self, decision: Decision, context) -> None:
         """First thing in a call: refuse it (Unauthenticated, ResourceExhausted), or set its
         ``Caller`` (and the rate quota that ``charge`` draws on) for the call's task."""
         method, principal, refusal = decision.method, decision.principal, decision.refusal
@@ -312,7 +357,9 @@ class Guard:
         if self.rate is not None:
             _QUOTA.set((self.rate, caller))
             try:
-                self.rate.take(caller)
+                wait = self.rate.take(caller)
+                if wait is not None:
+                    await wait
             except ResourceExhausted:
                 self._refuse(method, context, "RESOURCE_EXHAUSTED")
                 raise

@@ -110,7 +110,7 @@ def _guard_only(behavior, guard: Guard, decision: Decision):
 
         async def wrapper(request, context):
             try:
-                guard.enter(decision, context)
+                await guard.enter(decision, context)
             except (Unauthenticated, ResourceExhausted) as exc:
                 await refuse(context, exc)
             async for response in behavior(request, context):
@@ -120,7 +120,7 @@ def _guard_only(behavior, guard: Guard, decision: Decision):
 
     async def wrapper(request, context):
         try:
-            guard.enter(decision, context)
+            await guard.enter(decision, context)
         except (Unauthenticated, ResourceExhausted) as exc:
             await refuse(context, exc)
         result = behavior(request, context)
@@ -154,7 +154,7 @@ def _wrap_unary(
         ticket = None
         try:
             if enter is not None:
-                enter(context)
+                await enter(context)
             ticket = _admit(rpc, request, context, admission)
             return await behavior(request, context)
         except BaseException as exc:
@@ -182,7 +182,7 @@ def _wrap_stream(
         ticket = None
         try:
             if enter is not None:
-                enter(context)
+                await enter(context)
             ticket = _admit(rpc, request, context, admission)
             async for response in behavior(request, context):
                 yield response

@@ -330,8 +330,9 @@ class KServeServicer:
                 t0 = time.perf_counter_ns()
                 model = ""
                 try:
-                    if count > 1:
-                        charge()  # the request-rate quota: each message after the first
+                    # the request-rate quota: each message after the first
+                    if count > 1 and (wait := charge()) is not None:
+                        await wait
                     req = checked(req)
                     model = req.model_name
                     fields["request_id"] = clip(req.id)

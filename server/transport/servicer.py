@@ -114,8 +114,9 @@ class RnnzooServicer:
             while (req := await context.read()) is not grpc.aio.EOF:
                 t0 = time.perf_counter()
                 count += 1
-                if count > 1:
-                    charge()  # the request-rate quota: each message after the call's first
+                # the request-rate quota: each message after the call's first
+                if count > 1 and (wait := charge()) is not None:
+                    await wait
                 req = checked(req)
                 fields["request_id"], fields["requests"] = req.request_id, count
                 sid = _need(req.session_id, "session_id")
