@@ -205,6 +205,38 @@ async def test_step_and_token_limits_say_how_to_stay_under_them(zoo):
         await server.stop(0.5)
 
 
+async def test_a_refused_request_does_not_outlive_its_call(zoo):
+    # grpc keeps the AbortError of an aborted call past the call, and with it the error it
+    # replaced; their tracebacks' frames held the decoded request: a refused 5 M-token Infer
+    # kept ~110 MB for good (docs/reliability.md). The frames must be gone after the call.
+    import gc
+    import types
+
+    def live_frames() -> list[str]:
+        names = ("token_inputs", "request_inputs", "Infer", "Stream")
+        return [o.f_code.co_name for o in gc.get_objects()
+                if type(o) is types.FrameType and o.f_code.co_name in names]  # fmt: skip
+
+    server = await _server(zoo, max_request_steps=500)
+    try:
+        async with grpc.aio.insecure_channel(server.target) as ch:
+            stub = pb_grpc.RnnzooStub(ch)
+            for _ in range(3):
+                big = pb.InferRequest(model="charlm", tokens=pb.TokenIds(ids=[1] * 100_000))
+                await _expect(Code.RESOURCE_EXHAUSTED, stub.Infer(big), "tokens has 100000 steps")
+                await _expect(Code.NOT_FOUND, stub.Infer(pb.InferRequest(model="nosuch", text="ab")), "no model")  # fmt: skip
+                sid = await _new(stub, "gru")
+                bad = pb.StreamRequest(session_id=sid, inputs={"x": to_tensor(_x(501))})
+                await _expect(
+                    Code.RESOURCE_EXHAUSTED, _consume(stub.Stream(_aiter(bad))), "501 steps"
+                )
+            await asyncio.sleep(0.1)
+            gc.collect()
+            assert live_frames() == []
+    finally:
+        await server.stop(0.5)
+
+
 async def test_legitimate_zoo_work_passes_the_default_limits(served):
     _, _, stub = served
     x = _x(10_000, seed=3)
