@@ -289,3 +289,30 @@ def test_a_store_made_before_shared_quotas_gains_their_column_and_still_reads(tm
         assert await store.take_tokens("principal:a", 3, rate=1.0, burst=2.0) == 2
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("kind", ["dir", "redis"])
+def test_a_dead_process_leases_are_freed_by_its_tag_and_no_others(kind, tmp_path):
+    async def go(st):
+        for sid in ("s1", "s2", "s3"):
+            assert (await st.write([Write(sid, 0, b"v", 60, create=True)], 1.0)) == [True]
+        a1 = await st.acquire("s1", "host/11:aa", 60)
+        a2 = await st.acquire("s2", "host/11:bb", 60)
+        b = await st.acquire("s3", "host/111:cc", 60)  # a tag that merely starts the same
+        assert a1.ok and a2.ok and b.ok
+        assert await st.release_holders("host/11:") == 2
+        for sid, old in (("s1", a1), ("s2", a2)):  # free now, not in 60 s; the epoch moves on
+            got = await st.acquire(sid, "host/12:dd", 60)
+            assert got.ok and got.epoch == old.epoch + 1
+        assert not (await st.acquire("s3", "host/12:ee", 60)).ok  # the live process's lease
+        assert await st.release_holders("host/11:") == 0
+        await st.close()
+
+    if kind == "dir":
+        asyncio.run(go(SqliteStore(tmp_path / "st")))
+    else:
+        r = Redis(tmp_path)
+        try:
+            asyncio.run(go(RedisStore(r.url())))
+        finally:
+            r.stop()

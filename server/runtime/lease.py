@@ -16,12 +16,18 @@ store's clock) and keeps the local copy in this table; ``renew_in_store`` renews
 live streams there in one round trip; every state write carries the lease's epoch and the
 store applies it only while that epoch is current (the fencing check, in the same round trip).
 The in-process take-over from a dead stream and the take-over of a dead process's session are
-the same step: the old lease ran out, the next ``take`` bumps the epoch.
+the same step: the old lease ran out, the next ``take`` bumps the epoch. Holder ids start with
+their process's tag (``new_holder``): when a supervisor knows a worker process is dead it
+frees that process's leases in the store at once (``StateStore.release_holders``), and the
+next ``take`` bumps the epoch as after an expiry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +35,18 @@ from dataclasses import dataclass
 from rnnzoo.errors import FailedPrecondition
 
 from .redact import sid_tag
+
+
+def process_tag(pid: int | None = None) -> str:
+    """``host/pid`` of a serving process (default: this one): the prefix of its holders'
+    ids, so that whoever sees the process dead (the ``--workers`` supervisor) can free its
+    leases in the state store at once instead of waiting for them to run out."""
+    return f"{socket.gethostname()}/{pid if pid is not None else os.getpid()}"
+
+
+def new_holder() -> str:
+    """A new holder id for a stream: this process's tag, then 64 random bits."""
+    return f"{process_tag()}:{secrets.token_hex(8)}"
 
 
 @dataclass(slots=True)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -39,7 +38,7 @@ import numpy as np
 from rnnzoo.errors import FailedPrecondition, InvalidArgument, NotFound
 
 from .caller import current
-from .lease import Lease
+from .lease import Lease, new_holder
 from .redact import clip
 
 MAX_TOMBSTONES = 10_000
@@ -72,7 +71,7 @@ class Holder:
 
     def __init__(self, runtime, alive: Callable[[], bool] | None = None) -> None:
         self.rt = runtime
-        self.id = secrets.token_hex(8)
+        self.id = new_holder()
         self.alive = alive
         self.leases: dict[str, Lease] = {}
 

@@ -7,7 +7,6 @@ are the forms the transport calls, the plain methods stay per process.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 
 import numpy as np
@@ -15,7 +14,7 @@ import numpy as np
 from rnnzoo.errors import FailedPrecondition, InvalidArgument
 
 from .durable import batch_free
-from .lease import Lease
+from .lease import Lease, new_holder
 from .redact import clip, sid_tag
 from .sessions import SessionInfo
 from .snapshot import Snapshot
@@ -108,7 +107,7 @@ class SessionOps:
         self._check()
         if self.durable.store is None:
             return self.attach(session_id, holder, alive)
-        holder = holder or secrets.token_hex(8)
+        holder = holder or new_holder()
         if session_id not in self.store._live:
             await self.durable.fresh(session_id)
         self.store.get(session_id, touch=False)  # NotFound / ownership before the store
@@ -172,7 +171,7 @@ class SessionOps:
         """Take the session's lease for ``holder`` (a stream). ``alive()`` says whether that
         stream still lives: the runtime renews the lease while it does (None: always)."""
         self._check()
-        lease = self.store.attach(session_id, holder or secrets.token_hex(8))
+        lease = self.store.attach(session_id, holder or new_holder())
         return self._attached(session_id, lease, alive)
 
     def _attached(self, session_id: str, lease: Lease, alive) -> Lease:

@@ -110,6 +110,12 @@ class StateStore(ABC):
     @abstractmethod
     async def release(self, sid: str, holder: str, epoch: int) -> None: ...
 
+    @abstractmethod
+    async def release_holders(self, prefix: str) -> int:
+        """Free every lease whose holder id starts with ``prefix`` (a dead process's tag,
+        lease.process_tag); returns how many. Only for holders known to be dead: their
+        epochs stay, and the next acquire bumps them as after an expiry."""
+
     async def close(self) -> None:
         return None
 
@@ -346,6 +352,16 @@ class SqliteStore(StateStore):
         conn.execute("COMMIT")
         return out
 
+    async def release_holders(self, prefix: str) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "UPDATE sessions SET holder='', lexp=0 WHERE substr(holder, 1, ?) = ?",
+                (len(prefix), prefix),
+            )
+            return cur.rowcount
+
+        return await self._run(run)
+
     async def release(self, sid: str, holder: str, epoch: int) -> None:
         await self._run(
             lambda c: c.execute(
@@ -428,6 +444,18 @@ redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
 return got
 """
 
+_RELEASE_HOLDERS = """
+local n = 0
+for i, key in ipairs(KEYS) do
+  local h = redis.call('HGET', key, 'holder')
+  if h and string.sub(h, 1, string.len(ARGV[1])) == ARGV[1] then
+    redis.call('HSET', key, 'holder', '', 'lexp', 0)
+    n = n + 1
+  end
+end
+return n
+"""
+
 _RELEASE = """
 local v = redis.call('HMGET', KEYS[1], 'epoch', 'holder')
 if v[1] == ARGV[2] and v[2] == ARGV[1] then redis.call('HSET', KEYS[1], 'holder', '', 'lexp', 0) end
@@ -463,9 +491,12 @@ class RedisStore(StateStore):
             url, socket_connect_timeout=5.0, socket_timeout=10.0, decode_responses=False
         )
         self._scripts = {
-            name: self._client.register_script(src if name == "release" else _NOW + src)
+            name: self._client.register_script(
+                src if name in ("release", "release_holders") else _NOW + src
+            )
             for name, src in (("write", _WRITE), ("load", _LOAD), ("acquire", _ACQUIRE),
-                              ("renew", _RENEW), ("release", _RELEASE), ("take", _TAKE))
+                              ("renew", _RENEW), ("release", _RELEASE), ("take", _TAKE),
+                              ("release_holders", _RELEASE_HOLDERS))
         }  # fmt: skip
 
     def _key(self, sid: str) -> str:
@@ -549,6 +580,17 @@ class RedisStore(StateStore):
 
     async def release(self, sid: str, holder: str, epoch: int) -> None:
         await self._pipeline("release", [([self._key(sid)], [holder, epoch])])
+
+    async def release_holders(self, prefix: str) -> int:
+        # SCAN in batches from here, one script per batch: never one long script over every
+        # key (that would block Redis); runs only when a worker process has died
+        n = 0
+        async with self._guard():
+            keys = [k async for k in self._client.scan_iter(match=self.PREFIX + "*", count=1000)]
+        for i in range(0, len(keys), 500):
+            (got,) = await self._pipeline("release_holders", [(keys[i : i + 500], [prefix])])
+            n += int(got)
+        return n
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -11,7 +11,6 @@ response is on its way (Stream: written), so a request answered with an error ch
 
 from __future__ import annotations
 
-import secrets
 import time
 
 import grpc
@@ -20,6 +19,7 @@ from rnnzoo.errors import InvalidArgument, ResourceExhausted
 from rnnzoo.proto.tensors import fill_tensors, from_tensors, to_tensors
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.server.runtime import Runtime
+from rnnzoo.server.runtime.lease import new_holder
 from rnnzoo.server.runtime.redact import clip, sid_short
 
 from . import metrics
@@ -105,7 +105,7 @@ class RnnzooServicer:
         if fields is None:  # not under the interceptor (e.g. called directly)
             fields = {}
         count = 0
-        holder = secrets.token_hex(8)
+        holder = new_holder()
 
         def alive() -> bool:
             return not context.done()

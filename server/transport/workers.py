@@ -27,9 +27,12 @@ server: runtime, batchers, gRPC), and shares them out as follows.
   supervisor waits for them, killing one only if it overruns its grace by 15 s.
 - **A dead worker is restarted.** Its streams' clients see UNAVAILABLE; the client library
   retries by position on a new connection (another worker), which takes the session's lease
-  once the dead worker's lease runs out (``--lease-ttl``) and continues from the stored state
-  (the same path as a replica dying behind nginx, docs/scale-out.md). A worker that dies within
-  ``FAST_FAIL_S`` of its start ``MAX_FAST_FAILS`` times in a row stops the group.
+  and continues from the stored state (the same path as a replica dying behind nginx,
+  docs/scale-out.md). The supervisor, having reaped the dead worker, frees its leases in the
+  store at once (holder ids carry their process's tag: ``lease.process_tag``), so the retry
+  does not wait for ``--lease-ttl``; a replica that dies behind nginx has no supervisor, and
+  there the lease runs out. A worker that dies within ``FAST_FAIL_S`` of its start
+  ``MAX_FAST_FAILS`` times in a row stops the group.
 - **Orphans stop**: a worker whose stdin closes (the supervisor died, even by ``kill -9``)
   stops gracefully.
 - **Metrics**: with ``--metrics-port`` the supervisor makes a private
@@ -57,6 +60,8 @@ import time
 
 from rnnzoo.cores import usable_cores
 from rnnzoo.errors import FailedPrecondition, InvalidArgument
+from rnnzoo.server.runtime.lease import process_tag
+from rnnzoo.server.runtime.store import open_store
 
 from .logs import log
 
@@ -200,6 +205,7 @@ class Supervisor:
         self._exporter = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._store = None  # the shared state store, opened when a worker dies
 
     @property
     def all_ready(self) -> bool:
@@ -270,6 +276,7 @@ class Supervisor:
             self._mark_dead(proc.pid)
             if self.stopping:
                 return
+            await self._free_leases(w, proc.pid)
             quick = time.monotonic() - w.started < FAST_FAIL_S
             w.fast_fails = w.fast_fails + 1 if quick else 0
             w.restarts += 1
@@ -301,6 +308,24 @@ class Supervisor:
                 port = self._exporter.server_port
                 self.ready_cb(f"metrics on http://{self.host}:{port}/metrics", flush=True)
             log(LOG, "serving", workers=self.n, host=self.host, port=self.port)
+
+    async def _free_leases(self, w: _Worker, pid: int) -> None:
+        """The dead worker's streams renew nothing: free its leases in the shared store now,
+        so its clients' retries attach at once instead of after ``--lease-ttl``. Safe: the
+        process is reaped, so none of its writes can land later (and the next holder's epoch
+        fences them anyway)."""
+        url = self.spec["options"].get("state_store")
+        if not url:
+            return
+        try:
+            if self._store is None:
+                self._store = open_store(url)
+            n = await self._store.release_holders(process_tag(pid) + ":")
+        except Exception as exc:  # an unreachable store: the leases run out by themselves
+            log(LOG, "could not free the dead worker's leases; they run out by themselves",
+                logging.WARNING, worker=w.index, pid=pid, error=str(exc)[:300])  # fmt: skip
+            return
+        log(LOG, "freed the dead worker's leases", worker=w.index, pid=pid, leases=n)
 
     def _mark_dead(self, pid: int) -> None:
         if self._metrics_dir is not None:
@@ -336,6 +361,8 @@ class Supervisor:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
         if self._sock is not None:
             self._sock.close()
+        if self._store is not None:
+            await self._store.close()
         log(LOG, "stopped", workers=self.n)
 
 
