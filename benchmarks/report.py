@@ -65,20 +65,20 @@ def cpu_table(result: dict) -> str:
 
 
 def one_session_bound(result: dict) -> str | None:
-    """What 1 session at T=1 can reach at best: echo's round trip plus one B=1 ORT call, at
-    the cost that call has after idling one round trip (measured in this run)."""
-    echo = next((c for c in result["servers"]["echo"] if c["sessions"] == 1 and c["steps"] == 1), None)  # fmt: skip
-    cold = result.get("cold_call")
-    if echo is None or cold is None:
+    """What 1 session at T=1 can reach at best (``harness.one_session_bound``), in words."""
+    from .harness import one_session_bound as bound_of
+
+    got = bound_of(result)
+    if got is None:
         return None
-    rtt_us = 1e6 / echo["msgs_per_s"]  # mean round trip of the echo server
-    ort_us = cold["median_us"]
+    bound, rtt_us, ort_us = got
+    cold = result["cold_call"]
     return (
         f"At 1 session and 1 step/message a server adds at least one B=1 ORT call to the echo "
         f"round trip ({rtt_us:.0f} µs mean). Measured in this run, that call takes "
         f"{ort_us:.0f} µs (median) when the process idled {cold['gap_us']:.0f} µs before it, "
         f"as a server does between a lone client's messages. In a hot loop it takes "
-        f"{cold['hot_us']:.0f} µs. So D/B ≤ {rtt_us / (rtt_us + ort_us):.2f} with zero "
+        f"{cold['hot_us']:.0f} µs. So D/B ≤ {bound:.2f} with zero "
         f"Python overhead (≤ {rtt_us / (rtt_us + cold['hot_us']):.2f} with a hot cache)."
     )
 

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -107,9 +108,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {c['sessions']} | {c['workers']} | {c['steps_per_s']:.0f} | "
               f"{c['ratio_to_1']:.2f} | {c['p99_ms']:.1f} | {c['server_cores_busy']:.2f} | "
               f"{c['client_cpu_us_per_msg']:.0f} |")  # fmt: skip
+    out["targets"] = scaling_targets(out)
+    print("\n| target | sessions | measured | met |")
+    print("|---|---:|---:|---|")
+    for t in out["targets"]:
+        met = {True: "yes", False: "**no**"}.get(t["met"], t["why_not_judged"])
+        print(f"| {t['target']} | {t['sessions']} | {t['measured']:.2f} | {met} |")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
+
+
+def scaling_targets(result: dict) -> list[dict]:
+    """Issue 15's target per (W > 1 workers, sessions): W workers >= 0.75 x W x one worker.
+    Judged only where the W server processes had cores the client did not need: usable cores
+    minus the client's (its measured CPU, rounded up) at least W. On fewer cores the ratio
+    is reported as measured, with why it is not judged."""
+    cores = result["usable_cores"]
+    out = []
+    for c in result["cells"]:
+        w = c["workers"]
+        if w < 2 or c["ratio_to_1"] is None:
+            continue
+        client_cores = math.ceil(c["client_cpu_us_per_msg"] * c["steps_per_s"] / 1e6 - 0.05)
+        judged = cores - client_cores >= w
+        want = 0.75 * w
+        out.append({
+            "target": f"{w} workers >= 0.75 x {w} x one worker (>= {want:.2f})",
+            "workers": w, "sessions": c["sessions"], "want": want,
+            "measured": c["ratio_to_1"],
+            "met": (c["ratio_to_1"] >= want) if judged else None,
+            "why_not_judged": None if judged else (
+                f"not judged: {cores} usable cores, the client took {client_cores}"),
+        })  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 
 from rnnzoo.benchmarks.cli import main as bench_main
-from rnnzoo.benchmarks.harness import BenchConfig, run
+from rnnzoo.benchmarks.harness import BenchConfig, one_session_bound, run
 from rnnzoo.benchmarks.load import run_cell
 from rnnzoo.benchmarks.report import NOTES_BEGIN, NOTES_END, text, write_doc
 from rnnzoo.benchmarks.servers import ServerProcess, echo_server
@@ -143,6 +143,9 @@ def test_targets_quote_the_ratios(result):
     by_key = {(r["name"], r["sessions"], r["steps"]): r["value"] for r in result["ratios"]}
     targets = result["targets"]
     assert len(targets) == 5
+    # the lean path's target is 0.95 x the bound measured in the same run
+    assert targets[0]["want"] == round(0.95 * one_session_bound(result)[0], 3)
+    assert f"({targets[0]['want']})" in targets[0]["target"]
     for t in targets[:4]:
         name = t["target"].split()[0]
         assert t["measured"] == by_key[(name, t["sessions"], t["steps"])]
@@ -205,3 +208,21 @@ def test_server_that_never_gets_ready_is_reported_with_its_stderr():
 def test_cli_rejects_bad_arguments(argv, msg, capsys):
     assert bench_main(["--quick", *argv]) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_worker_scaling_targets_are_judged_only_with_cores_the_client_did_not_take():
+    from rnnzoo.benchmarks.workers import scaling_targets
+
+    def cell(w, ratio, client_us, sps=10_000.0):
+        return {"workers": w, "sessions": 64, "steps_per_s": sps, "ratio_to_1": ratio,
+                "client_cpu_us_per_msg": client_us}  # fmt: skip
+
+    # 16 cores, client ~1 core (100 us/msg x 10k msg/s): 8 workers judged, 16 not
+    got = scaling_targets({"usable_cores": 16, "cells": [
+        cell(1, 1.0, 100), cell(8, 6.5, 100), cell(8, 5.0, 100), cell(16, 9.0, 100)]})  # fmt: skip
+    assert [t["workers"] for t in got] == [8, 8, 16]
+    assert got[0]["want"] == 6.0 and got[0]["met"] is True and got[1]["met"] is False
+    assert got[2]["met"] is None and "the client took 1" in got[2]["why_not_judged"]
+    # 2 shared cores: reported as measured, never judged
+    (two,) = scaling_targets({"usable_cores": 2, "cells": [cell(2, 1.18, 150)]})
+    assert two["measured"] == 1.18 and two["met"] is None
