@@ -7,6 +7,8 @@ Systems, side by side on one machine, same proto/payload/concurrency:
   C  naive server: ``rnnzoo serve --max-batch 1``: one ORT call per message, nothing batched
   D  ``rnnzoo serve`` with batching (``--max-batch 64``), plus a ``--max-delay-ms`` sweep
   E  PyTorch eager step loop, B in ``torch_batches``
+  M  minimal server, at 1 session and 1 step/message only: decode, one ORT call, encode and
+     nothing else (``minimal_server.py``): what any Python grpc.aio server reaches there
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from .load import run_cell
 from .model import NAME as MODEL
-from .servers import echo_server, rnnzoo_server
+from .servers import echo_server, minimal_server, rnnzoo_server
 
 
 @dataclass
@@ -140,8 +142,10 @@ def _servers(model_dir: Path, cfg: BenchConfig, log) -> tuple[dict, list[dict]]:
         "rnnzoo": rnnzoo_server(model_dir, cfg.max_batch, cfg.delays_ms[0]),
     }
     delayed = {d: rnnzoo_server(model_dir, cfg.max_batch, d) for d in cfg.delays_ms[1:]}
-    procs = [*main.values(), *delayed.values()]
+    minimal = minimal_server(model_dir / f"{MODEL}.onnx") if 1 in cfg.sessions else None
+    procs = [*main.values(), *delayed.values(), *([minimal] if minimal else [])]
     servers: dict[str, list[dict]] = {k: [] for k in main}
+    servers["minimal"] = []
     sweep_cells: dict[float, list[dict]] = {d: [] for d in delayed}
     try:
         for p in procs:
@@ -151,6 +155,8 @@ def _servers(model_dir: Path, cfg: BenchConfig, log) -> tuple[dict, list[dict]]:
                 systems: list[tuple[object, object]] = list(main.items())
                 if sessions == cfg.delay_sessions:
                     systems += list(delayed.items())
+                if minimal is not None and sessions == 1 and steps == 1:
+                    systems.append(("minimal", minimal))
                 rounds: dict[object, list[dict]] = {k: [] for k, _ in systems}
                 for i in range(cfg.rounds):
                     first = i % len(systems)
@@ -275,14 +281,17 @@ class Ratio:
 
 
 def ratios(result: dict) -> list[dict]:
-    """D/B, D/C, D/A (A at the largest batch, same T) per cell; A/E per (B, T) both measured."""
+    """D/B, D/C, D/A (A at the largest batch, same T) per cell; D/M and M/B where the minimal
+    server ran (1 session, 1 step/message); A/E per (B, T) both measured."""
     s = result["servers"]
     ort, tch = result["compute"]["ort"], result["compute"]["torch"]
     ref_b = max(r["batch"] for r in ort)
     out: list[Ratio] = []
     for d in s["rnnzoo"]:
         n, t = d["sessions"], d["steps"]
-        for name, other in (("D/B", _cell(s["echo"], n, t)), ("D/C", _cell(s["naive"], n, t))):
+        pairs = [("D/B", _cell(s["echo"], n, t)), ("D/C", _cell(s["naive"], n, t)),
+                 ("D/M", _cell(s.get("minimal", []), n, t))]  # fmt: skip
+        for name, other in pairs:
             if other:
                 r = Ratio(name, n, t, None, d["steps_per_s"], other["steps_per_s"])
                 r.per_round = [a["steps_per_s"] / b["steps_per_s"]
@@ -291,6 +300,12 @@ def ratios(result: dict) -> list[dict]:
         a = _compute(ort, ref_b, t)
         if a:
             out.append(Ratio("D/A", n, t, ref_b, d["steps_per_s"], a["steps_per_s"]))
+    for m in s.get("minimal", []):  # the floor itself against the transport limit
+        b = _cell(s["echo"], m["sessions"], m["steps"])
+        r = Ratio("M/B", m["sessions"], m["steps"], None, m["steps_per_s"], b["steps_per_s"])
+        r.per_round = [a["steps_per_s"] / e["steps_per_s"]
+                       for a, e in zip(m["rounds"], b["rounds"], strict=True)]  # fmt: skip
+        out.append(r)
     for e in tch:
         a = _compute(ort, e["batch"], e["steps"])
         if a:

@@ -80,6 +80,20 @@ def one_session_bound(result: dict) -> str | None:
         f"as a server does between a lone client's messages. In a hot loop it takes "
         f"{cold['hot_us']:.0f} µs. So D/B ≤ {bound:.2f} with zero "
         f"Python overhead (≤ {rtt_us / (rtt_us + cold['hot_us']):.2f} with a hot cache)."
+    ) + _minimal_floor(result)
+
+
+def _minimal_floor(result: dict) -> str:
+    """The minimal server's figures (M/B, D/M), when it ran."""
+    rs = {(r["name"], r["sessions"], r["steps"]): r for r in result["ratios"]}
+    mb, dm = rs.get(("M/B", 1, 1)), rs.get(("D/M", 1, 1))
+    if mb is None or dm is None:
+        return ""
+    return (
+        f" A minimal Python server that only decodes, runs that ORT call and encodes "
+        f"(benchmarks/minimal_server.py) reached M/B = {mb['value']:.2f} in this run: the floor "
+        f"of a grpc.aio server running ORT per message here; rnnzoo reached D/M = "
+        f"{dm['value']:.2f} of it."
     )
 
 

@@ -101,3 +101,10 @@ def echo_server(output_name: str, output_features: int) -> ServerProcess:
         "--output-name", output_name, "--output-features", str(output_features),
     ]  # fmt: skip
     return ServerProcess(cmd, "echo")
+
+
+def minimal_server(onnx_path: Path) -> ServerProcess:
+    """The floor under the lean path: decode, one ORT call, encode (``minimal_server.py``)."""
+    cmd = [sys.executable, "-m", "rnnzoo.benchmarks.minimal_server", "--port", "0",
+           "--model", str(onnx_path)]  # fmt: skip
+    return ServerProcess(cmd, "minimal (decode, ORT, encode)")

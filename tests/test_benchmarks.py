@@ -107,9 +107,10 @@ def test_every_ratio_is_made_from_measured_numbers(result):
     for r in result["ratios"]:
         assert r["value"] == pytest.approx(r["numerator"] / r["denominator"])
         n, t = r["sessions"], r["steps"]
-        if r["name"] in ("D/B", "D/C"):
-            other = _cell(s["echo" if r["name"] == "D/B" else "naive"], n, t)
-            d = _cell(s["rnnzoo"], n, t)
+        if r["name"] in ("D/B", "D/C", "D/M", "M/B"):
+            key = {"D/B": "echo", "D/C": "naive", "D/M": "minimal", "M/B": "echo"}[r["name"]]
+            other = _cell(s[key], n, t)
+            d = _cell(s["minimal" if r["name"] == "M/B" else "rnnzoo"], n, t)
             assert r["numerator"] == d["steps_per_s"]
             assert r["denominator"] == other["steps_per_s"]
             assert r["per_round"] == [
@@ -136,6 +137,9 @@ def test_every_ratio_is_made_from_measured_numbers(result):
     for b in set(cfg["batches"]) & set(cfg["torch_batches"]):
         for t in cfg["steps"]:
             assert ("A/E", None, t, b) in want
+    # the minimal server runs at 1 session, 1 step/message only: the lean path's floor
+    assert [(c["sessions"], c["steps"]) for c in s["minimal"]] == [(1, 1)]
+    assert ("D/M", 1, 1, None) in want and ("M/B", 1, 1, None) in want
 
 
 @pytest.mark.slow
