@@ -60,13 +60,19 @@ class EchoServicer(pb_grpc.RnnzooServicer):
 
 
 async def serve(host: str, port: int, output_name: str, output_features: int) -> None:
+    await serve_servicer(EchoServicer(output_name, output_features), host, port)
+
+
+async def serve_servicer(servicer: pb_grpc.RnnzooServicer, host: str, port: int) -> None:
+    """Serve ``servicer`` with the rnnzoo server's message limits until SIGTERM/SIGINT,
+    printing ``listening on HOST:PORT`` once it answers (the bench's reference servers)."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", 16 * MB),
             ("grpc.max_send_message_length", 16 * MB),
         ]
     )
-    pb_grpc.add_RnnzooServicer_to_server(EchoServicer(output_name, output_features), server)
+    pb_grpc.add_RnnzooServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     print(f"listening on {host}:{bound}", flush=True)

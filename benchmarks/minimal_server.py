@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
-import signal
 
-import grpc
 import numpy as np
 
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.proto.v1 import rnnzoo_pb2_grpc as pb_grpc
 
-MB = 1 << 20
+from .echo_server import serve_servicer
 
 
 class MinimalServicer(pb_grpc.RnnzooServicer):
@@ -83,32 +81,13 @@ def _batch1(st) -> list[int]:
     return [1 if i == st.batch_axis else d for i, d in enumerate(st.shape)]
 
 
-async def serve(host: str, port: int, onnx_path: str) -> None:
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", 16 * MB),
-            ("grpc.max_send_message_length", 16 * MB),
-        ]
-    )
-    pb_grpc.add_RnnzooServicer_to_server(MinimalServicer(onnx_path), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    await server.start()
-    print(f"listening on {host}:{bound}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(1.0)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--model", required=True, help="an rnnzoo-exported .onnx (one input)")
     args = p.parse_args(argv)
-    asyncio.run(serve(args.host, args.port, args.model))
+    asyncio.run(serve_servicer(MinimalServicer(args.model), args.host, args.port))
     return 0
 
 

@@ -230,6 +230,9 @@ One run, one machine, the same rnnzoo.v1 proto, payload and concurrency for ever
 - **D** `rnnzoo serve --max-batch {c["max_batch"]} --max-delay-ms {c["delays_ms"][0]:g}`
   (batching across sessions), plus a `--max-delay-ms` sweep at {c["delay_sessions"]} sessions.
 - **E** PyTorch eager step loop (`net(x, state)` under `no_grad`, 1 thread), same weights.
+- **M** minimal server, at 1 session and 1 step/message only (the lean path's floor): echo's
+  grpc.aio setup plus, per message, a decode, one direct ORT call (the state in a dict) and an
+  encode, and nothing else (`benchmarks/minimal_server.py`).
 
 Model: {mod["layers"]}-layer LSTM, H={mod["hidden"]}, input {mod["input"]}, output {mod["output"]}
 (random weights, a real `rnnzoo.export` ONNX file of {mod["onnx_bytes"]} bytes).

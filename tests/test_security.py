@@ -8,6 +8,7 @@ certificate); servers run on loopback ports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import shutil
@@ -378,64 +379,59 @@ def shared_store(request, tmp_path):
     r.stop()
 
 
-async def test_session_quota_is_counted_across_servers_sharing_a_store(
-    zoo, tokens_file, shared_store
-):
-    kw = dict(max_sessions_per_client=2, session_ttl_s=300, state_store=shared_store)
-    a = await _token_server(zoo, tokens_file, **kw)
-    b = await _token_server(zoo, tokens_file, **kw)
+@contextlib.asynccontextmanager
+async def _two_servers(zoo: Path, tokens_file: Path, **options):
+    """Two token servers sharing ``options`` (a state store): a stub for each."""
+    a = await _token_server(zoo, tokens_file, **options)
+    b = await _token_server(zoo, tokens_file, **options)
     try:
         async with (
             grpc.aio.insecure_channel(a.target) as ca,
             grpc.aio.insecure_channel(b.target) as cb,
         ):
-            sa, sb = pb_grpc.RnnzooStub(ca), pb_grpc.RnnzooStub(cb)
-
-            def create(stub, token):
-                return stub.CreateSession(pb.CreateSessionRequest(model="gru"), metadata=_md(token))
-
-            await create(sa, ALICE)
-            on_b = await create(sb, ALICE)  # one on each server: each holds one locally
-            code, details = await _code(create(sa, ALICE))
-            assert code == Code.RESOURCE_EXHAUSTED, details
-            assert "principal 'alice'" in details and "max_sessions_per_client=2" in details
-            assert "across the servers sharing the state store" in details
-            assert (await create(sb, BOB)).session_id  # bob's quota is his own
-            await sb.CloseSession(pb.CloseSessionRequest(session_id=on_b.session_id), metadata=_md(ALICE))  # fmt: skip
-            assert (await create(sa, ALICE)).session_id  # closed on B: a slot frees on A
+            yield pb_grpc.RnnzooStub(ca), pb_grpc.RnnzooStub(cb)
     finally:
         await a.stop(0.2)
         await b.stop(0.2)
+
+
+async def test_session_quota_is_counted_across_servers_sharing_a_store(
+    zoo, tokens_file, shared_store
+):
+    kw = dict(max_sessions_per_client=2, session_ttl_s=300, state_store=shared_store)
+    async with _two_servers(zoo, tokens_file, **kw) as (sa, sb):
+
+        def create(stub, token):
+            return stub.CreateSession(pb.CreateSessionRequest(model="gru"), metadata=_md(token))
+
+        await create(sa, ALICE)
+        on_b = await create(sb, ALICE)  # one on each server: each holds one locally
+        code, details = await _code(create(sa, ALICE))
+        assert code == Code.RESOURCE_EXHAUSTED, details
+        assert "principal 'alice'" in details and "max_sessions_per_client=2" in details
+        assert "across the servers sharing the state store" in details
+        assert (await create(sb, BOB)).session_id  # bob's quota is his own
+        await sb.CloseSession(pb.CloseSessionRequest(session_id=on_b.session_id), metadata=_md(ALICE))  # fmt: skip
+        assert (await create(sa, ALICE)).session_id  # closed on B: a slot frees on A
 
 
 async def test_request_rate_quota_is_shared_across_servers_sharing_a_store(
     zoo, tokens_file, shared_store
 ):
     kw = dict(requests_per_s=2.0, burst=4, state_store=shared_store)
-    a = await _token_server(zoo, tokens_file, **kw)
-    b = await _token_server(zoo, tokens_file, **kw)
-    try:
-        async with (
-            grpc.aio.insecure_channel(a.target) as ca,
-            grpc.aio.insecure_channel(b.target) as cb,
-        ):
-            stubs = [pb_grpc.RnnzooStub(ca), pb_grpc.RnnzooStub(cb)]
-            codes = []
-            for i in range(8):  # alternating servers: in-process buckets would allow all 8
-                code, details = await _code(stubs[i % 2].ListModels(pb.ListModelsRequest(), metadata=_md(ALICE)))  # fmt: skip
-                codes.append(code)
-            assert codes[:4] == [Code.OK] * 4, codes  # the burst, taken from both servers
-            assert Code.RESOURCE_EXHAUSTED in codes[4:], codes
-            assert codes.count(Code.OK) <= 5, codes  # 4 + what refilled during the loop
-            assert "across the servers sharing the state store" in details or details == ""
-            code, details = await _code(stubs[1].ListModels(pb.ListModelsRequest(), metadata=_md(ALICE)))  # fmt: skip
-            assert code == Code.RESOURCE_EXHAUSTED and "across the servers sharing" in details
-            assert (await _code(stubs[0].ListModels(pb.ListModelsRequest(), metadata=_md(BOB))))[
-                0
-            ] == Code.OK
-    finally:
-        await a.stop(0.2)
-        await b.stop(0.2)
+    async with _two_servers(zoo, tokens_file, **kw) as stubs:
+
+        def listing(i: int, token: str):
+            return _code(stubs[i % 2].ListModels(pb.ListModelsRequest(), metadata=_md(token)))
+
+        got = [await listing(i, ALICE) for i in range(8)]  # alternating servers
+        codes = [code for code, _ in got]
+        assert codes[:4] == [Code.OK] * 4, codes  # the burst, taken from both servers
+        assert codes.count(Code.OK) <= 5, codes  # 4 + what refilled; in-process buckets: 8
+        refusals = [details for code, details in got if code == Code.RESOURCE_EXHAUSTED]
+        assert refusals and all("across the servers sharing the state store" in d for d in refusals)
+        assert (await listing(1, ALICE))[0] == Code.RESOURCE_EXHAUSTED
+        assert (await listing(0, BOB))[0] == Code.OK  # bob's bucket is his own
 
 
 async def test_request_rate_quota_per_principal_counts_stream_messages(zoo, tokens_file):
