@@ -11,7 +11,9 @@ the block ends without an error (the caller sent the response), and not at all o
   nothing.
 - A caller that sends a response calls ``await result.persist(encode)`` first, ``encode``
   returning the response's bytes: the step is fenced once more and, with a state store,
-  written through it (then committed here even if the send fails: a retry gets the replay).
+  written through it with its response. If the send then fails, the block ends with an error
+  and this process's copy does not move on, but the store's already has: a retry on a new
+  stream adopts the stored state and, with its position, gets the stored response again.
   ``encode`` runs only when the bytes are kept (a position was given, or the session is
   durable); a plain stream never serializes its response twice.
 

@@ -111,7 +111,7 @@ def _guard_only(behavior, guard: Guard, decision: Decision):
         async def wrapper(request, context):
             try:
                 await guard.enter(decision, context)
-            except (Unauthenticated, ResourceExhausted) as exc:
+            except RnnzooError as exc:  # refused, or its quota's store unreachable
                 await refuse(context, exc)
             async for response in behavior(request, context):
                 yield response
@@ -121,7 +121,7 @@ def _guard_only(behavior, guard: Guard, decision: Decision):
     async def wrapper(request, context):
         try:
             await guard.enter(decision, context)
-        except (Unauthenticated, ResourceExhausted) as exc:
+        except RnnzooError as exc:  # refused, or its quota's store unreachable
             await refuse(context, exc)
         result = behavior(request, context)
         if inspect.isawaitable(result):
