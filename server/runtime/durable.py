@@ -53,11 +53,14 @@ class Durability:
             dict(sess.initial), list(sess.buffer), dict(graph.contract.source or {}),
         )  # fmt: skip
         if meta:
-            snap.meta = {
-                "created_at": sess.created_at, "ttl_s": sess.ttl_s, "owner": sess.owner,
-                "quota_key": sess.quota_key,
-            }  # fmt: skip
+            snap.meta = self.meta(sess)
         return snap
+
+    @staticmethod
+    def meta(sess: Session) -> dict:
+        """The store-only fields of ``sess`` (never sent to clients)."""
+        return {"created_at": sess.created_at, "ttl_s": sess.ttl_s, "owner": sess.owner,
+                "quota_key": sess.quota_key}  # fmt: skip
 
     def check_snapshot(self, snap: Snapshot) -> None:
         """FailedPrecondition unless this server serves the snapshot's model version."""
@@ -133,7 +136,7 @@ class Durability:
         """Fenced write of ``snap`` as ``sess``'s new state (before its response goes out)."""
         if self.store is None or not sess.durable:
             return
-        snap.meta = self.snapshot(sess, meta=True).meta
+        snap.meta = self.meta(sess)
         epoch = lease.epoch if lease is not None else sess.fence
         w = Write(sess.id, epoch, to_bytes(snap), self._ttl(sess), resp, rpos, lease is not None)
         if not await self.writer.write(w):
