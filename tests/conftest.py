@@ -18,3 +18,17 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["dir", "redis"])
+def state_store(request, tmp_path):
+    """A ``--state-store`` for one test: the embedded store (a directory) or a real
+    redis-server on a free loopback port, stopped after the test."""
+    if request.param == "dir":
+        yield str(tmp_path / "state")
+        return
+    from scaleout_harness import Redis
+
+    r = Redis(tmp_path)
+    yield r.url()
+    r.stop()

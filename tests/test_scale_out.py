@@ -40,16 +40,6 @@ def redis(tmp_path):
     r.stop()
 
 
-@pytest.fixture(params=["dir", "redis"])
-def store(request, tmp_path):
-    if request.param == "dir":
-        yield str(tmp_path / "sessions")
-        return
-    r = Redis(tmp_path)
-    yield r.url()
-    r.stop()
-
-
 def _offline(zoo_target: str, model: str, x: np.ndarray) -> np.ndarray:
     with Client(zoo_target) as c:
         return c.infer(model, x[None])["y"][0]
@@ -74,8 +64,8 @@ def _resume(c: Client, sid: str, model: str, position: int, x: np.ndarray, wait_
 
 
 @pytest.mark.parametrize("how", ["sigterm", "kill9"])
-def test_restart_loses_no_session_and_no_acknowledged_step(zoo, store, tmp_path, how):
-    srv = Serve(zoo, store, tmp_path, "--lease-ttl", "2")
+def test_restart_loses_no_session_and_no_acknowledged_step(zoo, state_store, tmp_path, how):
+    srv = Serve(zoo, state_store, tmp_path, "--lease-ttl", "2")
     xs = {m: _x(12, i) for i, m in enumerate(["lstm2", "gru", "rnn"])}
     try:
         c = _open(srv.target)
@@ -91,7 +81,7 @@ def test_restart_loses_no_session_and_no_acknowledged_step(zoo, store, tmp_path,
             srv.kill9()  # the streams' leases stay in the store until they run out
         c.close()
         srv.stop()
-        srv = Serve(zoo, store, tmp_path, "--lease-ttl", "2")
+        srv = Serve(zoo, state_store, tmp_path, "--lease-ttl", "2")
         c = _open(srv.target)
         for m, (sid, got) in sessions.items():
             t0 = time.monotonic()

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx_fixtures import build_zoo
-from scaleout_harness import Redis
 
 from rnnzoo.client import Client
 from rnnzoo.errors import InvalidArgument
@@ -368,17 +367,6 @@ async def test_session_quota_per_connection_without_authentication(zoo):
         await server.stop(0.2)
 
 
-@pytest.fixture(params=["dir", "redis"])
-def shared_store(request, tmp_path):
-    """A state store two servers share: the embedded one (a directory) or a real Redis."""
-    if request.param == "dir":
-        yield str(tmp_path / "state")
-        return
-    r = Redis(tmp_path)
-    yield r.url()
-    r.stop()
-
-
 @contextlib.asynccontextmanager
 async def _two_servers(zoo: Path, tokens_file: Path, **options):
     """Two token servers sharing ``options`` (a state store): a stub for each."""
@@ -396,9 +384,9 @@ async def _two_servers(zoo: Path, tokens_file: Path, **options):
 
 
 async def test_session_quota_is_counted_across_servers_sharing_a_store(
-    zoo, tokens_file, shared_store
+    zoo, tokens_file, state_store
 ):
-    kw = dict(max_sessions_per_client=2, session_ttl_s=300, state_store=shared_store)
+    kw = dict(max_sessions_per_client=2, session_ttl_s=300, state_store=state_store)
     async with _two_servers(zoo, tokens_file, **kw) as (sa, sb):
 
         def create(stub, token):
@@ -416,9 +404,9 @@ async def test_session_quota_is_counted_across_servers_sharing_a_store(
 
 
 async def test_request_rate_quota_is_shared_across_servers_sharing_a_store(
-    zoo, tokens_file, shared_store
+    zoo, tokens_file, state_store
 ):
-    kw = dict(requests_per_s=2.0, burst=4, state_store=shared_store)
+    kw = dict(requests_per_s=2.0, burst=4, state_store=state_store)
     async with _two_servers(zoo, tokens_file, **kw) as stubs:
 
         def listing(i: int, token: str):
