@@ -319,13 +319,7 @@ class Batcher:
         t0 = time.perf_counter()
         telemetry.batch(m.contract.name, len(jobs), [t0 - j.queued for j in jobs if j.queued])
         outs, nxt = m.run(feeds, states)
-        # a group's chunks share one length (see _run_jobs)
-        per_step = (time.perf_counter() - t0) / (len(jobs) * jobs[0].chunk.length)
-        bucket = len(jobs).bit_length()
-        old = self._s_per_step.get(bucket)  # one dict store: safe from the executor thread
-        self._s_per_step[bucket] = per_step if old is None else 0.8 * old + 0.2 * per_step
-        self.calls += 1
-        self.batch_sizes.append(len(jobs))
+        self._ran(len(jobs), jobs[0].chunk.length, t0)  # a group shares one length (_run_jobs)
         return list(
             zip(m.split_outputs(outs, len(jobs)), m.split_states(nxt, len(jobs)), strict=True)
         )
@@ -339,12 +333,19 @@ class Batcher:
         t0 = time.perf_counter()
         telemetry.batch(m.contract.name, 1, [t0 - job.queued] if job.queued else [])
         outs, nxt = m.run(feeds, job.state)
-        per_step = (time.perf_counter() - t0) / job.chunk.length
-        old = self._s_per_step.get(1)
-        self._s_per_step[1] = per_step if old is None else 0.8 * old + 0.2 * per_step
-        self.calls += 1
-        self.batch_sizes.append(1)
+        self._ran(1, job.chunk.length, t0)
         return m.split_outputs(outs, 1)[0], nxt
+
+    def _ran(self, rows: int, length: int, t0: float) -> None:
+        """Record a successful ORT call of ``rows`` chunks of ``length`` steps begun at
+        ``t0``: its seconds per chunk step (a running average per batch-size bucket, what
+        ``_inline`` predicts from), the call count and the batch size."""
+        per_step = (time.perf_counter() - t0) / (rows * length)
+        bucket = rows.bit_length()
+        old = self._s_per_step.get(bucket)  # one dict store: safe from the executor thread
+        self._s_per_step[bucket] = per_step if old is None else 0.8 * old + 0.2 * per_step
+        self.calls += 1
+        self.batch_sizes.append(rows)
 
     def _wrap(self, exc: Exception) -> Exception:
         if isinstance(exc, RnnzooError):
