@@ -536,13 +536,15 @@ class RedisStore(StateStore):
         calls = []
         for w in writes:
             ttl_ms = int(1000 * min(w.ttl_s, self.max_ttl_s))
-            quota = w.create and w.quota_max > 0 and w.quota_key is not None
-            qkey = self.QUOTA_PREFIX + w.quota_key if quota else self._key(w.sid)
+            keys = [self._key(w.sid)]
             args = [w.epoch, w.snap, w.resp or b"", w.rpos, max(ttl_ms, 1),
-                    int(w.leased), int(w.create), int(lease_ttl_s * 1000),
-                    w.quota_max if quota else 0, self.PREFIX, w.sid,
-                    int(1000 * self.max_ttl_s)]  # fmt: skip
-            calls.append(([self._key(w.sid), qkey], args))
+                    int(w.leased), int(w.create), int(lease_ttl_s * 1000)]  # fmt: skip
+            if w.create:  # the quota's arguments: only a create reads them (not every step)
+                quota = w.quota_max > 0 and w.quota_key is not None
+                keys.append(self.QUOTA_PREFIX + w.quota_key if quota else keys[0])
+                args += [w.quota_max if quota else 0, self.PREFIX, w.sid,
+                         int(1000 * self.max_ttl_s)]  # fmt: skip
+            calls.append((keys, args))
         return [None if r == -1 else bool(r) for r in await self._pipeline("write", calls)]
 
     async def take_tokens(self, key: str, want: int, rate: float, burst: float) -> int:
