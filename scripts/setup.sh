@@ -25,8 +25,4 @@ fi
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__ != '2.13.0+cpu' and not torch.__version__.startswith('2.13.0'))" 2>/dev/null; then
     .venv/bin/python -m pip install -q torch==2.13.0
 fi
-# The folders map onto one import namespace (pyproject.toml's package-dir), so setuptools serves
-# the editable install through an import finder and prints a 9-line note saying so on every
-# install; it is information, not a problem, and is silenced here by its exact text.
-PYTHONWARNINGS="ignore:Editable installation:UserWarning" \
-    .venv/bin/python -m pip install -q -e '.[train,dev]'
+.venv/bin/python -m pip install -q -e '.[train,dev]'

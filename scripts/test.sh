@@ -6,6 +6,7 @@ bash scripts/setup.sh || exit 1
 # tritonclient[grpc] in its own venv (it pins protobuf<7): the KServe v2 tests run it
 bash scripts/setup-tritonclient.sh || exit 1
 .venv/bin/ruff check . || exit 1
+.venv/bin/ruff format --check . || exit 1
 .venv/bin/python -m pytest "$@"
 rc=$?
 # pytest exits 5 when it collected no tests: that is a broken suite here, say so plainly.

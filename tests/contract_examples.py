@@ -62,16 +62,22 @@ def build_vad(path: str | Path, contract: dict, seed: int = 0, sidecar: bool = T
     b = _Builder()
     a = b.node("Unsqueeze", ["audio", b.const("ax1", np.array([1], np.int64))])[0]  # (B,1,K+T)
     w = rng.normal(0, 0.3, (channels, 1, 2 * k)).astype(np.float32)
-    f = b.node("Conv", [a, b.const("cw", w), b.const("cb", rng.normal(0, 0.1, channels).astype(np.float32))],
-               kernel_shape=[2 * k], strides=[k])[0]  # fmt: skip
+    f = b.node(
+        "Conv",
+        [a, b.const("cw", w), b.const("cb", rng.normal(0, 0.1, channels).astype(np.float32))],
+        kernel_shape=[2 * k],
+        strides=[k],
+    )[0]
     f = b.node("Relu", [f])[0]  # (B, C, T/K)
     ftb = b.node("Transpose", [f], perm=[2, 0, 1])[0]  # (F, B, C)
     p = make_params("gru", channels, hidden, 1, False, seed + 1)[0]
     y, hn = b.node(
         "GRU",
         [ftb, b.const("W", p["W"]), b.const("R", p["R"]), b.const("B", p["B"]), "", "state"],
-        n_out=2, hidden_size=hidden, linear_before_reset=1,
-    )  # fmt: skip
+        n_out=2,
+        hidden_size=hidden,
+        linear_before_reset=1,
+    )
     y = b.node("Squeeze", [y, b.const("ax", np.array([1], np.int64))])[0]  # (F, B, H)
     head = rng.normal(0, 0.5, (hidden,)).astype(np.float32)
     logit = b.node("MatMul", [y, b.const("head", head)])[0]  # (F, B)
@@ -107,9 +113,12 @@ def build_kws(path: str | Path, contract: dict, seed: int = 0, sidecar: bool = T
     h0 = b.node("Transpose", ["state_in"], perm=[1, 0, 2])[0]  # (1, B, H)
     p = make_params("gru", feats, hidden, 1, False, seed + 1)[0]
     y, hn = b.node(
-        "GRU", [x, b.const("W", p["W"]), b.const("R", p["R"]), b.const("B", p["B"]), "", h0],
-        n_out=2, hidden_size=hidden, linear_before_reset=1,
-    )  # fmt: skip
+        "GRU",
+        [x, b.const("W", p["W"]), b.const("R", p["R"]), b.const("B", p["B"]), "", h0],
+        n_out=2,
+        hidden_size=hidden,
+        linear_before_reset=1,
+    )
     y = b.node("Squeeze", [y, b.const("ax", np.array([1], np.int64))])[0]  # (T, B, H)
     w = rng.normal(0, 0.5, (hidden, classes)).astype(np.float32)
     s = b.node("MatMul", [y, b.const("Wout", w)])[0]

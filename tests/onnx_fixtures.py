@@ -304,16 +304,33 @@ def build_seq2seq(d: Path, name: str, hidden: int = 6) -> dict[str, dict]:
     special = {"pad": 0, "bos": 1, "eos": 2}
     tgt = ["<pad>", "<bos>", "<eos>", *list("abcd")]
     enc = build_rnn(
-        d / f"{name}.encoder.onnx", cell="gru", vocab=CHARS, output_size=0, hidden=hidden,
-        seed=11, name=f"{name}.encoder", task="seq2seq", role="encoder", group=name,
+        d / f"{name}.encoder.onnx",
+        cell="gru",
+        vocab=CHARS,
+        output_size=0,
+        hidden=hidden,
+        seed=11,
+        name=f"{name}.encoder",
+        task="seq2seq",
+        role="encoder",
+        group=name,
         extra_contract={"special_tokens": special},
-    )  # fmt: skip
+    )
     dec = build_rnn(
-        d / f"{name}.decoder.onnx", cell="gru", vocab=tgt, output_size=len(tgt), hidden=hidden,
-        seed=12, name=f"{name}.decoder", task="seq2seq", role="decoder", group=name,
+        d / f"{name}.decoder.onnx",
+        cell="gru",
+        vocab=tgt,
+        output_size=len(tgt),
+        hidden=hidden,
+        seed=12,
+        name=f"{name}.decoder",
+        task="seq2seq",
+        role="decoder",
+        group=name,
         extra_contract={"special_tokens": special, "target_vocab": tgt},
-        head_scale=2.0, head_bias=np.array([-4, -4, 0, 0, 0, 0, 0], np.float32),
-    )  # fmt: skip
+        head_scale=2.0,
+        head_bias=np.array([-4, -4, 0, 0, 0, 0, 0], np.float32),
+    )
     return {f"{name}.encoder": enc, f"{name}.decoder": dec}
 
 

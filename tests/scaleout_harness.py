@@ -68,8 +68,19 @@ class Proc:
 class Serve(Proc):
     def __init__(self, zoo: Path, store: str | None, tmp: Path, *extra: str, port: int = 0):
         self.port = port or free_port()
-        args = [*RNNZOO, "serve", "--model-dir", str(zoo), "--port", str(self.port),
-                "--session-ttl", "0", "--grace", "1", *extra]  # fmt: skip
+        args = [
+            *RNNZOO,
+            "serve",
+            "--model-dir",
+            str(zoo),
+            "--port",
+            str(self.port),
+            "--session-ttl",
+            "0",
+            "--grace",
+            "1",
+            *extra,
+        ]
         if store:
             args += ["--state-store", store]
         super().__init__(args, tmp / f"serve-{self.port}.log")
@@ -92,9 +103,23 @@ class Redis(Proc):
         self.port = free_port()
         d = tmp / f"redis-{self.port}"
         d.mkdir()
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", str(d),
-                "--pidfile", str(d / "redis.pid"), "--daemonize", "no"]  # fmt: skip
+        args = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(d),
+            "--pidfile",
+            str(d / "redis.pid"),
+            "--daemonize",
+            "no",
+        ]
         if password:
             args += ["--requirepass", password]
         self.password = password

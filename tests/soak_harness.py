@@ -77,8 +77,19 @@ def _mb(n: int) -> float:
 
 
 def serve(model_dir: Path, env: dict[str, str], extra: list[str]) -> ServerProcess:
-    cmd = [sys.executable, "-m", "rnnzoo.cli", "serve", "--model-dir", str(model_dir),
-           "--port", "0", "--log-level", "warning", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "rnnzoo.cli",
+        "serve",
+        "--model-dir",
+        str(model_dir),
+        "--port",
+        "0",
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     for k, v in env.items():
         os.environ[k] = v  # ServerProcess copies os.environ
     return ServerProcess(cmd, "rnnzoo")
@@ -123,10 +134,15 @@ async def memory(target: str, rss: Rss, rounds: int = 5, concurrent: int = 4) ->
         idle = rss.now()
     return {
         "request": f"Infer(charlm, {steps} tokens) -> {steps * len(CHARS) * 4 / MB:.1f} MB of logits",
-        "rounds": rounds, "concurrent": concurrent, "codes": dict(codes),
-        "seconds": round(seconds, 2), "rss_before_mb": _mb(before), "rss_peak_mb": _mb(rss.peak),
-        "rss_after_mb": _mb(after), "rss_after_5s_idle_mb": _mb(idle),
-    }  # fmt: skip
+        "rounds": rounds,
+        "concurrent": concurrent,
+        "codes": dict(codes),
+        "seconds": round(seconds, 2),
+        "rss_before_mb": _mb(before),
+        "rss_peak_mb": _mb(rss.peak),
+        "rss_after_mb": _mb(after),
+        "rss_after_5s_idle_mb": _mb(idle),
+    }
 
 
 # ---- soak -----------------------------------------------------------------------------------------
@@ -138,8 +154,11 @@ async def soak(target: str, rss: Rss, sessions: int, seconds: float) -> dict:
         sids = []
         for i in range(0, sessions, 200):
             got = await asyncio.gather(
-                *(stub.CreateSession(pb.CreateSessionRequest(model="gru")) for _ in range(min(200, sessions - i)))
-            )  # fmt: skip
+                *(
+                    stub.CreateSession(pb.CreateSessionRequest(model="gru"))
+                    for _ in range(min(200, sessions - i))
+                )
+            )
             sids += [s.session_id for s in got]
         codes: collections.Counter = collections.Counter()
         rtts: list[float] = []
@@ -174,24 +193,38 @@ async def soak(target: str, rss: Rss, sessions: int, seconds: float) -> dict:
             if not sent[sid]:
                 continue
             x = np.concatenate(sent[sid])
-            want = from_tensor((await stub.Infer(pb.InferRequest(model="gru", inputs={"x": to_tensor(x[None])}))).outputs["y"])[0]  # fmt: skip
+            want = from_tensor(
+                (
+                    await stub.Infer(pb.InferRequest(model="gru", inputs={"x": to_tensor(x[None])}))
+                ).outputs["y"]
+            )[0]
             worst = max(worst, float(np.max(np.abs(np.concatenate(got_y[sid]) - want))))
             checked += 1
         for i in range(0, len(sids), 200):
             await asyncio.gather(
-                *(stub.CloseSession(pb.CloseSessionRequest(session_id=s)) for s in sids[i : i + 200])
-            )  # fmt: skip
+                *(
+                    stub.CloseSession(pb.CloseSessionRequest(session_id=s))
+                    for s in sids[i : i + 200]
+                )
+            )
         await asyncio.sleep(2.0)
         after = rss.now()
     ms = np.array(rtts) * 1e3
     return {
-        "sessions": sessions, "seconds": seconds, "wall_s": round(wall, 1),
-        "messages": len(ms), "msgs_per_s": round(len(ms) / wall, 1),
-        "codes": dict(codes), "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "sessions": sessions,
+        "seconds": seconds,
+        "wall_s": round(wall, 1),
+        "messages": len(ms),
+        "msgs_per_s": round(len(ms) / wall, 1),
+        "codes": dict(codes),
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
         "p99_ms": round(float(np.percentile(ms, 99)), 3),
-        "replay_checked_sessions": checked, "replay_max_abs_error": worst,
-        "rss_before_mb": _mb(before), "rss_peak_mb": _mb(during_peak), "rss_after_close_mb": _mb(after),
-    }  # fmt: skip
+        "replay_checked_sessions": checked,
+        "replay_max_abs_error": worst,
+        "rss_before_mb": _mb(before),
+        "rss_peak_mb": _mb(during_peak),
+        "rss_after_close_mb": _mb(after),
+    }
 
 
 async def fuzz_run(target: str, rss: Rss, n: int, seed: int) -> dict:
@@ -203,8 +236,12 @@ async def fuzz_run(target: str, rss: Rss, n: int, seed: int) -> dict:
     report = await fuzz(target, n, seed=seed, rounds=20, concurrency=16)
     out = report.summary()
     out.pop("by_rpc")
-    out.update(seconds=round(time.perf_counter() - t0, 1), rss_before_mb=_mb(before),
-               rss_peak_mb=_mb(rss.peak), rss_after_mb=_mb(rss.now()))  # fmt: skip
+    out.update(
+        seconds=round(time.perf_counter() - t0, 1),
+        rss_before_mb=_mb(before),
+        rss_peak_mb=_mb(rss.peak),
+        rss_after_mb=_mb(rss.now()),
+    )
     return out
 
 
@@ -229,8 +266,13 @@ def main(argv: list[str] | None = None) -> int:
                 out = asyncio.run(fuzz_run(srv.target, rss, args.requests, args.seed))
             else:
                 out = asyncio.run(soak(srv.target, rss, args.sessions, args.seconds))
-            out = {"phase": args.phase, "env": env, "serve_args": args.serve_arg,
-                   "rss_at_start_mb": _mb(start), **out}  # fmt: skip
+            out = {
+                "phase": args.phase,
+                "env": env,
+                "serve_args": args.serve_arg,
+                "rss_at_start_mb": _mb(start),
+                **out,
+            }
     print(json.dumps(out, indent=1, default=str))
     return 0
 

@@ -218,12 +218,21 @@ def test_worker_scaling_targets_are_judged_only_with_cores_the_client_did_not_ta
     from rnnzoo.benchmarks.workers import scaling_targets
 
     def cell(w, ratio, client_us, sps=10_000.0):
-        return {"workers": w, "sessions": 64, "steps_per_s": sps, "ratio_to_1": ratio,
-                "client_cpu_us_per_msg": client_us}  # fmt: skip
+        return {
+            "workers": w,
+            "sessions": 64,
+            "steps_per_s": sps,
+            "ratio_to_1": ratio,
+            "client_cpu_us_per_msg": client_us,
+        }
 
     # 16 cores, client ~1 core (100 us/msg x 10k msg/s): 8 workers judged, 16 not
-    got = scaling_targets({"usable_cores": 16, "cells": [
-        cell(1, 1.0, 100), cell(8, 6.5, 100), cell(8, 5.0, 100), cell(16, 9.0, 100)]})  # fmt: skip
+    got = scaling_targets(
+        {
+            "usable_cores": 16,
+            "cells": [cell(1, 1.0, 100), cell(8, 6.5, 100), cell(8, 5.0, 100), cell(16, 9.0, 100)],
+        }
+    )
     assert [t["workers"] for t in got] == [8, 8, 16]
     assert got[0]["want"] == 6.0 and got[0]["met"] is True and got[1]["met"] is False
     assert got[2]["met"] is None and "the client took 1" in got[2]["why_not_judged"]

@@ -122,8 +122,9 @@ def test_a_failed_parity_leaves_nothing_servable_and_a_record_saying_so(tmp_path
         _corrupting_export(m)
         lines: list[str] = []
         with pytest.raises(FailedPrecondition) as err:
-            build_zoo(tmp_path, only=["sine-rnn"], quick=True, after_train=[after_train],
-                      log=lines.append)  # fmt: skip
+            build_zoo(
+                tmp_path, only=["sine-rnn"], quick=True, after_train=[after_train], log=lines.append
+            )
     msg = str(err.value)
     assert "zoo entry sine-rnn" in msg and "parity failed" in msg and "quarantined" in msg
     assert "rnnzoo verify" in msg and "redoes only what is not up to date" in msg

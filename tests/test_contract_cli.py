@@ -41,8 +41,18 @@ def graphs(tmp_path_factory):
 
 
 def test_init_pairs_the_states_of_every_zoo_graph_and_the_examples(graphs):
-    assert {"lstm2", "gru", "rnn", "bigru", "charlm", "rev.encoder", "rev.decoder", "kws",
-            "vad", "kws-gru"} <= set(graphs)  # fmt: skip
+    assert {
+        "lstm2",
+        "gru",
+        "rnn",
+        "bigru",
+        "charlm",
+        "rev.encoder",
+        "rev.decoder",
+        "kws",
+        "vad",
+        "kws-gru",
+    } <= set(graphs)
     for name, (path, truth) in graphs.items():
         c, guessed, _ = guess(path)
         got = [(s["input"], s["output"], s["batch_axis"]) for s in c["states"]]

@@ -212,7 +212,7 @@ def test_new_fields_need_format_2_and_old_readers_refuse_them(tmp_path):
 
 
 def test_context_declared_in_onnx_metadata_as_rnnzoo_export_writes_it(tmp_path):
-    """rnnzoo's own exports carry the contract in the metadata (export/graph.py writes
+    """rnnzoo's own exports carry the contract in the metadata (src/rnnzoo/export/graph.py writes
     ``Contract.to_json()``): a /2 contract there is served the same way."""
     import onnx
 

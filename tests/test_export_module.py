@@ -365,9 +365,14 @@ def test_axes_named_by_the_caller_override_inference(tmp_path):
     torch.manual_seed(0)
     m = nn.GRU(3, 4)  # time-major: (T, B, F)
     c = export_module(
-        m, (torch.randn(6, 2, 3),), tmp_path / "m.onnx", name="m",
-        axes={"x": {"batch": 1, "time": 0}}, input_names=["x"], output_names=["y", "hn"],
-    )  # fmt: skip
+        m,
+        (torch.randn(6, 2, 3),),
+        tmp_path / "m.onnx",
+        name="m",
+        axes={"x": {"batch": 1, "time": 0}},
+        input_names=["x"],
+        output_names=["y", "hn"],
+    )
     assert c.inputs[0].shape == ["time", "batch", 3]
     assert verify_module(m, tmp_path / "m.onnx", **QUICK).ok
 

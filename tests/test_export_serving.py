@@ -65,8 +65,9 @@ def served(tmp_path_factory):
     d = tmp_path_factory.mktemp("served-modules")
     torch.manual_seed(0)
     lm = TokenLSTM().eval()
-    export_module(lm, (torch.randint(0, 13, (2, 5)),), d / "lm.onnx", name="lm",
-                  output_names=["logits"])  # fmt: skip
+    export_module(
+        lm, (torch.randint(0, 13, (2, 5)),), d / "lm.onnx", name="lm", output_names=["logits"]
+    )
     step = GRUStep().eval()
     example = (torch.randn(2, 3), torch.zeros(2, 5))
     export_step(step, example, d / "scan.onnx", name="gru-scan")

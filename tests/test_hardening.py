@@ -40,10 +40,17 @@ def zoo(tmp_path_factory):
     refs = build_zoo(d)
     # a model whose contract records where its checkpoint was (an absolute server path)
     build_rnn(
-        d / "prov.onnx", cell="gru", seed=9, name="prov",
-        extra_contract={"source": {"checkpoint": "/srv/secret/runs/prov/model.pt",
-                                   "checkpoint_sha256": "ab" * 32}},
-    )  # fmt: skip
+        d / "prov.onnx",
+        cell="gru",
+        seed=9,
+        name="prov",
+        extra_contract={
+            "source": {
+                "checkpoint": "/srv/secret/runs/prov/model.pt",
+                "checkpoint_sha256": "ab" * 32,
+            }
+        },
+    )
     return d, refs
 
 
@@ -137,11 +144,22 @@ async def test_absurd_shapes_are_invalid_argument_everywhere(served):
     sid = await _new(stub, "gru")
     for shape in ABSURD:
         t = pb.Tensor(dtype="float32", shape=shape)
-        await _expect(Code.INVALID_ARGUMENT, stub.Infer(pb.InferRequest(model="gru", inputs={"x": t})))  # fmt: skip
-        await _expect(Code.INVALID_ARGUMENT, stub.CreateSession(pb.CreateSessionRequest(model="gru", initial_state={"h0": t})))  # fmt: skip
+        await _expect(
+            Code.INVALID_ARGUMENT, stub.Infer(pb.InferRequest(model="gru", inputs={"x": t}))
+        )
+        await _expect(
+            Code.INVALID_ARGUMENT,
+            stub.CreateSession(pb.CreateSessionRequest(model="gru", initial_state={"h0": t})),
+        )
         req = pb.StreamRequest(session_id=sid, request_id=3, inputs={"x": t})
         await _expect(Code.INVALID_ARGUMENT, _consume(stub.Stream(_aiter(req))), "request_id=3")
-    await _expect(Code.INVALID_ARGUMENT, stub.Infer(pb.InferRequest(model="gru", inputs={"x": pb.Tensor(dtype="float32", shape=[0, 2**62])})), "absurdly large")  # fmt: skip
+    await _expect(
+        Code.INVALID_ARGUMENT,
+        stub.Infer(
+            pb.InferRequest(model="gru", inputs={"x": pb.Tensor(dtype="float32", shape=[0, 2**62])})
+        ),
+        "absurdly large",
+    )
     assert await _steps_total(stub, sid, _x(1)) == 0
 
 
@@ -156,7 +174,7 @@ async def test_generate_seed_and_sampling_edges(served):
     assert len(await gen(max_tokens=3, seed=2**63 - 1)) == 3
     for t in (1e-45, 3.4e38):  # tiny: greedy in effect; huge: uniform; neither NaN
         assert len(await gen(max_tokens=3, seed=1, temperature=t)) == 3
-    await _expect(Code.INVALID_ARGUMENT, gen(max_tokens=3, temperature=float("nan")), "temperature")  # fmt: skip
+    await _expect(Code.INVALID_ARGUMENT, gen(max_tokens=3, temperature=float("nan")), "temperature")
     assert len(await gen(max_tokens=3, top_k=2**31 - 1, seed=0)) == 3
 
 
@@ -174,14 +192,19 @@ async def test_output_bytes_are_refused_before_compute(zoo):
             t0 = time.perf_counter()
             msg = await _expect(
                 Code.RESOURCE_EXHAUSTED,
-                stub.Infer(pb.InferRequest(model="charlm", tokens=pb.TokenIds(ids=[5] * 1_000_000))),
-                "would return 36000000 bytes of outputs", "send at most",
-            )  # fmt: skip
+                stub.Infer(
+                    pb.InferRequest(model="charlm", tokens=pb.TokenIds(ids=[5] * 1_000_000))
+                ),
+                "would return 36000000 bytes of outputs",
+                "send at most",
+            )
             assert time.perf_counter() - t0 < 5  # refused, not computed
             fit = int(msg.split("send at most ")[1].split()[0])
             limit = server.runtime.options.max_output_bytes
             assert fit == limit // (len(CHARS) * 4)  # the advice is exact: fit steps pass
-            ok = await stub.Infer(pb.InferRequest(model="charlm", tokens=pb.TokenIds(ids=[5] * fit)))  # fmt: skip
+            ok = await stub.Infer(
+                pb.InferRequest(model="charlm", tokens=pb.TokenIds(ids=[5] * fit))
+            )
             assert from_tensor(ok.outputs["logits"]).shape == (1, fit, len(CHARS))
     finally:
         await server.stop(0.5)
@@ -192,15 +215,52 @@ async def test_step_and_token_limits_say_how_to_stay_under_them(zoo):
     try:
         async with grpc.aio.insecure_channel(server.target) as ch:
             stub = pb_grpc.RnnzooStub(ch)
-            await _expect(Code.RESOURCE_EXHAUSTED, stub.Infer(pb.InferRequest(model="gru", inputs={"x": to_tensor(_x(501)[None])})), "501 steps", "send at most 500 steps")  # fmt: skip
-            await _expect(Code.RESOURCE_EXHAUSTED, stub.Infer(pb.InferRequest(model="gru", inputs={"x": to_tensor(np.zeros((2, 300, 3), np.float32))})), "batch x time")  # fmt: skip
-            await _expect(Code.RESOURCE_EXHAUSTED, stub.Infer(pb.InferRequest(model="charlm", text="a" * 501)), "this text has 501 steps")  # fmt: skip
-            await _expect(Code.RESOURCE_EXHAUSTED, stub.Infer(pb.InferRequest(model="charlm", tokens=pb.TokenIds(ids=[1] * 501))), "tokens has 501 steps")  # fmt: skip
-            await _expect(Code.RESOURCE_EXHAUSTED, _consume(stub.Generate(pb.GenerateRequest(model="charlm", prompt="ab", max_tokens=21))), "limit of 20 generated tokens")  # fmt: skip
-            await _expect(Code.RESOURCE_EXHAUSTED, _consume(stub.Generate(pb.GenerateRequest(model="charlm", prompt="a" * 501, max_tokens=2))), "this prompt has 501 steps")  # fmt: skip
+            await _expect(
+                Code.RESOURCE_EXHAUSTED,
+                stub.Infer(pb.InferRequest(model="gru", inputs={"x": to_tensor(_x(501)[None])})),
+                "501 steps",
+                "send at most 500 steps",
+            )
+            await _expect(
+                Code.RESOURCE_EXHAUSTED,
+                stub.Infer(
+                    pb.InferRequest(
+                        model="gru", inputs={"x": to_tensor(np.zeros((2, 300, 3), np.float32))}
+                    )
+                ),
+                "batch x time",
+            )
+            await _expect(
+                Code.RESOURCE_EXHAUSTED,
+                stub.Infer(pb.InferRequest(model="charlm", text="a" * 501)),
+                "this text has 501 steps",
+            )
+            await _expect(
+                Code.RESOURCE_EXHAUSTED,
+                stub.Infer(pb.InferRequest(model="charlm", tokens=pb.TokenIds(ids=[1] * 501))),
+                "tokens has 501 steps",
+            )
+            await _expect(
+                Code.RESOURCE_EXHAUSTED,
+                _consume(
+                    stub.Generate(pb.GenerateRequest(model="charlm", prompt="ab", max_tokens=21))
+                ),
+                "limit of 20 generated tokens",
+            )
+            await _expect(
+                Code.RESOURCE_EXHAUSTED,
+                _consume(
+                    stub.Generate(
+                        pb.GenerateRequest(model="charlm", prompt="a" * 501, max_tokens=2)
+                    )
+                ),
+                "this prompt has 501 steps",
+            )
             sid = await _new(stub, "bigru")
             req = pb.StreamRequest(session_id=sid, request_id=1, inputs={"x": to_tensor(_x(51))})
-            await _expect(Code.RESOURCE_EXHAUSTED, _consume(stub.Stream(_aiter(req))), "max_buffer_steps=50")  # fmt: skip
+            await _expect(
+                Code.RESOURCE_EXHAUSTED, _consume(stub.Stream(_aiter(req))), "max_buffer_steps=50"
+            )
     finally:
         await server.stop(0.5)
 
@@ -214,8 +274,11 @@ async def test_a_refused_request_does_not_outlive_its_call(zoo):
 
     def live_frames() -> list[str]:
         names = ("token_inputs", "request_inputs", "Infer", "Stream")
-        return [o.f_code.co_name for o in gc.get_objects()
-                if type(o) is types.FrameType and o.f_code.co_name in names]  # fmt: skip
+        return [
+            o.f_code.co_name
+            for o in gc.get_objects()
+            if type(o) is types.FrameType and o.f_code.co_name in names
+        ]
 
     server = await _server(zoo, max_request_steps=500)
     try:
@@ -224,7 +287,11 @@ async def test_a_refused_request_does_not_outlive_its_call(zoo):
             for _ in range(3):
                 big = pb.InferRequest(model="charlm", tokens=pb.TokenIds(ids=[1] * 100_000))
                 await _expect(Code.RESOURCE_EXHAUSTED, stub.Infer(big), "tokens has 100000 steps")
-                await _expect(Code.NOT_FOUND, stub.Infer(pb.InferRequest(model="nosuch", text="ab")), "no model")  # fmt: skip
+                await _expect(
+                    Code.NOT_FOUND,
+                    stub.Infer(pb.InferRequest(model="nosuch", text="ab")),
+                    "no model",
+                )
                 sid = await _new(stub, "gru")
                 bad = pb.StreamRequest(session_id=sid, inputs={"x": to_tensor(_x(501))})
                 await _expect(
@@ -241,18 +308,30 @@ async def test_legitimate_zoo_work_passes_the_default_limits(served):
     _, _, stub = served
     x = _x(10_000, seed=3)
     whole = from_tensor(
-        (await stub.Infer(pb.InferRequest(model="gru", inputs={"x": to_tensor(x[None])}))).outputs["y"]
-    )[0]  # fmt: skip
+        (await stub.Infer(pb.InferRequest(model="gru", inputs={"x": to_tensor(x[None])}))).outputs[
+            "y"
+        ]
+    )[0]
     sid = await _new(stub, "gru")
-    reqs = [pb.StreamRequest(session_id=sid, request_id=i, inputs={"x": to_tensor(c)})
-            for i, c in enumerate(np.array_split(x, 10))]  # fmt: skip
-    got = np.concatenate([from_tensor(r.outputs["y"]) for r in await _consume(stub.Stream(_aiter(*reqs)))])  # fmt: skip
+    reqs = [
+        pb.StreamRequest(session_id=sid, request_id=i, inputs={"x": to_tensor(c)})
+        for i, c in enumerate(np.array_split(x, 10))
+    ]
+    got = np.concatenate(
+        [from_tensor(r.outputs["y"]) for r in await _consume(stub.Stream(_aiter(*reqs)))]
+    )
     np.testing.assert_allclose(got, whole, atol=TOL)
-    one = pb.StreamRequest(session_id=await _new(stub, "gru"), request_id=0, inputs={"x": to_tensor(x)})  # fmt: skip
+    one = pb.StreamRequest(
+        session_id=await _new(stub, "gru"), request_id=0, inputs={"x": to_tensor(x)}
+    )
     assert (await _consume(stub.Stream(_aiter(one))))[0].steps_total == 10_000
-    bi = pb.StreamRequest(session_id=await _new(stub, "bigru"), request_id=0, inputs={"x": to_tensor(x)})  # fmt: skip
+    bi = pb.StreamRequest(
+        session_id=await _new(stub, "bigru"), request_id=0, inputs={"x": to_tensor(x)}
+    )
     assert (await _consume(stub.Stream(_aiter(bi))))[0].steps_total == 10_000
-    pieces = await _consume(stub.Generate(pb.GenerateRequest(model="charlm", prompt="ab", max_tokens=1000, seed=1)))  # fmt: skip
+    pieces = await _consume(
+        stub.Generate(pb.GenerateRequest(model="charlm", prompt="ab", max_tokens=1000, seed=1))
+    )
     assert len(pieces) == 1000  # charlm has no eos: it always runs to max_tokens
 
 
@@ -268,12 +347,31 @@ async def test_failed_requests_change_no_session(zoo):
             first = pb.StreamRequest(session_id=sid, request_id=0, text="abc")
             assert (await _consume(stub.Stream(_aiter(first))))[0].steps_total == 3
             # Stream: a 200,000-token chunk is refused and the session stays at 3 steps
-            big = pb.StreamRequest(session_id=sid, request_id=1, tokens=pb.TokenIds(ids=[5] * 200_000))  # fmt: skip
-            await _expect(Code.RESOURCE_EXHAUSTED, _consume(stub.Stream(_aiter(big))), "request_id=1")  # fmt: skip
+            big = pb.StreamRequest(
+                session_id=sid, request_id=1, tokens=pb.TokenIds(ids=[5] * 200_000)
+            )
+            await _expect(
+                Code.RESOURCE_EXHAUSTED, _consume(stub.Stream(_aiter(big))), "request_id=1"
+            )
             # Infer(advance): the same
-            await _expect(Code.RESOURCE_EXHAUSTED, stub.Infer(pb.InferRequest(model="charlm", session_id=sid, advance=True, tokens=pb.TokenIds(ids=[5] * 200_000))))  # fmt: skip
+            await _expect(
+                Code.RESOURCE_EXHAUSTED,
+                stub.Infer(
+                    pb.InferRequest(
+                        model="charlm",
+                        session_id=sid,
+                        advance=True,
+                        tokens=pb.TokenIds(ids=[5] * 200_000),
+                    )
+                ),
+            )
             # Generate: a refused or cancelled generation touches no session and holds nothing
-            await _expect(Code.RESOURCE_EXHAUSTED, _consume(stub.Generate(pb.GenerateRequest(model="charlm", prompt="ab", max_tokens=10**6))))  # fmt: skip
+            await _expect(
+                Code.RESOURCE_EXHAUSTED,
+                _consume(
+                    stub.Generate(pb.GenerateRequest(model="charlm", prompt="ab", max_tokens=10**6))
+                ),
+            )
             gen = stub.Generate(pb.GenerateRequest(model="charlm", prompt="ab", max_tokens=4000))
             await gen.read()
             gen.cancel()
@@ -282,16 +380,28 @@ async def test_failed_requests_change_no_session(zoo):
             # roll back.
             server.servicer.max_response_bytes = 2000
             mid = pb.StreamRequest(session_id=sid, request_id=2, text="abcdefgh" * 20)
-            await _expect(Code.RESOURCE_EXHAUSTED, _consume(stub.Stream(_aiter(mid))), "the response would be")  # fmt: skip
-            await _expect(Code.RESOURCE_EXHAUSTED, stub.Infer(pb.InferRequest(model="charlm", session_id=sid, advance=True, text="abcdefgh" * 20)), "the response would be")  # fmt: skip
+            await _expect(
+                Code.RESOURCE_EXHAUSTED, _consume(stub.Stream(_aiter(mid))), "the response would be"
+            )
+            await _expect(
+                Code.RESOURCE_EXHAUSTED,
+                stub.Infer(
+                    pb.InferRequest(
+                        model="charlm", session_id=sid, advance=True, text="abcdefgh" * 20
+                    )
+                ),
+                "the response would be",
+            )
             server.servicer.max_response_bytes = 16 << 20
             last = pb.StreamRequest(session_id=sid, request_id=3, text="d")
             (resp,) = await _consume(stub.Stream(_aiter(last)))
             assert (resp.start, resp.steps_total) == (3, 4)
             want = await stub.Infer(pb.InferRequest(model="charlm", text="abcd"))
             np.testing.assert_allclose(
-                from_tensor(resp.outputs["logits"]), from_tensor(want.outputs["logits"])[0, 3:], atol=TOL
-            )  # fmt: skip
+                from_tensor(resp.outputs["logits"]),
+                from_tensor(want.outputs["logits"])[0, 3:],
+                atol=TOL,
+            )
             for _ in range(100):
                 if server.admission.rpcs == 0:
                     break
@@ -309,20 +419,43 @@ async def test_attached_session_refuses_advance_reset_and_close(served):
     call = stub.Stream()
     await call.write(pb.StreamRequest(session_id=sid, request_id=0, inputs={"x": to_tensor(x[:2])}))
     await call.read()
-    adv = pb.InferRequest(model="gru", session_id=sid, advance=True, inputs={"x": to_tensor(x[None, 2:4])})  # fmt: skip
-    await _expect(Code.FAILED_PRECONDITION, stub.Infer(adv), "attached to an open stream", "Infer(advance=true)")  # fmt: skip
-    await _expect(Code.FAILED_PRECONDITION, stub.ResetSession(pb.ResetSessionRequest(session_id=sid)), "ResetSession")  # fmt: skip
-    await _expect(Code.FAILED_PRECONDITION, stub.CloseSession(pb.CloseSessionRequest(session_id=sid)), "CloseSession")  # fmt: skip
-    peek = await stub.Infer(pb.InferRequest(model="gru", session_id=sid, inputs={"x": to_tensor(x[None, 2:4])}))  # fmt: skip
+    adv = pb.InferRequest(
+        model="gru", session_id=sid, advance=True, inputs={"x": to_tensor(x[None, 2:4])}
+    )
+    await _expect(
+        Code.FAILED_PRECONDITION,
+        stub.Infer(adv),
+        "attached to an open stream",
+        "Infer(advance=true)",
+    )
+    await _expect(
+        Code.FAILED_PRECONDITION,
+        stub.ResetSession(pb.ResetSessionRequest(session_id=sid)),
+        "ResetSession",
+    )
+    await _expect(
+        Code.FAILED_PRECONDITION,
+        stub.CloseSession(pb.CloseSessionRequest(session_id=sid)),
+        "CloseSession",
+    )
+    peek = await stub.Infer(
+        pb.InferRequest(model="gru", session_id=sid, inputs={"x": to_tensor(x[None, 2:4])})
+    )
     await call.write(
         pb.StreamRequest(session_id=sid, request_id=1, inputs={"x": to_tensor(x[2:4])})
     )
     r = await call.read()
     assert (r.start, r.steps_total) == (2, 4)  # the refusals changed nothing
-    np.testing.assert_allclose(from_tensor(r.outputs["y"]), from_tensor(peek.outputs["y"])[0], atol=TOL)  # fmt: skip
+    np.testing.assert_allclose(
+        from_tensor(r.outputs["y"]), from_tensor(peek.outputs["y"])[0], atol=TOL
+    )
     await call.done_writing()
     assert await call.read() == grpc.aio.EOF
-    await stub.Infer(adv.__class__(model="gru", session_id=sid, advance=True, inputs={"x": to_tensor(x[None, 4:])}))  # fmt: skip
+    await stub.Infer(
+        adv.__class__(
+            model="gru", session_id=sid, advance=True, inputs={"x": to_tensor(x[None, 4:])}
+        )
+    )
     assert await _steps_total(stub, sid, x[:1]) == 6
     await stub.ResetSession(pb.ResetSessionRequest(session_id=sid))
     await stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
@@ -420,14 +553,20 @@ async def test_a_frozen_peer_is_detected_and_its_session_frees(zoo, tmp_path):
             sid = await _new(stub, "gru")
             child = subprocess.Popen(
                 [sys.executable, str(script), server.target, sid],
-                stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(Path.cwd())},
-            )  # fmt: skip
+                stdout=subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": str(Path.cwd())},
+            )
             try:
                 line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 60)
                 assert line.strip() == b"attached"
                 os.kill(child.pid, signal.SIGSTOP)  # socket open, process frozen
                 frozen_at = time.monotonic()
-                await _expect(Code.FAILED_PRECONDITION, _steps_total(stub, sid, _x(1)), "already attached", "lease runs out in")  # fmt: skip
+                await _expect(
+                    Code.FAILED_PRECONDITION,
+                    _steps_total(stub, sid, _x(1)),
+                    "already attached",
+                    "lease runs out in",
+                )
                 while True:
                     try:
                         steps = await _steps_total(stub, sid, _x(1))
@@ -473,8 +612,10 @@ async def test_admission_limits_refuse_with_a_message(zoo):
     try:
         async with (
             grpc.aio.insecure_channel(server.target) as a,
-            grpc.aio.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)]) as b,
-        ):  # fmt: skip
+            grpc.aio.insecure_channel(
+                server.target, options=[("grpc.use_local_subchannel_pool", 1)]
+            ) as b,
+        ):
             sa, sb = pb_grpc.RnnzooStub(a), pb_grpc.RnnzooStub(b)
             open_calls = []
             for stub in (sa, sa):
@@ -483,11 +624,21 @@ async def test_admission_limits_refuse_with_a_message(zoo):
                 await call.write(pb.StreamRequest(session_id=sid, inputs={"x": to_tensor(_x(1))}))
                 await call.read()
                 open_calls.append(call)
-            await _expect(Code.RESOURCE_EXHAUSTED, _steps_total(sa, await _new(sa, "gru"), _x(1)), "max_streams_per_connection")  # fmt: skip
+            await _expect(
+                Code.RESOURCE_EXHAUSTED,
+                _steps_total(sa, await _new(sa, "gru"), _x(1)),
+                "max_streams_per_connection",
+            )
             third = sb.Stream()
-            await third.write(pb.StreamRequest(session_id=await _new(sb, "gru"), inputs={"x": to_tensor(_x(1))}))  # fmt: skip
+            await third.write(
+                pb.StreamRequest(session_id=await _new(sb, "gru"), inputs={"x": to_tensor(_x(1))})
+            )
             await third.read()
-            await _expect(Code.RESOURCE_EXHAUSTED, _steps_total(sb, await _new(sb, "gru"), _x(1)), "maximum of 3 open streams")  # fmt: skip
+            await _expect(
+                Code.RESOURCE_EXHAUSTED,
+                _steps_total(sb, await _new(sb, "gru"), _x(1)),
+                "maximum of 3 open streams",
+            )
             for call in [*open_calls, third]:
                 await call.done_writing()
                 assert await call.read() == grpc.aio.EOF
@@ -540,6 +691,12 @@ async def test_fuzz_2000_hostile_requests(zoo):
     assert not report.silent, summary["silent"]
     assert len(report.canaries) == 3 and all(e <= TOL for e in report.canaries.values()), summary
     assert set(summary["by_rpc"]) == {
-        "ListModels", "GetModel", "CreateSession", "CloseSession", "ResetSession", "Infer",
-        "Stream", "Generate",
-    }  # fmt: skip
+        "ListModels",
+        "GetModel",
+        "CreateSession",
+        "CloseSession",
+        "ResetSession",
+        "Infer",
+        "Stream",
+        "Generate",
+    }

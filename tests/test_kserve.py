@@ -201,8 +201,14 @@ async def test_sequence_over_model_infer_equals_whole(stub, seq):
     whole = _out(await stub.ModelInfer(_request("lstm2", x[None])))
     outs = await _sequence(stub, "lstm2", x, seq, [1, 4, 6])
     np.testing.assert_allclose(np.concatenate([_out(r) for r in outs], axis=1), whole, atol=TOL)
-    starts = [(r.parameters["start"].int64_param, r.parameters["steps_total"].int64_param,
-               r.parameters["revised"].bool_param) for r in outs]  # fmt: skip
+    starts = [
+        (
+            r.parameters["start"].int64_param,
+            r.parameters["steps_total"].int64_param,
+            r.parameters["revised"].bool_param,
+        )
+        for r in outs
+    ]
     assert starts == [(0, 1, False), (1, 5, False), (5, 11, False)]
     # ended: the id is free and says so
     details = await _expect(Code.NOT_FOUND, stub.ModelInfer(_request("lstm2", x[None, :1], seq)))
@@ -253,8 +259,9 @@ async def test_start_on_active_id_restarts_and_failed_requests_change_nothing(st
 async def test_bidirectional_sequence_returns_revised_prefix(stub):
     x = _signal(9, seed=6)
     outs = await _sequence(stub, "bigru", x, 3, [4, 5])
-    assert [(r.parameters["start"].int64_param, r.parameters["revised"].bool_param)
-            for r in outs] == [(0, True), (0, True)]  # fmt: skip
+    assert [
+        (r.parameters["start"].int64_param, r.parameters["revised"].bool_param) for r in outs
+    ] == [(0, True), (0, True)]
     for r, n in zip(outs, (4, 9), strict=True):
         offline = _out(await stub.ModelInfer(_request("bigru", x[None, :n])))
         np.testing.assert_allclose(_out(r), offline, atol=TOL)

@@ -27,8 +27,10 @@ def triton_python() -> Path:
     if not TRITON_PY.exists():
         r = subprocess.run(
             ["bash", str(ROOT / "scripts" / "setup-tritonclient.sh")],
-            capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert r.returncode == 0, f"scripts/setup-tritonclient.sh failed:\n{r.stderr[-3000:]}"
     r = subprocess.run([str(TRITON_PY), "-c", "import tritonclient.grpc"], capture_output=True)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
@@ -43,10 +45,22 @@ def target(tmp_path_factory):
     build_rnn(d / "sine-rnn.onnx", cell="rnn", input_size=1, output_size=1, seed=21)
     log = (d / "server.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rnnzoo.cli", "serve", "--model-dir", str(d), "--port", "0",
-         "--grace", "1"],
-        stdout=subprocess.PIPE, stderr=log, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "rnnzoo.cli",
+            "serve",
+            "--model-dir",
+            str(d),
+            "--port",
+            "0",
+            "--grace",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
     try:
         yield _wait_listening(proc)
     finally:

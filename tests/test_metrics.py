@@ -74,14 +74,18 @@ async def test_metrics_are_scraped_over_http(zoo):
 
             async def chunks():
                 for t in range(3):
-                    yield pb.StreamRequest(session_id=sid, request_id=t,
-                                           inputs={"x": to_tensor(x[0, t : t + 1])})  # fmt: skip
+                    yield pb.StreamRequest(
+                        session_id=sid, request_id=t, inputs={"x": to_tensor(x[0, t : t + 1])}
+                    )
 
             assert len([r async for r in rz.Stream(chunks())]) == 3
             await rz.CloseSession(pb.CloseSessionRequest(session_id=sid))
             # a kserve stream: 2 good messages and one in-band error
-            reqs = [_kreq("gru", x[:, :1], 5, start=True), _kreq("gru", x[:, 1:2], 5, end=True),
-                    _kreq("gru", x[:, 1:2], 5)]  # fmt: skip
+            reqs = [
+                _kreq("gru", x[:, :1], 5, start=True),
+                _kreq("gru", x[:, 1:2], 5, end=True),
+                _kreq("gru", x[:, 1:2], 5),
+            ]
             resps = [r async for r in ks.ModelStreamInfer(iter(reqs))]
             assert [bool(r.error_message) for r in resps] == [False, False, True]
             # three sessions at capacity 2: one is evicted

@@ -43,9 +43,19 @@ def test_train_one_entry_quick(tmp_path, capsys):
 @pytest.mark.slow
 def test_zoo_build_quick_writes_the_card(tmp_path):
     rc = main(
-        ["zoo", "build", "--quick", "--no-export", "--no-progress", "--out", str(tmp_path),
-         "--only", "sine-gru-scratch", "num2words"]
-    )  # fmt: skip
+        [
+            "zoo",
+            "build",
+            "--quick",
+            "--no-export",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+            "--only",
+            "sine-gru-scratch",
+            "num2words",
+        ]
+    )
     assert rc == 0
     card = (tmp_path / "ZOO.md").read_text()
     assert "`sine-gru-scratch`" in card and "`num2words`" in card and "gru enc-dec" in card

@@ -22,9 +22,14 @@ GRID = {"times": (1, 7, 64, 300), "batches": (1, 3), "stream": (300, 3)}
 def net_of(cell: str, layers: int = 2, bidir: bool = False, seed: int = 0, **kw) -> RecurrentNet:
     torch.manual_seed(seed)
     cfg = RNNConfig(
-        cell=cell, hidden_size=8, num_layers=layers, bidirectional=bidir, input_size=3,
-        output_size=4, **kw,
-    )  # fmt: skip
+        cell=cell,
+        hidden_size=8,
+        num_layers=layers,
+        bidirectional=bidir,
+        input_size=3,
+        output_size=4,
+        **kw,
+    )
     return RecurrentNet(cfg).eval()
 
 
@@ -162,18 +167,28 @@ def _swap_directions(W, R, B, rnn, layer):
 
 MUTANTS = {
     "lstm gates in PyTorch order": (
-        "lstm", False, lambda mp: mp.setitem(native.GATE_ORDER, "LSTM", [0, 1, 2, 3])
+        "lstm",
+        False,
+        lambda mp: mp.setitem(native.GATE_ORDER, "LSTM", [0, 1, 2, 3]),
     ),
     "gru gates r and z swapped": (
-        "gru", False, lambda mp: mp.setitem(native.GATE_ORDER, "GRU", [0, 1, 2])
+        "gru",
+        False,
+        lambda mp: mp.setitem(native.GATE_ORDER, "GRU", [0, 1, 2]),
     ),
     "gru bias halves swapped": ("gru", False, lambda mp: _mutate_weights(mp, _swap_halves_of_bias)),
-    "gru linear_before_reset=0": ("gru", False, lambda mp: _mutate_attrs(mp, linear_before_reset=0)),
+    "gru linear_before_reset=0": (
+        "gru",
+        False,
+        lambda mp: _mutate_attrs(mp, linear_before_reset=0),
+    ),
     "rnn run in reverse": ("rnn_tanh", False, lambda mp: _mutate_attrs(mp, direction="reverse")),
     "bidirectional gru directions swapped": (
-        "gru", True, lambda mp: _mutate_weights(mp, _swap_directions)
+        "gru",
+        True,
+        lambda mp: _mutate_weights(mp, _swap_directions),
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("mutant", sorted(MUTANTS))

@@ -30,9 +30,17 @@ def test_package_is_versioned():
     assert pb.DESCRIPTOR.package == "rnnzoo.v1"
     service = pb.DESCRIPTOR.services_by_name["Rnnzoo"]
     assert {m.name for m in service.methods} == {
-        "ListModels", "GetModel", "CreateSession", "CloseSession", "ResetSession",
-        "Stream", "Infer", "Generate", "SnapshotSession", "ForkSession",
-    }  # fmt: skip
+        "ListModels",
+        "GetModel",
+        "CreateSession",
+        "CloseSession",
+        "ResetSession",
+        "Stream",
+        "Infer",
+        "Generate",
+        "SnapshotSession",
+        "ForkSession",
+    }
     stream = service.methods_by_name["Stream"]
     assert stream.client_streaming and stream.server_streaming
 
@@ -84,9 +92,12 @@ def test_inference_code_is_not_stale(tmp_path):
     pytest.importorskip("grpc_tools", reason="needs grpcio-tools (the dev extra)")
     fresh = generate.generate_inference(tmp_path)
     assert {p.name for p in fresh} == {
-        "model_config_pb2.py", "model_config_pb2.pyi", "grpc_service_pb2.py",
-        "grpc_service_pb2.pyi", "grpc_service_pb2_grpc.py",
-    }  # fmt: skip
+        "model_config_pb2.py",
+        "model_config_pb2.pyi",
+        "grpc_service_pb2.py",
+        "grpc_service_pb2.pyi",
+        "grpc_service_pb2_grpc.py",
+    }
     here = Path(generate.HERE) / "inference" / "v2"
     for p in fresh:
         assert p.read_bytes() == (here / p.name).read_bytes(), (
@@ -102,9 +113,17 @@ def test_inference_protos_are_triton_verbatim_with_their_licence():
 
     assert kpb.DESCRIPTOR.package == "inference"
     service = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    assert {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
-            "ModelInfer", "ModelStreamInfer", "ModelConfig",
-            "ModelStatistics"} <= {m.name for m in service.methods}  # fmt: skip
+    assert {
+        "ServerLive",
+        "ServerReady",
+        "ModelReady",
+        "ServerMetadata",
+        "ModelMetadata",
+        "ModelInfer",
+        "ModelStreamInfer",
+        "ModelConfig",
+        "ModelStatistics",
+    } <= {m.name for m in service.methods}
     here = Path(generate.HERE) / "inference" / "v2"
     for name in ("grpc_service.proto", "model_config.proto"):
         head = (here / name).read_text()[:2000]

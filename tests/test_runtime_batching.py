@@ -179,8 +179,10 @@ async def test_pipelined_executor_batches_equal_no_batching_and_never_share_a_se
 
     monkeypatch.setattr(batching.Batcher, "_run_jobs", watched)
     rng = np.random.default_rng(11)
-    plans = [[{"x": seq(int(n), seed=int(rng.integers(1 << 30)))} for n in rng.integers(1, 4, 6)]
-             for _ in range(8)]  # fmt: skip
+    plans = [
+        [{"x": seq(int(n), seed=int(rng.integers(1 << 30)))} for n in rng.integers(1, 4, 6)]
+        for _ in range(8)
+    ]
     alone, _, _ = await run_interleaved(repo := zoo[0], "lstm2", plans, max_batch=1)
     piped, _, sizes = await run_interleaved(repo, "lstm2", plans, max_batch=3, max_delay_ms=1)
     assert not overlaps
@@ -251,8 +253,11 @@ async def test_batches_over_the_time_budget_leave_the_event_loop(zoo, monkeypatc
 
     threads: list[int] = []
     run_jobs = batching.Batcher._run_jobs
-    monkeypatch.setattr(batching.Batcher, "_run_jobs",
-                        lambda self, jobs: threads.append(threading.get_ident()) or run_jobs(self, jobs))  # fmt: skip
+    monkeypatch.setattr(
+        batching.Batcher,
+        "_run_jobs",
+        lambda self, jobs: threads.append(threading.get_ident()) or run_jobs(self, jobs),
+    )
     repo, _ = zoo
     rt = await started(repo, max_delay_ms=0)
     try:

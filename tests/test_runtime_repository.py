@@ -110,9 +110,14 @@ def test_file_without_contract_fails_the_load_by_name(tmp_path):
 
 def test_seq2seq_half_without_partner_is_reported(tmp_path):
     build_rnn(
-        tmp_path / "t.encoder.onnx", vocab=CHARS, output_size=0, name="t.encoder",
-        task="seq2seq", role="encoder", group="t",
-    )  # fmt: skip
+        tmp_path / "t.encoder.onnx",
+        vocab=CHARS,
+        output_size=0,
+        name="t.encoder",
+        task="seq2seq",
+        role="encoder",
+        group="t",
+    )
     with pytest.raises(InvalidArgument, match=r"group 't' has no decoder"):
         ModelRepository.from_dir(tmp_path)
 

@@ -84,9 +84,13 @@ def test_a_session_may_ask_for_a_shorter_ttl_never_a_longer_one():
     with pytest.raises(NotFound, match=r"expired after 2.5 s idle"):
         store.get(short.id)
     assert store.get(default.id) is default
-    for bad, msg in [(11, "longer than this server's session TTL of 10 s"),
-                     (0, "positive"), (-1, "positive"), (float("nan"), "positive"),
-                     (float("inf"), "positive")]:  # fmt: skip
+    for bad, msg in [
+        (11, "longer than this server's session TTL of 10 s"),
+        (0, "positive"),
+        (-1, "positive"),
+        (float("nan"), "positive"),
+        (float("inf"), "positive"),
+    ]:
         with pytest.raises(InvalidArgument, match=msg):
             store.create("m", {}, ttl_s=bad)
     assert len(store) == 1  # short expired; the refused requests created nothing

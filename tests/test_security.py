@@ -43,22 +43,66 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 
 def _ca(d: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
-             "-subj", f"/CN={name}", cwd=d)  # fmt: skip
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        cwd=d,
+    )
 
 
 def _leaf(d: Path, name: str, ca: str, cn: str, server: bool) -> None:
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)  # fmt: skip
+    _openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        f"/CN={cn}",
+        cwd=d,
+    )
     ext = d / f"{name}.ext"
     ext.write_text(
         "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
         if server
         else "extendedKeyUsage=clientAuth\n"
     )
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", ext.name, cwd=d)  # fmt: skip
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.pem",
+        "-CAkey",
+        f"{ca}.key",
+        "-CAcreateserial",
+        "-out",
+        f"{name}.pem",
+        "-days",
+        "2",
+        "-extfile",
+        ext.name,
+        cwd=d,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +179,13 @@ def test_mtls_needs_a_certificate_from_the_client_ca_and_names_the_principal(zoo
         def client(name: str | None) -> Client:
             if name is None:
                 return Client(srv.target, tls_ca=ca, timeout=5)
-            return Client(srv.target, tls_ca=ca, tls_cert=pki / f"{name}.pem",
-                          tls_key=pki / f"{name}.key", timeout=20)  # fmt: skip
+            return Client(
+                srv.target,
+                tls_ca=ca,
+                tls_cert=pki / f"{name}.pem",
+                tls_key=pki / f"{name}.key",
+                timeout=20,
+            )
 
         for name in (None, "mallory"):  # no certificate; a certificate from another CA
             with client(name) as c, pytest.raises(grpc.RpcError) as info:
@@ -155,7 +204,9 @@ def test_mtls_needs_a_certificate_from_the_client_ca_and_names_the_principal(zoo
 async def _token_server(zoo: Path, tokens_file: Path, **options) -> RnnzooServer:
     rate = options.pop("requests_per_s", 0.0)
     burst = options.pop("burst", None)
-    cfg = ServerConfig(port=0, grace_s=0.2, auth_tokens=str(tokens_file), requests_per_s=rate, burst=burst)  # fmt: skip
+    cfg = ServerConfig(
+        port=0, grace_s=0.2, auth_tokens=str(tokens_file), requests_per_s=rate, burst=burst
+    )
     server = RnnzooServer(cfg)
     await server.start()
     options.setdefault("session_ttl_s", None)
@@ -190,12 +241,22 @@ async def test_tokens_are_required_on_every_rpc_and_say_how(zoo, tokens_file):
             calls = {
                 "ListModels": lambda md: stub.ListModels(pb.ListModelsRequest(), metadata=md),
                 "GetModel": lambda md: stub.GetModel(pb.GetModelRequest(name="gru"), metadata=md),
-                "CreateSession": lambda md: stub.CreateSession(pb.CreateSessionRequest(model="gru"), metadata=md),
-                "Infer": lambda md: stub.Infer(pb.InferRequest(model="gru", inputs={"x": to_tensor(_x(2)[None])}), metadata=md),
-                "Generate": lambda md: _consume(stub.Generate(pb.GenerateRequest(model="charlm", prompt="ab", max_tokens=2), metadata=md)),
-                "Stream": lambda md: _consume(stub.Stream(_one(pb.StreamRequest(session_id="x")), metadata=md)),
+                "CreateSession": lambda md: stub.CreateSession(
+                    pb.CreateSessionRequest(model="gru"), metadata=md
+                ),
+                "Infer": lambda md: stub.Infer(
+                    pb.InferRequest(model="gru", inputs={"x": to_tensor(_x(2)[None])}), metadata=md
+                ),
+                "Generate": lambda md: _consume(
+                    stub.Generate(
+                        pb.GenerateRequest(model="charlm", prompt="ab", max_tokens=2), metadata=md
+                    )
+                ),
+                "Stream": lambda md: _consume(
+                    stub.Stream(_one(pb.StreamRequest(session_id="x")), metadata=md)
+                ),
                 "Reflection": lambda md: _reflect(ch, md),
-            }  # fmt: skip
+            }
             for name, call in calls.items():
                 for md, why in (
                     (None, "carried none"),
@@ -238,7 +299,9 @@ async def test_sessions_belong_to_their_principal_others_get_not_found(zoo, toke
     try:
         async with grpc.aio.insecure_channel(server.target) as ch:
             stub = pb_grpc.RnnzooStub(ch)
-            sid = (await stub.CreateSession(pb.CreateSessionRequest(model="gru"), metadata=_md(ALICE))).session_id  # fmt: skip
+            sid = (
+                await stub.CreateSession(pb.CreateSessionRequest(model="gru"), metadata=_md(ALICE))
+            ).session_id
             x = _x(4, seed=2)
             assert (await _stream(stub, sid, ALICE, x[:2]))[0].steps_total == 2
             # bob: every way of touching it says it does not exist, in the words used for
@@ -247,11 +310,24 @@ async def test_sessions_belong_to_their_principal_others_get_not_found(zoo, toke
             for target in (sid, fake):
                 probes = [
                     _stream(stub, target, BOB, x[2:3]),
-                    stub.Infer(pb.InferRequest(model="gru", session_id=target, inputs={"x": to_tensor(x[None, 2:3])}), metadata=_md(BOB)),
-                    stub.Infer(pb.InferRequest(model="gru", session_id=target, advance=True, inputs={"x": to_tensor(x[None, 2:3])}), metadata=_md(BOB)),
+                    stub.Infer(
+                        pb.InferRequest(
+                            model="gru", session_id=target, inputs={"x": to_tensor(x[None, 2:3])}
+                        ),
+                        metadata=_md(BOB),
+                    ),
+                    stub.Infer(
+                        pb.InferRequest(
+                            model="gru",
+                            session_id=target,
+                            advance=True,
+                            inputs={"x": to_tensor(x[None, 2:3])},
+                        ),
+                        metadata=_md(BOB),
+                    ),
                     stub.ResetSession(pb.ResetSessionRequest(session_id=target), metadata=_md(BOB)),
                     stub.CloseSession(pb.CloseSessionRequest(session_id=target), metadata=_md(BOB)),
-                ]  # fmt: skip
+                ]
                 for probe in probes:
                     code, details = await _code(probe)
                     assert code == Code.NOT_FOUND, (code, details)
@@ -260,8 +336,12 @@ async def test_sessions_belong_to_their_principal_others_get_not_found(zoo, toke
             assert (await _stream(stub, sid, ALICE, x[2:]))[0].steps_total == 4
             # closed: alice is told why; bob still hears "no session"
             await stub.CloseSession(pb.CloseSessionRequest(session_id=sid), metadata=_md(ALICE))
-            _, mine = await _code(stub.ResetSession(pb.ResetSessionRequest(session_id=sid), metadata=_md(ALICE)))  # fmt: skip
-            _, theirs = await _code(stub.ResetSession(pb.ResetSessionRequest(session_id=sid), metadata=_md(BOB)))  # fmt: skip
+            _, mine = await _code(
+                stub.ResetSession(pb.ResetSessionRequest(session_id=sid), metadata=_md(ALICE))
+            )
+            _, theirs = await _code(
+                stub.ResetSession(pb.ResetSessionRequest(session_id=sid), metadata=_md(BOB))
+            )
             assert "was closed" in mine and "no session" in theirs and "closed" not in theirs
     finally:
         await server.stop(0.2)
@@ -342,7 +422,9 @@ async def test_session_quota_per_principal(zoo, tokens_file):
             assert "principal 'alice'" in details and "max_sessions_per_client=2" in details
             assert "retry" in details and "idle TTL 300 s" in details
             assert (await create(BOB)).session_id  # bob's quota is his own
-            await stub.CloseSession(pb.CloseSessionRequest(session_id=a1.session_id), metadata=_md(ALICE))  # fmt: skip
+            await stub.CloseSession(
+                pb.CloseSessionRequest(session_id=a1.session_id), metadata=_md(ALICE)
+            )
             assert (await create(ALICE)).session_id  # a closed session frees its slot
     finally:
         await server.stop(0.2)
@@ -351,12 +433,16 @@ async def test_session_quota_per_principal(zoo, tokens_file):
 async def test_session_quota_per_connection_without_authentication(zoo):
     server = RnnzooServer(ServerConfig(port=0, grace_s=0.2))
     await server.start()
-    await server.load(Runtime.from_dir(zoo, RuntimeOptions(session_ttl_s=None, max_sessions_per_client=3)))  # fmt: skip
+    await server.load(
+        Runtime.from_dir(zoo, RuntimeOptions(session_ttl_s=None, max_sessions_per_client=3))
+    )
     try:
         async with (
             grpc.aio.insecure_channel(server.target) as a,
-            grpc.aio.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)]) as b,
-        ):  # fmt: skip
+            grpc.aio.insecure_channel(
+                server.target, options=[("grpc.use_local_subchannel_pool", 1)]
+            ) as b,
+        ):
             sa, sb = pb_grpc.RnnzooStub(a), pb_grpc.RnnzooStub(b)
             for _ in range(3):
                 await sa.CreateSession(pb.CreateSessionRequest(model="gru"))
@@ -399,7 +485,9 @@ async def test_session_quota_is_counted_across_servers_sharing_a_store(
         assert "principal 'alice'" in details and "max_sessions_per_client=2" in details
         assert "across the servers sharing the state store" in details
         assert (await create(sb, BOB)).session_id  # bob's quota is his own
-        await sb.CloseSession(pb.CloseSessionRequest(session_id=on_b.session_id), metadata=_md(ALICE))  # fmt: skip
+        await sb.CloseSession(
+            pb.CloseSessionRequest(session_id=on_b.session_id), metadata=_md(ALICE)
+        )
         assert (await create(sa, ALICE)).session_id  # closed on B: a slot frees on A
 
 
@@ -439,12 +527,16 @@ async def test_request_rate_quota_per_principal_counts_stream_messages(zoo, toke
             assert "requests_per_s" in details and "retry in" in details
             await listing(BOB)  # bob has his own bucket
             await asyncio.sleep(1.1)  # two requests' worth refills
-            sid = (await stub.CreateSession(pb.CreateSessionRequest(model="gru"), metadata=_md(BOB))).session_id  # fmt: skip
+            sid = (
+                await stub.CreateSession(pb.CreateSessionRequest(model="gru"), metadata=_md(BOB))
+            ).session_id
             # bob has ~2 left: a Stream of 4 messages runs out on its 3rd or 4th message
             call = stub.Stream(metadata=_md(BOB))
             answered = 0
             for i in range(4):
-                await call.write(pb.StreamRequest(session_id=sid, request_id=i, inputs={"x": to_tensor(_x(1))}))  # fmt: skip
+                await call.write(
+                    pb.StreamRequest(session_id=sid, request_id=i, inputs={"x": to_tensor(_x(1))})
+                )
                 resp = await _code(call.read())
                 if resp[0] != Code.OK:
                     code, details = resp

@@ -39,8 +39,10 @@ def server(tmp_path_factory):
     build_zoo(d)
     proc = subprocess.Popen(
         [*CLI, "serve", "--model-dir", str(d), "--port", "0", "--grace", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     target = _wait_listening(proc)
     yield proc, target
     if proc.poll() is None:
@@ -57,8 +59,19 @@ def test_serve_stream_generate_then_sigterm(server, tmp_path):
     proc, target = server
     assert target.startswith("127.0.0.1:") and int(target.split(":")[1]) > 0
     plot = tmp_path / "stream.png"
-    r = _run("stream", "--model", "lstm2", "--target", target, "--steps", "20", "--chunk", "3",
-             "--plot", str(plot))  # fmt: skip
+    r = _run(
+        "stream",
+        "--model",
+        "lstm2",
+        "--target",
+        target,
+        "--steps",
+        "20",
+        "--chunk",
+        "3",
+        "--plot",
+        str(plot),
+    )
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("t=")]
     assert [int(ln.split()[0][2:]) for ln in lines] == list(range(20))
@@ -66,8 +79,19 @@ def test_serve_stream_generate_then_sigterm(server, tmp_path):
     r = _run("stream", "--model", "bigru", "--target", target, "--steps", "7", "--chunk", "2")
     assert r.returncode == 0, r.stderr
     assert len([ln for ln in r.stdout.splitlines() if ln.startswith("t=")]) == 7
-    r = _run("generate", "--model", "charlm", "--prompt", "abc", "--target", target,
-             "--max-tokens", "10", "--seed", "1")  # fmt: skip
+    r = _run(
+        "generate",
+        "--model",
+        "charlm",
+        "--prompt",
+        "abc",
+        "--target",
+        target,
+        "--max-tokens",
+        "10",
+        "--seed",
+        "1",
+    )
     assert r.returncode == 0 and r.stdout.startswith("abc") and 4 <= len(r.stdout.strip()) <= 13
     r = _run("stream", "--model", "nope", "--target", target)
     assert r.returncode == 1 and "NOT_FOUND" in r.stderr and "lstm2" in r.stderr
@@ -130,8 +154,10 @@ def test_serve_refuses_a_failed_parity_record_unless_allowed(tmp_path):
     assert "m.parity.json" in r.stderr and "--allow-failed-parity" in r.stderr
     proc = subprocess.Popen(
         [*CLI, "serve", "--model-dir", str(tmp_path), "--port", "0", "--allow-failed-parity"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         from rnnzoo.client import Client
 

@@ -257,7 +257,9 @@ async def test_reset_close_and_infer_from_session(stub):
     np.testing.assert_allclose(_joined(again), offline, atol=TOL)
     await stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
     # session ids are secrets: errors (and logs) show only a short prefix
-    msg = await _expect(Code.NOT_FOUND, stub.ResetSession(pb.ResetSessionRequest(session_id=sid)), sid[:6])  # fmt: skip
+    msg = await _expect(
+        Code.NOT_FOUND, stub.ResetSession(pb.ResetSessionRequest(session_id=sid)), sid[:6]
+    )
     assert sid not in msg
     await _expect(Code.NOT_FOUND, _stream(stub, sid, [x]), sid[:6])
 
@@ -320,19 +322,69 @@ async def test_bad_unary_requests(stub):
     cases = [
         (stub.CreateSession(sess(model="nope")), Code.NOT_FOUND, "known models"),
         (stub.CreateSession(sess(model="")), Code.INVALID_ARGUMENT, "model is empty"),
-        (stub.CreateSession(sess(model="gru", initial_state={"h9": _t()})), Code.INVALID_ARGUMENT, "h9"),
-        (stub.CreateSession(sess(model="gru", initial_state={"h0": _t(shape=(2, 2))})), Code.INVALID_ARGUMENT, "h0"),
+        (
+            stub.CreateSession(sess(model="gru", initial_state={"h9": _t()})),
+            Code.INVALID_ARGUMENT,
+            "h9",
+        ),
+        (
+            stub.CreateSession(sess(model="gru", initial_state={"h0": _t(shape=(2, 2))})),
+            Code.INVALID_ARGUMENT,
+            "h0",
+        ),
         (stub.CreateSession(sess(model="rev")), Code.FAILED_PRECONDITION, "seq2seq"),
-        (stub.CloseSession(pb.CloseSessionRequest(session_id="x" * 32)), Code.NOT_FOUND, "no session 'xxxxxx…'"),
-        (stub.Infer(pb.InferRequest(model="charlm", text="xyz!")), Code.INVALID_ARGUMENT, "not in the vocabulary"),
-        (stub.Infer(pb.InferRequest(model="charlm", tokens=pb.TokenIds(ids=[0, 99]))), Code.INVALID_ARGUMENT, "token ids"),
-        (stub.Infer(pb.InferRequest(model="gru", inputs={"x": _t(shape=(1, 2, 3), data=b"1")})), Code.INVALID_ARGUMENT, "bytes"),
-        (stub.Infer(pb.InferRequest(model="gru", inputs={"x": _t(shape=(1, 2, 3))}, advance=True)), Code.INVALID_ARGUMENT, "session_id"),
-        (_consume(stub.Generate(pb.GenerateRequest(model="charlm", prompt="ab", max_tokens=0))), Code.INVALID_ARGUMENT, "max_tokens"),
-        (_consume(stub.Generate(pb.GenerateRequest(model="charlm", prompt="ab", max_tokens=3, temperature=-1))), Code.INVALID_ARGUMENT, "temperature"),
-        (_consume(stub.Generate(pb.GenerateRequest(model="charlm", prompt="AB", max_tokens=3))), Code.INVALID_ARGUMENT, "'A'"),
-        (_consume(stub.Generate(pb.GenerateRequest(model="gru", prompt="ab", max_tokens=3))), Code.FAILED_PRECONDITION, "does not generate"),
-    ]  # fmt: skip
+        (
+            stub.CloseSession(pb.CloseSessionRequest(session_id="x" * 32)),
+            Code.NOT_FOUND,
+            "no session 'xxxxxx…'",
+        ),
+        (
+            stub.Infer(pb.InferRequest(model="charlm", text="xyz!")),
+            Code.INVALID_ARGUMENT,
+            "not in the vocabulary",
+        ),
+        (
+            stub.Infer(pb.InferRequest(model="charlm", tokens=pb.TokenIds(ids=[0, 99]))),
+            Code.INVALID_ARGUMENT,
+            "token ids",
+        ),
+        (
+            stub.Infer(pb.InferRequest(model="gru", inputs={"x": _t(shape=(1, 2, 3), data=b"1")})),
+            Code.INVALID_ARGUMENT,
+            "bytes",
+        ),
+        (
+            stub.Infer(
+                pb.InferRequest(model="gru", inputs={"x": _t(shape=(1, 2, 3))}, advance=True)
+            ),
+            Code.INVALID_ARGUMENT,
+            "session_id",
+        ),
+        (
+            _consume(stub.Generate(pb.GenerateRequest(model="charlm", prompt="ab", max_tokens=0))),
+            Code.INVALID_ARGUMENT,
+            "max_tokens",
+        ),
+        (
+            _consume(
+                stub.Generate(
+                    pb.GenerateRequest(model="charlm", prompt="ab", max_tokens=3, temperature=-1)
+                )
+            ),
+            Code.INVALID_ARGUMENT,
+            "temperature",
+        ),
+        (
+            _consume(stub.Generate(pb.GenerateRequest(model="charlm", prompt="AB", max_tokens=3))),
+            Code.INVALID_ARGUMENT,
+            "'A'",
+        ),
+        (
+            _consume(stub.Generate(pb.GenerateRequest(model="gru", prompt="ab", max_tokens=3))),
+            Code.FAILED_PRECONDITION,
+            "does not generate",
+        ),
+    ]
     for coro, code, needle in cases:
         await _expect(code, coro, needle)
 
@@ -368,11 +420,19 @@ async def test_eviction_over_grpc_drops_the_least_recent_session_and_says_so(zoo
     x = _signal(4, seed=12)
 
     async def test(stub):
-        a, b = [(await stub.CreateSession(pb.CreateSessionRequest(model="gru"))).session_id
-                for _ in range(2)]  # fmt: skip
+        a, b = [
+            (await stub.CreateSession(pb.CreateSessionRequest(model="gru"))).session_id
+            for _ in range(2)
+        ]
         first = await _stream(stub, a, [x[:2]])  # a is now more recent than b
         await stub.CreateSession(pb.CreateSessionRequest(model="gru"))  # evicts b
-        msg = await _expect(Code.NOT_FOUND, _stream(stub, b, [x[:1]]), "evicted", "least recently used", "create a new session")  # fmt: skip
+        msg = await _expect(
+            Code.NOT_FOUND,
+            _stream(stub, b, [x[:1]]),
+            "evicted",
+            "least recently used",
+            "create a new session",
+        )
         assert b[:6] in msg and b not in msg
         rest = await _stream(stub, a, [x[2:]], first_id=1)  # a's state survived the eviction
         assert rest[0].start == 2
@@ -387,10 +447,22 @@ async def test_create_session_takes_a_shorter_ttl_and_refuses_a_longer_one(zoo):
         default = await stub.CreateSession(pb.CreateSessionRequest(model="gru"))
         short = await stub.CreateSession(pb.CreateSessionRequest(model="gru", ttl_s=0.2))
         assert (default.ttl_s, short.ttl_s) == (60, 0.2)
-        await _expect(Code.INVALID_ARGUMENT, stub.CreateSession(pb.CreateSessionRequest(model="gru", ttl_s=61)), "longer than this server's session TTL of 60 s")  # fmt: skip
-        await _expect(Code.INVALID_ARGUMENT, stub.CreateSession(pb.CreateSessionRequest(model="gru", ttl_s=-1)), "positive")  # fmt: skip
+        await _expect(
+            Code.INVALID_ARGUMENT,
+            stub.CreateSession(pb.CreateSessionRequest(model="gru", ttl_s=61)),
+            "longer than this server's session TTL of 60 s",
+        )
+        await _expect(
+            Code.INVALID_ARGUMENT,
+            stub.CreateSession(pb.CreateSessionRequest(model="gru", ttl_s=-1)),
+            "positive",
+        )
         await asyncio.sleep(0.4)
-        await _expect(Code.NOT_FOUND, _stream(stub, short.session_id, [_signal(1, 0)]), "expired after 0.2 s idle")  # fmt: skip
+        await _expect(
+            Code.NOT_FOUND,
+            _stream(stub, short.session_id, [_signal(1, 0)]),
+            "expired after 0.2 s idle",
+        )
         assert len(await _stream(stub, default.session_id, [_signal(1, 0)])) == 1
 
     await _with_options(zoo, test, session_ttl_s=60, sweep_interval_s=0.05)
@@ -408,7 +480,9 @@ async def test_idle_session_expires_over_grpc_with_a_clear_not_found(zoo):
             await _stream(stub, busy, [x[:1]], first_id=i)
             await asyncio.sleep(0.1)
         await _expect(Code.NOT_FOUND, _stream(stub, idle, [x[:1]]), "expired after 0.3 s idle")
-        await _expect(Code.NOT_FOUND, stub.CloseSession(pb.CloseSessionRequest(session_id=idle)), "expired")  # fmt: skip
+        await _expect(
+            Code.NOT_FOUND, stub.CloseSession(pb.CloseSessionRequest(session_id=idle)), "expired"
+        )
         more = await _stream(stub, busy, [x[1:]], first_id=6)
         assert more[0].start == 6
 

@@ -46,8 +46,9 @@ def _cgroup(tmp_path, rel: str, files: dict[str, str]):
 
 def test_workers_0_counts_the_affinity_and_the_cgroup_quota(tmp_path):
     affinity = len(os.sched_getaffinity(0))
-    root, proc = _cgroup(tmp_path, "/a/b", {".": "max 100000", "a": "max 100000",
-                                            "a/b": "150000 100000"})  # fmt: skip
+    root, proc = _cgroup(
+        tmp_path, "/a/b", {".": "max 100000", "a": "max 100000", "a/b": "150000 100000"}
+    )
     assert cgroup_cpu_limit(root, proc) == 1.5
     assert usable_cores(root, proc) == min(affinity, 2)  # 1.5 cores: two workers
     root, proc = _cgroup(tmp_path / "2", "/a/b", {"a": "50000 100000", "a/b": "400000 100000"})
@@ -96,9 +97,23 @@ class Group(Proc):
 
     def __init__(self, zoo, tmp, n: int, *extra: str):
         self.port = free_port()
-        args = [*RNNZOO, "serve", "--model-dir", str(zoo), "--port", str(self.port),
-                "--workers", str(n), "--session-ttl", "0", "--grace", "1",
-                "--lease-ttl", "2", *extra]  # fmt: skip
+        args = [
+            *RNNZOO,
+            "serve",
+            "--model-dir",
+            str(zoo),
+            "--port",
+            str(self.port),
+            "--workers",
+            str(n),
+            "--session-ttl",
+            "0",
+            "--grace",
+            "1",
+            "--lease-ttl",
+            "2",
+            *extra,
+        ]
         super().__init__(args, tmp / f"group-{self.port}.log")
         self.wait_for(r"listening on 127\.0\.0\.1:\d+", 120)
 
@@ -140,8 +155,11 @@ def _health(target: str) -> int:
 
 def _worker_of(group: Group, rpc: str, sid: str) -> set[int]:
     short = sid[:6]
-    return {ln["worker"] for ln in group.lines()
-            if ln.get("rpc") == rpc and str(ln.get("session", "")).startswith(short)}  # fmt: skip
+    return {
+        ln["worker"]
+        for ln in group.lines()
+        if ln.get("rpc") == rpc and str(ln.get("session", "")).startswith(short)
+    }
 
 
 def _alive(pid: int) -> bool:
@@ -158,8 +176,17 @@ def test_workers_share_sessions_restart_and_drain(zoo, tmp_path):
     freed at once (no waiting out the 60 s lease TTL), and its sessions continue exactly;
     metrics aggregate the workers; SIGTERM drains both."""
     metrics_port = free_port()
-    g = Group(zoo, tmp_path, 2, "--state-store", str(tmp_path / "st"),
-              "--metrics-port", str(metrics_port), "--lease-ttl", "60")  # fmt: skip
+    g = Group(
+        zoo,
+        tmp_path,
+        2,
+        "--state-store",
+        str(tmp_path / "st"),
+        "--metrics-port",
+        str(metrics_port),
+        "--lease-ttl",
+        "60",
+    )
     try:
         assert _health(g.target) == health_pb2.HealthCheckResponse.SERVING
         pids = g.worker_pids()
@@ -205,7 +232,11 @@ def test_workers_share_sessions_restart_and_drain(zoo, tmp_path):
         assert _health(g.target) == health_pb2.HealthCheckResponse.SERVING
 
         # metrics: the supervisor serves the aggregate of every worker
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()  # fmt: skip
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
         created = re.search(r'rnnzoo_sessions_total\{event="created"\} ([\d.e+]+)', text)
         assert created and float(created.group(1)) >= 8, text[-2000:]
         for c in clients:

@@ -33,8 +33,10 @@ def main(target: str) -> int:
     assert [s["input_name"] for s in config["sequence_batching"]["state"]] == ["h0", "c0"]
 
     rng = np.random.default_rng(0)
-    xs = {101: rng.normal(size=(1, 12, 3)).astype(np.float32),
-          "user-b": rng.normal(size=(1, 12, 3)).astype(np.float32)}  # fmt: skip
+    xs = {
+        101: rng.normal(size=(1, 12, 3)).astype(np.float32),
+        "user-b": rng.normal(size=(1, 12, 3)).astype(np.float32),
+    }
 
     def inputs(x: np.ndarray) -> list:
         inp = grpcclient.InferInput("x", list(x.shape), "FP32")
@@ -56,9 +58,13 @@ def main(target: str) -> int:
     for i, (a, b) in enumerate(cuts):
         for seq, x in xs.items():
             client.async_stream_infer(
-                "lstm2", inputs(x[:, a:b]), request_id=f"{seq}/{i}", sequence_id=seq,
-                sequence_start=i == 0, sequence_end=i == len(cuts) - 1,
-            )  # fmt: skip
+                "lstm2",
+                inputs(x[:, a:b]),
+                request_id=f"{seq}/{i}",
+                sequence_id=seq,
+                sequence_start=i == 0,
+                sequence_end=i == len(cuts) - 1,
+            )
     got: dict = {seq: [] for seq in xs}
     for _ in range(len(cuts) * len(xs)):
         result, error = results.get(timeout=30)

@@ -305,9 +305,13 @@ class Client:
     ) -> Iterator[str]:
         """Yield text pieces as the server produces them."""
         req = pb.GenerateRequest(
-            model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
-            top_k=top_k, seed=seed,
-        )  # fmt: skip
+            model=model,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+        )
         try:
             for resp in self.stub.Generate(req, metadata=self._metadata):
                 yield resp.text

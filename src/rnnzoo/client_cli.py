@@ -35,8 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_client_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection security")
-    g.add_argument("--token-file", metavar="FILE",
-                   help="file holding the bearer token (default: $RNNZOO_TOKEN, if set)")  # fmt: skip
+    g.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="file holding the bearer token (default: $RNNZOO_TOKEN, if set)",
+    )
     g.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA")
     g.add_argument("--tls-cert", metavar="PEM", help="client certificate (mTLS)")
     g.add_argument("--tls-key", metavar="PEM", help="the client certificate's key (mTLS)")

@@ -128,8 +128,16 @@ def guess(path: str | Path) -> tuple[dict, list[str], list[str]]:
         sym = [i for i, d in enumerate(shape) if not isinstance(d, int)]
         ax = next((i for i in sym if shape[i] == batch), sym[0] if sym else 0)
         dims = ["batch" if i == ax else d for i, d in enumerate(shape)]
-        states.append({"input": si, "output": so, "dtype": dt, "shape": dims, "batch_axis": ax,
-                       "init": "zeros"})  # fmt: skip
+        states.append(
+            {
+                "input": si,
+                "output": so,
+                "dtype": dt,
+                "shape": dims,
+                "batch_axis": ax,
+                "init": "zeros",
+            }
+        )
         guessed.append(f"state {si} -> {so} ({how}), batch_axis={ax}, init zeros")
     in_states = {p[0] for p in pairs}
     out_states = {p[1] for p in pairs}
@@ -158,9 +166,16 @@ def guess(path: str | Path) -> tuple[dict, list[str], list[str]]:
         if spec["time_axis"] is None:
             check.append(f"output {name!r} has no time axis: given once per chunk?")
     stem = Path(path).name.removesuffix(".onnx")
-    contract = {"format": CONTRACT_FORMAT, "name": stem, "task": "generic", "inputs": inputs,
-                "outputs": outputs, "states": states, "constants": constants,
-                "streamable": True}  # fmt: skip
+    contract = {
+        "format": CONTRACT_FORMAT,
+        "name": stem,
+        "task": "generic",
+        "inputs": inputs,
+        "outputs": outputs,
+        "states": states,
+        "constants": constants,
+        "streamable": True,
+    }
     if not states:
         check.append("no state pairs found: a stateless graph, or states named unusually")
     check += [
