@@ -168,7 +168,13 @@ def _session(path: Path):
 def _probe_value(name: str, dt: str, shape: list, given: dict) -> tuple[np.ndarray, str]:
     """A constant's value for the probe runs and where it came from."""
     if name in given:
-        return np.asarray(given[name], dtype=dt), "given"
+        try:
+            return np.asarray(given[name], dtype=dt), "given"
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(
+                f"--set {name}={json.dumps(given[name])}: not a value of dtype {dt} for input {name!r} "
+                f"(shape {shape}): {exc}"
+            ) from exc
     dims = [d if isinstance(d, int) else 1 for d in shape]
     if not dims and SAMPLE_RATE.match(name) and dt.startswith("int"):
         return np.asarray(16000, dtype=dt), "a common sample rate, guessed from its name"
