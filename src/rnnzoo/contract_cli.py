@@ -59,7 +59,7 @@ def _tensors(values) -> dict[str, tuple[str, list]]:
     out = {}
     for v in values:
         t = v.type.tensor_type
-        dims = []
+        dims: list[int | str | None] = []
         for d in t.shape.dim if t.HasField("shape") else []:
             if d.HasField("dim_value"):
                 dims.append(int(d.dim_value))
@@ -208,7 +208,7 @@ def guess(
         if isinstance(d, str)
     )
     batch = counts.most_common(1)[0][0] if counts else None
-    guessed = [f"batch dim name: {batch!r} (symbolic in {counts.get(batch, 0)} tensors)"]
+    guessed = [f"batch dim name: {batch!r} (symbolic in {counts[batch] if batch else 0} tensors)"]
     check: list[str] = []
     pairs = _pair_states(g_in, g_out, batch)
     in_states = {p[0] for p in pairs}
