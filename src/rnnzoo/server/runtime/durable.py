@@ -26,7 +26,7 @@ from rnnzoo.errors import FailedPrecondition
 from .caller import current
 from .redact import sid_tag
 from .sessions import Session
-from .snapshot import Snapshot, from_bytes, model_hash, to_bytes
+from .snapshot import Snapshot, StepEncoder, from_bytes, model_hash, to_bytes
 from .store import GroupWriter, StateStore, Write
 
 
@@ -160,7 +160,11 @@ class Durability:
             return
         snap.meta = self.meta(sess)
         epoch = lease.epoch if lease is not None else sess.fence
-        w = Write(sess.id, epoch, to_bytes(snap), self._ttl(sess), resp, rpos, lease is not None)
+        encoder = sess.encoder
+        if encoder is None:
+            encoder = sess.encoder = StepEncoder()
+        data = encoder.encode(snap, sess.initial)  # type: ignore[attr-defined]
+        w = Write(sess.id, epoch, data, self._ttl(sess), resp, rpos, lease is not None)
         if not await self.writer.write(w):
             if lease is not None:
                 self.rt.store.leases.lost(lease)

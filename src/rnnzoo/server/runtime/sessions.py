@@ -70,6 +70,8 @@ class Session:
     last: tuple[int, bytes] | None = None  # (position it answered, the last response): dedup
     durable: bool = False  # written to the state store (its writes go through it)
     fence: int = 0  # the store epoch this copy was read at (fences writes from outside a stream)
+    # the state store's per-step encoder (snapshot.StepEncoder), made on its first write
+    encoder: object = field(default=None, repr=False, compare=False)
 
 
 class SessionStore:
