@@ -46,11 +46,11 @@ import numpy as np
 from rnnzoo.errors import (
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     ResourceExhausted,
     Unavailable,
 )
 
+from .batchers import Batchers
 from .batching import Batcher
 from .compute import Compute
 from .durable import Durability, check_position
@@ -93,12 +93,13 @@ class Runtime(SessionOps):
         )
         self.compute = Compute(self.options, self._check)  # the ORT and long-job pools
         self.jobs, self.trimmer = self.compute.jobs, self.compute.trimmer
-        self.batchers: dict[tuple[str, str], Batcher] = {}
-        for name, entry in repo.entries.items():
-            for role, graph in entry.graphs.items():
-                self.batchers[(name, role)] = Batcher(
-                    graph, self.compute.executor, self.options.max_batch, self.options.max_delay_ms
-                )
+        # (model or version key, role) -> its graph's batcher, made on first use (batchers.py)
+        self.batchers = Batchers(
+            repo,
+            lambda graph: Batcher(
+                graph, self.compute.executor, self.options.max_batch, self.options.max_delay_ms
+            ),
+        )
         # session id -> (its stream's lease, its batcher, is the stream alive?): a batcher's
         # delay waits only for streams; the renewer renews the leases of live streams
         self._streams: dict[str, tuple[Lease, Batcher | None, Callable[[], bool] | None]] = {}
@@ -120,8 +121,7 @@ class Runtime(SessionOps):
     async def start(self) -> None:
         if self._phase != "new":
             raise FailedPrecondition(f"the runtime is {self._phase}; create a new one to restart")
-        for b in self.batchers.values():
-            b.start()
+        self.batchers.start()
         # Always: sessions may ask for a TTL even when the server has none.
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
         self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())
@@ -213,15 +213,8 @@ class Runtime(SessionOps):
             )
 
     def _entry(self, name: str) -> ServedEntry:
-        entry = self.repo.entries.get(name)
-        if entry is None and name in self.repo.failed:
-            raise FailedPrecondition(
-                f"model {clip(name)!r} is not ready: it failed to load ({self.repo.failed[name]}); "
-                "the server's log has the details"
-            )
-        if entry is None:
-            raise NotFound(f"no model {clip(name)!r}; known models: {sorted(self.repo.entries)}")
-        return entry
+        """A model's newest version, or a version's key (repository.py says why not)."""
+        return self.repo.get(name)
 
     # ---- models ----------------------------------------------------------------------------
     def list_models(self) -> list[ModelInfo]:
@@ -404,9 +397,12 @@ class Runtime(SessionOps):
 
     @staticmethod
     def _check_session_model(sess: Session, model: str) -> None:
-        if sess.model != model:
+        name, _, version = sess.model.rpartition("@")  # its version's key (repository.py)
+        if sess.model != model and name != model:
             raise InvalidArgument(
-                f"session {sid_tag(sess.id)} belongs to model {sess.model!r}, not {clip(model)!r}"
+                f"session {sid_tag(sess.id)} belongs to model {name or sess.model!r}"
+                + (f" version {version}" if name else "")
+                + f", not {clip(model)!r}"
             )
 
     # ---- text and generation ---------------------------------------------------------------

@@ -30,6 +30,7 @@ class SessionOps:
         """A new session. ``ttl_s``: its own idle expiry, at most the server's (None: the
         server's)."""
         self._check()
+        model = self.repo.pin(model)  # the version's key: a newer version never changes it
         _, graph = self._single(model, "a session")
         init = graph.validate_state(initial_state or {})
         sess = self.store.create(model, init, ttl_s)
