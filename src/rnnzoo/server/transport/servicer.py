@@ -28,6 +28,7 @@ from .convert import model_info, request_inputs
 from .guard import charge
 from .logs import annotate, call_fields
 from .snapshots import from_proto, to_proto
+from .step_many import StepMany
 
 DEFAULT_MAX_RESPONSE_BYTES = 16 << 20
 
@@ -186,6 +187,10 @@ class RnnzooServicer:
         finally:
             for sid, (lease, _) in attached.items():
                 self.rt.detach(sid, lease)
+
+    async def StepMany(self, request_iterator, context):
+        # read/write style, like Stream; the handler is its own file (step_many.py)
+        await StepMany(self).run(context)
 
     async def Infer(self, request, context):
         model = _need(request.model, "model")
