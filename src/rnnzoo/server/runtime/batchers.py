@@ -23,7 +23,10 @@ class Batchers(dict):
         self.repo = repo
         self.make = make
         self._by_graph: dict[int, Batcher] = {}
-        self.started = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start
+        for name, entry in repo.entries.items():  # what serves from the start, made now
+            for role in entry.graphs:
+                self[(name, role)]
 
     def __missing__(self, key: tuple[str, str]) -> Batcher:
         name, role = key
@@ -31,8 +34,15 @@ class Batchers(dict):
         batcher = self._by_graph.get(id(graph))
         if batcher is None:
             batcher = self._by_graph[id(graph)] = self.make(graph)
-            if self.started:
-                batcher.start()
+            if self._loop is not None:  # started: start it in the runtime's loop
+                try:
+                    here = asyncio.get_running_loop()
+                except RuntimeError:
+                    here = None
+                if here is self._loop:
+                    batcher.start()
+                else:
+                    self._loop.call_soon_threadsafe(batcher.start)
         self[key] = batcher
         return batcher
 
@@ -46,7 +56,7 @@ class Batchers(dict):
         return list(self._by_graph.values())
 
     def start(self) -> None:
-        self.started = True
+        self._loop = asyncio.get_running_loop()
         for b in self._by_graph.values():
             b.start()
 
