@@ -115,7 +115,7 @@ class RepositoryControl:
 
     def sessions_on(self, key: str) -> int:
         """Live sessions of this process on a version's key."""
-        return sum(1 for s in list(self.rt.store._live.values()) if s.model == key)
+        return sum(1 for s in list(self.rt.sessions._live.values()) if s.model == key)
 
     async def drain_once(self, now: float | None = None) -> None:
         """Drop each DRAINING version with no live session left, or past the drain timeout."""

@@ -40,7 +40,7 @@ from rnnzoo.proto.inference.v2 import model_config_pb2 as mc
 from rnnzoo.server.runtime import Runtime, telemetry
 from rnnzoo.server.runtime.redact import clip
 from rnnzoo.server.runtime.repository import DRAINING
-from rnnzoo.server.runtime.sequences import Holder, sequences_of
+from rnnzoo.server.runtime.sequences import Holder
 from rnnzoo.server.runtime.text import text_inputs
 
 from . import metrics
@@ -272,7 +272,7 @@ class KServeServicer:
             )
             return config
         seq = config.sequence_batching
-        ttl = self.rt.store.ttl_s
+        ttl = self.rt.sessions.ttl_s
         seq.max_sequence_idle_microseconds = int(ttl * 1e6) if ttl else 0
         seq.oldest.max_candidate_sequences = opts.max_sessions
         seq.oldest.max_queue_delay_microseconds = int(opts.max_delay_ms * 1000)
@@ -464,7 +464,7 @@ class KServeServicer:
         # version's sequence (as Triton's sequence batcher is per version)
         target = key if request.model_version else model
         clock.input_ns = time.perf_counter_ns() - t0
-        async with sequences_of(self.rt).inferring(
+        async with self.rt.sequences.inferring(
             target, seq_id, inputs, start=start, end=end, holder=holder
         ) as res:
             t1 = time.perf_counter_ns()
@@ -510,7 +510,7 @@ class KServeServicer:
         fields = call_fields()
         if fields is None:
             fields = {}
-        holder = Holder(self.rt, lambda: not context.done())
+        holder = Holder(self.rt.core, lambda: not context.done())
         count = 0
         try:
             while (req := await context.read()) is not grpc.aio.EOF:
@@ -549,7 +549,7 @@ class KServeServicer:
                 self._record(clock, True, t0, _batch_of(resp))
                 self._message("OK", t0, clock.key)
         finally:
-            holder.release_all()
+            await holder.release_all()
 
 
 _NO_SHM = (

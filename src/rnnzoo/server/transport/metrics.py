@@ -124,6 +124,9 @@ def call_ended(
 
 
 def _session(event: str, model: str) -> None:
+    # the first word of how it ended: "ended by sequence_end ..." is a close too
+    if event not in ("created", "expired", "evicted"):
+        event = "closed"
     SESSIONS.labels(event).inc()
     SESSIONS_OPEN.inc() if event == "created" else SESSIONS_OPEN.dec()
 

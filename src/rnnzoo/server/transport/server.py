@@ -272,8 +272,8 @@ class RnnzooServer:
         if runtime.options.max_output_bytes > fit:
             runtime.options.max_output_bytes = max(1, fit)
         await runtime.start()
-        if self.guard.rate is not None and runtime.durable.store is not None:
-            self.guard.rate.share(runtime.durable.store)  # N processes: one quota
+        if self.guard.rate is not None and runtime.state_store.shared:
+            self.guard.rate.share(runtime.state_store)  # N processes: one quota
         self.runtime = runtime
         self.servicer.rt = runtime
         self.kserve.rt = runtime

@@ -79,12 +79,12 @@ class RnnzooServicer:
             model = request.model
             if model and model == self.rt.repo.name_of(snap.model):
                 model = snap.model  # the snapshot's version of the model asked for
-            info = await self.rt.acreate_session(model, state, ttl, snapshot=snap)
+            info = await self.rt.create_session(model, state, ttl, snapshot=snap)
         else:
             model = _need(request.model, "model")
             if version:
                 model = self.rt.repo.resolve(model, version)
-            info = await self.rt.acreate_session(model, state or None, ttl)
+            info = await self.rt.create_session(model, state or None, ttl)
         annotate(session=sid_short(info.id), version=info.version)
         return _session(info)
 
@@ -98,7 +98,7 @@ class RnnzooServicer:
             return f"{name}@{version}"
         for v in reversed(repo.served_versions(name)):
             key = f"{name}@{v}"
-            if self.rt.durable.model_hash(key) == snap.model_hash:
+            if self.rt.records.model_hash(key) == snap.model_hash:
                 return key
         return repo.pin(name)
 
@@ -122,12 +122,12 @@ class RnnzooServicer:
 
     async def CloseSession(self, request, context):
         annotate(session=sid_short(request.session_id))
-        await self.rt.aclose_session(_need(request.session_id, "session_id"))
+        await self.rt.close_session(_need(request.session_id, "session_id"))
         return pb.CloseSessionResponse()
 
     async def ResetSession(self, request, context):
         annotate(session=sid_short(request.session_id))
-        await self.rt.areset_session(_need(request.session_id, "session_id"))
+        await self.rt.reset_session(_need(request.session_id, "session_id"))
         return pb.ResetSessionResponse()
 
     async def Stream(self, request_iterator, context):
@@ -158,7 +158,7 @@ class RnnzooServicer:
                 fields["request_id"], fields["requests"] = req.request_id, count
                 sid = _need(req.session_id, "session_id")
                 if sid not in attached:
-                    lease = await self.rt.aattach(sid, holder, alive)
+                    lease = await self.rt.attach(sid, holder, alive)
                     info = self.rt.session_info(sid)
                     # the session's own version, however many came since
                     model = f"{info.model}@{info.version}" if info.version else info.model
@@ -168,25 +168,23 @@ class RnnzooServicer:
                 inputs = request_inputs(self.rt, model, req, batched=False)
                 position = req.position if req.HasField("position") else None
                 async with self.rt.stepping(sid, inputs, lease, position) as res:
-                    if res.replay is not None:  # already applied: the same answer again
-                        resp = pb.StreamResponse.FromString(res.replay)
-                        resp.request_id = req.request_id
-                    else:
-                        resp = pb.StreamResponse(
-                            session_id=sid,
-                            start=res.start,
-                            steps_total=res.steps_total,
-                            revised=res.revised,
-                        )
-                        fill_tensors(resp.outputs, res.outputs)
-                        self._fits(resp)
-                        await res.persist(resp.SerializeToString)  # before it goes out
-                        resp.request_id = req.request_id
+                    # a replayed position (applied before, by either RPC) answers the same
+                    resp = pb.StreamResponse(
+                        request_id=req.request_id,
+                        session_id=sid,
+                        start=res.start,
+                        steps_total=res.steps_total,
+                        revised=res.revised,
+                    )
+                    fill_tensors(resp.outputs, res.outputs)
+                    self._fits(resp)
+                    await res.persist()  # before it goes out
                     await context.write(resp)
                 metrics.request("Stream", "rnnzoo.v1", "OK", time.perf_counter() - t0, model)
         finally:
             for sid, (lease, _) in attached.items():
                 self.rt.detach(sid, lease)
+            await self.rt.released()  # the client's next call finds the sessions free
 
     async def StepMany(self, request_iterator, context):
         # read/write style, like Stream; the handler is its own file (step_many.py)
@@ -197,15 +195,17 @@ class RnnzooServicer:
         annotate(model=clip(model), session=sid_short(request.session_id))
         inputs = request_inputs(self.rt, model, request, batched=True)
         position = request.position if request.HasField("position") else None
-        async with self.rt.inferring(
-            model, inputs, request.session_id or None, request.advance, position
-        ) as outputs:
-            if outputs.replay is not None:
-                return pb.InferResponse.FromString(outputs.replay)
+        sid = request.session_id or None
+        if not request.advance or sid is None:
+            outputs = await self.rt.infer(model, inputs, sid, request.advance, position)
             resp = pb.InferResponse(outputs=to_tensors(outputs))
             self._fits(resp)
-            if outputs.persist is not None:
-                await outputs.persist(resp.SerializeToString)
+            return resp
+        async with self.rt.advancing(model, inputs, sid, position) as res:
+            # a replayed position (applied before, by either RPC) answers the same
+            resp = pb.InferResponse(outputs=to_tensors(self.rt.batched(model, res.outputs)))
+            self._fits(resp)
+            await res.persist()  # before it goes out
         return resp
 
     async def Generate(self, request, context):
