@@ -107,6 +107,7 @@ class StepMany:
         finally:
             for sid, (lease, _) in attached.items():
                 self.rt.detach(sid, lease)
+            await self.rt.released()  # the client's next call finds the sessions free
 
     async def _message(self, msg, attached, holder, alive, context, over) -> None:
         chunks: list[_Chunk] = []
@@ -184,21 +185,19 @@ class StepMany:
             if not sid:
                 raise InvalidArgument("session_id is empty; set it in every chunk")
             if sid not in attached:
-                lease = await rt.aattach(sid, holder, alive)
-                attached[sid] = (lease, rt.session_info(sid).model)
+                lease = await rt.attach(sid, holder, alive)
+                info = rt.session_info(sid)  # the session's own model version
+                attached[sid] = (
+                    lease,
+                    f"{info.model}@{info.version}" if info.version else info.model,
+                )
             lease, model = attached[sid]
             inputs = request_inputs(rt, model, req, batched=False)
             position = req.position if req.HasField("position") else None
             async with rt.stepping(sid, inputs, lease, position) as res:
-                if res.replay is not None:  # already applied: the same answer again
-                    resp = pb.StreamResponse.FromString(res.replay)
-                    resp.request_id = req.request_id
-                    c.built.set_result(resp)
-                    await c.go
-                    c.persisted.set_result(resp)
-                    await c.sent
-                    return
+                # a replayed position (applied before, by any RPC) answers the same
                 resp = pb.StreamResponse(
+                    request_id=req.request_id,
                     session_id=sid,
                     start=res.start,
                     steps_total=res.steps_total,
@@ -208,8 +207,7 @@ class StepMany:
                 self.svc._fits(resp)
                 c.built.set_result(resp)
                 await c.go
-                await res.persist(resp.SerializeToString)  # before it goes out
-                resp.request_id = req.request_id
+                await res.persist()  # before it goes out
                 c.persisted.set_result(resp)
                 await c.sent
         except BaseException as exc:
