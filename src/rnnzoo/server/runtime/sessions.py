@@ -54,6 +54,7 @@ class SessionInfo:
     model: str
     created_at: float  # unix seconds
     ttl_s: float | None
+    version: int = 0  # the model version the session runs on, to its end (0: unknown)
 
 
 @dataclass
@@ -301,4 +302,8 @@ class SessionStore:
             self._live.move_to_end(sid)
 
     def info(self, sess: Session) -> SessionInfo:
-        return SessionInfo(sess.id, sess.model, sess.created_at, sess.ttl_s)
+        # a session holds its version's key, "NAME@VERSION" (repository.py, ``pin``)
+        name, sep, version = sess.model.rpartition("@")
+        if not (sep and version.isdigit()):
+            name, version = sess.model, "0"
+        return SessionInfo(sess.id, name, sess.created_at, sess.ttl_s, int(version))
