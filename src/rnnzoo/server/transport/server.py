@@ -37,6 +37,7 @@ from rnnzoo.errors import FailedPrecondition, InvalidArgument, Unavailable
 from rnnzoo.proto.inference.v2 import grpc_service_pb2 as kpb
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.server.runtime import Runtime, RuntimeOptions
+from rnnzoo.server.runtime.control import RepositoryControl
 
 from . import metrics
 from .admission import Admission, AdmissionLimits
@@ -168,6 +169,7 @@ class RnnzooServer:
         # server; a worker's opens when its supervisor says every worker is up (workers.py)
         self.gate_open = True
         self.runtime: Runtime | None = None
+        self.control: RepositoryControl | None = None
         self.port: int | None = None
         self.health = health.aio.HealthServicer()
         size = int(self.config.max_message_mb * MB)
@@ -198,7 +200,8 @@ class RnnzooServer:
         return f"{self.config.host}:{self.port}"
 
     async def _set_health(self, status) -> None:
-        for name in ("", SERVICE):
+        # Triton answers for its own service name too; health clients of Triton ask for it
+        for name in ("", SERVICE, KSERVICE.full_name):
             await self.health.set(name, status)
 
     async def start(self) -> int:
@@ -274,6 +277,10 @@ class RnnzooServer:
         self.runtime = runtime
         self.servicer.rt = runtime
         self.kserve.rt = runtime
+        self.control = RepositoryControl(runtime)  # model versions while serving
+        self.control.start()
+        self.kserve.control = self.control
+        metrics.KNOWN = lambda name: name in runtime.repo.table
         if self.gate_open:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         models = [m.name for m in runtime.list_models()]
@@ -295,6 +302,8 @@ class RnnzooServer:
         log(LOG, "stopping", grace_s=grace)
         await self.health.enter_graceful_shutdown()  # NOT_SERVING, and stays so
         await self.server.stop(grace)
+        if self.control is not None:
+            await self.control.stop()
         if self.runtime is not None:
             await self.runtime.stop(grace)
             metrics.models_loaded(self.runtime.repo.entries, ready=False)
