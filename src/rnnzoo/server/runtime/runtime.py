@@ -73,7 +73,7 @@ from .sequences import Sequences
 from .session_ops import SessionOps
 from .sessions import SessionInfo, SessionStore
 from .snapshot import Snapshot
-from .stepping import Stepper, with_batch
+from .stepping import Prepared, Stepper, with_batch
 from .store import StateStore, open_store
 from .transaction import Transaction
 
@@ -272,18 +272,16 @@ class Runtime:
         inputs: dict[str, np.ndarray],
         lease: Lease | None = None,
         position: int | None = None,
-    ) -> Transaction[Chunk]:
+    ) -> Transaction[Prepared]:
         """``async with rt.stepping(...) as result``: one chunk as a session transaction
         (transaction.py). ``lease``: the calling stream's lease; ``position``: the steps the
         request expects before its chunk (a retry of the last one gets its result again).
         A caller that sends the response calls ``await result.persist()`` first."""
         self._check()
         sess = self.sessions.get(session_id, touch=False)
-        _, graph = self.catalog.single(sess.model, "step")
-        chunk = graph.validate_chunk(inputs)  # before anything is queued or locked
-        self.catalog.check_steps(chunk.length, "this chunk")
+        p = self.stepper.prepare(sess.model, inputs)  # before anything is queued or locked
         what = "a step from outside it"
-        return Transaction(self.core, session_id, lease, position, self.stepper.chunk, chunk, what)
+        return Transaction(self.core, session_id, lease, position, self.stepper.chunk, p, what)
 
     async def _infer_stateless(
         self, model: str, inputs: dict[str, np.ndarray]
