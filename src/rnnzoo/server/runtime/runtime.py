@@ -68,7 +68,7 @@ from .lease import Lease, new_holder
 from .model import Chunk
 from .options import RuntimeOptions, StepResult
 from .redact import clip, sid_tag
-from .repository import ModelInfo, ModelRepository
+from .repository import LoadOptions, ModelInfo, ModelRepository
 from .sequences import Sequences
 from .session_ops import SessionOps
 from .sessions import SessionInfo, SessionStore
@@ -129,11 +129,29 @@ class Runtime:
         self._renewer: asyncio.Task[None] | None = None
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, options: RuntimeOptions | None = None) -> Runtime:
+    def from_dir(
+        cls,
+        model_dir: str | Path,
+        options: RuntimeOptions | None = None,
+        load: LoadOptions | None = None,
+    ) -> Runtime:
         opts = options or RuntimeOptions()
         opts.check()
-        repo = ModelRepository.from_dir(model_dir, opts.intra_op_threads, opts.inter_op_threads)
+        ld = load or LoadOptions()
+        repo = ModelRepository.from_dir(
+            model_dir,
+            opts.intra_op_threads,
+            opts.inter_op_threads,
+            allow_failed_parity=ld.allow_failed_parity,
+            strict=ld.strict,
+            control=ld.control,
+        )
         return cls(repo, opts)
+
+    def cap_output_bytes(self, limit: int) -> None:
+        """Responses must fit a message: refuse outputs over ``limit`` bytes (the options
+        stay as given; the lower of the two applies)."""
+        self.catalog.max_output_bytes = max(1, min(self.options.max_output_bytes, limit))
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
