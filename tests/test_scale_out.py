@@ -17,7 +17,7 @@ from onnx_fixtures import build_zoo
 from scaleout_harness import Nginx, Redis, Serve, free_port
 
 from rnnzoo.client import Client, RpcError
-from rnnzoo.server.runtime.store import RedisStore, SqliteStore, Write
+from rnnzoo.server.runtime.store import MemoryStore, RedisStore, SqliteStore, Write
 
 EXACT = 1e-6
 
@@ -104,7 +104,7 @@ def test_store_files_are_private(tmp_path):
         assert stat.S_IMODE(os.stat(f).st_mode) == 0o600, f
 
 
-@pytest.mark.parametrize("kind", ["dir", "redis"])
+@pytest.mark.parametrize("kind", ["memory", "dir", "redis"])
 def test_fencing_a_paused_old_owner_cannot_overwrite(kind, tmp_path):
     async def go(st):
         assert (await st.write([Write("s1", 0, b"v0", 60, create=True)], 1.0)) == [True]
@@ -127,7 +127,9 @@ def test_fencing_a_paused_old_owner_cannot_overwrite(kind, tmp_path):
         assert (await st.load("s1")).holder == ""
         await st.close()
 
-    if kind == "dir":
+    if kind == "memory":
+        asyncio.run(go(MemoryStore()))
+    elif kind == "dir":
         asyncio.run(go(SqliteStore(tmp_path / "st")))
     else:
         r = Redis(tmp_path, password="s3cret")
@@ -281,7 +283,7 @@ def test_a_store_made_before_shared_quotas_gains_their_column_and_still_reads(tm
     asyncio.run(go())
 
 
-@pytest.mark.parametrize("kind", ["dir", "redis"])
+@pytest.mark.parametrize("kind", ["memory", "dir", "redis"])
 def test_a_dead_process_leases_are_freed_by_its_tag_and_no_others(kind, tmp_path):
     async def go(st):
         for sid in ("s1", "s2", "s3"):
@@ -298,7 +300,9 @@ def test_a_dead_process_leases_are_freed_by_its_tag_and_no_others(kind, tmp_path
         assert await st.release_holders("host/11:") == 0
         await st.close()
 
-    if kind == "dir":
+    if kind == "memory":
+        asyncio.run(go(MemoryStore()))
+    elif kind == "dir":
         asyncio.run(go(SqliteStore(tmp_path / "st")))
     else:
         r = Redis(tmp_path)
@@ -306,3 +310,18 @@ def test_a_dead_process_leases_are_freed_by_its_tag_and_no_others(kind, tmp_path
             asyncio.run(go(RedisStore(r.url())))
         finally:
             r.stop()
+
+
+def test_the_memory_store_counts_quotas_and_buckets_as_the_shared_stores_do():
+    async def go():
+        st = MemoryStore()
+        q = {"quota_key": "principal:a", "quota_max": 1}
+        assert await st.write([Write("s1", 0, b"\x01", 60.0, create=True, **q)], 30.0) == [True]
+        assert await st.write([Write("s2", 0, b"\x02", 60.0, create=True, **q)], 30.0) == [None]
+        assert await st.write([Write("s1", 0, b"\x03", 60.0, create=True)], 30.0) == [False]
+        await st.delete("s1")  # a closed session no longer counts
+        assert await st.write([Write("s2", 0, b"\x02", 60.0, create=True, **q)], 30.0) == [True]
+        assert await st.take_tokens("principal:a", 3, rate=1.0, burst=2.0) == 2
+        assert await st.take_tokens("principal:a", 1, rate=1.0, burst=2.0) == 0
+
+    asyncio.run(go())

@@ -1,0 +1,258 @@
+"""Redis (``--state-store redis://...`` or ``rediss://``): a hash per session, Lua scripts."""
+
+from __future__ import annotations
+
+import contextlib
+
+from rnnzoo.errors import InvalidArgument, Unavailable
+
+from .api import DEFAULT_MAX_TTL_S, Acquired, Record, StateStore, Write, redact
+
+_NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
+
+_WRITE = """
+if ARGV[7] == '1' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+  local qmax = tonumber(ARGV[9])
+  if qmax > 0 then
+    local live = 0
+    for _, sid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+      if redis.call('EXISTS', ARGV[10] .. sid) == 1 then live = live + 1
+      else redis.call('SREM', KEYS[2], sid) end
+    end
+    if live >= qmax then return -1 end
+    redis.call('SADD', KEYS[2], ARGV[11])
+    redis.call('PEXPIRE', KEYS[2], ARGV[12])
+  end
+  redis.call('HSET', KEYS[1], 'snap', ARGV[2], 'epoch', 0, 'holder', '', 'lexp', 0,
+             'resp', '', 'rpos', -1)
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  return 1
+end
+local v = redis.call('HMGET', KEYS[1], 'epoch', 'holder', 'lexp')
+if not v[1] or v[1] ~= ARGV[1] then return 0 end
+if ARGV[6] == '0' and v[2] ~= '' and tonumber(v[3]) > now then return 0 end
+redis.call('HSET', KEYS[1], 'snap', ARGV[2], 'resp', ARGV[3], 'rpos', ARGV[4])
+if ARGV[6] == '1' and v[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'lexp', now + tonumber(ARGV[8]))
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+_LOAD = """
+local v = redis.call('HMGET', KEYS[1], 'snap', 'epoch', 'holder', 'lexp', 'resp', 'rpos')
+if not v[1] then return false end
+return {v[1], v[2], v[3], tostring(tonumber(v[4]) - now), v[5], v[6]}
+"""
+
+_ACQUIRE = """
+local v = redis.call('HMGET', KEYS[1], 'snap', 'epoch', 'holder', 'lexp', 'resp', 'rpos')
+if not v[1] then return {0} end
+if v[3] ~= '' and v[3] ~= ARGV[1] and tonumber(v[4]) > now then
+  return {-1, tonumber(v[4]) - now}
+end
+local e = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'lexp', now + tonumber(ARGV[2]))
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl >= 0 and ttl < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return {1, e, v[1], v[5], v[6]}
+"""
+
+_RENEW = """
+local v = redis.call('HMGET', KEYS[1], 'epoch', 'holder', 'lexp')
+if v[1] ~= ARGV[2] or v[2] ~= ARGV[1] or tonumber(v[3]) < now then return 0 end
+redis.call('HSET', KEYS[1], 'lexp', now + tonumber(ARGV[3]))
+return 1
+"""
+
+_TAKE = """
+local rate, burst, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local v = redis.call('HMGET', KEYS[1], 't', 'at')
+local tokens = burst
+if v[1] then
+  tokens = math.min(burst, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate / 1000)
+end
+local got = math.max(0, math.min(want, math.floor(tokens)))
+tokens = tokens - got
+redis.call('HSET', KEYS[1], 't', tostring(tokens), 'at', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
+return got
+"""
+
+_RELEASE_HOLDERS = """
+local n = 0
+for i, key in ipairs(KEYS) do
+  local h = redis.call('HGET', key, 'holder')
+  if h and string.sub(h, 1, string.len(ARGV[1])) == ARGV[1] then
+    redis.call('HSET', key, 'holder', '', 'lexp', 0)
+    n = n + 1
+  end
+end
+return n
+"""
+
+_RELEASE = """
+local v = redis.call('HMGET', KEYS[1], 'epoch', 'holder')
+if v[1] == ARGV[2] and v[2] == ARGV[1] then redis.call('HSET', KEYS[1], 'holder', '', 'lexp', 0) end
+return 1
+"""
+
+
+class RedisStore(StateStore):
+    """A Redis hash per session (``rnnzoo:s:<id>``) with a key TTL refreshed by every write
+    (the session's idle TTL, at most ``max_ttl_s``), so Redis memory stays bounded. AUTH and
+    TLS come from the URL (``redis://:password@host:port/db``, ``rediss://``). Every call is
+    one round trip (scripts pipelined); an unreachable Redis raises Unavailable.
+
+    Shared quotas: a set per session-quota key (``rnnzoo:q:<key>``) holds the ids of its
+    sessions; a create counts the members whose session still exists (dropping the rest) and
+    refuses at the limit, in the same script as the create. The set expires ``max_ttl_s``
+    after the key's last create. A hash per rate key (``rnnzoo:r:<key>``) is its token
+    bucket, expiring once it would be full again. The create script reads session keys it
+    does not declare: one Redis (or a primary with replicas), not Redis Cluster."""
+
+    PREFIX = "rnnzoo:s:"
+    QUOTA_PREFIX = "rnnzoo:q:"  # a set per quota key: the ids of its sessions
+    RATE_PREFIX = "rnnzoo:r:"  # a hash per rate key: its token bucket
+
+    def __init__(self, url: str, max_ttl_s: float = DEFAULT_MAX_TTL_S):
+        try:
+            import redis.asyncio as aioredis
+        except ImportError:  # pragma: no cover - a dependency
+            raise InvalidArgument("--state-store redis://... needs the 'redis' package") from None
+        self.url = redact(url)
+        self.max_ttl_s = max_ttl_s
+        self._client = aioredis.from_url(
+            url, socket_connect_timeout=5.0, socket_timeout=10.0, decode_responses=False
+        )
+        self._scripts = {
+            name: self._client.register_script(
+                src if name in ("release", "release_holders") else _NOW + src
+            )
+            for name, src in (
+                ("write", _WRITE),
+                ("load", _LOAD),
+                ("acquire", _ACQUIRE),
+                ("renew", _RENEW),
+                ("release", _RELEASE),
+                ("take", _TAKE),
+                ("release_holders", _RELEASE_HOLDERS),
+            )
+        }
+
+    def _key(self, sid: str) -> str:
+        return self.PREFIX + sid
+
+    @contextlib.asynccontextmanager
+    async def _guard(self):
+        import redis.exceptions as rex
+
+        self.round_trips += 1
+        try:
+            yield
+        except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+            raise Unavailable(
+                f"the state store {self.url} is unreachable ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); sessions cannot be read or written until it is back, retry"
+            ) from None
+        except rex.ResponseError as exc:  # e.g. NOAUTH, a read-only replica
+            if "NOSCRIPT" in str(exc):
+                self._loaded = False  # Redis restarted: load the scripts again next call
+            raise Unavailable(f"the state store {self.url} refused ({str(exc)[:200]})") from None
+
+    async def _pipeline(self, name: str, calls: list[tuple[list, list]]) -> list:
+        script = self._scripts[name]
+        async with self._guard():
+            # load the scripts once (EVALSHA in a pipeline cannot recover from NOSCRIPT)
+            if not getattr(self, "_loaded", False):
+                for s in self._scripts.values():
+                    s.sha = await self._client.script_load(s.script)
+                self._loaded = True
+            pipe = self._client.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            return await pipe.execute()
+
+    async def write(self, writes: list[Write], lease_ttl_s: float) -> list[bool | None]:
+        calls = []
+        for w in writes:
+            ttl_ms = int(1000 * min(w.ttl_s, self.max_ttl_s))
+            keys = [self._key(w.sid)]
+            args = [
+                w.epoch,
+                w.snap,
+                w.resp or b"",
+                w.rpos,
+                max(ttl_ms, 1),
+                int(w.leased),
+                int(w.create),
+                int(lease_ttl_s * 1000),
+            ]
+            if w.create:  # the quota's arguments: only a create reads them (not every step)
+                quota = w.quota_max > 0 and w.quota_key is not None
+                keys.append(self.QUOTA_PREFIX + w.quota_key if quota else keys[0])
+                args += [
+                    w.quota_max if quota else 0,
+                    self.PREFIX,
+                    w.sid,
+                    int(1000 * self.max_ttl_s),
+                ]
+            calls.append((keys, args))
+        return [None if r == -1 else bool(r) for r in await self._pipeline("write", calls)]
+
+    async def take_tokens(self, key: str, want: int, rate: float, burst: float) -> int:
+        (got,) = await self._pipeline("take", [([self.RATE_PREFIX + key], [rate, burst, want])])
+        return int(got)
+
+    async def load(self, sid: str) -> Record | None:
+        (v,) = await self._pipeline("load", [([self._key(sid)], [])])
+        if not v:
+            return None
+        snap, epoch, holder, left, resp, rpos = v
+        holder = holder.decode()
+        return Record(
+            sid,
+            snap,
+            int(epoch),
+            holder,
+            float(left) / 1000 if holder else 0.0,
+            resp or None,
+            int(rpos),
+        )
+
+    async def delete(self, sid: str) -> None:
+        async with self._guard():
+            await self._client.delete(self._key(sid))
+
+    async def acquire(self, sid: str, holder: str, ttl_s: float) -> Acquired:
+        (v,) = await self._pipeline("acquire", [([self._key(sid)], [holder, int(ttl_s * 1000)])])
+        if v[0] == 0:
+            return Acquired(True)
+        if v[0] == -1:
+            return Acquired(False, 0, float(v[1]) / 1000)
+        _, epoch, snap, resp, rpos = v
+        rec = Record(sid, snap, int(epoch), holder, ttl_s, resp or None, int(rpos))
+        return Acquired(True, int(epoch), 0.0, rec)
+
+    async def renew(self, leases: list[tuple[str, str, int]], ttl_s: float) -> list[bool]:
+        calls = [([self._key(s)], [h, e, int(ttl_s * 1000)]) for s, h, e in leases]
+        return [bool(r) for r in await self._pipeline("renew", calls)]
+
+    async def release(self, sid: str, holder: str, epoch: int) -> None:
+        await self._pipeline("release", [([self._key(sid)], [holder, epoch])])
+
+    async def release_holders(self, prefix: str) -> int:
+        # SCAN in batches from here, one script per batch: never one long script over every
+        # key (that would block Redis); runs only when a worker process has died
+        n = 0
+        async with self._guard():
+            keys = [k async for k in self._client.scan_iter(match=self.PREFIX + "*", count=1000)]
+        for i in range(0, len(keys), 500):
+            (got,) = await self._pipeline("release_holders", [(keys[i : i + 500], [prefix])])
+            n += int(got)
+        return n
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._client.aclose()
