@@ -42,7 +42,12 @@ class Stream:
     wrong: list[str] = field(default_factory=list)
     errors: list[tuple[float, str, str]] = field(default_factory=list)  # (t, code, message)
     restarts: int = 0  # new sessions after the store lost one
+    ids: list[str] = field(default_factory=list)  # every session id it used
     last_ok: float = 0.0
+    ok_at: list[float] = field(default_factory=list)  # when each acknowledgement came
+
+    def first_ok_after(self, t: float) -> float | None:
+        return next((x for x in self.ok_at if x >= t), None)
 
 
 class Load:
@@ -90,6 +95,19 @@ class Load:
     def done(self) -> bool:
         return all(s.at >= len(s.x) for s in self.streams)
 
+    def stuck(self) -> str:
+        """The sessions that did not finish, with what they were told (for a failing test)."""
+        lines = []
+        for s in self.streams:
+            if s.at < len(s.x):
+                lines.append(f"at {s.at}/{len(s.x)} positions={s.positions}:")
+                lines += [f"  {t:.2f} {c} {m[:80]} ... {m[-100:]}" for t, c, m in s.errors[:10]]
+                lines += [f"  {t:.2f} {c} {m[:80]} ... {m[-100:]}" for t, c, m in s.errors[-3:]]
+        return "\n".join(lines)
+
+    def session_ids(self) -> list[str]:
+        return [i for s in self.streams for i in s.ids]
+
     def wrong(self) -> list[str]:
         return [w for s in self.streams for w in s.wrong]
 
@@ -99,6 +117,7 @@ class Load:
     # ---- one session ----------------------------------------------------------------------
     def _new(self, c: Client, s: Stream):
         sess = c.session(self.model)
+        s.ids.append(sess.id)
         if not s.positions:
             sess.position = None  # sends no positions
         s.at = 0
@@ -108,12 +127,15 @@ class Load:
         rng = np.random.default_rng(1000 + i)
         c = Client(self.target, timeout=5, retry_s=0.0, step_timeout=self.step_timeout)
         sess = None
+        n = 0  # the chunk in flight: resent as it was until one is acknowledged
         try:
             while not self._stop.is_set() and s.at < len(s.x):
                 try:
                     if sess is None:
                         sess = self._new(c, s)
-                    n = int(min(rng.integers(1, 4), len(s.x) - s.at))
+                    if n == 0:
+                        n = int(rng.integers(1, 4))
+                    n = min(n, len(s.x) - s.at)
                     if s.positions:
                         sess.position = s.at
                     out = sess.step(s.x[s.at : s.at + n])
@@ -126,17 +148,20 @@ class Load:
                     s.errors.append((time.monotonic() - self.t0, type(exc).__name__, str(exc)))
                     time.sleep(0.05)
                     continue
-                y = out.value
-                if out.start != s.at or not np.allclose(
-                    y, s.ref[s.at : s.at + n], atol=EXACT, rtol=0
-                ):
+                y, want = out.value, s.ref[s.at : s.at + n]
+                if out.start != s.at or y.shape != want.shape:
                     s.wrong.append(
-                        f"session {sess.id[:6]} at {s.at}: answered start={out.start}, max err "
-                        f"{float(np.max(np.abs(y - s.ref[out.start : out.start + n]))) if out.start + n <= len(s.ref) else 'n/a'}"
+                        f"session {sess.id[:6]}: sent {n} steps at {s.at}, answered "
+                        f"{len(y)} steps at {out.start}"
                     )
+                elif not np.allclose(y, want, atol=EXACT, rtol=0):
+                    err = float(np.max(np.abs(y - want)))
+                    s.wrong.append(f"session {sess.id[:6]} at {s.at}: max error {err:.3g}")
                 s.at += n
                 s.acked += n
+                n = 0
                 s.last_ok = time.monotonic() - self.t0
+                s.ok_at.append(s.last_ok)
                 time.sleep(self.pause_s)
         finally:
             c.close()

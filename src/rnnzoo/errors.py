@@ -42,7 +42,12 @@ class StoreUnavailable(Unavailable):
     The server's health follows it (NOT_SERVING until the store answers again)."""
 
 
-class StoreLost(FailedPrecondition):
+class StoreOutcomeUnknown(StoreUnavailable):
+    """A state write was sent and no answer came (a timeout, a connection lost): it may have
+    landed or not. The runtime settles it (Aborted naming the position to resend from)."""
+
+
+class StoreLost(NotFound):
     """The state store no longer has a session this server knew (it restarted without
     persistence, or lost data)."""
 

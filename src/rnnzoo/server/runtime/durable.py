@@ -11,6 +11,15 @@ state store's reads and fenced writes, position-based deduplication.
 - ``position``: a request's expected position (steps before its chunk): equal to the
   session's -> apply; equal to the last applied chunk's -> its stored response again;
   anything else -> FailedPrecondition naming the session's position.
+- store faults (issue 21): every write is a compare-and-set on the lease epoch and on the
+  session's position (``Write.steps``), so it cannot land twice or after a newer one. A
+  write the store did not confirm (``StoreOutcomeUnknown``: a timeout) marks the session
+  *unsettled* at its position and is answered ABORTED naming the position to resend from;
+  the session is read back from the store before its next request (``adopt``): a chunk
+  that landed after all is then answered from the store (with a position), or, without
+  one, refused once with FAILED_PRECONDITION naming where the session stands; a chunk that
+  did not land is applied. A fenced-off write is named by reading the record back: the
+  store lost the session (``StoreLost``), its lease moved, or its position moved.
 
 Without a store, sessions are per process (as before); deduplication still works in memory.
 """
@@ -21,13 +30,15 @@ import asyncio
 
 import numpy as np
 
-from rnnzoo.errors import FailedPrecondition
+from rnnzoo.errors import Aborted, FailedPrecondition, StoreLost, StoreOutcomeUnknown
 
 from .caller import current
 from .redact import sid_tag
 from .sessions import Session
 from .snapshot import Snapshot, from_bytes, model_hash, to_bytes
 from .store import GroupWriter, StateStore, Write
+
+MAX_UNSETTLED = 100_000
 
 
 class Durability:
@@ -36,6 +47,10 @@ class Durability:
         self.store = store
         self.writer = GroupWriter(store, runtime.options.lease_ttl_s) if store else None
         self._deletes: set[asyncio.Task] = set()
+        # session id -> the position before a write whose outcome is unknown (until read back)
+        self.unsettled: dict[str, int] = {}
+        # session id -> (that position, where the store had it): it had landed after all
+        self.landed: dict[str, tuple[int, int]] = {}
         sessions = runtime.store
         sessions.leases.store = store
         if store is not None:
@@ -97,16 +112,24 @@ class Durability:
         if self.store is None:
             return
         held = self.rt.store.leases.holder_alive(sid)
-        if held is not None and sid in self.rt.store._live:
+        if held is not None and sid in self.rt.store._live and sid not in self.unsettled:
             return
         rec = await self.store.load(sid)
         if rec is None:
-            self.rt.store.gone(sid, "gone from the state store (closed elsewhere, or expired)")
+            self.unsettled.pop(sid, None)
+            self.rt.store.gone(
+                sid,
+                "gone from the state store (closed elsewhere, expired, or the store lost it: "
+                "it restarted without persistence)",
+            )
             return
         self.adopt(sid, from_bytes(rec.snap), rec.epoch, rec.resp, rec.rpos)
 
     def adopt(self, sid: str, snap: Snapshot, epoch: int, resp: bytes | None, rpos: int):
         m = snap.meta
+        before = self.unsettled.pop(sid, None)
+        if before is not None and snap.steps != before and rpos == before and resp:
+            self.landed[sid] = (before, snap.steps)  # the unsettled write had landed
 
         def fill(sess: Session) -> None:
             self.fill(sess, snap)
@@ -144,6 +167,7 @@ class Durability:
             create=True,
             quota_key=sess.quota_key,
             quota_max=quota,
+            steps=sess.steps,
         )
         ok = await self.writer.write(w)
         if ok is None:
@@ -161,15 +185,88 @@ class Durability:
         snap.meta = self.meta(sess)
         epoch = lease.epoch if lease is not None else sess.fence
         w = Write(sess.id, epoch, to_bytes(snap), self._ttl(sess), resp, rpos, lease is not None)
-        if not await self.writer.write(w):
+        w.steps = snap.steps
+        before = rpos if rpos >= 0 else sess.steps
+        try:
+            ok = await self.writer.write(w)
+        except StoreOutcomeUnknown as exc:
+            self.unsettled[sess.id] = before
+            if len(self.unsettled) > MAX_UNSETTLED:  # bounded: the oldest are forgotten
+                self.unsettled.pop(next(iter(self.unsettled)))
+            raise Aborted(
+                f"session {sid_tag(sess.id)}: {exc}, so whether this request was applied is "
+                "unknown. Nothing is lost: the session is read back from the store before its "
+                f"next request. Resend it with position={before} (if it was applied you get "
+                "its stored outputs, else it is applied now); without a position, resend it "
+                "and the server first says where the session stands if it had landed; it was "
+                f"at position {before}"
+            ) from None
+        if not ok:
             if lease is not None:
                 self.rt.store.leases.lost(lease)
-            raise FailedPrecondition(
-                f"session {sid_tag(sess.id)} moved on elsewhere while this request ran (its "
-                "lease ran out and another stream or server took it): this result was dropped "
-                "and the session is unchanged by it. Open a new stream to resume the session "
-                "from where it stands"
+            raise await self._fenced(sess, epoch, rpos)
+
+    async def _fenced(self, sess: Session, epoch: int, rpos: int) -> Exception:
+        """Why the store refused a fenced write of ``sess``: read its record back."""
+        tag = sid_tag(sess.id)
+        dropped = "this result was dropped and changed nothing"
+        try:
+            rec = await self.store.load(sess.id)
+        except Exception:  # unreachable now: say what is known
+            rec = False
+        if rec is None:
+            return self.lost(sess.id, f"; {dropped}")
+        if rec is not False and rec.epoch == epoch and rpos >= 0 and rec.steps not in (-1, rpos):
+            if rec.rpos == rpos and rec.resp:
+                return Aborted(
+                    f"session {tag}: this chunk was already applied by an earlier attempt whose "
+                    f"answer was lost (the store has the session at position {rec.steps}); "
+                    f"{dropped}. Resend it with position={rpos} to get its stored outputs, or "
+                    f"continue from position {rec.steps}"
+                )
+            return Aborted(
+                f"session {tag} is at position {rec.steps} in the state store, not {rpos} as "
+                f"this server had it (an earlier write landed late); {dropped}. Continue "
+                f"from position {rec.steps}"
             )
+        return FailedPrecondition(
+            f"session {tag} moved on elsewhere while this request ran (its lease ran out and "
+            f"another stream or server took it): {dropped}. Open a new stream to resume the "
+            "session from where it stands"
+        )
+
+    def lost(self, sid: str, what: str = "") -> StoreLost:
+        """A session this process knew as durable is not in the store any more."""
+        self.unsettled.pop(sid, None)
+        self.landed.pop(sid, None)
+        self.rt.store.gone(sid, "lost by the state store (it restarted without persistence)")
+        return StoreLost(
+            f"session {sid_tag(sid)}: the state store no longer has this session (it restarted "
+            f"without persistence, or lost data){what}. Create a new session, or restore one "
+            "from a snapshot you kept"
+        )
+
+    def check_position(self, sess: Session, position: int | None) -> bytes | None:
+        """``check_position`` after a store fault: a session whose last write is unsettled
+        (not read back yet) is Aborted; one whose unsettled write had landed refuses one
+        request without a position, saying where the session stands."""
+        before = self.unsettled.get(sess.id)
+        if before is not None:
+            raise Aborted(
+                f"session {sid_tag(sess.id)}: the outcome of the request at position {before} "
+                "is not settled yet (the state store did not confirm it); open a new stream "
+                f"(it reads the session back) and resend with position={before}"
+            )
+        landed = self.landed.pop(sess.id, None)
+        if landed is not None and position is None:
+            at, now = landed
+            raise FailedPrecondition(
+                f"session {sid_tag(sess.id)}: the request sent at position {at}, whose outcome "
+                f"was unknown, was applied after all; do not send it again (resend it with "
+                f"position={at} for its outputs). The session is at position {now}: continue "
+                f"from position {now}"
+            )
+        return check_position(sess, position)
 
     def _on_bury(self, sess: Session, why: str) -> None:
         if not sess.durable or not why.startswith(("closed", "evicted")):

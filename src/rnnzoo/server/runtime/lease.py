@@ -75,6 +75,10 @@ class Leases:
         self._held: dict[str, Lease] = {}
         self._epochs: dict[str, int] = {}  # key -> last epoch handed out
         self._releases: set[asyncio.Task] = set()  # store releases in flight
+        # key -> (holder, epoch) of a store release that failed (the store was unreachable):
+        # sent again before this process takes the key again, so that a stream reopened
+        # after a store outage does not wait out its own dead stream's lease (issue 21: 20 s)
+        self._unreleased: dict[str, tuple[str, int]] = {}
 
     def __len__(self) -> int:
         return len(self._held)
@@ -117,6 +121,12 @@ class Leases:
         held = self.holder_alive(key)
         if held is not None and held.holder != holder:
             self.acquire(key, holder)  # raises, with this process's wording
+        stale = self._unreleased.pop(key, None)
+        if stale is not None:
+            try:
+                await self.store.release(key, *stale)
+            except Exception:
+                self._unreleased[key] = stale
         got = await self.store.acquire(key, holder, self.ttl_s)
         if not got.ok:
             raise FailedPrecondition(
@@ -166,14 +176,20 @@ class Leases:
         del self._held[lease.key]
         if self.store is not None:
             try:
-                task = asyncio.get_running_loop().create_task(
-                    self.store.release(lease.key, lease.holder, lease.epoch)
-                )
+                task = asyncio.get_running_loop().create_task(self._release_in_store(lease))
             except RuntimeError:  # no loop: the store lease runs out by itself
                 return True
             self._releases.add(task)
             task.add_done_callback(_settled(self._releases))
         return True
+
+    async def _release_in_store(self, lease: Lease) -> None:
+        try:
+            await self.store.release(lease.key, lease.holder, lease.epoch)
+        except Exception:
+            if len(self._unreleased) < 100_000:
+                self._unreleased[lease.key] = (lease.holder, lease.epoch)
+            raise
 
     async def settle(self) -> None:
         """Wait for store releases in flight (a clean stop frees its sessions at once)."""
@@ -184,6 +200,7 @@ class Leases:
         """The session is gone (closed, expired, evicted): drop its lease and epoch."""
         self._held.pop(key, None)
         self._epochs.pop(key, None)
+        self._unreleased.pop(key, None)
 
 
 def _settled(tasks: set):

@@ -53,7 +53,7 @@ from rnnzoo.errors import (
 
 from .batching import Batcher
 from .compute import Compute
-from .durable import Durability, check_position
+from .durable import Durability
 from .generate import check_sampling, decode, encode, generate_lm, generate_seq2seq
 from .lease import Lease
 from .memory import LARGE_STEPS
@@ -369,7 +369,7 @@ class Runtime(SessionOps):
             if advance:
                 self._not_held(session_id, "Infer(advance=true)")
             epoch = sess.epoch
-            replay = check_position(sess, position) if advance else None
+            replay = self.durable.check_position(sess, position) if advance else None
             if replay is not None:
                 out = Outputs()
                 out.replay = replay

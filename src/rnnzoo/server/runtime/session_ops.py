@@ -120,6 +120,9 @@ class SessionOps:
             from .snapshot import from_bytes
 
             self.durable.adopt(session_id, from_bytes(rec.snap), rec.epoch, rec.resp, rec.rpos)
+        elif self.store.get(session_id, touch=False).durable:  # the store lost it
+            self.store.leases.release(lease)
+            raise self.durable.lost(session_id)
         self.store.get(session_id)
         return self._attached(session_id, lease, alive)
 

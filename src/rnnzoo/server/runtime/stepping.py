@@ -31,7 +31,6 @@ import numpy as np
 
 from rnnzoo.errors import ResourceExhausted
 
-from .durable import check_position
 from .lease import Lease
 from .options import StepResult
 from .redact import sid_tag
@@ -101,7 +100,7 @@ class Stepping:
         sess = rt.store.get(sid)  # closed/expired while waiting?
         rt._check_lease(sid, lease)  # the authoritative check: renews a stream's lease
         epoch = sess.epoch
-        replay = check_position(sess, self.position)
+        replay = rt.durable.check_position(sess, self.position)
         if replay is not None:
             return StepResult({}, 0, sess.steps, False, replay=replay)
         batcher = rt.batchers[(sess.model, "model")]

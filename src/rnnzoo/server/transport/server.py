@@ -278,7 +278,7 @@ class RnnzooServer:
         self.runtime = runtime
         self.servicer.rt = runtime
         self.kserve.rt = runtime
-        if runtime.durable.store is not None:
+        if getattr(runtime.durable.store, "ping", None) is not None:
             self.store_health = StoreHealth(runtime.durable.store, self._store_changed)
             ok, why = await self.store_health.probe()
             if not ok:

@@ -44,6 +44,7 @@ class Record:
     lease_left_s: float  # seconds until the lease runs out (<= 0: free)
     resp: bytes | None  # the last response (deduplication), None before the first
     rpos: int  # the position that response answered (steps before its chunk); -1: none
+    steps: int = -1  # the session's position as stored (-1: not recorded, an older record)
 
 
 @dataclass(slots=True)
@@ -61,6 +62,10 @@ class Write:
     # limit, in the same round trip (the result is then None).
     quota_key: str | None = None
     quota_max: int = 0
+    # the session's position after this write (-1: not known). A write with ``rpos`` >= 0
+    # is also a compare-and-set on the position: applied only while the stored position is
+    # ``rpos`` (the chunk's start), so a write that lands late or twice changes nothing
+    steps: int = -1
 
 
 @dataclass(slots=True)
