@@ -70,7 +70,8 @@ class Load:
             xs = [rng.normal(size=(steps, 3)).astype(np.float32) for _ in range(sessions)]
             refs = [c.infer(model, x[None])["y"][0] for x in xs]
         self.streams = [
-            Stream(x, ref, positions=i >= positionless) for i, (x, ref) in enumerate(zip(xs, refs))
+            Stream(x, ref, positions=i >= positionless)
+            for i, (x, ref) in enumerate(zip(xs, refs, strict=True))
         ]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -95,15 +95,19 @@ def test_init_writes_a_sidecar_the_server_refuses_until_the_constant_is_set(
     side.unlink()
 
 
-def test_check_explains_a_graph_that_needs_context_and_passes_once_declared(graphs):
+def test_init_finds_the_lengths_a_strided_graph_takes_and_check_explains_one_without(graphs):
     path, _ = graphs["vad"]
     main(["contract", "init", str(path), "--force"])
-    problems = check(path)
-    assert len(problems) == 1 and "declare chunk" in problems[0] and "context_steps" in problems[0]
     side = sidecar_path(path)
     data = json.loads(side.read_text())
-    data["format"] = "rnnzoo.contract/2"
-    data["inputs"][0]["context_steps"] = 64
+    # kernel 128, stride 64: the probe ran 128, 256, ... 4096 samples and not 1 ... 64
+    assert data["chunk"] == {"multiple_of": 128} and data["format"] == "rnnzoo.contract/2"
+    assert check(path) == []
+    del data["chunk"]
+    side.write_text(json.dumps(data))
+    problems = check(path)
+    assert len(problems) == 1 and "declare chunk" in problems[0] and "context_steps" in problems[0]
+    data["inputs"][0]["context_steps"] = 64  # the docs' declaration: what init cannot see
     data["chunk"] = {"steps": 512}
     side.write_text(json.dumps(data))
     assert check(path) == []
@@ -118,3 +122,83 @@ def test_contract_cli_needs_no_torch(graphs):
         "sys.exit(rc or ('torch' in sys.modules) * 3)"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def _unnamed_time_major(src, dst):
+    """The kws graph as another tool might write it: a time-major input ``frames (T, B, 40)``,
+    no dim names anywhere and the outputs' shapes unknown (as in Silero VAD's ``stateN``)."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.load(str(src))
+    g = m.graph
+    g.node.insert(0, helper.make_node("Transpose", ["frames"], ["features"], perm=[1, 0, 2]))
+    frames = helper.make_tensor_value_info("frames", onnx.TensorProto.FLOAT, [None, None, 40])
+    feats = next(i for i in g.input if i.name == "features")
+    g.input.remove(feats)
+    g.input.insert(0, frames)
+    for v in g.input:
+        for d in v.type.tensor_type.shape.dim:
+            if d.HasField("dim_param"):
+                d.Clear()
+    for v in g.output:
+        shape = v.type.tensor_type.shape
+        rank = len(shape.dim)
+        shape.ClearField("dim")
+        for _ in range(rank):
+            shape.dim.add()
+    onnx.save(m, str(dst))
+
+
+def test_init_pairs_a_state_whose_output_shape_is_unknown_and_runs_the_graph_for_its_axes(
+    graphs, tmp_path, capsys
+):
+    path = tmp_path / "kws-tm.onnx"
+    _unnamed_time_major(graphs["kws-gru"][0], path)
+    c, guessed, _ = guess(path)
+    assert [(s["input"], s["output"], s["batch_axis"], s["shape"]) for s in c["states"]] == [
+        ("state_in", "state_out", 0, ["batch", 1, 64])
+    ]
+    # no dim names: only running the graph tells (time, batch) from (batch, time)
+    assert [(i["name"], i["batch_axis"], i["time_axis"]) for i in c["inputs"]] == [("frames", 1, 0)]
+    assert [(o["name"], o["batch_axis"], o["time_axis"]) for o in c["outputs"]] == [
+        ("scores", 0, 1)
+    ]
+    assert "chunk" not in c and c["format"] == "rnnzoo.contract/1"  # any length runs
+    assert any("by a probe run" in g for g in guessed)
+    assert main(["contract", "init", str(path), "--set", "sample_rate=16000"]) == 0
+    assert json.loads(sidecar_path(path).read_text())["constants"][0]["value"] == 16000
+    assert check(path) == []
+
+
+def test_the_chunk_rule_comes_from_the_lengths_that_ran():
+    from rnnzoo.contract_probe import LENGTHS, _chunk_rule
+
+    assert _chunk_rule(list(LENGTHS)) is None
+    assert _chunk_rule([t for t in LENGTHS if t % 4 == 0]) == {"multiple_of": 4}
+    assert _chunk_rule([256, 512]) == {"steps": 512}  # Silero at 16 kHz: one window
+    assert _chunk_rule([3]) == {"steps": 3}
+
+
+def test_contract_init_and_check_answer_bad_files_and_options_without_a_traceback(
+    graphs, tmp_path, capsys
+):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08\x07not a model at all\xff" * 10)
+    assert main(["contract", "init", str(junk)]) == 2
+    assert "not a readable ONNX model" in capsys.readouterr().err
+    assert main(["contract", "check", str(junk)]) == 1
+    assert "junk.onnx" in capsys.readouterr().out
+    assert main(["contract", "check", str(tmp_path / "missing.onnx")]) == 1
+    assert "no such file" in capsys.readouterr().out
+    path = tmp_path / "kws.onnx"
+    shutil.copy(graphs["kws"][0], path)
+    assert main(["contract", "init", str(path), "--set", "rate=8000"]) == 2
+    assert "the graph has no input 'rate'" in capsys.readouterr().err
+    assert main(["contract", "init", str(path), "--set", "sample_rate"]) == 2
+    assert "write NAME=VALUE" in capsys.readouterr().err
+    assert main(["contract", "init", str(path), "--set", "sample_rate=fast"]) == 2
+    assert "a number or a JSON list" in capsys.readouterr().err
+    sidecar_path(path).write_text("{not json")
+    assert main(["contract", "check", str(path)]) == 1
+    assert "problem" in capsys.readouterr().out

@@ -123,7 +123,7 @@ async def test_context_is_batched_with_the_states(models):
     await rt.start()
     try:
         xs = [audio(3 * N, seed=10 + i) for i in range(3)]
-        sids = [rt.create_session("vad").id for _ in xs]
+        sids = [(await rt.create_session("vad")).id for _ in xs]
         batcher = rt.batchers[("vad", "model")]
         got: list[list] = [[] for _ in xs]
         for a in range(0, 3 * N, N):
@@ -135,10 +135,10 @@ async def test_context_is_batched_with_the_states(models):
         assert max(batcher.batch_sizes) > 1  # sessions' contexts were stacked in one call
         for x, g in zip(xs, got, strict=True):
             np.testing.assert_allclose(np.concatenate(g), bare_vad(models, x)["prob"], atol=TOL)
-        sess = rt.store.get(sids[0])
+        sess = rt.sessions.get(sids[0])
         assert sess.state["context:audio"].shape == (1, K)  # kept in the session's state
         np.testing.assert_array_equal(sess.state["context:audio"][0], xs[0][-K:])
-        rt.reset_session(sids[0])  # the context window is state: back to zeros
+        await rt.reset_session(sids[0])  # the context window is state: back to zeros
         assert not sess.state["context:audio"].any()
         again = await rt.step(sids[0], {"audio": xs[0][:N]})
         np.testing.assert_allclose(again.outputs["prob"], got[0][0], atol=TOL)
@@ -240,7 +240,7 @@ async def test_context_travels_with_snapshots_and_forks(models):
     try:
         x = audio(2 * N, seed=7)
         truth = bare_vad(models, x)
-        sid = rt.create_session("vad").id
+        sid = (await rt.create_session("vad")).id
         await rt.step(sid, {"audio": x[:N]})
         _, state, initial, _ = await rt.snapshot_session(sid)
         np.testing.assert_array_equal(state["context:audio"], x[N - K : N])  # batch-free

@@ -479,19 +479,19 @@ async def test_a_dead_holders_lease_runs_out_and_is_fenced(repo):
     rt = Runtime(repo, RuntimeOptions(lease_ttl_s=10, session_ttl_s=100), clock=clock)
     await rt.start()
     try:
-        sid = rt.create_session("gru").id
-        dead = rt.attach(sid, "stream-a", alive=lambda: False)
+        sid = (await rt.create_session("gru")).id
+        dead = await rt.attach(sid, "stream-a", alive=lambda: False)
         with pytest.raises(FailedPrecondition, match=r"runs out in 10\.0 s"):
-            rt.attach(sid, "stream-b")
+            await rt.attach(sid, "stream-b")
         clock.t += 6
         assert rt.renew_leases() == 0  # not alive: not renewed
         with pytest.raises(FailedPrecondition, match=r"runs out in 4\.0 s"):
-            rt.attach(sid, "stream-b")
+            await rt.attach(sid, "stream-b")
         # the old holder computes a step; its lease runs out and moves on before the commit
         async with rt.stepping(sid, {"x": _x(3)}, dead) as res:
             assert res.steps_total == 3  # (stepping renewed the lease: 10 s from now)
             clock.t += 11
-            new = rt.attach(sid, "stream-b")
+            new = await rt.attach(sid, "stream-b")
             assert new.epoch == dead.epoch + 1
         with pytest.raises(FailedPrecondition, match=r"lease on session .* ran out"):
             await rt.step(sid, {"x": _x(1)}, dead)
@@ -500,7 +500,7 @@ async def test_a_dead_holders_lease_runs_out_and_is_fenced(repo):
         assert rt.renew_leases() == 1  # alive=None: renewed while attached
         rt.detach(sid, dead)  # a stale detach releases nothing
         with pytest.raises(FailedPrecondition):
-            rt.attach(sid, "stream-c")
+            await rt.attach(sid, "stream-c")
     finally:
         await rt.stop()
 

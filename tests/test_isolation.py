@@ -55,7 +55,7 @@ async def test_long_infer_is_sliced_with_state_carried_and_equals_the_reference(
             want, _ = reference(refs["gru"], x[b : b + 1])
             np.testing.assert_allclose(outs["y"][b], want[0], atol=TOL)
         # from a session, advancing it: the same numbers, and the state moved on exactly
-        sid = rt.create_session("gru").id
+        sid = (await rt.create_session("gru")).id
         a = await rt.infer("gru", {"x": x[:1, :700]}, session_id=sid, advance=True)
         r = await rt.step(sid, {"x": x[0, 700:]})  # a long chunk: the pool again, sliced
         np.testing.assert_allclose(a["y"][0], outs["y"][0, :700], atol=TOL)
@@ -70,7 +70,7 @@ async def test_bidirectional_prefix_recompute_in_the_pool_equals_offline(zoo):
     rt = await runtime(repo, long_job_steps=50)
     try:
         x = seq(120, seed=3)
-        sid = rt.create_session("bigru").id
+        sid = (await rt.create_session("bigru")).id
         before = rt.jobs.slices
         for a, b in ((0, 30), (30, 90), (90, 91), (91, 120)):  # the 2nd on: prefix >= 50 steps
             r = await rt.step(sid, {"x": x[a:b]})

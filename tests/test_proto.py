@@ -40,6 +40,7 @@ def test_package_is_versioned():
         "Generate",
         "SnapshotSession",
         "ForkSession",
+        "StepMany",
     }
     stream = service.methods_by_name["Stream"]
     assert stream.client_streaming and stream.server_streaming

@@ -38,7 +38,7 @@ async def test_chunked_streaming_equals_whole_sequence_and_reference(zoo, name):
     rt = await started(repo)
     try:
         xs = seq(11, seed=1)
-        s = rt.create_session(name)
+        s = await rt.create_session(name)
         outs = []
         for a, b in [(0, 1), (1, 4), (4, 5), (5, 11)]:
             r = await rt.step(s.id, {"x": xs[a:b]})
@@ -58,7 +58,7 @@ async def test_sidecar_model_streams_with_batch_major_state(zoo):
     rt = await started(repo, max_delay_ms=2.0)
     try:
         xs = [seq(7, 4, seed=i) for i in range(3)]
-        sids = [rt.create_session("kws").id for _ in xs]
+        sids = [(await rt.create_session("kws")).id for _ in xs]
         outs: list[list[np.ndarray]] = [[] for _ in xs]
         for a, b in [(0, 2), (2, 3), (3, 7)]:
             res = await asyncio.gather(
@@ -79,7 +79,7 @@ async def test_bidirectional_steps_return_exact_revised_prefix(zoo):
     rt = await started(repo)
     try:
         xs = seq(9, seed=4)
-        s = rt.create_session("bigru")
+        s = await rt.create_session("bigru")
         for a, b in [(0, 2), (2, 3), (3, 9)]:
             r = await rt.step(s.id, {"x": xs[a:b]})
             assert r.revised and r.start == 0 and r.steps_total == b
@@ -95,13 +95,13 @@ async def test_bidirectional_buffer_limit(zoo):
     repo, _ = zoo
     rt = await started(repo, max_buffer_steps=5)
     try:
-        s = rt.create_session("bigru")
+        s = await rt.create_session("bigru")
         await rt.step(s.id, {"x": seq(4)})
         with pytest.raises(ResourceExhausted, match="max_buffer_steps=5"):
             await rt.step(s.id, {"x": seq(2)})
         r = await rt.step(s.id, {"x": seq(1)})  # the refused chunk left nothing behind
         assert r.steps_total == 5
-        rt.reset_session(s.id)
+        await rt.reset_session(s.id)
         assert (await rt.step(s.id, {"x": seq(5)})).steps_total == 5
     finally:
         await rt.stop()
@@ -111,7 +111,7 @@ async def run_interleaved(repo, model: str, plans, **opts):
     """Each session steps its own chunks; sessions run concurrently."""
     rt = await started(repo, **opts)
     try:
-        sids = [rt.create_session(model).id for _ in plans]
+        sids = [(await rt.create_session(model)).id for _ in plans]
 
         async def drive(sid, chunks):
             return [await rt.step(sid, c) for c in chunks]
@@ -200,8 +200,8 @@ async def test_batch_starts_once_every_attached_stream_has_queued_not_after_the_
     repo, _ = zoo
     rt = await started(repo, max_delay_ms=60_000)
     try:
-        sids = [rt.create_session("gru").id for _ in range(4)]
-        tokens = [rt.attach(sid) for sid in sids]
+        sids = [(await rt.create_session("gru")).id for _ in range(4)]
+        tokens = [await rt.attach(sid) for sid in sids]
         batcher = rt.batchers[("gru", "model")]
         res = await asyncio.wait_for(
             asyncio.gather(
@@ -233,8 +233,8 @@ async def test_an_idle_attached_stream_does_not_hold_back_the_others(zoo):
     try:
         batcher = rt.batchers[("gru", "model")]
         batcher._active_window_s = 0.05  # the window derived from a 60 s delay is 20 min
-        sids = [rt.create_session("gru").id for _ in range(3)]
-        tokens = [rt.attach(sid) for sid in sids]
+        sids = [(await rt.create_session("gru")).id for _ in range(3)]
+        tokens = [await rt.attach(sid) for sid in sids]
         await asyncio.sleep(0.1)  # all idle now; the other two stay attached and silent
         for n in range(3):
             res = await asyncio.wait_for(rt.step(sids[0], {"x": seq(1, seed=n)}, tokens[0]), 10)
@@ -261,7 +261,7 @@ async def test_batches_over_the_time_budget_leave_the_event_loop(zoo, monkeypatc
     repo, _ = zoo
     rt = await started(repo, max_delay_ms=0)
     try:
-        sids = [rt.create_session("gru").id for _ in range(2)]
+        sids = [(await rt.create_session("gru")).id for _ in range(2)]
         b = rt.batchers[("gru", "model")]
         await asyncio.gather(*(rt.step(sid, {"x": seq(3)}) for sid in sids))
         assert b._s_per_step[2] > 0  # measured on the real call (batch of 2: bucket 2)
@@ -281,7 +281,7 @@ async def test_finite_check_passes_huge_finite_values_and_catches_inf(zoo):
     repo, _ = zoo
     rt = await started(repo)
     try:
-        s = rt.create_session("gru")
+        s = await rt.create_session("gru")
         huge = np.full((2, 3), 3e38, np.float32)  # sum overflows to inf, every value finite
         assert (await rt.step(s.id, {"x": huge})).steps_total == 2
         with pytest.raises(InvalidArgument, match="NaN or infinity"):
@@ -294,7 +294,7 @@ async def test_batcher_takes_one_chunk_per_session_and_respects_max_batch(zoo):
     repo, _ = zoo
     rt = await started(repo, max_batch=2, max_delay_ms=5)
     try:
-        a, b, c = (rt.create_session("gru").id for _ in range(3))
+        a, b, c = [(await rt.create_session("gru")).id for _ in range(3)]
         await asyncio.gather(*(rt.step(s, {"x": seq(2)}) for s in (a, b, c)))
         sizes = rt.batchers[("gru", "model")].batch_sizes
         assert max(sizes) <= 2 and sum(sizes) == 3
@@ -346,8 +346,8 @@ async def test_bad_inputs_are_rejected_and_leave_state_unchanged(zoo, bad, msg):
     repo, _ = zoo
     rt = await started(repo)
     try:
-        s = rt.create_session("lstm2")
-        ref = rt.create_session("lstm2")
+        s = await rt.create_session("lstm2")
+        ref = await rt.create_session("lstm2")
         await rt.step(s.id, {"x": seq(2, seed=9)})
         await rt.step(ref.id, {"x": seq(2, seed=9)})
         with pytest.raises(InvalidArgument, match=msg):
@@ -364,7 +364,7 @@ async def test_token_and_cast_rules(zoo):
     repo, _ = zoo
     rt = await started(repo)
     try:
-        s = rt.create_session("charlm")
+        s = await rt.create_session("charlm")
         with pytest.raises(
             InvalidArgument, match=r"token ids must be in \[0, 9\), got values in \[0, 9\]"
         ):
@@ -373,7 +373,7 @@ async def test_token_and_cast_rules(zoo):
             await rt.step(s.id, {"tokens": np.array([1.0], np.float32)})
         r = await rt.step(s.id, {"tokens": np.array([1, 2], np.int32)})  # int32 widens safely
         assert r.steps_total == 2
-        g = rt.create_session("gru")
+        g = await rt.create_session("gru")
         r64 = await rt.step(g.id, {"x": seq(2).astype(np.float64)})  # float64 -> float32
         assert r64.outputs["y"].dtype == np.float32
     finally:
@@ -388,7 +388,7 @@ async def test_infer_batched_stateless_and_from_session(zoo):
         out = await rt.infer("lstm2", {"x": xb})
         want, _ = reference(refs["lstm2"], xb)
         np.testing.assert_allclose(out["y"], want, atol=1e-5)
-        s = rt.create_session("lstm2")
+        s = await rt.create_session("lstm2")
         await rt.step(s.id, {"x": xb[0, :2]})
         peek = await rt.infer("lstm2", {"x": xb[:1, 2:]}, session_id=s.id)
         np.testing.assert_allclose(peek["y"][0], want[0, 2:], atol=1e-5)

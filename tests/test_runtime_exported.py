@@ -40,7 +40,7 @@ async def test_streamed_steps_equal_torch(exported, name):
     rt = Runtime.from_dir(d)
     await rt.start()
     try:
-        s = rt.create_session(name)
+        s = await rt.create_session(name)
         outs = []
         for a, b in [(0, 1), (1, 4), (4, 7)]:
             r = await rt.step(s.id, {key: x[a:b]})

@@ -39,10 +39,10 @@ def make_runtime(repo, clock=None, **opts) -> Runtime:
 async def until_store_holds(rt: Runtime, n: int) -> None:
     """Wait for the background sweeper to leave ``n`` sessions (a bound, not a timing test)."""
     for _ in range(200):
-        if len(rt.store) == n:
+        if len(rt.sessions) == n:
             break
         await asyncio.sleep(0.01)
-    assert len(rt.store) == n
+    assert len(rt.sessions) == n
 
 
 def x(t: int, seed: int = 0) -> np.ndarray:
@@ -108,7 +108,7 @@ async def test_sweeper_runs_without_a_server_ttl_for_sessions_that_asked_for_one
     rt = make_runtime(repo, clock=clock, session_ttl_s=None, sweep_interval_s=0.01)
     await rt.start()
     try:
-        rt.create_session("gru", ttl_s=5), rt.create_session("gru")
+        await rt.create_session("gru", ttl_s=5), await rt.create_session("gru")
         clock.t += 6
         await until_store_holds(rt, 1)
     finally:
@@ -172,21 +172,21 @@ async def test_runtime_session_lifecycle_reset_and_resume(repo):
     rt = make_runtime(repo)
     await rt.start()
     try:
-        info = rt.create_session("gru")
+        info = await rt.create_session("gru")
         assert info.model == "gru" and info.ttl_s == 600.0 and info.created_at > 1e9
-        tok = rt.attach(info.id)
+        tok = await rt.attach(info.id)
         r1 = await rt.step(info.id, {"x": x(4)}, tok)
         rt.detach(info.id, tok)  # disconnect: the session survives
-        tok = rt.attach(info.id)
+        tok = await rt.attach(info.id)
         r2 = await rt.step(info.id, {"x": x(2, 1)}, tok)
         assert (r2.start, r2.steps_total, r2.revised) == (4, 6, False)
-        rt.reset_session(info.id, tok)  # the holder itself may reset
+        await rt.reset_session(info.id, tok)  # the holder itself may reset
         r3 = await rt.step(info.id, {"x": x(4)}, tok)
         assert r3.start == 0 and r3.steps_total == 4
         np.testing.assert_array_equal(r3.outputs["y"], r1.outputs["y"])
         with pytest.raises(FailedPrecondition, match="attached to an open stream"):
-            rt.close_session(info.id)  # not its holder: refused
-        rt.close_session(info.id, tok)
+            await rt.close_session(info.id)  # not its holder: refused
+        await rt.close_session(info.id, tok)
         with pytest.raises(NotFound, match="was closed"):
             await rt.step(info.id, {"x": x(1)})
     finally:
@@ -198,18 +198,18 @@ async def test_initial_state_is_validated_and_used(repo):
     await rt.start()
     try:
         with pytest.raises(InvalidArgument, match=r"expected shape \[1, 8\]"):
-            rt.create_session("gru", {"h0": np.zeros((1, 1, 8))})
+            await rt.create_session("gru", {"h0": np.zeros((1, 1, 8))})
         with pytest.raises(InvalidArgument, match=r"unknown; model 'gru' has states \['h0'\]"):
-            rt.create_session("gru", {"c0": np.zeros((1, 8))})
+            await rt.create_session("gru", {"c0": np.zeros((1, 8))})
         h = np.full((1, 8), 0.5, np.float32)
-        a = rt.create_session("gru", {"h0": h})
-        b = rt.create_session("gru")
+        a = await rt.create_session("gru", {"h0": h})
+        b = await rt.create_session("gru")
         ra = await rt.step(a.id, {"x": x(3)})
         rb = await rt.step(b.id, {"x": x(3)})
         assert not np.allclose(ra.outputs["y"], rb.outputs["y"])
         want = await rt.infer("gru", {"x": x(3)[None]}, session_id=None)
         np.testing.assert_allclose(rb.outputs["y"], want["y"][0], atol=1e-6)
-        rt.reset_session(a.id)  # back to the given initial state, not zeros
+        await rt.reset_session(a.id)  # back to the given initial state, not zeros
         again = await rt.step(a.id, {"x": x(3)})
         np.testing.assert_array_equal(again.outputs["y"], ra.outputs["y"])
     finally:
@@ -221,7 +221,7 @@ async def test_runtime_ttl_with_injected_clock(repo):
     rt = make_runtime(repo, clock=clock, session_ttl_s=30)
     await rt.start()
     try:
-        s = rt.create_session("gru")
+        s = await rt.create_session("gru")
         clock.t += 31
         with pytest.raises(NotFound, match="expired after 30 s idle"):
             await rt.step(s.id, {"x": x(1)})
@@ -232,9 +232,9 @@ async def test_runtime_ttl_with_injected_clock(repo):
 async def test_runtime_capacity_options(repo):
     rt = make_runtime(repo, max_sessions=1, on_full="reject")
     await rt.start()
-    rt.create_session("gru")
+    await rt.create_session("gru")
     with pytest.raises(ResourceExhausted):
-        rt.create_session("gru")
+        await rt.create_session("gru")
     await rt.stop()
     with pytest.raises(InvalidArgument, match="on_full"):
         make_runtime(repo, on_full="drop")
@@ -244,7 +244,7 @@ async def test_steps_of_one_session_apply_in_order(repo):
     rt = make_runtime(repo, max_delay_ms=1.0)
     await rt.start()
     try:
-        s = rt.create_session("lstm2")
+        s = await rt.create_session("lstm2")
         chunks = [x(1 + i % 3, i) for i in range(12)]
         results = await asyncio.gather(*(rt.step(s.id, {"x": c}) for c in chunks))
         assert [r.start for r in results] == list(np.cumsum([0] + [len(c) for c in chunks])[:-1])
@@ -259,15 +259,17 @@ async def test_lifecycle_ready_and_unavailable_after_stop(repo):
     rt = make_runtime(repo)
     assert not rt.ready
     with pytest.raises(Unavailable):
-        rt.create_session("gru")
+        await rt.create_session("gru")
     await rt.start()
     assert rt.ready
-    s = rt.create_session("gru")
+    s = await rt.create_session("gru")
     await rt.stop(grace_s=1.0)
     assert not rt.ready
-    for call in (lambda: rt.create_session("gru"), rt.list_models, lambda: rt.reset_session(s.id)):
+    with pytest.raises(Unavailable, match="not serving"):
+        rt.list_models()
+    for call in (lambda: rt.create_session("gru"), lambda: rt.reset_session(s.id)):
         with pytest.raises(Unavailable, match="not serving"):
-            call()
+            await call()
     with pytest.raises(Unavailable):
         await rt.step(s.id, {"x": x(1)})
 
@@ -275,7 +277,7 @@ async def test_lifecycle_ready_and_unavailable_after_stop(repo):
 async def test_stop_drains_work_in_flight(repo):
     rt = make_runtime(repo, max_delay_ms=20.0)
     await rt.start()
-    sessions = [rt.create_session("gru").id for _ in range(4)]
+    sessions = [(await rt.create_session("gru")).id for _ in range(4)]
     tasks = [asyncio.create_task(rt.step(sid, {"x": x(5)})) for sid in sessions]
     await asyncio.sleep(0)  # queued, waiting out the batch delay
     await rt.stop(grace_s=5.0)
@@ -288,8 +290,8 @@ async def test_sweeper_expires_idle_sessions_in_the_background(repo):
     rt = make_runtime(repo, clock=clock, session_ttl_s=30, sweep_interval_s=0.01)
     await rt.start()
     try:
-        rt.create_session("gru"), rt.create_session("gru")
-        assert len(rt.store) == 2
+        await rt.create_session("gru"), await rt.create_session("gru")
+        assert len(rt.sessions) == 2
         clock.t += 31
         await until_store_holds(rt, 0)
     finally:
@@ -308,7 +310,7 @@ async def test_models_are_listed_with_contracts(repo):
         with pytest.raises(NotFound, match="known models"):
             rt.get_model("missing")
         with pytest.raises(FailedPrecondition, match="seq2seq"):
-            rt.create_session("rev")
+            await rt.create_session("rev")
     finally:
         await rt.stop()
 
@@ -317,17 +319,17 @@ async def test_reset_or_close_during_a_step_drops_its_result(repo):
     rt = make_runtime(repo, max_delay_ms=30.0)
     await rt.start()
     try:
-        s = rt.create_session("gru")
+        s = await rt.create_session("gru")
         task = asyncio.create_task(rt.step(s.id, {"x": x(3)}))
         await asyncio.sleep(0)  # queued in the batcher, not yet run
-        rt.reset_session(s.id)
+        await rt.reset_session(s.id)
         with pytest.raises(FailedPrecondition, match="reset or closed while this step ran"):
             await task
         r = await rt.step(s.id, {"x": x(2)})
         assert (r.start, r.steps_total) == (0, 2)
         task = asyncio.create_task(rt.step(s.id, {"x": x(3)}))
         await asyncio.sleep(0)
-        rt.close_session(s.id)
+        await rt.close_session(s.id)
         with pytest.raises(FailedPrecondition):
             await task
     finally:

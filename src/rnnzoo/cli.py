@@ -25,6 +25,18 @@ SUBSYSTEMS: list[tuple[str, tuple[str, ...], str]] = [
 ]
 
 
+def _zoo_export_hook():
+    """The zoo build's export step, wired here so that ``rnnzoo.models`` never imports
+    ``rnnzoo.export`` (which imports models: the two would form a cycle)."""
+    try:
+        from rnnzoo.export.zoo_hook import after_train
+    except ImportError as exc:
+        raise UserError(
+            f"the export step is not available ({exc}); pass --no-export to only train"
+        ) from None
+    return after_train
+
+
 class UserError(RnnzooError):
     """A mistake on the command line; printed without a traceback, exit code 2."""
 
@@ -46,6 +58,7 @@ def _build_parser(wanted: str | None) -> argparse.ArgumentParser:
                 f"`rnnzoo {wanted}` needs the package {exc.name!r}, which is not installed: {hint}"
             ) from None
         mod.register(sub)
+    parser.set_defaults(export_hook=_zoo_export_hook)  # read by `zoo build`
     return parser
 
 

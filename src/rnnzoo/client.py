@@ -197,6 +197,8 @@ class Client:
             self.channel = grpc.insecure_channel(target, options=options)
         self.stub = pb_grpc.RnnzooStub(self.channel)
         self._models: dict[str, pb.ModelInfo] = {}
+        self._session_models: dict[str, str] = {}  # session id -> model (for step_many)
+        self._many = None  # the open StepMany call (client_many.ManyStepper), made on first use
 
     # ---- plumbing ------------------------------------------------------------------------
     def _call(self, method, request):
@@ -206,6 +208,8 @@ class Client:
             raise RpcError.wrap(err) from None
 
     def close(self) -> None:
+        if self._many is not None:
+            self._many.close()
         self.channel.close()
 
     def __enter__(self) -> Client:
@@ -244,7 +248,9 @@ class Client:
         req = pb.CreateSessionRequest(
             model=model, initial_state=to_tensors(initial_state or {}), ttl_s=ttl_s
         )
-        return self._call(self.stub.CreateSession, req)
+        info = self._call(self.stub.CreateSession, req)
+        self._session_models[info.session_id] = info.model
+        return info
 
     def snapshot(self, session_id: str) -> pb.SessionSnapshot:
         """The session's state as data (keep it secret: it encodes what the session saw)."""
@@ -302,6 +308,27 @@ class Client:
         except grpc.RpcError as err:
             raise RpcError.wrap(err) from None
 
+    def step_many(
+        self,
+        chunks: Mapping[str, Chunk],
+        *,
+        model: str | None = None,
+        positions: Mapping[str, int] | None = None,
+    ) -> dict[str, StepOutput]:
+        """One chunk for each of many sessions in one StepMany message: ``{session_id:
+        chunk}`` -> ``{session_id: StepOutput}``. Sessions made or resumed by this client are
+        known by model; others need ``model=`` (all of that model). A chunk that fails raises
+        ``client_many.StepManyError`` carrying the others' outputs and each failure; see
+        ``rnnzoo.client_many`` for retries and positions."""
+        from .client_many import ManyStepper
+
+        if self._many is None:
+            self._many = ManyStepper(self)
+        models = self._session_models
+        if model is not None:
+            models = {**models, **{sid: model for sid in chunks if sid not in models}}
+        return self._many.step(chunks, models, positions)
+
     # ---- whole sequences and text ----------------------------------------------------------
     def infer(
         self,
@@ -348,6 +375,7 @@ class Session:
         self, client: Client, session_id: str, model: str, position: int | None = None
     ) -> None:
         self.client, self.id, self.model = client, session_id, model
+        client._session_models[session_id] = model
         self.position = position  # steps applied, as the last response said (None: unknown)
         self._queue: queue.Queue | None = None
         self._responses = None

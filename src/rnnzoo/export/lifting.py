@@ -32,8 +32,10 @@ import torch
 from torch import nn
 
 from rnnzoo.errors import InvalidArgument
+from rnnzoo.export.capture import Recorder, capturing, is_cell, is_layer
+from rnnzoo.export.guard import in_layer
 from rnnzoo.export.native import NativeLayers, onnx_op
-from rnnzoo.export.probe import Struct, flatten, is_recurrent, unflatten
+from rnnzoo.export.probe import Struct, captured_names, flatten, is_recurrent, unflatten
 from rnnzoo.export.scan import ScratchLayers, check_scratch
 from rnnzoo.models.cells import ScratchRNN
 
@@ -115,64 +117,49 @@ def check_layer(name: str, rnn: nn.Module) -> str:
         raise InvalidArgument(f"layer {name!r}: {exc}") from None
 
 
-class LiftedRNN(nn.Module):
-    """Stand-in for one recurrent layer: same call signature and results.
+class _Lifting(Recorder):
+    """Routes the flat module's recurrent calls: lifted states in and out, native nodes (or
+    Scan placeholders) under ``torch.onnx.export``, the layer's own forward otherwise."""
 
-    ``core``: the index of a hand-written cell among the module's (its Scan placeholders say
-    which cell they stand for).
-    """
+    def __init__(self, flat: FlatModule) -> None:
+        self.flat = flat
+        self.names = captured_names(flat.module)
 
-    def __init__(self, name: str, rnn: nn.Module, calls: _Calls, core: int = 0) -> None:
-        super().__init__()
-        self.op = check_layer(name, rnn)
-        self.name = name
-        self.rnn = rnn  # eager runs (float32 and the float64 reference)
-        # export: native nodes from reordered weights, or Scan placeholders
-        self.native = ScratchLayers(rnn, core) if self.op == "Scan" else NativeLayers(rnn)
-        self.calls = calls
-        self.lstm = isinstance(rnn, nn.LSTM) or getattr(rnn, "mode", None) == "lstm"
+    def owns(self, module: nn.Module) -> bool:
+        return id(module) in self.names
 
-    def forward(self, x: torch.Tensor, hx: Any = None):
-        calls = self.calls
+    def call(self, mod: nn.Module, run: Any, x: Any, hx: Any) -> Any:
+        name = self.names[id(mod)]
+        calls = self.flat.calls
         k = calls.next
-        if k >= len(calls.specs) or calls.specs[k].layer != self.name:
+        if k >= len(calls.specs) or calls.specs[k].layer != name:
             want = calls.specs[k].layer if k < len(calls.specs) else "no further call"
             raise InvalidArgument(
-                f"recurrent call {k} went to layer {self.name!r} but the probe run saw {want!r}: "
+                f"recurrent call {k} went to layer {name!r} but the probe run saw {want!r}: "
                 "the module calls its recurrent layers differently from run to run (data-"
                 "dependent control flow); make the calls the same for every input"
             )
         calls.next += 1
         mode = calls.specs[k].mode
+        lstm = isinstance(mod, (nn.LSTM, nn.LSTMCell)) or getattr(mod, "mode", None) == "lstm"
         if mode == "lifted":
             init = calls.initial[k]
-            hx = init if self.lstm else init[0]
-        if torch.onnx.is_in_onnx_export():
-            out, hn = self.native(x, hx)
-        else:
-            out, hn = self.rnn(x, hx)
-        if mode == "lifted":
-            calls.final[k] = tuple(hn) if self.lstm else (hn,)
-        return out, hn
-
-
-def install(module: nn.Module, calls: _Calls) -> list[ScratchRNN]:
-    """Replace every recurrent submodule of ``module`` (in place) by a ``LiftedRNN``; returns
-    the hand-written cells, in the order their placeholders number them."""
-    cores: list[ScratchRNN] = []
-    for name, rnn in list(module.named_modules()):
-        if not is_recurrent(rnn):
-            continue
-        if name == "":
-            raise InvalidArgument(
-                "the module is itself a recurrent layer: wrap it (export_module builds the wrapper)"
-            )
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, LiftedRNN(name, rnn, calls, core=len(cores)))
-        if isinstance(rnn, ScratchRNN):
-            cores.append(rnn)
-    return cores
+            hx = init if lstm else init[0]
+        cell = is_cell(mod)
+        with in_layer(name):
+            if cell:
+                out = run(x, hx)  # one step: plain tensor ops, traced as they are
+                hn = out
+            elif torch.onnx.is_in_onnx_export():
+                result = self.flat.natives[self.flat.native_index[name]](x, hx)
+                out, hn = result
+            else:
+                result = run(x, hx)
+                out, hn = result
+        # every call's final state (a "given" state the forward drops, as the word language
+        # model's ``out, _ = self.rnn(emb, hidden)`` does, is still the state output)
+        calls.final[k] = tuple(hn) if lstm else (hn,)
+        return out if cell else result
 
 
 class _Bare(nn.Module):
@@ -192,17 +179,52 @@ def wrap_bare(module: nn.Module) -> nn.Module:
 
 
 class FlatModule(nn.Module):
-    """``(*data_inputs, *state_inputs) -> (*data_outputs, *state_outputs)`` around the module."""
+    """``(*data_inputs, *state_inputs) -> (*data_outputs, *state_outputs)`` around the module.
+
+    The user's module (a copy) is left as it is: its recurrent calls are captured for the
+    duration of each forward (``rnnzoo.export.capture``), so its classes, attributes,
+    ``state_dict`` keys and its own forward code are the ones it was written with.
+    """
 
     def __init__(self, module: nn.Module, plan: Plan) -> None:
         super().__init__()
         self.plan = plan
         self.calls = _Calls(plan.calls)
         self.module = copy.deepcopy(wrap_bare(module)).eval()
-        # the hand-written cells, for expanding their Scan placeholders after the trace (a
-        # plain list: they are submodules of ``module`` already)
-        self.scratch_cores = install(self.module, self.calls)
+        # Export-time stand-ins, one per called layer (cells trace as they are): native
+        # nodes from reordered weights, or Scan placeholders for hand-written cells, which
+        # ``scratch_cores`` lists in their placeholders' order.
+        self.natives = nn.ModuleList()
+        self.native_index: dict[str, int] = {}
+        self.scratch_cores: list[ScratchRNN] = []
+        for spec in plan.calls:
+            if spec.layer in self.native_index:
+                continue
+            try:
+                rnn = self.module.get_submodule(spec.layer)
+            except AttributeError:
+                rnn = None
+            if rnn is not None and is_cell(rnn):
+                continue
+            if rnn is None or not is_layer(rnn):
+                raise InvalidArgument(
+                    f"the recorded plan calls layer {spec.layer!r}, which the module given has "
+                    "not as a recurrent layer: verify the graph with the module it was "
+                    "exported from"
+                )
+            op = check_layer(spec.layer, rnn)
+            self.native_index[spec.layer] = len(self.natives)
+            if op == "Scan":
+                self.natives.append(ScratchLayers(rnn, len(self.scratch_cores)))
+                self.scratch_cores.append(rnn)
+            else:
+                self.natives.append(NativeLayers(rnn))
         self.n_data = len(plan.data_in)
+
+    @property
+    def native(self) -> bool:
+        """Whether the graph has native RNN/GRU/LSTM nodes."""
+        return any(isinstance(n, NativeLayers) for n in self.natives)
 
     def forward(self, *flat: torch.Tensor):
         plan = self.plan
@@ -216,7 +238,8 @@ class FlatModule(nn.Module):
                 initial[ref.call].append(s)
         args = unflatten([leaves[i] for i in range(len(leaves))], plan.args)
         self.calls.reset([tuple(parts) if parts else None for parts in initial])
-        result = self.module(*args)
+        with capturing(_Lifting(self)):
+            result = self.module(*args)
         if self.calls.next != len(plan.calls):
             raise InvalidArgument(
                 f"the forward made {self.calls.next} recurrent calls, the probe run "

@@ -35,10 +35,10 @@ from rnnzoo.contract import TASKS, Contract, StateSpec, TensorSpec
 from rnnzoo.errors import InvalidArgument
 from rnnzoo.export.contract_builder import BATCH, TIME, exporter_versions
 from rnnzoo.export.graph import attach_contract, check_graph, finish_graph, write_model
+from rnnzoo.export.guard import doing, guarded
 from rnnzoo.export.lifting import (
     CallSpec,
     FlatModule,
-    LiftedRNN,
     Plan,
     StateRef,
     check_layer,
@@ -48,6 +48,7 @@ from rnnzoo.export.native import OPSET, one_thread, quiet_export
 from rnnzoo.export.probe import (
     Probe,
     flatten,
+    grow_inputs,
     infer_input_axes,
     infer_output_axes,
     probe,
@@ -142,6 +143,26 @@ def _plan(base: Probe, leaves: list[torch.Tensor], outs: list[torch.Tensor]):
     return calls, refs, used_in, used_out, notes
 
 
+def _unbatched_calls(
+    base: Probe, grown: dict[str, Probe | None], batch: set[int], calls: list[CallSpec]
+) -> list[int]:
+    """Lifted calls whose batch is not the inputs' batch alone (a module that folds time into
+    batch runs its layer at B*L): their state cannot be per-sequence graph I/O."""
+    out = []
+    for k, c in enumerate(base.calls):
+        if calls[k].mode != "lifted":
+            continue
+        bad = bool(batch) and c.batch not in batch
+        for kind, p in grown.items():
+            if p is None or len(p.calls) != len(base.calls):
+                continue
+            want = c.batch + 2 if kind == "batch" and batch else c.batch
+            bad = bad or p.calls[k].batch != want
+        if bad:
+            out.append(k)
+    return out
+
+
 def _export_sizes(module: nn.Module, fixed: set[int]) -> tuple[int, int]:
     taken = {0, 1} | fixed
     for t in [*module.parameters(), *module.buffers()]:
@@ -214,7 +235,8 @@ def build(
     for layer_name, rnn in recurrent_layers(work).items():  # before any run: name the layer
         check_layer(layer_name, rnn)
     leaves, struct = flatten(args)
-    base = probe(work, args)
+    with doing("running the module on the example inputs"):
+        base = probe(work, args)
     _check_cells(base)
     if not base.calls:
         raise InvalidArgument(
@@ -222,7 +244,8 @@ def build(
             "export_module exports modules built on them; for a hand-written step "
             "(x_t, state) -> (y_t, state) use export_step"
         )
-    ops = {check_layer(c.layer, c.rnn) for c in base.calls}
+    ops = {check_layer(c.layer, c.rnn) for c in base.calls if not c.cell}
+    one_step = all(c.cell for c in base.calls)  # cells called once: the graph is one step
     outs, _ = flatten(base.outputs)
     in_names = _leaf_names(work, args, input_names)
     if output_names is not None and len(output_names) != len(outs):
@@ -245,12 +268,16 @@ def build(
         raise InvalidArgument(
             f"axes names {sorted(unknown)}: not among inputs {in_names} or outputs {out_names}"
         )
+    given = {
+        r.in_leaf: 0 if base.calls[r.call].cell else 1 for r in refs if r.in_leaf is not None
+    }  # leaf -> batch axis of the states the forward takes
     to_infer = [i for i in data_in if in_names[i] not in axes]
-    in_axes = infer_input_axes(work, leaves, struct, to_infer, sorted(used_in), base)
+    with doing("finding the inputs' batch and time axes (growing one dim at a time)"):
+        in_axes = infer_input_axes(work, leaves, struct, to_infer, given, base)
     for i in data_in:
         if in_names[i] in axes:
             in_axes[i] = axes[in_names[i]]
-    if not any(a.get("time") is not None for a in in_axes.values()):
+    if not one_step and not any(a.get("time") is not None for a in in_axes.values()):
         raise InvalidArgument(
             f"no input of {type(module).__name__} has a time axis that the recurrent layers "
             "read; name it with axes={INPUT_NAME: {'batch': ..., 'time': ...}}"
@@ -261,13 +288,44 @@ def build(
             int(leaves[i].shape[a[kind]]) for i, a in in_axes.items() if a.get(kind) is not None
         }
         if len(found) > 1:
+            guessed = [in_names[i] for i in data_in if in_names[i] not in axes]
             raise InvalidArgument(
-                f"the inputs' {kind} axes have different lengths {sorted(found)}: one {kind} "
-                "size is exported; name the axes with axes= if they were guessed wrong"
+                f"the inputs' {kind} axes have different lengths {sorted(found)}: one graph "
+                f"has one {kind} size; export inputs of different lengths as separate graphs"
+                + (
+                    f", or name the axes of {guessed} with axes= if they were guessed wrong"
+                    if guessed
+                    else ""
+                )
             )
         sizes[kind] = found
+    with doing("growing the inputs' batch and time axes"):
+        grown = {k: grow_inputs(work, leaves, struct, in_axes, given, k) for k in ("batch", "time")}
+    has_batch = bool(sizes["batch"])
+    for k in _unbatched_calls(base, grown, sizes["batch"], calls):
+        c = base.calls[k]
+        calls[k] = CallSpec(c.layer, "internal")
+        used_out -= {r.out_leaf for r in refs if r.call == k}
+        refs = [r for r in refs if r.call != k]
+        notes.append(
+            f"{c.layer}: its batch ({c.batch}) does not follow the inputs' batch "
+            f"({sorted(sizes['batch']) or 'none'}) alone (time folded into batch?): its zero "
+            "initial state stays inside the graph, not lifted"
+        )
+    data_out = [i for i in range(len(outs)) if i not in used_out]
     named_out = [k for k, n in enumerate(out_names) if n in axes]
-    out_axes = infer_output_axes(work, leaves, struct, in_axes, sorted(used_in), outs)
+    with doing("finding the outputs' batch and time axes (growing the inputs' axes)"):
+        out_axes = infer_output_axes(
+            work,
+            leaves,
+            struct,
+            in_axes,
+            given,
+            outs,
+            named={k for k, n in enumerate(out_names) if n in axes},
+            axes_given=all(in_names[i] in axes for i in data_in),
+            grown=grown,
+        )
     for k in named_out:
         out_axes[k] = axes[out_names[k]]
 
@@ -300,15 +358,20 @@ def build(
         in_name = _unique(in_name, taken)
         meaning = means.get(in_name) or (
             f"{'hidden' if ref.part == 0 else 'cell'} state of {type(c.rnn).__name__} "
-            f"{c.layer!r} ({calls[ref.call].mode}), (layers*directions, batch, hidden)"
+            f"{c.layer!r} ({calls[ref.call].mode}), "
+            + ("(batch, hidden)" if c.cell else "(layers*directions, batch, hidden)")
         )
+        st_shape: list[int | str] = [int(d) for d in h.shape]
+        st_axis = 0 if c.cell else 1  # cells: (batch, hidden); layers: (L*D, batch, hidden)
+        if has_batch:  # else the module runs at its example's batch only: a fixed size
+            st_shape[st_axis] = BATCH
         states.append(
             StateSpec(
                 input=in_name,
                 output=_unique(out_name, taken),
                 dtype=_dtype(h),
-                shape=[int(h.shape[0]), BATCH, int(h.shape[2])],
-                batch_axis=1,
+                shape=st_shape,
+                batch_axis=st_axis,
                 init="zeros",
                 meaning=meaning,
             )
@@ -343,8 +406,14 @@ def build(
     )
     flat = FlatModule(module, plan)
     streamable, reason = True, "not checked (check_streaming=False)"
-    if check_streaming:
-        streamable, reason = check_streamable(flat, contract, make_sampler(contract))
+    if one_step:
+        reason = (
+            "a one-step graph (nn.*Cell called once per forward): each call advances one step "
+            "from the state given, as export_step(mode='step') graphs do"
+        )
+    elif check_streaming:
+        with doing("checking whether chunks with the state carried equal the whole sequence"):
+            streamable, reason = check_streamable(flat, contract, make_sampler(contract))
     contract = _replace(contract, streamable=streamable, streamable_reason=reason)
     contract.validate(origin=f"contract for {name}")
 
@@ -361,7 +430,8 @@ def build(
         ex_args.append(t)
     gen = torch.Generator().manual_seed(0)
     for st in states:
-        ex_args.append(0.1 * torch.randn(st.shape[0], B, st.shape[2], generator=gen))
+        shape = [B if d == BATCH else int(d) for d in st.shape]
+        ex_args.append(0.1 * torch.randn(shape, generator=gen))
     return flat, contract, ex_args, (B, T)
 
 
@@ -386,6 +456,7 @@ def trace(
     sizes: tuple[int, int],
     *,
     what: str,
+    axes_given: bool = False,
 ) -> onnx.ModelProto:
     """``torch.onnx.export`` of the flat module, post-processed and checked (nothing written)."""
     batch, time = torch.export.Dim(BATCH), torch.export.Dim(TIME)
@@ -398,7 +469,7 @@ def trace(
     in_names = [t.name for t in contract.inputs] + [s.input for s in contract.states]
     out_names = [t.name for t in contract.outputs] + [s.output for s in contract.states]
     try:
-        with quiet_export():
+        with quiet_export(), doing("tracing with torch.onnx.export"):
             prog = torch.onnx.export(
                 flat,
                 tuple(ex_args),
@@ -413,12 +484,18 @@ def trace(
     except InvalidArgument:
         raise
     except Exception as exc:  # torch.export's many error classes
-        raise explain(exc, what) from None
+        raise explain(exc, what, axes_given=axes_given) from None
     model = prog.model_proto
-    n_scan = expand_scratch_cells(model, flat.scratch_cores) if flat.scratch_cores else 0
-    finish_graph(model, contract)
-    native = any(c.op != "Scan" for c in flat.module.modules() if isinstance(c, LiftedRNN))
-    check_graph(model, contract, native=native, scan=n_scan > 0, stale_sizes=tuple(sizes))
+    with doing("checking the exported graph"):
+        n_scan = expand_scratch_cells(model, flat.scratch_cores) if flat.scratch_cores else 0
+        finish_graph(model, contract)
+        problems = check_graph(
+            model, contract, native=flat.native, scan=n_scan > 0, stale_sizes=tuple(sizes)
+        )
+    if problems:
+        raise InvalidArgument(
+            f"{what}: the exported graph failed its checks:\n  - " + "\n  - ".join(problems)
+        )
     return attach_contract(model, contract)
 
 
@@ -454,9 +531,12 @@ def export_graph(
             meanings=meanings,
         )
         what = f"module {type(module).__name__!r}"
-        return contract, trace(flat, contract, ex_args, sizes, what=what)
+        named = set(axes or {})
+        axes_given = all(t.name in named for t in contract.inputs)
+        return contract, trace(flat, contract, ex_args, sizes, what=what, axes_given=axes_given)
 
 
+@guarded("export_module")
 def export_module(
     module: nn.Module,
     example_inputs: Any,

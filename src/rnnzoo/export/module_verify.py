@@ -20,6 +20,7 @@ from torch import nn
 
 from rnnzoo.contract import Contract, read_contract
 from rnnzoo.errors import FailedPrecondition
+from rnnzoo.export.guard import doing, guarded
 from rnnzoo.export.lifting import FlatModule, Plan
 from rnnzoo.export.native import one_thread
 from rnnzoo.export.sampling import make_sampler
@@ -41,6 +42,7 @@ def eager_module(module: nn.Module, contract: Contract) -> nn.Module:
     )
 
 
+@guarded("verify_module")
 def verify_module(
     module: nn.Module,
     path: str | Path,
@@ -64,5 +66,5 @@ def verify_module(
         # A one-step graph (export_step mode="step"): there is no time axis to chunk; its
         # per-step cases advance it from states along the reference trajectory.
         kw["stream"] = None
-    with one_thread():
+    with one_thread(), doing("comparing ONNX Runtime with PyTorch on random inputs"):
         return check_parity(flat, path, contract, make_sampler(contract), **kw)

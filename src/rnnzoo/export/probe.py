@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from rnnzoo.errors import InvalidArgument
+from rnnzoo.export.capture import Recorder, capturing, is_cell, is_layer
+from rnnzoo.export.guard import in_layer
 from rnnzoo.models.cells import ScratchRNN
 
 # What the exporter treats as one recurrent layer: native nodes for nn.*, Scan for ScratchRNN.
@@ -70,14 +72,15 @@ def unflatten(leaves: list[torch.Tensor], struct: Struct) -> Any:
 
 @dataclass
 class Call:
-    """One call of a recurrent layer during the probe."""
+    """One call of a recurrent layer (or cell) during the probe."""
 
     layer: str  # qualified name in the module, e.g. "encoder.lstm"
-    rnn: nn.Module  # one of RECURRENT
+    rnn: nn.Module  # one of RECURRENT, or an nn.*Cell
     batch: int
-    time: int
+    time: int  # 1 for a cell (one step)
     hx: tuple[torch.Tensor, ...] | None  # the initial state passed: (h,) or (h, c); None: none
     hn: tuple[torch.Tensor, ...]  # the final state returned
+    cell: bool = False  # an nn.RNNCell/GRUCell/LSTMCell: states (batch, hidden)
 
 
 @dataclass
@@ -99,80 +102,95 @@ def recurrent_layers(module: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in module.named_modules() if is_recurrent(m)}
 
 
+def captured_names(module: nn.Module) -> dict[int, str]:
+    """id -> qualified name of every recurrent layer and cell of ``module``."""
+    return {id(m): n for n, m in module.named_modules() if is_layer(m) or is_cell(m)}
+
+
+def check_input(name: str, mod: nn.Module, x: Any) -> None:
+    """Raise for a layer or cell input that ONNX recurrent nodes cannot take."""
+    if isinstance(x, nn.utils.rnn.PackedSequence):
+        raise InvalidArgument(
+            f"layer {name!r} ({type(mod).__name__}) is fed a PackedSequence: ONNX "
+            "recurrent nodes take padded tensors only. Fix: pass the padded tensor "
+            "(pad_packed_sequence/pad_sequence) to the layer and mask or slice the "
+            "outputs by length after it"
+        )
+    want = 2 if is_cell(mod) else 3
+    if not isinstance(x, torch.Tensor) or x.dim() != want:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        axis = 0 if is_cell(mod) or getattr(mod, "batch_first", True) else 1
+        raise InvalidArgument(
+            f"layer {name!r} is fed an unbatched input {shape}: export needs a batch axis. "
+            f"Fix: pass a batch, e.g. x.unsqueeze({axis}) in the example and in forward"
+        )
+
+
+def state_tuple(h: Any) -> tuple[torch.Tensor, ...] | None:
+    if h is None:
+        return None
+    return tuple(h) if isinstance(h, (tuple, list)) else (h,)
+
+
+class _Recording(Recorder):
+    def __init__(self, names: dict[int, str]) -> None:
+        self.names = names
+        self.calls: list[Call] = []
+        self.cells: dict[str, int] = {}
+
+    def owns(self, module: nn.Module) -> bool:
+        return id(module) in self.names
+
+    def call(self, mod: nn.Module, run: Any, x: Any, hx: Any) -> Any:
+        name = self.names[id(mod)]
+        check_input(name, mod, x)
+        with in_layer(name):
+            out = run(x, hx)
+        if is_cell(mod):
+            self.cells[name] = self.cells.get(name, 0) + 1
+            B, T, hn = int(x.shape[0]), 1, out
+        else:
+            bt = (x.shape[0], x.shape[1]) if getattr(mod, "batch_first", True) else x.shape[1::-1]
+            B, T, hn = int(bt[0]), int(bt[1]), out[1]
+        self.calls.append(Call(name, mod, B, T, state_tuple(hx), state_tuple(hn), is_cell(mod)))
+        return out
+
+
 def probe(module: nn.Module, args: tuple) -> Probe:
     """Run ``module(*args)`` once (no grad), recording every recurrent call."""
-    calls: list[Call] = []
-    cells: dict[str, int] = {}
     embedded: list[tuple[torch.Tensor, int]] = []
-    pending: list[tuple[str, nn.Module, int, int, Any]] = []
     handles = []
-
-    def pre(name: str):
-        def hook(mod, a, kw):
-            x = a[0] if a else kw.get("input")
-            if isinstance(x, nn.utils.rnn.PackedSequence):
-                raise InvalidArgument(
-                    f"layer {name!r} ({type(mod).__name__}) is fed a PackedSequence: ONNX "
-                    "recurrent nodes take padded tensors only. Fix: pass the padded tensor "
-                    "(pad_packed_sequence/pad_sequence) to the layer and mask or slice the "
-                    "outputs by length after it"
-                )
-            if x.dim() != 3:
-                raise InvalidArgument(
-                    f"layer {name!r} is fed an unbatched {x.dim()}-D input {tuple(x.shape)}: "
-                    "export needs a batch axis. Fix: pass a batch, e.g. x.unsqueeze("
-                    f"{0 if mod.batch_first else 1}) in the example and in forward"
-                )
-            hx = a[1] if len(a) > 1 else kw.get("hx")
-            if hx is not None:
-                hx = tuple(hx) if isinstance(hx, (tuple, list)) else (hx,)
-            bt = (x.shape[0], x.shape[1]) if mod.batch_first else (x.shape[1], x.shape[0])
-            pending.append((name, mod, int(bt[0]), int(bt[1]), hx))
-
-        return hook
-
-    def post(mod, a, kw, out):
-        name, rnn, B, T, hx = pending.pop()
-        hn = out[1]
-        hn = tuple(hn) if isinstance(hn, (tuple, list)) else (hn,)
-        calls.append(Call(name, rnn, B, T, hx, hn))
-
-    def count(name: str):
-        def hook(mod, a):
-            cells[name] = cells.get(name, 0) + 1
-
-        return hook
 
     def embed(mod, a):
         if a and isinstance(a[0], torch.Tensor):
             embedded.append((a[0], mod.num_embeddings))
 
-    for name, m in module.named_modules():
-        if is_recurrent(m):
-            handles.append(m.register_forward_pre_hook(pre(name), with_kwargs=True))
-            handles.append(m.register_forward_hook(post, with_kwargs=True))
-        elif isinstance(m, nn.RNNCellBase):
-            handles.append(m.register_forward_pre_hook(count(name)))
-        elif isinstance(m, nn.Embedding):
+    for m in module.modules():
+        if isinstance(m, nn.Embedding):
             handles.append(m.register_forward_pre_hook(embed))
+    rec = _Recording(captured_names(module))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), capturing(rec):
             outputs = module(*args)
     finally:
         for h in handles:
             h.remove()
-    return Probe(calls, outputs, cells, embedded)
-
-
-def grow(t: torch.Tensor, axis: int, by: int = 1) -> torch.Tensor:
-    """``t`` with ``by`` more entries along ``axis`` (values repeated from the start)."""
-    n = t.shape[axis]
-    idx = torch.arange(n + by) % max(n, 1)
-    return t.index_select(axis, idx)
+    return Probe(rec.calls, outputs, rec.cells, embedded)
 
 
 def resize(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    """``t`` with ``size`` entries along ``axis``: values repeated from the start, or zeros
+    where the axis is empty (nothing to repeat)."""
+    if t.shape[axis] == 0:
+        shape = list(t.shape)
+        shape[axis] = size
+        return t.new_zeros(shape)
     return t.index_select(axis, torch.arange(size) % t.shape[axis])
+
+
+def grow(t: torch.Tensor, axis: int, by: int = 1) -> torch.Tensor:
+    """``t`` with ``by`` more entries along ``axis``."""
+    return resize(t, axis, t.shape[axis] + by)
 
 
 def _try(module: nn.Module, args: tuple) -> Probe | None:
@@ -189,10 +207,12 @@ def infer_input_axes(
     leaves: list[torch.Tensor],
     struct: Struct,
     data: list[int],
-    states: list[int],
+    states: dict[int, int],
     base: Probe,
 ) -> dict[int, dict[str, int | None]]:
-    """{leaf index: {"batch": axis|None, "time": axis|None}} for every data leaf."""
+    """{leaf index: {"batch": axis|None, "time": axis|None}} for every data leaf.
+
+    ``states``: leaf index -> batch axis of every state the forward takes as an argument."""
     ref = base.sizes()
     found: dict[int, dict[str, int | None]] = {}
     for i in data:
@@ -202,8 +222,8 @@ def infer_input_axes(
             new[i] = grow(leaves[i], d)
             p = _try(module, unflatten(new, struct))
             if p is None and states:  # a batch axis also needs the given states grown
-                for s in states:
-                    new[s] = grow(leaves[s], 1)
+                for s, ax in states.items():
+                    new[s] = grow(leaves[s], ax)
                 p = _try(module, unflatten(new, struct))
             if p is None or len(p.calls) != len(ref):
                 continue
@@ -224,29 +244,57 @@ def infer_input_axes(
     return found
 
 
+def grow_inputs(
+    module: nn.Module,
+    leaves: list[torch.Tensor],
+    struct: Struct,
+    in_axes: dict[int, dict[str, int | None]],
+    states: dict[int, int],
+    kind: str,
+) -> Probe | None:
+    """A probe run with every input's ``kind`` axis grown by 2 (None: the module refused)."""
+    new = list(leaves)
+    for i, ax in in_axes.items():
+        if ax.get(kind) is not None:
+            new[i] = grow(leaves[i], ax[kind], 2)
+    if kind == "batch":
+        for s, ax in states.items():
+            new[s] = grow(leaves[s], ax, 2)
+    return _try(module, unflatten(new, struct))
+
+
 def infer_output_axes(
     module: nn.Module,
     leaves: list[torch.Tensor],
     struct: Struct,
     in_axes: dict[int, dict[str, int | None]],
-    states: list[int],
+    states: dict[int, int],
     base_outputs: list[torch.Tensor],
+    named: set[int] = frozenset(),  # type: ignore[assignment]
+    axes_given: bool = False,
+    grown: dict[str, Probe | None] | None = None,
 ) -> list[dict[str, int | None]]:
-    """Per output leaf: which dim follows the inputs' batch axes and which their time axes."""
+    """Per output leaf: which dim follows the inputs' batch axes and which their time axes.
+
+    ``named``: outputs whose axes the caller gave (not inferred, never refused);
+    ``axes_given``: every input's axes were given, so no message suggests ``axes=`` for them.
+    """
     changed: dict[str, list[set[int]]] = {}
     for kind in ("batch", "time"):
-        new = list(leaves)
-        for i, ax in in_axes.items():
-            if ax.get(kind) is not None:
-                new[i] = grow(leaves[i], ax[kind], 2)
-        if kind == "batch":
-            for s in states:
-                new[s] = grow(leaves[s], 1, 2)
-        p = _try(module, unflatten(new, struct))
+        if grown is not None and kind in grown:
+            p = grown[kind]
+        else:
+            p = grow_inputs(module, leaves, struct, in_axes, states, kind)
         if p is None:
+            fix = (
+                "the module must run at other sizes than the example's: write its forward for "
+                "any batch and time size"
+                if axes_given
+                else "name the axes with axes={NAME: {'batch': ..., 'time': ...}}"
+            )
             raise InvalidArgument(
-                f"the module fails when every input's {kind} axis grows by 2 (axes found: "
-                f"{in_axes}); name the axes with axes={{NAME: {{'batch': ..., 'time': ...}}}}"
+                f"the module fails in PyTorch when every input's {kind} axis grows by 2 "
+                f"(axes: {in_axes}); {fix}"
             )
         outs, _ = flatten(p.outputs)
         if len(outs) != len(base_outputs):
@@ -262,6 +310,9 @@ def infer_output_axes(
         ]
     result = []
     for k, b in enumerate(base_outputs):
+        if k in named:
+            result.append({})
+            continue
         cb, ct = changed["batch"][k], changed["time"][k]
         if len(cb) > 1 or len(ct) > 1 or (cb and cb == ct) or b.dim() != len(b.shape):
             raise InvalidArgument(

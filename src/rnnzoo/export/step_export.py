@@ -38,6 +38,7 @@ from rnnzoo.contract import TASKS, Contract, StateSpec, TensorSpec
 from rnnzoo.errors import InvalidArgument
 from rnnzoo.export.contract_builder import BATCH, TIME, exporter_versions
 from rnnzoo.export.graph import attach_contract, check_graph, finish_graph, write_model
+from rnnzoo.export.guard import guarded
 from rnnzoo.export.native import OPSET, quiet_export
 from rnnzoo.export.probe import Struct, flatten, unflatten
 from rnnzoo.export.scan import _prefix_names
@@ -178,6 +179,7 @@ def _scan_model(body_model: onnx.ModelProto, contract: Contract, n_state: int) -
     return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
 
 
+@guarded("export_step")
 def export_step(
     step_module: nn.Module,
     example_inputs: Any,
@@ -326,6 +328,11 @@ def export_step(
             call, ex, [*in_names, *(p[0] for p in pairs)], [*out_names, *(p[1] for p in pairs)]
         )
         finish_graph(model, contract)
-    check_graph(model, contract, native=False, scan=scan, stale_sizes=(B,))
+    problems = check_graph(model, contract, native=False, scan=scan, stale_sizes=(B,))
+    if problems:
+        raise InvalidArgument(
+            f"step module {type(step_module).__name__!r}: the exported graph failed its "
+            "checks:\n  - " + "\n  - ".join(problems)
+        )
     write_model(attach_contract(model, contract), path)
     return contract

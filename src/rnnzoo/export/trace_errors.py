@@ -63,8 +63,11 @@ def user_line(exc: BaseException) -> tuple[str, int] | None:
     return found
 
 
-def explain(exc: BaseException, what: str) -> InvalidArgument:
-    """The error to raise instead of ``exc`` (``what``: e.g. "module 'Tagger'")."""
+def explain(exc: BaseException, what: str, *, axes_given: bool = False) -> InvalidArgument:
+    """The error to raise instead of ``exc`` (``what``: e.g. "module 'Tagger'").
+
+    ``axes_given``: the caller named every input's axes, so ``axes=`` is not suggested again
+    (it could not change the outcome)."""
     text = "\n".join(f"{type(e).__name__}: {e}" for e in _chain(exc))
     where = user_line(exc)
     at = ""
@@ -79,8 +82,12 @@ def explain(exc: BaseException, what: str) -> InvalidArgument:
     if any(k in text for k in SPECIALIZED):
         return InvalidArgument(
             f"{what} cannot be exported with a symbolic batch and time size: the code fixes "
-            f"one of them{at}; write it for any size (x.shape[...] or -1 instead of numbers), "
-            "or name the axes with axes={...} if they were guessed wrong"
+            f"one of them{at}; write it for any size (x.shape[...] or -1 instead of numbers)"
+            + (
+                ""
+                if axes_given
+                else ", or name the axes with axes={...} if they were guessed wrong"
+            )
         )
     root = _chain(exc)[-1]  # the tracer's own error, under the exporter's wrappers
     first = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__

@@ -139,9 +139,9 @@ class ScratchRNN(nn.Module):
                 idx = layer * dirs + d
                 w = self._params(layer, reverse=d == 1)
                 h = h0[idx]  # (B, H)
-                c = c0[idx] if lstm else None
+                c = c0[idx] if c0 is not None else h
                 steps = range(T - 1, -1, -1) if d == 1 else range(T)
-                ys = [None] * T
+                ys: list[torch.Tensor] = [h] * T  # every slot is overwritten below
                 for t in steps:
                     if lstm:
                         h, c = lstm_cell(layer_in[:, t], h, c, *w)

@@ -29,7 +29,7 @@ def make_checkpoint(
         "format": FORMAT,
         "name": name,
         "family": family,
-        "config": model.cfg.to_dict(),
+        "config": model_config(model),
         "task": task,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "metrics": metrics,
@@ -82,3 +82,12 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         ) from None
     model.eval()
     return model, ckpt
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """The config dict of a RecurrentNet or Seq2Seq (its ``cfg`` dataclass)."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        raise TypeError(f"{type(model).__name__} has no config dataclass (.cfg) to checkpoint")
+    config: dict[str, Any] = cfg.to_dict()
+    return config

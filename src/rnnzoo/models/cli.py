@@ -1,7 +1,8 @@
 """``rnnzoo zoo list``, ``rnnzoo train NAME``, ``rnnzoo zoo build``.
 
-``zoo build`` runs the export step (``rnnzoo.export.zoo_hook.after_train``) after each entry
-when that module is installed, unless ``--no-export``. It is resumable: entries that are up to
+``zoo build`` runs the export step after each entry unless ``--no-export``: the top-level
+CLI (``rnnzoo.cli``) passes it in as ``args.export_hook`` (``rnnzoo.export.zoo_hook``), so
+the models package never imports the export package (which imports models). It is resumable: entries that are up to
 date (same config hash, export verified) are not redone unless ``--force``. ``train`` always
 retrains its entry.
 """
@@ -19,13 +20,13 @@ from rnnzoo.errors import FailedPrecondition
 def _export_hooks(args: argparse.Namespace) -> list[Any]:
     if args.no_export:
         return []
-    try:
-        from rnnzoo.export.zoo_hook import after_train
-    except ImportError as exc:
+    load = getattr(args, "export_hook", None)  # set by rnnzoo.cli
+    if load is None:
         raise FailedPrecondition(
-            f"the export step is not available ({exc}); pass --no-export to only train"
-        ) from None
-    return [after_train]
+            "the export step is not wired in (run `rnnzoo zoo build` from the rnnzoo command); "
+            "pass --no-export to only train"
+        )
+    return [load()]
 
 
 def _log(msg: str) -> None:

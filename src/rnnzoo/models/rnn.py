@@ -12,6 +12,7 @@ decoder's initial state.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,7 +60,7 @@ class RNNConfig:
 
 def make_recurrent_core(cfg: RNNConfig, input_size: int) -> nn.Module:
     """The nn.RNN/nn.GRU/nn.LSTM (or its hand-written twin) that ``cfg`` names."""
-    common = dict(
+    common: dict[str, Any] = dict(
         input_size=input_size,
         hidden_size=cfg.hidden_size,
         num_layers=cfg.num_layers,
@@ -79,6 +80,7 @@ class RecurrentNet(nn.Module):
     def __init__(self, cfg: RNNConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.embed: nn.Embedding | None
         if cfg.vocab_size is not None:
             self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_size)
             core_in = cfg.embed_size

@@ -64,8 +64,9 @@ def set_forget_bias(model: nn.Module, value: float) -> None:
         if not isinstance(cfg, RNNConfig) or not cfg.is_lstm:
             continue
         H = cfg.hidden_size
+        core = mod.get_submodule("rnn")
         with torch.no_grad():
-            for pname, p in mod.rnn.named_parameters():
+            for pname, p in core.named_parameters():
                 if pname.startswith("bias_"):
                     p[H : 2 * H] = value / 2
 

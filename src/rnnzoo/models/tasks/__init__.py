@@ -7,9 +7,12 @@ listing the zoo never reads a corpus.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rnnzoo.errors import InvalidArgument, NotFound
+
+if TYPE_CHECKING:
+    from rnnzoo.models.tasks.base import Task
 
 # registry name -> (module, class)
 TASKS: dict[str, tuple[str, str]] = {
@@ -21,11 +24,12 @@ TASKS: dict[str, tuple[str, str]] = {
 }
 
 
-def task_class(name: str) -> type:
+def task_class(name: str) -> type[Task]:
     if name not in TASKS:
         raise NotFound(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
     module, cls = TASKS[name]
-    return getattr(importlib.import_module(module), cls)
+    found: type[Task] = getattr(importlib.import_module(module), cls)
+    return found
 
 
 def make_task(name: str, **params: Any):

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rnnzoo.models.rnn import Seq2Seq
 from rnnzoo.models.tasks.base import Evaluation, Task
 
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
@@ -168,6 +169,8 @@ class NumToWords(Task):
     def translate(self, model: nn.Module, numbers: list[int]) -> list[str]:
         """Greedy decodes of numbers that share one digit count."""
         src = torch.tensor([self.encode_source(n) for n in numbers])
+        if not isinstance(model, Seq2Seq):
+            raise TypeError(f"num2words translates with a Seq2Seq, got {type(model).__name__}")
         out = model.greedy_decode(src, BOS, EOS, self.max_target)  # (B, <=max_target)
         return [self.decode_target(row) for row in out.tolist()]
 

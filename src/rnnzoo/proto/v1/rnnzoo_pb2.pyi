@@ -271,7 +271,7 @@ class StreamRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., text: _Optional[str] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., position: _Optional[int] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
-    __slots__ = ("request_id", "session_id", "outputs", "start", "steps_total", "revised")
+    __slots__ = ("request_id", "session_id", "outputs", "start", "steps_total", "revised", "error")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -285,13 +285,35 @@ class StreamResponse(_message.Message):
     START_FIELD_NUMBER: _ClassVar[int]
     STEPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REVISED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     session_id: str
     outputs: _containers.MessageMap[str, Tensor]
     start: int
     steps_total: int
     revised: bool
-    def __init__(self, request_id: _Optional[int] = ..., session_id: _Optional[str] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ..., start: _Optional[int] = ..., steps_total: _Optional[int] = ..., revised: _Optional[bool] = ...) -> None: ...
+    error: ChunkError
+    def __init__(self, request_id: _Optional[int] = ..., session_id: _Optional[str] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ..., start: _Optional[int] = ..., steps_total: _Optional[int] = ..., revised: _Optional[bool] = ..., error: _Optional[_Union[ChunkError, _Mapping]] = ...) -> None: ...
+
+class ChunkError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class StepManyRequest(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[StreamRequest]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[StreamRequest, _Mapping]]] = ...) -> None: ...
+
+class StepManyResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[StreamResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[StreamResponse, _Mapping]]] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("model", "inputs", "text", "tokens", "session_id", "advance", "position")

@@ -74,6 +74,11 @@ class RnnzooStub:
                 request_serializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.StreamRequest.SerializeToString,
                 response_deserializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.StreamResponse.FromString,
                 _registered_method=True)
+        self.StepMany = channel.stream_stream(
+                '/rnnzoo.v1.Rnnzoo/StepMany',
+                request_serializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.StepManyRequest.SerializeToString,
+                response_deserializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.StepManyResponse.FromString,
+                _registered_method=True)
         self.Infer = channel.unary_unary(
                 '/rnnzoo.v1.Rnnzoo/Infer',
                 request_serializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.InferRequest.SerializeToString,
@@ -159,6 +164,26 @@ class RnnzooServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StepMany(self, request_iterator, context):
+        """Many sessions in one message: each StepManyRequest carries one chunk for each of several
+        sessions (a session at most once per message), and the server answers it with one
+        StepManyResponse whose results are in the chunks' order. Every chunk is one Stream
+        request as far as the session is concerned (positions and deduplication, leases, the
+        state store's write-through, quotas, limits); the chunks of one message are batched
+        together. Use it where one process keeps many live sessions and steps them all at once
+        (a gateway running a model per call, a collector forecasting per device): the
+        per-message cost is paid once per message instead of once per session.
+
+        A chunk that fails gets its own error (StreamResponse.error) in its place; it fails
+        neither the other chunks nor the stream, and the failed chunk is not applied. A session
+        is attached (leased) to the StepMany call that names it until the call ends or one of its
+        chunks fails. Errors of the whole message (a malformed message, the server stopping) end
+        the stream with the status, as in Stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Infer(self, request, context):
         """Whole-sequence inference. Stateless (from the initial state), or from a session's state
         (batch 1) and, with advance=true, the session moves on past the sequence.
@@ -217,6 +242,11 @@ def add_RnnzooServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.StreamRequest.FromString,
                     response_serializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.StreamResponse.SerializeToString,
+            ),
+            'StepMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.StepMany,
+                    request_deserializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.StepManyRequest.FromString,
+                    response_serializer=rnnzoo_dot_v1_dot_rnnzoo__pb2.StepManyResponse.SerializeToString,
             ),
             'Infer': grpc.unary_unary_rpc_method_handler(
                     servicer.Infer,
@@ -445,6 +475,33 @@ class Rnnzoo:
             '/rnnzoo.v1.Rnnzoo/Stream',
             rnnzoo_dot_v1_dot_rnnzoo__pb2.StreamRequest.SerializeToString,
             rnnzoo_dot_v1_dot_rnnzoo__pb2.StreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/rnnzoo.v1.Rnnzoo/StepMany',
+            rnnzoo_dot_v1_dot_rnnzoo__pb2.StepManyRequest.SerializeToString,
+            rnnzoo_dot_v1_dot_rnnzoo__pb2.StepManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

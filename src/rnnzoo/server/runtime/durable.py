@@ -1,75 +1,105 @@
-"""The runtime's side of durable sessions: snapshots in and out of the session table, the
-state store's reads and fenced writes, position-based deduplication.
+"""Sessions in the state store: snapshots in and out of the session table, reads, fenced
+writes, and what a refused write means.
 
-- ``snapshot(sess)`` / ``install(snap)``: a session <-> ``Snapshot`` (snapshot.py);
-- ``fresh(sid)``: with a store, re-read a session that this process does not hold by a
-  stream's lease (another replica may have advanced it; after a restart memory is empty);
-- ``persist(sess, ...)``: write the new state (and the response for deduplication) through
-  the store before the response goes out: a fenced write, grouped per batch
-  (``GroupWriter``); a fenced-off write is FailedPrecondition, an unreachable store
-  Unavailable, and then the response is not sent and nothing changes in memory;
-- ``position``: a request's expected position (steps before its chunk): equal to the
-  session's -> apply; equal to the last applied chunk's -> its stored response again;
-  anything else -> FailedPrecondition naming the session's position.
-- store faults (issue 21): every write is a compare-and-set on the lease epoch and on the
-  session's position (``Write.steps``), so it cannot land twice or after a newer one. A
-  write the store did not confirm (``StoreOutcomeUnknown``: a timeout) marks the session
-  *unsettled* at its position and is answered ABORTED naming the position to resend from;
-  the session is read back from the store before its next request (``adopt``): a chunk
-  that landed after all is then answered from the store (with a position), or, without
-  one, refused once with FAILED_PRECONDITION naming where the session stands; a chunk that
-  did not land is applied. A fenced-off write is named by reading the record back: the
-  store lost the session (``StoreLost``), its lease moved, or its position moved.
+Every runtime has a state store (``store/``: the in-memory one without ``--state-store``),
+and every session is in it, so every path reads and writes sessions the same way:
 
-Without a store, sessions are per process (as before); deduplication still works in memory.
+- ``snapshot(sess)`` / ``fill(sess, snap)``: a session <-> ``Snapshot`` (snapshot.py);
+- ``fresh(sid)``: re-read a session that no live stream of this process holds (another
+  process may have advanced it; after a restart memory is empty), with the holder of its
+  lease in the store (a stream of another process: ``Session.held_by``);
+- ``create(sess)``: a new session (CreateSession, restore, fork, a KServe sequence's start),
+  its quota counted in the store;
+- ``write(...)``: a step's new state and its result through the store before the response
+  goes out: a fenced write (the lease's epoch, or the epoch the copy was read at), grouped
+  per batch for a shared store (``GroupWriter``). A refused write is FailedPrecondition
+  saying what happened (the stream's lease ran out; a stream of another process holds the
+  session; another request advanced it; it is gone); an unreachable store is Unavailable;
+  either way the response is not sent and nothing changes in memory;
+- ``check_position``: a request's expected position (steps before its chunk): equal to the
+  session's -> apply; equal to the last applied chunk's -> its kept result again (whatever
+  RPC applied it); anything else -> FailedPrecondition naming the session's position.
+- store faults (issue 21): every write is a compare-and-set on the epoch *and* on the
+  session's position (``Write.steps``; the store applies it only while the stored position is
+  the chunk's start), so it cannot land twice or after a newer one. A write the store did not
+  confirm (``StoreOutcomeUnknown``: a timeout, a connection lost after sending) marks the
+  session *unsettled* at its position and is answered ABORTED naming the position to resend
+  from; the session is read back from the store before its next request (``fresh``,
+  ``adopt``): a chunk that landed after all is answered from the store (with a position), or,
+  without one, refused once with FAILED_PRECONDITION naming where the session stands; a chunk
+  that did not land is applied. A record the store no longer has is ``StoreLost`` ("the state
+  store no longer has this session").
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import numpy as np
 
 from rnnzoo.errors import Aborted, FailedPrecondition, StoreLost, StoreOutcomeUnknown
 
 from .caller import current
+from .catalog import Catalog
+from .lease import Lease
+from .model import Chunk, ServedModel
+from .options import StepResult
 from .redact import sid_tag
-from .sessions import Session
-from .snapshot import Snapshot, from_bytes, model_hash, to_bytes
-from .store import GroupWriter, StateStore, Write
+from .sessions import Session, SessionStore
+from .snapshot import (
+    Snapshot,
+    from_bytes,
+    model_hash,
+    result_from_bytes,
+    result_to_bytes,
+    to_bytes,
+)
+from .store import GroupWriter, Record, StateStore, Write
 
 MAX_UNSETTLED = 100_000
 
 
-class Durability:
-    def __init__(self, runtime, store: StateStore | None) -> None:
-        self.rt = runtime
+class Records:
+    """The session table's side of the state store."""
+
+    def __init__(
+        self, sessions: SessionStore, store: StateStore, catalog: Catalog, lease_ttl_s: float
+    ) -> None:
+        self.sessions = sessions
         self.store = store
-        self.writer = GroupWriter(store, runtime.options.lease_ttl_s) if store else None
-        self._deletes: set[asyncio.Task] = set()
+        self.catalog = catalog
+        self.lease_ttl_s = lease_ttl_s
+        self.writer = GroupWriter(store, lease_ttl_s) if store.shared else None
+        self._deletes: set[asyncio.Task[None]] = set()
+        sessions.on_bury = self._on_bury
         # session id -> the position before a write whose outcome is unknown (until read back)
         self.unsettled: dict[str, int] = {}
         # session id -> (that position, where the store had it): it had landed after all
         self.landed: dict[str, tuple[int, int]] = {}
-        sessions = runtime.store
-        sessions.leases.store = store
-        if store is not None:
-            sessions.on_bury = self._on_bury
 
     # ---- snapshots -------------------------------------------------------------------------
     def model_hash(self, model: str) -> str:
-        entry = self.rt._entry(model)
+        entry = self.catalog.entry(model)
         return model_hash([entry.graphs[r] for r in sorted(entry.graphs)])
 
-    def snapshot(self, sess: Session, meta: bool = False) -> Snapshot:
-        graph = self.rt._entry(sess.model).graphs["model"]
+    def snapshot(
+        self,
+        sess: Session,
+        state: dict[str, np.ndarray] | None = None,
+        steps: int | None = None,
+        buffer: list[Chunk] | None = None,
+        meta: bool = False,
+    ) -> Snapshot:
+        """``sess`` as a Snapshot; ``state``/``steps``/``buffer``: a change not committed yet."""
+        graph = self.catalog.entry(sess.model).graphs["model"]
         snap = Snapshot(
             sess.model,
             self.model_hash(sess.model),
-            sess.steps,
-            dict(sess.state),
+            sess.steps if steps is None else steps,
+            dict(sess.state if state is None else state),
             dict(sess.initial),
-            list(sess.buffer),
+            list(sess.buffer if buffer is None else buffer),
             dict(graph.contract.source or {}),
         )
         if meta:
@@ -77,7 +107,7 @@ class Durability:
         return snap
 
     @staticmethod
-    def meta(sess: Session) -> dict:
+    def meta(sess: Session) -> dict[str, Any]:
         """The store-only fields of ``sess`` (never sent to clients)."""
         return {
             "created_at": sess.created_at,
@@ -88,7 +118,7 @@ class Durability:
 
     def check_snapshot(self, snap: Snapshot) -> None:
         """FailedPrecondition unless this server serves the snapshot's model version."""
-        self.rt._single(snap.model, "a session")
+        self.catalog.single(snap.model, "a session")
         have = self.model_hash(snap.model)
         if snap.model_hash != have:
             version = ", ".join(f"{k}={v}" for k, v in sorted(snap.source.items()))
@@ -106,38 +136,43 @@ class Durability:
         sess.initial = dict(snap.initial)
 
     # ---- reads -----------------------------------------------------------------------------
-    async def fresh(self, sid: str) -> None:
-        """With a store: refresh ``sid``'s cached copy from the store unless a live stream of
-        this process holds it (then the copy here is the newest)."""
-        if self.store is None:
-            return
-        held = self.rt.store.leases.holder_alive(sid)
-        if held is not None and sid in self.rt.store._live and sid not in self.unsettled:
-            return
+    async def fresh(self, sid: str) -> Session:
+        """``sid`` as the store has it now (unless a live stream of this process holds it:
+        then the copy here is the newest); NotFound, saying why, when it is gone."""
+        sessions = self.sessions
+        held = sessions.leases.holder_alive(sid) is not None
+        if held and sid in sessions._live and sid not in self.unsettled:
+            return sessions.get(sid)
         rec = await self.store.load(sid)
         if rec is None:
-            self.unsettled.pop(sid, None)
-            self.rt.store.gone(
-                sid,
-                "gone from the state store (closed elsewhere, expired, or the store lost it: "
-                "it restarted without persistence)",
-            )
-            return
-        self.adopt(sid, from_bytes(rec.snap), rec.epoch, rec.resp, rec.rpos)
+            sessions.get(sid, touch=False)  # a reason known here first (expired, closed)
+            raise self.lost(sid)
+        self.adopt(rec)
+        return sessions.get(sid)
 
-    def adopt(self, sid: str, snap: Snapshot, epoch: int, resp: bytes | None, rpos: int):
+    def adopt(self, rec: Record) -> Session:
+        """Install (or refresh) the session ``rec`` holds."""
+        if rec.value is not None:
+            snap, last = rec.value  # type: ignore[misc]  # the memory store's objects
+        else:
+            snap = from_bytes(rec.snap)
+            last = result_from_bytes(rec.resp) if rec.resp else None
         m = snap.meta
-        before = self.unsettled.pop(sid, None)
-        if before is not None and snap.steps != before and rpos == before and resp:
-            self.landed[sid] = (before, snap.steps)  # the unsettled write had landed
+        now = self.sessions.clock()
+        before = self.unsettled.pop(rec.sid, None)  # read back: the outcome is known now
+        if before is not None and snap.steps != before and rec.rpos == before and last:
+            self.landed[rec.sid] = (before, snap.steps)  # it had landed after all
 
         def fill(sess: Session) -> None:
             self.fill(sess, snap)
-            sess.fence = epoch
-            sess.last = (rpos, resp) if resp and rpos >= 0 else None
+            sess.fence = rec.epoch
+            sess.last = (rec.rpos, last) if last is not None and rec.rpos >= 0 else None
+            live = rec.holder and rec.lease_left_s > 0
+            sess.held_by = rec.holder if live else ""
+            sess.held_until = now + rec.lease_left_s if live else 0.0
 
-        return self.rt.store.adopt(
-            sid,
+        return self.sessions.adopt(
+            rec.sid,
             fill,
             snap.model,
             m.get("created_at", 0.0),
@@ -147,48 +182,85 @@ class Durability:
             m.get("quota_key"),
         )
 
+    def held_elsewhere(self, sess: Session, lease: Lease | None) -> str | None:
+        """The holder of a live lease on ``sess`` other than ``lease``: a stream of this
+        process ("" then) or of another (its holder id); None when no live stream holds it."""
+        held = self.sessions.leases.holder_alive(sess.id)
+        if held is not None and held is not lease:
+            return ""
+        if (
+            sess.held_by
+            and (lease is None or sess.held_by != lease.holder)
+            and sess.held_until > self.sessions.clock()
+        ):
+            return sess.held_by
+        return None
+
     # ---- writes ----------------------------------------------------------------------------
     def _ttl(self, sess: Session) -> float:
-        return sess.ttl_s or float(self.store.max_ttl_s)  # type: ignore[union-attr]
+        return sess.ttl_s or float(self.store.max_ttl_s)
+
+    async def _write(self, w: Write) -> bool | None:
+        if self.writer is not None:
+            return await self.writer.write(w)
+        (ok,) = await self.store.write([w], self.lease_ttl_s)
+        return ok
 
     async def create(self, sess: Session) -> None:
-        """Write a new session through the store (CreateSession, restore, fork)."""
-        if self.store is None:
-            return
-        snap = to_bytes(self.snapshot(sess, meta=True))
-        sessions = self.rt.store
+        """Write a new session through the store (CreateSession, restore, fork, a KServe
+        sequence's start); ResourceExhausted over the caller's session quota counted there."""
+        snap = self.snapshot(sess, meta=True)
+        sessions = self.sessions
         # the session quota, counted in the store: N processes do not multiply it
         quota = (sessions.max_per_client or 0) if sess.quota_key is not None else 0
         w = Write(
             sess.id,
             0,
-            snap,
+            b"",
             self._ttl(sess),
             create=True,
             quota_key=sess.quota_key,
             quota_max=quota,
             steps=sess.steps,
         )
-        ok = await self.writer.write(w)
+        self._encode(w, snap, None)
+        ok = await self._write(w)
         if ok is None:
             caller = current()
             assert caller is not None  # a quota key comes from the caller
-            raise sessions.over_quota(caller, " across the servers sharing the state store")
-        if not ok:  # pragma: no cover - 192 random bits
-            raise FailedPrecondition(f"session id {sid_tag(sess.id)} exists in the store")
-        sess.durable, sess.fence = True, 0
+            where = " across the servers sharing the state store" if self.store.shared else ""
+            raise sessions.over_quota(caller, where)
+        if not ok:
+            raise FailedPrecondition(
+                f"session {sid_tag(sess.id)} exists in the state store already; retry"
+            )
+        sess.fence = 0
 
-    async def write(self, sess: Session, snap: Snapshot, lease, resp: bytes | None, rpos: int):
-        """Fenced write of ``snap`` as ``sess``'s new state (before its response goes out)."""
-        if self.store is None or not sess.durable:
-            return
+    def _encode(self, w: Write, snap: Snapshot, result: StepResult | None) -> None:
+        if self.store.shared:
+            w.snap = to_bytes(snap)
+            w.resp = result_to_bytes(result) if result is not None else None
+        else:  # kept as objects: no encoding (~22 µs per step saved)
+            w.value = (snap, result)
+
+    async def write(
+        self,
+        sess: Session,
+        snap: Snapshot,
+        lease: Lease | None,
+        result: StepResult | None,
+        rpos: int,
+    ) -> None:
+        """Fenced write of ``snap`` (and the step's result, kept for a retry of position
+        ``rpos``) as ``sess``'s new state, before its response goes out."""
         snap.meta = self.meta(sess)
         epoch = lease.epoch if lease is not None else sess.fence
-        w = Write(sess.id, epoch, to_bytes(snap), self._ttl(sess), resp, rpos, lease is not None)
+        w = Write(sess.id, epoch, b"", self._ttl(sess), None, rpos, lease is not None)
         w.steps = snap.steps
+        self._encode(w, snap, result)
         before = rpos if rpos >= 0 else sess.steps
         try:
-            ok = await self.writer.write(w)
+            ok = await self._write(w)
         except StoreOutcomeUnknown as exc:
             self.unsettled[sess.id] = before
             if len(self.unsettled) > MAX_UNSETTLED:  # bounded: the oldest are forgotten
@@ -197,56 +269,79 @@ class Durability:
                 f"session {sid_tag(sess.id)}: {exc}, so whether this request was applied is "
                 "unknown. Nothing is lost: the session is read back from the store before its "
                 f"next request. Resend it with position={before} (if it was applied you get "
-                "its stored outputs, else it is applied now); without a position, resend it "
-                "and the server first says where the session stands if it had landed; it was "
-                f"at position {before}"
+                "its kept result, else it is applied now); without a position, resend it and "
+                "the server first says where the session stands if it had landed; it was at "
+                f"position {before}"
             ) from None
         if not ok:
             if lease is not None:
-                self.rt.store.leases.lost(lease)
-            raise await self._fenced(sess, epoch, rpos)
+                self.sessions.leases.lost(lease)
+            raise await self.refused(sess, lease, rpos)
 
-    async def _fenced(self, sess: Session, epoch: int, rpos: int) -> Exception:
-        """Why the store refused a fenced write of ``sess``: read its record back."""
+    async def refused(self, sess: Session, lease: Lease | None, rpos: int = -1) -> Exception:
+        """Why the store refused a write of ``sess``, as the store has it now."""
         tag = sid_tag(sess.id)
-        dropped = "this result was dropped and changed nothing"
+        dropped = "this result was dropped and the session is unchanged by it"
         try:
             rec = await self.store.load(sess.id)
-        except Exception:  # unreachable now: say what is known
-            rec = False
+        except Exception:  # the store went away meanwhile: say what is known
+            return FailedPrecondition(
+                f"the state store refused a write of session {tag} and cannot be read now: "
+                f"{dropped}. Retry once the store is back: the session is read back first"
+            )
         if rec is None:
             return self.lost(sess.id, f"; {dropped}")
-        if rec is not False and rec.epoch == epoch and rpos >= 0 and rec.steps not in (-1, rpos):
+        epoch = lease.epoch if lease is not None else sess.fence
+        if rec.epoch == epoch and rpos >= 0 and rec.steps not in (-1, rpos):
+            # the position moved under the same lease: an earlier write landed late
             if rec.rpos == rpos and rec.resp:
                 return Aborted(
-                    f"session {tag}: this chunk was already applied by an earlier attempt whose "
-                    f"answer was lost (the store has the session at position {rec.steps}); "
-                    f"{dropped}. Resend it with position={rpos} to get its stored outputs, or "
-                    f"continue from position {rec.steps}"
+                    f"session {tag}: this chunk was already applied by an earlier attempt "
+                    f"whose answer was lost (the store has the session at position "
+                    f"{rec.steps}); {dropped}. Resend it with position={rpos} to get its kept "
+                    f"result, or continue from position {rec.steps}"
                 )
             return Aborted(
                 f"session {tag} is at position {rec.steps} in the state store, not {rpos} as "
-                f"this server had it (an earlier write landed late); {dropped}. Continue "
-                f"from position {rec.steps}"
+                f"this server had it (an earlier write landed late); {dropped}. Continue from "
+                f"position {rec.steps}"
+            )
+        if rec.holder and rec.lease_left_s > 0 and (lease is None or rec.holder != lease.holder):
+            return FailedPrecondition(
+                f"session {tag} is attached to an open stream (on another server process), "
+                f"which owns it while it is open: {dropped}. End that stream first (or send "
+                "the chunks over it); a stream that died frees the session when its lease "
+                f"runs out ({rec.lease_left_s:.1f} s from now)"
+            )
+        if lease is not None:
+            return FailedPrecondition(
+                f"this stream's lease on session {tag} ran out (the stream was not renewing "
+                f"it) and another stream or server took the session: {dropped}. Open a new "
+                "stream to resume the session from where it stands"
             )
         return FailedPrecondition(
-            f"session {tag} moved on elsewhere while this request ran (its lease ran out and "
-            f"another stream or server took it): {dropped}. Open a new stream to resume the "
-            "session from where it stands"
+            f"session {tag} was advanced by another request (on another stream or server "
+            f"process) while this one ran: {dropped}. Retry: it continues from where the "
+            "session stands (send the position you expect to detect this)"
         )
 
     def lost(self, sid: str, what: str = "") -> StoreLost:
-        """A session this process knew as durable is not in the store any more."""
+        """``sid`` is not in the store (any more): its copy here is buried, and the error
+        says so (NotFound)."""
         self.unsettled.pop(sid, None)
         self.landed.pop(sid, None)
-        self.rt.store.gone(sid, "lost by the state store (it restarted without persistence)")
+        why = (
+            "not in the state store any more (closed elsewhere, expired, or the state store "
+            "no longer has this session: it restarted without persistence, or lost data)"
+        )
+        self.sessions.gone(sid, why)
         return StoreLost(
-            f"session {sid_tag(sid)}: the state store no longer has this session (it restarted "
-            f"without persistence, or lost data){what}. Create a new session, or restore one "
-            "from a snapshot you kept"
+            f"session {sid_tag(sid)}: the state store no longer has this session (closed "
+            "elsewhere, expired, or the store restarted without persistence or lost data)"
+            f"{what}. Create a new session, or restore one from a snapshot you kept"
         )
 
-    def check_position(self, sess: Session, position: int | None) -> bytes | None:
+    def check_position(self, sess: Session, position: int | None) -> StepResult | None:
         """``check_position`` after a store fault: a session whose last write is unsettled
         (not read back yet) is Aborted; one whose unsettled write had landed refuses one
         request without a position, saying where the session stands."""
@@ -263,34 +358,39 @@ class Durability:
             raise FailedPrecondition(
                 f"session {sid_tag(sess.id)}: the request sent at position {at}, whose outcome "
                 f"was unknown, was applied after all; do not send it again (resend it with "
-                f"position={at} for its outputs). The session is at position {now}: continue "
+                f"position={at} for its result). The session is at position {now}: continue "
                 f"from position {now}"
             )
         return check_position(sess, position)
 
+    async def delete(self, sess: Session, lease: Lease | None) -> None:
+        """Delete ``sess`` from the store, fenced as a write is (refused, saying why, when a
+        stream of another process holds it or it moved on)."""
+        snap = self.snapshot(sess)
+        await self.write(sess, snap, lease, None, -1)
+        await self.store.delete(sess.id)
+
     def _on_bury(self, sess: Session, why: str) -> None:
-        if not sess.durable or not why.startswith(("closed", "evicted")):
-            return  # an idle expiry here: the store's own TTL decides there
+        if not why.startswith("evicted"):
+            return  # an idle expiry here: the store's own TTL decides there; a close deletes
         task = asyncio.get_running_loop().create_task(self.store.delete(sess.id))
         self._deletes.add(task)
         task.add_done_callback(self._deletes.discard)
 
     async def settle(self) -> None:
         await asyncio.gather(*self._deletes, return_exceptions=True)
-        await self.rt.store.leases.settle()
+        await self.sessions.leases.settle()
 
-    async def close(self) -> None:
-        if self.store is not None:
-            live = [lease for lease, _, _ in self.rt._streams.values()]
-            for lease in live:
-                self.rt.store.leases.release(lease)
-            await self.settle()
-            await self.store.close()
+    async def close(self, live: list[Lease]) -> None:
+        for lease in live:
+            self.sessions.leases.release(lease)
+        await self.settle()
+        await self.store.close()
 
 
-def check_position(sess: Session, position: int | None) -> bytes | None:
-    """Deduplication by position: None to apply the chunk, or the stored response to send
-    again; FailedPrecondition for any other position."""
+def check_position(sess: Session, position: int | None) -> StepResult | None:
+    """Deduplication by position: None to apply the chunk, or the kept result to send again
+    (whatever RPC applied it); FailedPrecondition for any other position."""
     if position is None or position == sess.steps:
         return None
     if sess.last is not None and position == sess.last[0]:
@@ -304,11 +404,11 @@ def check_position(sess: Session, position: int | None) -> bytes | None:
     raise FailedPrecondition(
         f"session {tag} is at position {sess.steps} (steps applied); this request expects "
         f"position {position}, which was applied before its last chunk (only the last "
-        f"chunk's response is kept). Continue from position {sess.steps}"
+        f"chunk's result is kept). Continue from position {sess.steps}"
     )
 
 
-def batch_free(graph, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def batch_free(graph: ServedModel, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A session's batch-1 states -> one sequence's states without the batch axis, context
     windows (``context:NAME``) included: they are state (model.py)."""
     return graph.unbatch_state(state)

@@ -1,15 +1,24 @@
 """Generation: token sampling, text <-> ids through a contract vocab, and the generation loops
 (lm and seq2seq) that feed a model's graphs token by token through the runtime's batchers.
 
-``Runtime.generate`` checks the request and picks the loop; the loops take the runtime."""
+``Runtime.generate`` checks the request and picks the loop; the loops take a ``Feeder`` (the
+batchers, the long-job pool, the serving check), nothing else of the runtime."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
 from rnnzoo.errors import InvalidArgument
+
+from .batching import Batcher
+from .compute import Compute
+from .repository import ServedEntry
+
+State = dict[str, np.ndarray]
 
 
 def check_sampling(
@@ -74,7 +83,9 @@ def encode(vocab: list[str] | None, text: str, model: str) -> np.ndarray:
     return np.array([index[ch] for ch in text], dtype=np.int64)
 
 
-def decode(vocab: list[str] | None, ids, model: str, sep: str = "") -> str:
+def decode(
+    vocab: list[str] | None, ids: Iterable[int] | np.ndarray, model: str, sep: str = ""
+) -> str:
     if not vocab:
         raise InvalidArgument(f"model {model!r} has no vocabulary to decode with")
     arr = np.asarray(ids).reshape(-1)
@@ -87,17 +98,55 @@ def decode(vocab: list[str] | None, ids, model: str, sep: str = "") -> str:
 
 
 # ---- the generation loops ------------------------------------------------------------------
-async def feed(rt, role: str, entry, key, ids: np.ndarray, state: dict):
-    """Run token ids (T,) through one graph from ``state``: (last-step outputs, state)."""
-    graph = entry.graphs[role]
-    chunk = graph.validate_chunk({graph.contract.inputs[0].name: ids})
-    if chunk.length >= rt.options.long_job_steps:  # a long prompt: not on the loop
-        return await rt.compute.long_chunk(graph, chunk, state, entry.info.streamable)
-    outs, nxt = await rt.batchers[(entry.info.name, role)].submit(key, chunk, state)
-    return outs, nxt
+class Feeder:
+    """What the generation loops need, passed in: the batchers (token by token, batched with
+    other streams), the long-job pool (a long prompt) and the runtime's serving check."""
+
+    def __init__(
+        self,
+        batchers: dict[tuple[str, str], Batcher],
+        compute: Compute,
+        long_job_steps: int,
+        check: Callable[[], None],
+    ) -> None:
+        self.batchers = batchers
+        self.compute = compute
+        self.long_job_steps = long_job_steps
+        self.check = check
+
+    async def feed(
+        self, role: str, entry: ServedEntry, key: object, ids: np.ndarray, state: State
+    ) -> tuple[State, State]:
+        """Run token ids (T,) through one graph from ``state``: (last-step outputs, state)."""
+        graph = entry.graphs[role]
+        chunk = graph.validate_chunk({graph.contract.inputs[0].name: ids})
+        if chunk.length >= self.long_job_steps:  # a long prompt: not on the loop
+            return await self.compute.long_chunk(graph, chunk, state, entry.info.streamable)
+        return await self.batchers[(entry.info.name, role)].submit(key, chunk, state)
+
+    @contextlib.contextmanager
+    def generating(self, entry: ServedEntry, key: object) -> Iterator[None]:
+        """A generation feeds its graphs step after step like a stream: attach its key, so
+        a batch delay waits for it only while it has nothing queued (alone: never)."""
+        batchers = [self.batchers[(entry.info.name, role)] for role in entry.graphs]
+        for b in batchers:
+            b.attach(key)
+        try:
+            yield
+        finally:
+            for b in batchers:
+                b.detach(key)
 
 
-async def generate_lm(rt, entry, prompt, max_tokens, temperature, top_k, rng):
+async def generate_lm(
+    feeder: Feeder,
+    entry: ServedEntry,
+    prompt: str,
+    max_tokens: int,
+    temperature: float,
+    top_k: int,
+    rng: np.random.Generator,
+) -> AsyncIterator[str]:
     """Continue ``prompt`` with an lm: yield each sampled character until eos or ``max_tokens``."""
     graph = entry.graphs["model"]
     c = graph.contract
@@ -107,57 +156,57 @@ async def generate_lm(rt, entry, prompt, max_tokens, temperature, top_k, rng):
             raise InvalidArgument(f"model {c.name!r} needs a non-empty prompt (it has no bos)")
         ids = np.array([c.special_tokens["bos"]], np.int64)
     key = object()
-    with generating(rt, entry, key):
+    assert c.vocab is not None
+    with feeder.generating(entry, key):
         eos = c.special_tokens.get("eos", -1)  # none: only max_tokens ends it
-        tokens = sample_loop(
-            rt,
-            entry,
-            "model",
-            key,
-            ids,
-            graph.init_states,
-            eos,
-            max_tokens,
-            temperature,
-            top_k,
-            rng,
-        )
-        async for tok in tokens:
+        loop = Sampling(temperature, top_k, rng, max_tokens, eos)
+        async for tok in sample_loop(feeder, entry, "model", key, ids, graph.init_states, loop):
             yield c.vocab[tok]
 
 
-async def sample_loop(rt, entry, role, key, ids, state, eos, max_tokens, temperature, top_k, rng):
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    temperature: float
+    top_k: int
+    rng: np.random.Generator
+    max_tokens: int
+    eos: int  # never yielded; -1: none
+
+
+async def sample_loop(
+    feeder: Feeder,
+    entry: ServedEntry,
+    role: str,
+    key: object,
+    ids: np.ndarray,
+    state: State,
+    how: Sampling,
+) -> AsyncIterator[int]:
     """Feed ``ids`` through graph ``role`` from ``state``, then each sampled token back in:
     yield token ids until ``eos`` (never yielded) or ``max_tokens``. Special tokens other
     than eos are never sampled. The one loop of both lm and seq2seq generation."""
     c = entry.graphs[role].contract
     logits_name = c.outputs[0].name
     banned = never_sampled(c.special_tokens)
-    for _ in range(max_tokens):
-        rt._check()
-        outs, state = await feed(rt, role, entry, key, ids, state)
-        tok = sample_token(outs[logits_name][-1], temperature, top_k, rng, banned)
-        if tok == eos:
+    for _ in range(how.max_tokens):
+        feeder.check()
+        outs, state = await feeder.feed(role, entry, key, ids, state)
+        tok = sample_token(outs[logits_name][-1], how.temperature, how.top_k, how.rng, banned)
+        if tok == how.eos:
             return
         yield tok
         ids = np.array([tok], np.int64)
 
 
-@contextlib.contextmanager
-def generating(rt, entry, key: object):
-    """A generation feeds its graphs step after step like a stream: attach its key, so
-    a batch delay waits for it only while it has nothing queued (alone: never)."""
-    batchers = [rt.batchers[(entry.info.name, role)] for role in entry.graphs]
-    for b in batchers:
-        b.attach(key)
-    try:
-        yield
-    finally:
-        for b in batchers:
-            b.detach(key)
-
-
-async def generate_seq2seq(rt, entry, prompt, max_tokens, temperature, top_k, rng):
+async def generate_seq2seq(
+    feeder: Feeder,
+    entry: ServedEntry,
+    prompt: str,
+    max_tokens: int,
+    temperature: float,
+    top_k: int,
+    rng: np.random.Generator,
+) -> AsyncIterator[str]:
     """Encode ``prompt``, then decode from bos: yield each sampled token until eos or
     ``max_tokens``."""
     enc, dec = entry.graphs["encoder"], entry.graphs["decoder"]
@@ -165,30 +214,19 @@ async def generate_seq2seq(rt, entry, prompt, max_tokens, temperature, top_k, rn
     if src.size == 0:
         raise InvalidArgument(f"seq2seq model {entry.info.name!r} needs a non-empty prompt")
     key = object()
-    with generating(rt, entry, key):
-        _, enc_state = await feed(rt, "encoder", entry, key, src, enc.init_states)
+    with feeder.generating(entry, key):
+        _, enc_state = await feeder.feed("encoder", entry, key, src, enc.init_states)
         # encoder state outputs map by position onto decoder state inputs
         state = dict(dec.init_states)  # and a decoder's context windows start afresh
         for es, ds in zip(enc.contract.states, dec.contract.states, strict=True):
             state[ds.input] = np.moveaxis(enc_state[es.input], es.batch_axis, ds.batch_axis)
         vocab = dec.contract.target_vocab or dec.contract.vocab
+        assert vocab is not None
         sep = dec.contract.target_separator
         special = dec.contract.special_tokens
         bos = np.array([special["bos"]], np.int64)
-        tokens = sample_loop(
-            rt,
-            entry,
-            "decoder",
-            key,
-            bos,
-            state,
-            special["eos"],
-            max_tokens,
-            temperature,
-            top_k,
-            rng,
-        )
+        how = Sampling(temperature, top_k, rng, max_tokens, special["eos"])
         n = 0
-        async for tok in tokens:
+        async for tok in sample_loop(feeder, entry, "decoder", key, bos, state, how):
             yield (sep if n else "") + vocab[tok]
             n += 1

@@ -9,9 +9,9 @@ Every take-over bumps ``epoch``: a fencing token. A step computed under a lease 
 new state only while that lease is still the session's (``Leases.current``), so a paused old
 holder cannot overwrite state after its lease moved on.
 
-Kept deliberately small and plain (a dataclass and a table keyed by session id) so that a
-durable store can persist exactly these fields, and it does: with a state store
-(``store.py``), ``take`` acquires the lease in the store (epoch from the store, expiry on the
+Kept deliberately small and plain (a dataclass and a table keyed by session id) so that the
+state store persists exactly these fields, and it does (every runtime has one: ``store/``,
+the in-memory one by default): ``take`` acquires the lease in the store (epoch from the store, expiry on the
 store's clock) and keeps the local copy in this table; ``renew_in_store`` renews the leases of
 live streams there in one round trip; every state write carries the lease's epoch and the
 store applies it only while that epoch is current (the fencing check, in the same round trip).
@@ -32,9 +32,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rnnzoo.errors import FailedPrecondition
+from rnnzoo.errors import FailedPrecondition, StoreLost
 
 from .redact import sid_tag
+from .store import LeaseStore, Record
 
 
 def process_tag(pid: int | None = None) -> str:
@@ -65,20 +66,20 @@ class Leases:
     """Session id -> its current lease. One holder at a time; an expired lease is free."""
 
     def __init__(
-        self, ttl_s: float = 30.0, clock: Callable[[], float] = time.monotonic, store=None
+        self, store: LeaseStore, ttl_s: float = 30.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
         if not ttl_s > 0:
             raise ValueError(f"lease ttl_s must be > 0, got {ttl_s}")
         self.ttl_s = ttl_s
         self.clock = clock
-        self.store = store  # a StateStore (store.py) whose sessions' leases live there too
+        self.store = store  # where the leases live for every process sharing it
         self._held: dict[str, Lease] = {}
         self._epochs: dict[str, int] = {}  # key -> last epoch handed out
-        self._releases: set[asyncio.Task] = set()  # store releases in flight
+        self._releases: set[asyncio.Task[None]] = set()
         # key -> (holder, epoch) of a store release that failed (the store was unreachable):
         # sent again before this process takes the key again, so that a stream reopened
         # after a store outage does not wait out its own dead stream's lease (issue 21: 20 s)
-        self._unreleased: dict[str, tuple[str, int]] = {}
+        self._unreleased: dict[str, tuple[str, int]] = {}  # store releases in flight
 
     def __len__(self) -> int:
         return len(self._held)
@@ -112,15 +113,14 @@ class Leases:
         self._held[key] = lease
         return lease
 
-    async def take(self, key: str, holder: str):
-        """``acquire``, through the store when there is one (for a session it holds): the
-        store grants the lease and its epoch unless another holder's (in any process) is
-        alive. Returns (lease, the store's Record or None)."""
-        if self.store is None:
-            return self.acquire(key, holder), None
+    async def take(self, key: str, holder: str) -> tuple[Lease, Record]:
+        """``acquire`` through the store: the store grants the lease and its epoch unless
+        another holder's (in any process) is alive. Returns (lease, the store's Record);
+        NotFound when the store no longer has the session."""
         held = self.holder_alive(key)
         if held is not None and held.holder != holder:
             self.acquire(key, holder)  # raises, with this process's wording
+        await self.settle()  # this process's releases in flight land first
         stale = self._unreleased.pop(key, None)
         if stale is not None:
             try:
@@ -130,20 +130,24 @@ class Leases:
         got = await self.store.acquire(key, holder, self.ttl_s)
         if not got.ok:
             raise FailedPrecondition(
-                f"session {sid_tag(key)} is attached to a stream on another server process; "
-                f"its lease runs out in {got.held_for_s:.1f} s unless that stream renews it. "
-                "Close that stream, or retry after the lease runs out (one stream per session "
-                "at a time)"
+                f"session {sid_tag(key)} is attached to an open stream on another server "
+                f"process, which owns it while it is open; its lease runs out in "
+                f"{got.held_for_s:.1f} s unless that stream renews it. Close that stream, or "
+                "retry after the lease runs out (one stream per session at a time)"
             )
         if got.record is None:
-            return self.acquire(key, holder), None  # not in the store: a local session
+            raise StoreLost(
+                f"session {sid_tag(key)}: the state store no longer has this session (closed "
+                "elsewhere, expired, or the store restarted without persistence or lost data); "
+                "create a new session, or restore one from a snapshot you kept"
+            )
         return self._install(key, holder, got.epoch), got.record
 
     async def renew_in_store(self, leases: list[Lease]) -> int:
         """Renew these leases in the store (one round trip); a lease the store no longer
         grants (it ran out and moved on) is dropped here too. Returns how many renewed."""
-        if self.store is None or not leases:
-            return len(leases)
+        if not leases:
+            return 0
         oks = await self.store.renew([(x.key, x.holder, x.epoch) for x in leases], self.ttl_s)
         for lease, ok in zip(leases, oks, strict=True):
             if not ok and self._held.get(lease.key) is lease:
@@ -174,13 +178,12 @@ class Leases:
         if self._held.get(lease.key) is not lease:
             return False
         del self._held[lease.key]
-        if self.store is not None:
-            try:
-                task = asyncio.get_running_loop().create_task(self._release_in_store(lease))
-            except RuntimeError:  # no loop: the store lease runs out by itself
-                return True
-            self._releases.add(task)
-            task.add_done_callback(_settled(self._releases))
+        try:
+            task = asyncio.get_running_loop().create_task(self._release_in_store(lease))
+        except RuntimeError:  # no loop: the store lease runs out by itself
+            return True
+        self._releases.add(task)
+        task.add_done_callback(_settled(self._releases))
         return True
 
     async def _release_in_store(self, lease: Lease) -> None:
@@ -194,7 +197,9 @@ class Leases:
     async def settle(self) -> None:
         """Wait for store releases in flight (a clean stop frees its sessions at once)."""
         if self._releases:
-            await asyncio.gather(*self._releases, return_exceptions=True)
+            # wait, not gather: a waiter cancelled (a stream's call ended by its peer) must
+            # not cancel the releases themselves
+            await asyncio.wait(set(self._releases))
 
     def forget(self, key: str) -> None:
         """The session is gone (closed, expired, evicted): drop its lease and epoch."""
@@ -203,8 +208,8 @@ class Leases:
         self._unreleased.pop(key, None)
 
 
-def _settled(tasks: set):
-    def done(task: asyncio.Task) -> None:
+def _settled(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    def done(task: asyncio.Task[None]) -> None:
         tasks.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: an unreachable store only delays the expiry

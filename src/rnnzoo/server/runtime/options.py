@@ -3,7 +3,7 @@ its stepping and inference hand to the transport."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,21 +84,16 @@ class RuntimeOptions:
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
+    """What a step computed, protocol-neutral: the replay record kept for a retry of its
+    position, from which each RPC (Stream, Infer(advance), KServe) encodes its own response."""
+
     outputs: dict[str, np.ndarray]  # batch-free, (T, ...)
     start: int  # index in the session's sequence of the first returned step
     steps_total: int
     revised: bool  # True: outputs re-cover the whole prefix (non-streamable models)
-    # Deduplication: the stored response of the chunk at this position (then nothing was
-    # computed and the other fields are empty).
-    replay: bytes | None = None
-    # ``await persist(encode)`` before sending the response: fences the step, writes the new
-    # state and the response (``encode()``'s bytes, asked for only when kept) through the
-    # state store, and keeps the response for deduplication.
-    persist: Callable | None = field(default=None, compare=False)
-
-
-class Outputs(dict):
-    """Infer's outputs; ``replay``/``persist`` as in StepResult."""
-
-    replay: bytes | None = None
-    persist: Callable | None = None
+    # True: this position was applied before; this is its kept result again (nothing was
+    # computed and nothing will be committed)
+    replayed: bool = False
+    # ``await persist()`` before sending the response: fences the step and writes the new
+    # state and this result through the state store (the transaction's ``persist``)
+    persist: Callable[[], Awaitable[None]] | None = field(default=None, compare=False)

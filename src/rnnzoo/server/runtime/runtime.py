@@ -21,93 +21,112 @@ Semantics worth knowing:
 - ownership and quotas follow the caller the transport sets (``caller.py``).
 - every cost is bounded before compute (``RuntimeOptions``, table in docs/limits.md): steps
   per request, output bytes (predicted from the contract), buffered steps, generated tokens;
-- a request answered with an error changes nothing: ``stepping``/``inferring`` hand the
-  result to the caller inside the session's lock and commit the new state only when the
-  caller's block ends without an error (the response went out);
-- ownership: a stream holds its session's lease (``lease.py``); Infer(advance), reset and
-  close on a session leased by a live stream are FailedPrecondition.
-- durable sessions (``options.state_store``; ``durable.py``, ``store.py``): snapshot, restore
-  and fork; every state change is written through the store (fenced by the lease epoch)
-  before its response goes out; a request may carry its expected position, and a chunk
-  already applied gets its stored response again (``StepResult.replay``). The ``a*``
-  coroutines (``acreate_session``, ``aattach``, ``aclose_session``, ``areset_session``) are
-  the store-aware forms of the plain methods, which stay per process.
+- a request answered with an error changes nothing: every change of a session is one
+  ``Transaction`` (transaction.py): own, lock, compute, persist through the state store before
+  the response goes out, commit when the caller's block ends without an error;
+- ownership: a stream holds its session's lease (``lease.py``, in the store); Infer(advance),
+  reset and close on a session leased by a live stream, in any process, are
+  FailedPrecondition naming the attachment (core.py);
+- every session is in the state store (``store/``: in memory without ``--state-store``;
+  ``durable.py``): snapshot, restore and fork; a request may carry its expected position, and
+  a chunk already applied gets its kept result again (``StepResult.replayed``), whichever RPC
+  applied it; KServe sequences are sessions of the store too (sequences.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from rnnzoo.errors import (
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     ResourceExhausted,
     Unavailable,
 )
 
 from .batching import Batcher
+from .catalog import Catalog
 from .compute import Compute
-from .durable import Durability
-from .generate import check_sampling, decode, encode, generate_lm, generate_seq2seq
-from .lease import Lease
-from .memory import LARGE_STEPS
-from .model import Chunk, ServedModel
-from .options import Outputs, RuntimeOptions, StepResult
+from .core import SessionCore
+from .durable import Records
+from .generate import (
+    Feeder,
+    check_sampling,
+    decode,
+    encode,
+    generate_lm,
+    generate_seq2seq,
+)
+from .lease import Lease, new_holder
+from .model import Chunk
+from .options import RuntimeOptions, StepResult
 from .redact import clip, sid_tag
-from .repository import ModelInfo, ModelRepository, ServedEntry
+from .repository import ModelInfo, ModelRepository
+from .sequences import Sequences
 from .session_ops import SessionOps
-from .sessions import Session, SessionInfo, SessionStore
-from .stepping import Stepping
+from .sessions import SessionInfo, SessionStore
+from .snapshot import Snapshot
+from .stepping import Stepper, with_batch
 from .store import StateStore, open_store
+from .transaction import Transaction
 
 
-class Runtime(SessionOps):
-    """The facade: lifecycle, limits, models, stepping and inference; session management is
-    ``SessionOps`` (session_ops.py), where the computing runs ``Compute`` (compute.py), the
-    generation loops generate.py."""
+class Runtime:
+    """The facade: lifecycle, models, and the session core's operations (core.py), each
+    with its collaborators passed in: ``SessionStore`` (this process's sessions and leases),
+    ``Records`` (the state store's side), ``Stepper`` (what a step computes), ``SessionOps``
+    (create, restore, fork, close, reset), ``Sequences`` (KServe sequences)."""
 
     def __init__(
         self,
         repo: ModelRepository,
         options: RuntimeOptions | None = None,
-        clock=None,
+        clock: Callable[[], float] | None = None,
         state_store: StateStore | None = None,
-    ):
+    ) -> None:
         self.options = options or RuntimeOptions()
         self.options.check()
         self.repo = repo
-        kw = {"clock": clock} if clock is not None else {}
-        self.store = SessionStore(
-            self.options.max_sessions,
-            self.options.on_full,
-            self.options.session_ttl_s,
-            lease_ttl_s=self.options.lease_ttl_s,
-            max_per_client=self.options.max_sessions_per_client or None,
+        o = self.options
+        self.compute = Compute(o, self._check)  # the ORT and long-job pools
+        self.jobs, self.trimmer = self.compute.jobs, self.compute.trimmer
+        self.catalog = Catalog(repo, o, self.trimmer)
+        kw: dict[str, Any] = {"clock": clock} if clock is not None else {}
+        if state_store is None:
+            state_store = open_store(o.state_store, **kw)
+        self.state_store = state_store
+        self.sessions = SessionStore(
+            o.max_sessions,
+            o.on_full,
+            o.session_ttl_s,
+            lease_ttl_s=o.lease_ttl_s,
+            max_per_client=o.max_sessions_per_client or None,
+            state=state_store,
             **kw,
         )
-        self.compute = Compute(self.options, self._check)  # the ORT and long-job pools
-        self.jobs, self.trimmer = self.compute.jobs, self.compute.trimmer
         self.batchers: dict[tuple[str, str], Batcher] = {}
         for name, entry in repo.entries.items():
             for role, graph in entry.graphs.items():
                 self.batchers[(name, role)] = Batcher(
-                    graph, self.compute.executor, self.options.max_batch, self.options.max_delay_ms
+                    graph, self.compute.executor, o.max_batch, o.max_delay_ms
                 )
-        # session id -> (its stream's lease, its batcher, is the stream alive?): a batcher's
-        # delay waits only for streams; the renewer renews the leases of live streams
-        self._streams: dict[str, tuple[Lease, Batcher | None, Callable[[], bool] | None]] = {}
+        self.records = Records(self.sessions, state_store, self.catalog, o.lease_ttl_s)
+        self.core = SessionCore(self.sessions, self.records, self.batchers, self._check)
+        self.stepper = Stepper(self.catalog, self.batchers, self.compute, o)
+        self.ops = SessionOps(self.core, self.catalog, self.stepper)
+        self.sequences = Sequences(
+            self.core, self.ops, self.stepper, self.catalog, self._infer_stateless
+        )
+        self.generator = Feeder(self.batchers, self.compute, o.long_job_steps, self._check)
         self._phase = "new"  # new -> running -> stopping -> stopped
-        self._sweeper: asyncio.Task | None = None
-        self._renewer: asyncio.Task | None = None
-        if state_store is None:
-            state_store = open_store(self.options.state_store)
-        self.durable = Durability(self, state_store)
+        self._sweeper: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, options: RuntimeOptions | None = None) -> Runtime:
@@ -138,7 +157,7 @@ class Runtime(SessionOps):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self.compute.shutdown()
-        await self.durable.close()
+        await self.records.close([lease for lease, _, _ in self.core.streams.values()])
         self._phase = "stopped"
 
     @property
@@ -156,11 +175,11 @@ class Runtime(SessionOps):
         # TTL of its own may be freed up to one interval late; it answers NotFound on its first
         # access after its TTL either way (every access checks).
         interval = self.options.sweep_interval_s
-        if self.store.ttl_s is not None:
-            interval = min(interval, max(self.store.ttl_s / 4, 0.05))
+        if self.sessions.ttl_s is not None:
+            interval = min(interval, max(self.sessions.ttl_s / 4, 0.05))
         while True:
             await asyncio.sleep(interval)
-            self.store.sweep()
+            self.sessions.sweep()
 
     async def _renew_loop(self) -> None:
         """Renew the leases of streams that are alive, three times per lease TTL: a stream
@@ -168,96 +187,84 @@ class Runtime(SessionOps):
         still stuck somewhere, and its session frees when the lease runs out."""
         while True:
             await asyncio.sleep(self.options.lease_ttl_s / 3)
-            renewed = self._renew_local()
-            if self.durable.store is not None:
-                with contextlib.suppress(Exception):  # unreachable: the leases run out
-                    await self.store.leases.renew_in_store(renewed)
+            renewed = self.core.renew_local()
+            with contextlib.suppress(Exception):  # unreachable: the leases run out
+                await self.sessions.leases.renew_in_store(renewed)
 
     def renew_leases(self) -> int:
-        return len(self._renew_local())
+        return len(self.core.renew_local())
 
-    def _renew_local(self) -> list[Lease]:
-        """Renew the leases of live streams here; returns them (the store renews them too)."""
-        renewed = []
-        for lease, _, alive in list(self._streams.values()):
-            if (alive is None or alive()) and self.store.leases.renew(lease):
-                renewed.append(lease)
-        return renewed
-
-    # ---- limits --------------------------------------------------------------------------------
+    # ---- limits and models -----------------------------------------------------------------
     def check_steps(self, n: int, what: str) -> None:
-        """``what`` (e.g. "this chunk") has ``n`` steps: refuse it over max_request_steps."""
-        limit = self.options.max_request_steps
-        if n >= LARGE_STEPS:  # a big request message was decoded, allowed or not
-            self.trimmer.soon()
-        if n > limit:
-            raise ResourceExhausted(
-                f"{what} has {n} steps, over this server's limit of {limit} steps per request "
-                f"(max_request_steps); send at most {limit} steps per request (split long "
-                "sequences into chunks and stream them through a session)"
-            )
+        self.catalog.check_steps(n, what)
 
-    def _check_output(self, graph: ServedModel, batch: int, steps: int, what: str) -> None:
-        """Refuse a call whose outputs (predicted from the contract) would exceed
-        max_output_bytes, before anything runs."""
-        limit = self.options.max_output_bytes
-        size = graph.output_bytes(batch, steps)
-        if size > limit:
-            per_step = max(1, graph.output_bytes(batch, 1) - graph.output_bytes(batch, 0))
-            fit = max(0, (limit - graph.output_bytes(batch, 0)) // per_step)
-            raise ResourceExhausted(
-                f"{what} would return {size} bytes of outputs ({batch} sequence(s) x {steps} "
-                f"steps of model {graph.contract.name!r}), over this server's limit of "
-                f"{limit} bytes per response (max_output_bytes); send at most {fit} steps "
-                f"per request{'' if batch == 1 else ' at this batch size'}"
-            )
-
-    def _entry(self, name: str) -> ServedEntry:
-        entry = self.repo.entries.get(name)
-        if entry is None and name in self.repo.failed:
-            raise FailedPrecondition(
-                f"model {clip(name)!r} is not ready: it failed to load ({self.repo.failed[name]}); "
-                "the server's log has the details"
-            )
-        if entry is None:
-            raise NotFound(f"no model {clip(name)!r}; known models: {sorted(self.repo.entries)}")
-        return entry
-
-    # ---- models ----------------------------------------------------------------------------
     def list_models(self) -> list[ModelInfo]:
         self._check()
         return self.repo.list()
 
     def get_model(self, name: str) -> ModelInfo:
         self._check()
-        return self._entry(name).info
+        return self.catalog.entry(name).info
 
-    def _single(self, name: str, what: str) -> tuple[ServedEntry, ServedModel]:
-        entry = self._entry(name)
-        if entry.is_seq2seq:
-            raise FailedPrecondition(
-                f"model {clip(name)!r} is a seq2seq encoder/decoder pair; {what} serves single-graph "
-                "models: use generate for it"
-            )
-        return entry, entry.graphs["model"]
+    # ---- sessions ----------------------------------------------------------------------------
+    async def create_session(
+        self,
+        model: str,
+        initial_state: dict[str, np.ndarray] | None = None,
+        ttl_s: float | None = None,
+        snapshot: Snapshot | None = None,
+    ) -> SessionInfo:
+        """A new session, in the state store. ``ttl_s``: its own idle expiry, at most the
+        server's (None: the server's); ``snapshot``: a restore."""
+        sess = await self.ops.create(model, initial_state, ttl_s, snapshot)
+        return self.sessions.info(sess)
+
+    def restore_snapshot(self, snap: Snapshot) -> Snapshot:
+        return self.ops.restore_snapshot(snap)
+
+    async def snapshot_session(
+        self, session_id: str
+    ) -> tuple[Snapshot, dict[str, np.ndarray], dict[str, np.ndarray], list[Any]]:
+        return await self.ops.snapshot(session_id)
+
+    async def fork_session(self, session_id: str, ttl_s: float | None = None) -> SessionInfo:
+        return self.sessions.info(await self.ops.fork(session_id, ttl_s))
+
+    async def close_session(self, session_id: str, lease: Lease | None = None) -> None:
+        """Close; FailedPrecondition while a stream other than ``lease``'s is attached."""
+        await self.ops.close(session_id, lease)
+
+    async def reset_session(self, session_id: str, lease: Lease | None = None) -> None:
+        """Back to the initial state; FailedPrecondition while another stream is attached."""
+        await self.ops.reset(session_id, lease)
+
+    async def attach(
+        self, session_id: str, holder: str | None = None, alive: Callable[[], bool] | None = None
+    ) -> Lease:
+        """Take the session's lease for ``holder`` (a stream), in the store. ``alive()``:
+        whether that stream still lives (the runtime renews the lease while it does)."""
+        return await self.core.attach(session_id, holder or new_holder(), alive)
+
+    def detach(self, session_id: str, lease: Lease) -> None:
+        self.core.detach(session_id, lease)
+
+    async def released(self) -> None:
+        await self.core.released()
+
+    def session_info(self, session_id: str) -> SessionInfo:
+        return self.ops.info(session_id)
 
     # ---- stepping ----------------------------------------------------------------------------
     async def step(
-        self, session_id: str, inputs: dict[str, np.ndarray], lease: Lease | None = None
+        self,
+        session_id: str,
+        inputs: dict[str, np.ndarray],
+        lease: Lease | None = None,
+        position: int | None = None,
     ) -> StepResult:
         """One chunk, committed at once (see ``stepping``)."""
-        async with self.stepping(session_id, inputs, lease) as result:
+        async with self.stepping(session_id, inputs, lease, position) as result:
             return result
-
-    def _check_lease(self, session_id: str, lease: Lease | None) -> None:
-        if lease is None:
-            self._not_held(session_id, "a step from outside it")
-        elif not self.store.leases.renew(lease):
-            raise FailedPrecondition(
-                f"this stream's lease on session {sid_tag(session_id)} ran out (the stream "
-                "was not renewing it) and may have moved to another stream; open a new stream "
-                "to resume the session"
-            )
 
     def stepping(
         self,
@@ -265,49 +272,23 @@ class Runtime(SessionOps):
         inputs: dict[str, np.ndarray],
         lease: Lease | None = None,
         position: int | None = None,
-    ) -> Stepping:
-        """``async with rt.stepping(...) as result``: compute one chunk and yield its
-        ``StepResult`` inside the session's lock; the new state is committed when the block
-        ends without an error (the caller sent the response), and not at all otherwise.
-        ``lease``: the calling stream's lease; ``position``: the steps the request expects
-        before its chunk (deduplication). A caller that sends the response calls
-        ``await result.persist(encode)`` first (see stepping.py)."""
-        return Stepping(self, session_id, inputs, lease, position)
+    ) -> Transaction[Chunk]:
+        """``async with rt.stepping(...) as result``: one chunk as a session transaction
+        (transaction.py). ``lease``: the calling stream's lease; ``position``: the steps the
+        request expects before its chunk (a retry of the last one gets its result again).
+        A caller that sends the response calls ``await result.persist()`` first."""
+        self._check()
+        sess = self.sessions.get(session_id, touch=False)
+        _, graph = self.catalog.single(sess.model, "step")
+        chunk = graph.validate_chunk(inputs)  # before anything is queued or locked
+        self.catalog.check_steps(chunk.length, "this chunk")
+        what = "a step from outside it"
+        return Transaction(self.core, session_id, lease, position, self.stepper.chunk, chunk, what)
 
-    async def _persist(
-        self,
-        sess: Session,
-        epoch: int,
-        lease: Lease | None,
-        state: dict,
-        steps: int,
-        buffer: list | None,
-        resp: bytes | None,
-        rpos: int,
-    ) -> None:
-        """Write a step's new state (and its response) through the store, fenced."""
-        self._check_epoch(sess, epoch)
-        if lease is not None and not self.store.leases.current(lease):
-            self._check_lease(sess.id, lease)  # raises: the lease ran out
-        if not sess.durable or self.durable.store is None:
-            return
-        snap = self.durable.snapshot(sess)
-        snap.state, snap.steps = state, steps
-        if buffer is not None:
-            snap.buffer = buffer
-        await self.durable.write(sess, snap, lease, resp, rpos)
-
-    @staticmethod
-    def _check_epoch(sess: Session, epoch: int) -> None:
-        if sess.epoch != epoch:
-            raise FailedPrecondition(
-                f"session {sid_tag(sess.id)} was reset or closed while this step ran; "
-                "its result was dropped, send the chunk again"
-            )
-
-    def _may_commit(self, sess: Session, epoch: int, lease: Lease | None) -> bool:
-        """Still the same session generation, and (fencing) still this stream's lease."""
-        return sess.epoch == epoch and (lease is None or self.store.leases.current(lease))
+    async def _infer_stateless(
+        self, model: str, inputs: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        return await self.infer(model, inputs)
 
     async def infer(
         self,
@@ -315,103 +296,89 @@ class Runtime(SessionOps):
         inputs: dict[str, np.ndarray],
         session_id: str | None = None,
         advance: bool = False,
-    ) -> dict[str, np.ndarray]:
-        """Whole-sequence inference, committed at once (see ``inferring``)."""
-        async with self.inferring(model, inputs, session_id, advance) as outputs:
-            return outputs
-
-    @contextlib.asynccontextmanager
-    async def inferring(
-        self,
-        model: str,
-        inputs: dict[str, np.ndarray],
-        session_id: str | None = None,
-        advance: bool = False,
         position: int | None = None,
-    ) -> AsyncIterator[dict[str, np.ndarray]]:
-        """Yield the outputs (an ``Outputs`` dict); with ``advance``, the session moves on
-        when the ``async with`` block ends without an error, and not otherwise. With
-        ``advance``, ``position`` deduplicates as in ``stepping`` and the caller may
-        ``await outputs.persist(encode)`` before sending (write-through; ``encode()`` returns
-        the response's bytes, called only when they are kept)."""
+    ) -> dict[str, np.ndarray]:
+        """Whole-sequence inference (outputs with their batch axis): stateless, or from a
+        session's state (read only), or advancing it (``advancing``, committed at once)."""
+        if advance:
+            if session_id is None:
+                raise InvalidArgument("advance=True needs a session_id (whose state to move on)")
+            async with self.advancing(model, inputs, session_id, position) as res:
+                return self.batched(model, res.outputs)
         self._check()
-        _, graph = self._single(model, "infer")
+        if position is not None:
+            raise InvalidArgument("position is for requests that advance the session")
+        _, graph = self.catalog.single(model, "infer")
+        feeds, batch, length = self._feeds(graph, inputs)
+        if session_id is None:
+            states = graph.initial_batch_state(batch)
+            outs, _ = await self.compute.run(
+                graph, feeds, states, batch, length, self.catalog.entry(model).info.streamable
+            )
+            return outs
+        sess = await self.records.fresh(session_id)
+        self._session_infer(sess.model, model, session_id, batch)
+        async with sess.lock:
+            sess = self.sessions.get(session_id)
+            outs, _ = await self.compute.run(graph, feeds, sess.state, 1, length, True)
+        return outs
+
+    def _feeds(
+        self, graph: Any, inputs: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], int, int]:
         feeds, batch = graph.validate_batch(inputs)
         length = graph.feed_steps(graph.contract, feeds)
-        self.check_steps(batch * length, "this request (batch x time)")
-        self._check_output(graph, batch, length, "this request")
-        streamable = self._entry(model).info.streamable
-        if session_id is None:
-            if advance:
-                raise InvalidArgument("advance=True needs a session_id (whose state to move on)")
-            states = graph.initial_batch_state(batch)
-            outs, _ = await self.compute.run(graph, feeds, states, batch, length, streamable)
-            yield Outputs(outs)
-            return
-        if position is not None and not advance:
-            raise InvalidArgument("position is for requests that advance the session")
-        await self.durable.fresh(session_id)
-        sess = self.store.get(session_id)
-        self._check_session_model(sess, model)
+        self.catalog.check_steps(batch * length, "this request (batch x time)")
+        self.catalog.check_output(graph, batch, length, "this request")
+        return feeds, batch, length
+
+    def _session_infer(self, have: str, model: str, session_id: str, batch: int) -> None:
+        if have != model:
+            raise InvalidArgument(
+                f"session {sid_tag(session_id)} belongs to model {have!r}, not {clip(model)!r}"
+            )
         if batch != 1:
             raise InvalidArgument(
                 f"inference from session {sid_tag(session_id)} takes batch size 1, got {batch}"
             )
-        if not self._entry(model).info.streamable:
+        if not self.catalog.entry(model).info.streamable:
             raise FailedPrecondition(
                 f"model {model!r} is not streamable (bidirectional): it has no running state "
                 "to continue from; use step (exact revised outputs) or infer without a session"
             )
-        if advance:
-            self._not_held(session_id, "Infer(advance=true)")
-        async with sess.lock:
-            sess = self.store.get(session_id)
-            if advance:
-                self._not_held(session_id, "Infer(advance=true)")
-            epoch = sess.epoch
-            replay = self.durable.check_position(sess, position) if advance else None
-            if replay is not None:
-                out = Outputs()
-                out.replay = replay
-                yield out
-                return
-            outs, nxt = await self.compute.run(graph, feeds, sess.state, 1, length, True)
-            if advance:
-                self._check_epoch(sess, epoch)
-            out, steps0, written = Outputs(outs), sess.steps, []
-            if advance:
 
-                async def persist(encode: Callable[[], bytes] | None) -> None:
-                    self._not_held(session_id, "Infer(advance=true)")
-                    keep = position is not None or sess.durable
-                    resp = encode() if encode is not None and keep else None
-                    await self._persist(sess, epoch, None, nxt, steps0 + length, None, resp, steps0)
-                    written.append(resp)
+    def advancing(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        session_id: str,
+        position: int | None = None,
+    ) -> Transaction[tuple[dict[str, np.ndarray], int]]:
+        """Infer(advance=true) as a session transaction: yields the StepResult (batch-free
+        outputs: ``batched`` re-adds the axis); the session moves on when the ``async with``
+        block ends without an error. ``position`` deduplicates as in ``stepping``."""
+        self._check()
+        _, graph = self.catalog.single(model, "infer")
+        feeds, batch, length = self._feeds(graph, inputs)
+        sess = self.sessions._live.get(session_id)
+        if sess is not None:  # (one not cached here is checked once read, below)
+            self._session_infer(sess.model, model, session_id, batch)
+        check = self._session_infer
 
-                out.persist = persist
-            yield out
-            if not advance or sess.epoch != epoch:
-                return
-            if not written:
-                if self.store.leases.holder_alive(sess.id) is not None:
-                    return
-                if sess.durable and self.durable.store is not None:
-                    await out.persist(None)
-            sess.state, sess.steps = nxt, steps0 + length
-            resp = written[0] if written else None
-            keep = position is not None or sess.durable
-            sess.last = (steps0, resp) if keep and resp is not None else None
+        async def compute(s: Any, arg: tuple[dict[str, np.ndarray], int]) -> Any:
+            check(s.model, model, session_id, batch)
+            return await self.stepper.advance(s, arg)
 
-    @staticmethod
-    def _check_session_model(sess: Session, model: str) -> None:
-        if sess.model != model:
-            raise InvalidArgument(
-                f"session {sid_tag(sess.id)} belongs to model {sess.model!r}, not {clip(model)!r}"
-            )
+        what = "Infer(advance=true)"
+        return Transaction(self.core, session_id, None, position, compute, (feeds, length), what)
+
+    def batched(self, model: str, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A session's batch-free outputs -> with the batch axis of 1 a batched request has."""
+        return with_batch(self.catalog.entry(model).graphs["model"].contract, outputs)
 
     # ---- text and generation ---------------------------------------------------------------
     def _text_vocabs(self, model: str) -> tuple[list[str] | None, list[str] | None]:
-        entry = self._entry(model)
+        entry = self.catalog.entry(model)
         if entry.is_seq2seq:
             enc, dec = entry.graphs["encoder"].contract, entry.graphs["decoder"].contract
             return enc.vocab, dec.target_vocab or dec.vocab
@@ -423,9 +390,9 @@ class Runtime(SessionOps):
         self.check_steps(len(text), "this text")  # before a per-character walk
         return encode(self._text_vocabs(model)[0], text, model)
 
-    def decode_tokens(self, model: str, ids) -> str:
+    def decode_tokens(self, model: str, ids: Iterable[int] | np.ndarray) -> str:
         self._check()
-        entry = self._entry(model)
+        entry = self.catalog.entry(model)
         sep = entry.graphs["decoder"].contract.target_separator if entry.is_seq2seq else ""
         return decode(self._text_vocabs(model)[1], ids, model, sep)
 
@@ -451,12 +418,13 @@ class Runtime(SessionOps):
                 "and continue from the text so far"
             )
         self.check_steps(len(prompt), "this prompt")
-        entry = self._entry(model)
+        entry = self.catalog.entry(model)
         rng = np.random.default_rng(seed)
+        feeder = self.generator
         if entry.is_seq2seq:
-            gen = generate_seq2seq(self, entry, prompt, max_tokens, temperature, top_k, rng)
+            gen = generate_seq2seq(feeder, entry, prompt, max_tokens, temperature, top_k, rng)
         elif entry.info.task == "lm" and entry.graphs["model"].contract.vocab:
-            gen = generate_lm(self, entry, prompt, max_tokens, temperature, top_k, rng)
+            gen = generate_lm(feeder, entry, prompt, max_tokens, temperature, top_k, rng)
         else:
             raise FailedPrecondition(
                 f"model {clip(model)!r} (task {entry.info.task!r}) does not generate text; "

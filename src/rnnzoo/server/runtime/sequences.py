@@ -1,14 +1,16 @@
-"""KServe v2 / Triton sequences over rnnzoo sessions: client-chosen ids, same session store.
+"""KServe v2 / Triton sequences: sessions of the state store under client-chosen ids.
 
 A Triton client names its sequence (``sequence_id``: a non-zero int64 or a non-empty string)
-and marks its first and last request (``sequence_start``, ``sequence_end``). Here each live
-sequence is an ordinary session of the runtime's ``SessionStore``: the same exactness (steps
-in order, state committed only when the response goes out), idle TTL, capacity, eviction and
-tombstones, and a stream's lease. The state tensors stay implicit, as in Triton's implicit
-state management. What this module adds is the name: ``SeqKey`` (principal, model, id) ->
-session id. Client ids are guessable, unlike session ids, so a sequence is found only under
-the principal that started it (``principal``: the authenticated name; without
-authentication the connection-independent default "", so a sequence survives a reconnect).
+and marks its first and last request (``sequence_start``, ``sequence_end``). Each live
+sequence is a session of the state store like any other, whose id is derived from its key
+(``SeqKey``: principal, model, id; ``session_id``): so it survives a restart with a store (a
+SIGTERM or a kill -9), continues on any worker or replica sharing the store, and its unary
+(ModelInfer) and streamed (ModelStreamInfer) requests mix freely, each one a session
+transaction (transaction.py) as rnnzoo.v1's steps are: steps in order, the state committed
+only when the response goes out, idle TTL, capacity, a stream's lease. The state tensors stay
+implicit, as in Triton's implicit state management. Client ids are guessable, unlike session
+ids, so a sequence is found only under the principal that started it (``principal``: the
+authenticated name; without authentication "", so a sequence survives a reconnect).
 
 The semantics (docs/kserve.md has the table):
 - id 0 / "": no sequence; the request is whole-sequence inference from the initial state
@@ -16,32 +18,41 @@ The semantics (docs/kserve.md has the table):
 - an unknown id without ``sequence_start``: NotFound, saying so (and, for an id that lived,
   how it ended: by sequence_end, expired, evicted, with the time); never a fresh state;
 - ``sequence_start``: a new session from the initial state; on an active id the sequence
-  restarts: the request runs from the initial state in a new session, which replaces the old
-  one only when the request succeeds (the old is then closed); a failed start changes nothing;
-  an active id held by another open stream is FailedPrecondition;
-- ``sequence_end``: after a successful request the session is closed (the id is free and
-  remembered as ended); a failed request carrying it changes nothing, the sequence stays open;
+  restarts: the request runs from the initial state and replaces the sequence's state only
+  when it succeeds; a failed start changes nothing; an active id held by another open stream
+  is FailedPrecondition;
+- ``sequence_end``: after a successful request the session is closed and its store record
+  deleted (the id is free and remembered here as ended); a failed request carrying it changes
+  nothing, the sequence stays open; an idle sequence expires with the session TTL, and its
+  store record with it;
 - one request of a sequence carries one sequence: batch size 1.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import json
 import re
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from rnnzoo.contract import Contract
 from rnnzoo.errors import FailedPrecondition, InvalidArgument, NotFound
 
 from .caller import current
+from .catalog import Catalog
+from .core import SessionCore
 from .lease import Lease, new_holder
 from .redact import clip
+from .session_ops import SessionOps
+from .stepping import Stepper, with_batch
+from .transaction import Transaction
 
-MAX_TOMBSTONES = 10_000
 _GONE = re.compile(r" was (.*?)(?:; create a new session)?$", re.S)
 
 
@@ -56,6 +67,13 @@ class SeqKey:
             f" of model {clip(self.model)!r}"
         )
 
+    def session_id(self) -> str:
+        """The id of this sequence's session: the same in every process and after a
+        restart (sha256 of the key; a session id's length and alphabet)."""
+        raw = json.dumps([self.principal, self.model, type(self.id).__name__, str(self.id)])
+        digest = hashlib.sha256(raw.encode()).digest()[:24]
+        return "q" + base64.urlsafe_b64encode(digest).decode()[1:]
+
 
 @dataclass(frozen=True, slots=True)
 class SeqResult:
@@ -69,29 +87,32 @@ class SeqResult:
 class Holder:
     """A stream's hold on the sessions of the sequences it drives (their leases)."""
 
-    def __init__(self, runtime, alive: Callable[[], bool] | None = None) -> None:
-        self.rt = runtime
+    def __init__(self, core: SessionCore, alive: Callable[[], bool] | None = None) -> None:
+        self.core = core
         self.id = new_holder()
         self.alive = alive
         self.leases: dict[str, Lease] = {}
 
-    def lease(self, sid: str) -> Lease:
+    async def lease(self, sid: str) -> Lease:
         lease = self.leases.get(sid)
-        if lease is None:
-            lease = self.leases[sid] = self.rt.attach(sid, self.id, self.alive)
+        if lease is None or not self.core.sessions.leases.current(lease):
+            if lease is not None:
+                self.release(sid)
+            lease = self.leases[sid] = await self.core.attach(sid, self.id, self.alive)
         return lease
 
     def release(self, sid: str) -> None:
         lease = self.leases.pop(sid, None)
         if lease is not None:
-            self.rt.detach(sid, lease)
+            self.core.detach(sid, lease)
 
-    def release_all(self) -> None:
+    async def release_all(self) -> None:
         for sid in list(self.leases):
             self.release(sid)
+        await self.core.released()
 
 
-def sequence_id(value) -> int | str:
+def sequence_id(value: object) -> int | str:
     """A request's sequence id as given (int or str); 0 and "" mean no sequence."""
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise InvalidArgument(f"sequence_id must be an integer or a string, got {value!r}")
@@ -102,66 +123,47 @@ def sequence_id(value) -> int | str:
     return value
 
 
+Stateless = Callable[[str, dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
+
+
 class Sequences:
-    """The (principal, model, id) -> session table of one runtime."""
+    """KServe sequences on the session core."""
 
-    def __init__(self, runtime, max_tombstones: int = MAX_TOMBSTONES) -> None:
-        self.rt = runtime
-        self._live: dict[SeqKey, str] = {}
-        self._dead: OrderedDict[SeqKey, str] = OrderedDict()
-        self.max_tombstones = max_tombstones
+    def __init__(
+        self,
+        core: SessionCore,
+        ops: SessionOps,
+        stepper: Stepper,
+        catalog: Catalog,
+        stateless: Stateless,
+    ) -> None:
+        self.core = core
+        self.ops = ops
+        self.stepper = stepper
+        self.catalog = catalog
+        self.stateless = stateless
 
-    def __len__(self) -> int:
-        return len(self._live)
-
-    # ---- the table ---------------------------------------------------------------------------
-    def _bury(self, key: SeqKey, why: str) -> None:
-        self._live.pop(key, None)
-        self._dead[key] = why
-        self._dead.move_to_end(key)
-        while len(self._dead) > self.max_tombstones:
-            self._dead.popitem(last=False)
-
-    def _alive(self, sid: str) -> NotFound | None:
-        try:
-            self.rt.store.get(sid, touch=False)
-        except NotFound as exc:
-            return exc
-        return None
-
-    def session_of(self, key: SeqKey) -> str | None:
-        """The live session of ``key``, or None (a session that ended meanwhile, e.g. expired
-        or evicted in the store, is buried here with the store's reason)."""
-        sid = self._live.get(key)
-        if sid is None:
-            return None
-        gone = self._alive(sid)
-        if gone is not None:
-            m = _GONE.search(str(gone))
-            self._bury(key, m.group(1) if m else "ended")
-            return None
-        return sid
-
-    def _prune(self) -> None:
-        """Forget entries whose session is gone: the table never outgrows the store by much."""
-        if len(self._live) <= 2 * self.rt.store.max_sessions:
-            return
-        for key in list(self._live):
-            self.session_of(key)
-
-    def _unknown(self, key: SeqKey) -> NotFound:
-        why = self._dead.get(key)
-        if why is not None:
+    def _unknown(self, key: SeqKey, gone: NotFound | None) -> NotFound:
+        m = _GONE.search(str(gone)) if gone is not None else None
+        if m is not None:
+            why = m.group(1)
             return NotFound(f"{key.describe()} was {why}; start it again with sequence_start=true")
         return NotFound(
             f"no active {key.describe()}: its first request must carry sequence_start=true "
-            "(sequences are per server, and per principal with authentication)"
+            "(and, with authentication, come from the principal that started it)"
         )
 
-    def active(self, key: SeqKey) -> bool:
-        return self.session_of(key) is not None
+    def _not_held(self, key: SeqKey, sid: str, lease: Lease | None, what: str) -> None:
+        sess = self.core.sessions.get(sid, touch=False)
+        holder = self.core.records.held_elsewhere(sess, lease)
+        if holder is not None:
+            where = "" if holder == "" else " on another server process"
+            raise FailedPrecondition(
+                f"{key.describe()} is held by an open stream (ModelStreamInfer{where}), which "
+                f"owns it while it is open: {what} from elsewhere is refused; send the request "
+                "over that stream, or end that stream first"
+            )
 
-    # ---- one request ---------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def inferring(
         self,
@@ -186,85 +188,58 @@ class Sequences:
                     "sequence_start/sequence_end need a sequence_id (non-zero int or non-empty "
                     "string); without one a request is stateless whole-sequence inference"
                 )
-            async with self.rt.inferring(model, inputs) as outputs:
-                steps = _steps(self.rt, model, outputs)
-                yield SeqResult(outputs, 0, steps, False, False)
+            outputs = await self.stateless(model, inputs)
+            yield SeqResult(outputs, 0, _steps(self.catalog, model, outputs), False, False)
             return
-        contract = self.rt.get_model(model).contracts.get("model")
-        if contract is None:  # seq2seq: the runtime says why (rnnzoo.v1 Generate)
-            self.rt._single(model, "a sequence")
-        chunk = _unbatch(contract, inputs)
+        self.core.check()
+        _, graph = self.catalog.single(model, "a sequence")
+        contract = graph.contract
+        chunk = graph.validate_chunk(_unbatch(contract, inputs))  # before any session change
+        self.catalog.check_steps(chunk.length, "this request")
         if principal is None:  # the authenticated caller's (caller.py), else the default
             caller = current()
             principal = caller.principal if caller is not None else None
         key = SeqKey(principal or "", model, seq_id)
-        old = self.session_of(key)
-        if old is None and not start:
-            raise self._unknown(key)
-        sid = old
-        if start:
-            if old is not None:
-                held = self.rt.store.leases.holder_alive(old)
-                if held is not None and (holder is None or holder.leases.get(old) is not held):
-                    raise FailedPrecondition(
-                        f"{key.describe()} is held by an open ModelStreamInfer, which owns it "
-                        "while it is open: restarting it from elsewhere is refused; send the "
-                        "request over that stream, or end that stream first"
-                    )
-            # validated before a session is made (a full store may evict one for it)
-            self.rt.repo.entries[model].graphs["model"].validate_chunk(chunk)
-            self._prune()
-            sid = self.rt.create_session(model).id
-            self._live[key] = sid  # concurrent requests of this id queue behind this one
+        sid = key.session_id()
         try:
-            lease = holder.lease(sid) if holder is not None else None
-            async with self.rt.stepping(sid, chunk, lease) as res:
+            await self.core.records.fresh(sid)
+            active = True
+        except NotFound as gone:
+            if not start:
+                raise self._unknown(key, gone) from None
+            active = False
+        created = False
+        if active:
+            held = holder.leases.get(sid) if holder is not None else None
+            self._not_held(key, sid, held, "restarting it" if start else "this request")
+        else:
+            await self.ops.create(model, sid=sid)
+            created = True
+        try:
+            lease = await holder.lease(sid) if holder is not None else None
+            compute = self.stepper.restart if start and not created else self.stepper.chunk
+            what = f"a request of {key.describe()}"
+            async with Transaction(self.core, sid, lease, None, compute, chunk, what) as res:
                 yield SeqResult(
-                    _batch(contract, res.outputs), res.start, res.steps_total, res.revised, True
+                    with_batch(contract, res.outputs), res.start, res.steps_total, res.revised, True
                 )
         except BaseException:
-            if sid != old:  # a start that failed: as if it never came
-                self._discard(sid, holder)
-                if self._live.get(key) == sid:
-                    if old is not None:
-                        self._live[key] = old
-                    else:
-                        self._live.pop(key, None)
+            if created:  # a start that failed: as if it never came
+                if holder is not None:
+                    holder.release(sid)
+                with contextlib.suppress(Exception):
+                    await self.ops.close(sid, None, "closed (its first request failed)")
             raise
-        if old is not None and sid != old:  # restarted: the old session ends here
-            self._close(old, holder)
         if end:
-            self._close(sid, holder)
-            if self._live.get(key) == sid:
-                self._bury(key, f"ended by sequence_end at {_stamp(self.rt.store.wall())}")
-
-    def _discard(self, sid: str, holder: Holder | None) -> None:
-        if holder is not None:
-            holder.release(sid)
-        with contextlib.suppress(NotFound):
-            self.rt.store.close(sid)
-
-    def _close(self, sid: str, holder: Holder | None) -> None:
-        lease = holder.leases.get(sid) if holder is not None else None
-        with contextlib.suppress(NotFound):
-            self.rt.close_session(sid, lease)
-        if holder is not None:
-            holder.release(sid)
+            lease = holder.leases.get(sid) if holder is not None else None
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.core.sessions.wall()))
+            with contextlib.suppress(NotFound):
+                await self.ops.close(sid, lease, f"ended by sequence_end at {stamp}")
+            if holder is not None:
+                holder.release(sid)
 
 
-def sequences_of(runtime) -> Sequences:
-    """The runtime's sequence table (one per runtime, made on first use)."""
-    table = getattr(runtime, "sequences", None)
-    if table is None:
-        table = runtime.sequences = Sequences(runtime)
-    return table
-
-
-def _stamp(wall: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
-
-
-def _unbatch(contract, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _unbatch(contract: Contract, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A request's batched inputs -> one sequence's chunk (batch size 1 required)."""
     specs = {s.name: s for s in contract.inputs}
     out = {}
@@ -282,17 +257,8 @@ def _unbatch(contract, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def _batch(contract, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One sequence's outputs -> with a batch axis of 1, as the request was sent."""
-    out = {}
-    for spec in contract.outputs:
-        arr = outputs[spec.name]
-        out[spec.name] = arr if spec.batch_axis is None else np.expand_dims(arr, spec.batch_axis)
-    return out
-
-
-def _steps(runtime, model: str, outputs: dict[str, np.ndarray]) -> int:
-    contract = runtime.get_model(model).contract
+def _steps(catalog: Catalog, model: str, outputs: dict[str, np.ndarray]) -> int:
+    contract = catalog.entry(model).info.contract
     for spec in contract.outputs:
         if spec.time_axis is not None and spec.name in outputs:
             return int(outputs[spec.name].shape[spec.time_axis])

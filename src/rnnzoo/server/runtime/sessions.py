@@ -17,10 +17,11 @@
   unknown id, also for closed ones: existence is not revealed).
 - quota: at most ``max_per_client`` live sessions per caller key (principal, or connection
   without authentication); over it ResourceExhausted names the quota and when to retry.
-- with a state store (``store.py``) this table is the process's working set: ``adopt``
-  installs (or refreshes) a session read from the store; ``on_bury(session, why)`` tells the
-  runtime what to do in the store (a close or eviction deletes it there; an idle expiry here
-  only drops the cached copy, the store's own TTL decides there).
+- the state store (``store/``; the in-memory one by default) holds every session; this table
+  is the process's working set: ``adopt`` installs (or refreshes) a session read from the
+  store; ``on_bury(session, why)`` tells the runtime what to do in the store (a close or
+  eviction deletes it there; an idle expiry here only drops the cached copy, the store's own
+  TTL decides there).
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ from rnnzoo.errors import InvalidArgument, NotFound, ResourceExhausted
 from . import telemetry
 from .caller import Caller, current
 from .lease import Lease, Leases
+from .model import Chunk
+from .options import StepResult
 from .redact import sid_tag
+from .store import MemoryStore, StateStore
 
 MAX_TOMBSTONES = 10_000
 
@@ -61,15 +65,20 @@ class Session:
     initial: dict[str, np.ndarray]  # batch-1 states
     state: dict[str, np.ndarray]
     steps: int = 0
-    buffer: list = field(default_factory=list)  # non-streamable models: the chunks so far
+    buffer: list[Chunk] = field(default_factory=list)  # non-streamable: the chunks so far
     ttl_s: float | None = None  # idle seconds before expiry; None: never
     epoch: int = 0  # bumped on reset/close/expiry: a step in flight then drops its result
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     owner: str | None = None  # the principal that created it (authentication on), else None
     quota_key: str | None = None  # what its quota counts against (None: no quota)
-    last: tuple[int, bytes] | None = None  # (position it answered, the last response): dedup
-    durable: bool = False  # written to the state store (its writes go through it)
+    # (the position it answered, the last step's result): a retry of that position, over
+    # either RPC kind, gets the same result again
+    last: tuple[int, StepResult] | None = None
     fence: int = 0  # the store epoch this copy was read at (fences writes from outside a stream)
+    # the stream holding the session's lease in the state store when this copy was read
+    # ("" none), and until when (this table's clock): a stream of another process
+    held_by: str = ""
+    held_until: float = 0.0
 
 
 class SessionStore:
@@ -83,7 +92,10 @@ class SessionStore:
         max_tombstones: int = MAX_TOMBSTONES,
         lease_ttl_s: float = 30.0,
         max_per_client: int | None = None,
+        state: StateStore | None = None,
     ) -> None:
+        """``state``: the state store whose leases this table's mirror (default: an in-memory
+        one on ``clock``)."""
         if on_full not in ("reject", "evict"):
             raise ValueError(f"on_full must be 'reject' or 'evict', got {on_full!r}")
         assert max_sessions >= 1
@@ -96,7 +108,8 @@ class SessionStore:
         self._dead: OrderedDict[str, tuple[str, str | None]] = OrderedDict()  # id -> (why, owner)
         self.max_per_client = max_per_client  # None: no per-client quota
         self._per_key: dict[str, int] = {}  # quota key -> live sessions
-        self.leases = Leases(lease_ttl_s, clock)  # which stream each attached session has
+        self.state = state if state is not None else MemoryStore(clock=clock)
+        self.leases = Leases(self.state, lease_ttl_s, clock)  # each attached session's stream
         self.on_bury: Callable[[Session, str], None] | None = None
 
     def __len__(self) -> int:
@@ -133,8 +146,14 @@ class SessionStore:
         return ttl_s
 
     def create(
-        self, model: str, initial: dict[str, np.ndarray], ttl_s: float | None = None
+        self,
+        model: str,
+        initial: dict[str, np.ndarray],
+        ttl_s: float | None = None,
+        sid: str | None = None,
     ) -> Session:
+        """A new session; ``sid``: its id when the caller derives it (a KServe sequence's),
+        else a new random one."""
         ttl = self.check_ttl(ttl_s)  # before anything is evicted
         caller = current()
         key = caller.key if caller is not None and self.max_per_client else None
@@ -156,7 +175,10 @@ class SessionStore:
                 f"evicted (least recently used; server full at {self.max_sessions} sessions)",
             )
         now = self.clock()
-        sid = secrets.token_urlsafe(24)
+        if sid is None:
+            sid = secrets.token_urlsafe(24)
+        else:
+            self._dead.pop(sid, None)  # a derived id may live again
         sess = Session(sid, model, self.wall(), now, initial, dict(initial), ttl_s=ttl)
         sess.owner = caller.principal if caller is not None else None
         sess.quota_key = key
@@ -224,7 +246,6 @@ class SessionStore:
                 self._per_key[quota_key] = self._per_key.get(quota_key, 0) + 1
         sess.initial = initial
         fill(sess)
-        sess.durable = True
         sess.last_used = self.clock()
         self._live.move_to_end(sid)
         return sess
@@ -253,9 +274,9 @@ class SessionStore:
         """Live sessions counted against quota key ``key``."""
         return self._per_key.get(key, 0)
 
-    def close(self, sid: str) -> None:
+    def close(self, sid: str, why: str = "closed") -> None:
         self.get(sid, touch=False)
-        self._bury(sid, "closed")
+        self._bury(sid, why)
 
     def sweep(self) -> int:
         """Expire idle sessions; returns how many."""

@@ -9,6 +9,9 @@ restores only onto the same model version). ``meta`` carries the store-only fiel
 
 ``to_bytes``/``from_bytes`` are the store's format: a JSON header and the arrays' raw
 bytes (no pickle). The transport converts to and from the proto message itself.
+``result_to_bytes``/``result_from_bytes``: a step's result (the replay record kept for
+position-based deduplication) in the same format, protocol-neutral: each RPC encodes its own
+response from it.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from .model import Chunk, ServedModel
+from .options import StepResult
 
 
 @dataclass
@@ -31,7 +36,9 @@ class Snapshot:
     initial: dict[str, np.ndarray]  # batch-1
     buffer: list[Chunk] = field(default_factory=list)  # non-streamable: chunks so far
     source: dict[str, str] = field(default_factory=dict)  # the contract's model version
-    meta: dict = field(default_factory=dict)  # store-only: created_at, ttl_s, owner, quota_key
+    meta: dict[str, Any] = field(
+        default_factory=dict
+    )  # store-only: created_at, ttl_s, owner, quota_key
 
 
 def model_hash(graphs: list[ServedModel]) -> str:
@@ -52,6 +59,32 @@ def model_hash(graphs: list[ServedModel]) -> str:
 MAGIC = b"RZS1"  # format 1: magic, u32 header length, JSON header, raw array bytes
 
 
+def _pack(head: dict[str, object], arrays: list[tuple[str, np.ndarray]]) -> bytes:
+    """A JSON header (``head`` plus each array's name, dtype, shape and byte range) and the
+    arrays' raw C-order bytes."""
+    index, blobs, offset = [], [], 0
+    for name, a in arrays:
+        b = np.ascontiguousarray(a).tobytes()
+        index.append([name, a.dtype.str, list(a.shape), offset, len(b)])
+        blobs.append(b)
+        offset += len(b)
+    data = json.dumps({**head, "arrays": index}).encode()
+    return b"".join([MAGIC, len(data).to_bytes(4, "little"), data, *blobs])
+
+
+def _unpack(data: bytes, what: str) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
+    if data[:4] != MAGIC:
+        raise ValueError(f"not an rnnzoo {what} (format 1)")
+    n = int.from_bytes(data[4:8], "little")
+    head = json.loads(data[8 : 8 + n])
+    body = memoryview(data)[8 + n :]
+    arrays = [
+        (name, np.frombuffer(body[off : off + size], np.dtype(dtype)).reshape(shape).copy())
+        for name, dtype, shape, off, size in head["arrays"]
+    ]
+    return head, arrays
+
+
 def to_bytes(snap: Snapshot) -> bytes:
     """The store's format: a JSON header naming each array (dtype, shape, byte range) and the
     arrays' raw C-order bytes. No pickle; ~10x cheaper than an .npz (it runs per step)."""
@@ -61,36 +94,22 @@ def to_bytes(snap: Snapshot) -> bytes:
     for n, chunk in enumerate(snap.buffer):
         lengths.append(chunk.length)
         arrays += [(f"b/{n}/{k}", v) for k, v in chunk.arrays.items()]
-    index, blobs, offset = [], [], 0
-    for name, a in arrays:
-        b = np.ascontiguousarray(a).tobytes()
-        index.append([name, a.dtype.str, list(a.shape), offset, len(b)])
-        blobs.append(b)
-        offset += len(b)
-    head = json.dumps(
-        {
-            "model": snap.model,
-            "model_hash": snap.model_hash,
-            "steps": snap.steps,
-            "source": snap.source,
-            "meta": snap.meta,
-            "buffer": lengths,
-            "arrays": index,
-        }
-    ).encode()
-    return b"".join([MAGIC, len(head).to_bytes(4, "little"), head, *blobs])
+    head = {
+        "model": snap.model,
+        "model_hash": snap.model_hash,
+        "steps": snap.steps,
+        "source": snap.source,
+        "meta": snap.meta,
+        "buffer": lengths,
+    }
+    return _pack(head, arrays)
 
 
 def from_bytes(data: bytes) -> Snapshot:
-    if data[:4] != MAGIC:
-        raise ValueError("not an rnnzoo session snapshot (format 1)")
-    n = int.from_bytes(data[4:8], "little")
-    head = json.loads(data[8 : 8 + n])
-    body = memoryview(data)[8 + n :]
+    head, arrays = _unpack(data, "session snapshot")
     state, initial = {}, {}
-    chunks: list[dict] = [{} for _ in head["buffer"]]
-    for name, dtype, shape, off, size in head["arrays"]:
-        a = np.frombuffer(body[off : off + size], np.dtype(dtype)).reshape(shape).copy()
+    chunks: list[dict[str, np.ndarray]] = [{} for _ in head["buffer"]]
+    for name, a in arrays:
         kind, _, rest = name.partition("/")
         if kind == "s":
             state[rest] = a
@@ -109,4 +128,17 @@ def from_bytes(data: bytes) -> Snapshot:
         buffer,
         head.get("source", {}),
         head.get("meta", {}),
+    )
+
+
+def result_to_bytes(res: StepResult) -> bytes:
+    """A step's result as the store keeps it for a retry of its position (any RPC kind)."""
+    head = {"start": res.start, "steps_total": res.steps_total, "revised": res.revised}
+    return _pack(head, list(res.outputs.items()))
+
+
+def result_from_bytes(data: bytes) -> StepResult:
+    head, arrays = _unpack(data, "step result")
+    return StepResult(
+        dict(arrays), int(head["start"]), int(head["steps_total"]), bool(head["revised"])
     )

@@ -7,7 +7,7 @@ CANCELLED. grpc's own limits (pending-request queue, maximum_concurrent_rpcs) ar
 these in ``server.py`` so that ours always decide first.
 
 - ``max_rpcs``: calls in flight at once, of every kind;
-- ``max_streams``: open streaming calls (Stream, Generate, KServe's ModelStreamInfer);
+- ``max_streams``: open streaming calls (Stream, StepMany, Generate, KServe's ModelStreamInfer);
 - ``max_streams_per_connection``: open streaming calls from one connection (peer address), so
   one client cannot take every stream slot.
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from rnnzoo.errors import InvalidArgument, ResourceExhausted
 
-STREAMING = frozenset({"Stream", "Generate", "ModelStreamInfer"})  # rnnzoo.v1 and KServe v2
+STREAMING = frozenset({"Stream", "StepMany", "Generate", "ModelStreamInfer"})  # v1 and KServe v2
 
 
 @dataclass

@@ -22,7 +22,7 @@ from rnnzoo.proto.inference.v2 import grpc_service_pb2 as kpb
 from rnnzoo.proto.inference.v2 import model_config_pb2 as mc
 from rnnzoo.server.runtime import Runtime
 from rnnzoo.server.runtime.redact import clip
-from rnnzoo.server.runtime.sequences import Holder, sequences_of
+from rnnzoo.server.runtime.sequences import Holder
 from rnnzoo.server.runtime.text import text_inputs
 
 from . import metrics
@@ -223,7 +223,7 @@ class KServeServicer:
             )
             return config
         seq = config.sequence_batching
-        ttl = self.rt.store.ttl_s
+        ttl = self.rt.sessions.ttl_s
         seq.max_sequence_idle_microseconds = int(ttl * 1e6) if ttl else 0
         seq.oldest.max_candidate_sequences = opts.max_sessions
         seq.oldest.max_queue_delay_microseconds = int(opts.max_delay_ms * 1000)
@@ -284,7 +284,7 @@ class KServeServicer:
         seq_id, start, end = _sequence(request.parameters)
         inputs = self._inputs(model, request)
         wanted = [o.name for o in request.outputs]
-        async with sequences_of(self.rt).inferring(
+        async with self.rt.sequences.inferring(
             model, seq_id, inputs, start=start, end=end, holder=holder
         ) as res:
             unknown = sorted(set(wanted) - set(res.outputs))
@@ -322,7 +322,7 @@ class KServeServicer:
         fields = call_fields()
         if fields is None:
             fields = {}
-        holder = Holder(self.rt, lambda: not context.done())
+        holder = Holder(self.rt.core, lambda: not context.done())
         count = 0
         try:
             while (req := await context.read()) is not grpc.aio.EOF:
@@ -360,7 +360,7 @@ class KServeServicer:
                 self._record(model, True, t0, _batch_of(resp))
                 self._message("OK", t0)
         finally:
-            holder.release_all()
+            await holder.release_all()
 
 
 def _batch_of(resp) -> int:

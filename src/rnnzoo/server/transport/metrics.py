@@ -27,7 +27,7 @@ from prometheus_client import start_http_server as _start_http_server
 
 from rnnzoo.server.runtime import telemetry
 
-PER_MESSAGE = frozenset({"Stream", "ModelStreamInfer"})
+PER_MESSAGE = frozenset({"Stream", "StepMany", "ModelStreamInfer"})
 ENABLED = False  # set by install(): until then recording costs one check
 _LATENCY = (
     0.0001,

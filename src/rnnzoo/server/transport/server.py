@@ -273,13 +273,13 @@ class RnnzooServer:
         if runtime.options.max_output_bytes > fit:
             runtime.options.max_output_bytes = max(1, fit)
         await runtime.start()
-        if self.guard.rate is not None and runtime.durable.store is not None:
-            self.guard.rate.share(runtime.durable.store)  # N processes: one quota
+        if self.guard.rate is not None and runtime.state_store.shared:
+            self.guard.rate.share(runtime.state_store)  # N processes: one quota
         self.runtime = runtime
         self.servicer.rt = runtime
         self.kserve.rt = runtime
-        if getattr(runtime.durable.store, "ping", None) is not None:
-            self.store_health = StoreHealth(runtime.durable.store, self._store_changed)
+        if getattr(runtime.state_store, "ping", None) is not None:
+            self.store_health = StoreHealth(runtime.state_store, self._store_changed)
             ok, why = await self.store_health.probe()
             if not ok:
                 self.store_health.ok, self.store_health.why = False, why

@@ -28,6 +28,7 @@ from .convert import model_info, request_inputs
 from .guard import charge
 from .logs import annotate, call_fields
 from .snapshots import from_proto, to_proto
+from .step_many import StepMany
 
 DEFAULT_MAX_RESPONSE_BYTES = 16 << 20
 
@@ -66,10 +67,10 @@ class RnnzooServicer:
         ttl = request.ttl_s if request.HasField("ttl_s") else None
         if request.HasField("snapshot"):
             snap = self.rt.restore_snapshot(from_proto(request.snapshot))
-            info = await self.rt.acreate_session(request.model, state, ttl, snapshot=snap)
+            info = await self.rt.create_session(request.model, state, ttl, snapshot=snap)
         else:
             model = _need(request.model, "model")
-            info = await self.rt.acreate_session(model, state or None, ttl)
+            info = await self.rt.create_session(model, state or None, ttl)
         annotate(session=sid_short(info.id))
         return _session(info)
 
@@ -85,12 +86,12 @@ class RnnzooServicer:
 
     async def CloseSession(self, request, context):
         annotate(session=sid_short(request.session_id))
-        await self.rt.aclose_session(_need(request.session_id, "session_id"))
+        await self.rt.close_session(_need(request.session_id, "session_id"))
         return pb.CloseSessionResponse()
 
     async def ResetSession(self, request, context):
         annotate(session=sid_short(request.session_id))
-        await self.rt.areset_session(_need(request.session_id, "session_id"))
+        await self.rt.reset_session(_need(request.session_id, "session_id"))
         return pb.ResetSessionResponse()
 
     async def Stream(self, request_iterator, context):
@@ -121,7 +122,7 @@ class RnnzooServicer:
                 fields["request_id"], fields["requests"] = req.request_id, count
                 sid = _need(req.session_id, "session_id")
                 if sid not in attached:
-                    lease = await self.rt.aattach(sid, holder, alive)
+                    lease = await self.rt.attach(sid, holder, alive)
                     model = self.rt.session_info(sid).model
                     attached[sid] = (lease, model)
                     annotate(session=sid_short(sid), model=model)
@@ -129,40 +130,44 @@ class RnnzooServicer:
                 inputs = request_inputs(self.rt, model, req, batched=False)
                 position = req.position if req.HasField("position") else None
                 async with self.rt.stepping(sid, inputs, lease, position) as res:
-                    if res.replay is not None:  # already applied: the same answer again
-                        resp = pb.StreamResponse.FromString(res.replay)
-                        resp.request_id = req.request_id
-                    else:
-                        resp = pb.StreamResponse(
-                            session_id=sid,
-                            start=res.start,
-                            steps_total=res.steps_total,
-                            revised=res.revised,
-                        )
-                        fill_tensors(resp.outputs, res.outputs)
-                        self._fits(resp)
-                        await res.persist(resp.SerializeToString)  # before it goes out
-                        resp.request_id = req.request_id
+                    # a replayed position (applied before, by either RPC) answers the same
+                    resp = pb.StreamResponse(
+                        request_id=req.request_id,
+                        session_id=sid,
+                        start=res.start,
+                        steps_total=res.steps_total,
+                        revised=res.revised,
+                    )
+                    fill_tensors(resp.outputs, res.outputs)
+                    self._fits(resp)
+                    await res.persist()  # before it goes out
                     await context.write(resp)
                 metrics.request("Stream", "rnnzoo.v1", "OK", time.perf_counter() - t0)
         finally:
             for sid, (lease, _) in attached.items():
                 self.rt.detach(sid, lease)
+            await self.rt.released()  # the client's next call finds the sessions free
+
+    async def StepMany(self, request_iterator, context):
+        # read/write style, like Stream; the handler is its own file (step_many.py)
+        await StepMany(self).run(context)
 
     async def Infer(self, request, context):
         model = _need(request.model, "model")
         annotate(model=clip(model), session=sid_short(request.session_id))
         inputs = request_inputs(self.rt, model, request, batched=True)
         position = request.position if request.HasField("position") else None
-        async with self.rt.inferring(
-            model, inputs, request.session_id or None, request.advance, position
-        ) as outputs:
-            if outputs.replay is not None:
-                return pb.InferResponse.FromString(outputs.replay)
+        sid = request.session_id or None
+        if not request.advance or sid is None:
+            outputs = await self.rt.infer(model, inputs, sid, request.advance, position)
             resp = pb.InferResponse(outputs=to_tensors(outputs))
             self._fits(resp)
-            if outputs.persist is not None:
-                await outputs.persist(resp.SerializeToString)
+            return resp
+        async with self.rt.advancing(model, inputs, sid, position) as res:
+            # a replayed position (applied before, by either RPC) answers the same
+            resp = pb.InferResponse(outputs=to_tensors(self.rt.batched(model, res.outputs)))
+            self._fits(resp)
+            await res.persist()  # before it goes out
         return resp
 
     async def Generate(self, request, context):

@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from rnnzoo.errors import InvalidArgument
 
 from .api import (
@@ -45,11 +48,15 @@ __all__ = [
 ]
 
 
-def open_store(spec: str | None, max_ttl_s: float = DEFAULT_MAX_TTL_S) -> StateStore | None:
-    """``--state-store``: None/"" -> no store; redis:// or rediss:// URL -> Redis; else a
-    directory for the embedded store."""
+def open_store(
+    spec: str | None,
+    max_ttl_s: float = DEFAULT_MAX_TTL_S,
+    clock: Callable[[], float] = time.monotonic,
+) -> StateStore:
+    """``--state-store``: None/"" -> this process's memory (on ``clock``); redis:// or
+    rediss:// URL -> Redis; else a directory for the embedded store."""
     if not spec:
-        return None
+        return MemoryStore(max_ttl_s, clock)
     if spec.startswith(("redis://", "rediss://", "unix://")):
         return RedisStore(spec, max_ttl_s)
     if "://" in spec:

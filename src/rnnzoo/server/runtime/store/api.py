@@ -42,8 +42,11 @@ class Record:
     epoch: int
     holder: str  # "" when no lease is held
     lease_left_s: float  # seconds until the lease runs out (<= 0: free)
-    resp: bytes | None  # the last response (deduplication), None before the first
-    rpos: int  # the position that response answered (steps before its chunk); -1: none
+    resp: bytes | None  # the last step's result (deduplication), None before the first
+    rpos: int  # the position that result answered (steps before its chunk); -1: none
+    # the written objects themselves, from a store that keeps objects (``shared`` False:
+    # the memory store); then ``snap`` and ``resp`` are empty
+    value: object = None
     steps: int = -1  # the session's position as stored (-1: not recorded, an older record)
 
 
@@ -62,6 +65,9 @@ class Write:
     # limit, in the same round trip (the result is then None).
     quota_key: str | None = None
     quota_max: int = 0
+    # what ``snap``/``resp`` encode, for a store that keeps objects (``shared`` False); the
+    # writer then leaves ``snap`` and ``resp`` empty (encoding costs ~22 µs per step)
+    value: object = None
     # the session's position after this write (-1: not known). A write with ``rpos`` >= 0
     # is also a compare-and-set on the position: applied only while the stored position is
     # ``rpos`` (the chunk's start), so a write that lands late or twice changes nothing
@@ -82,6 +88,11 @@ class SessionRecords(Protocol):
     url: str  # for messages, without a password
     round_trips: int = 0  # store calls made (tests check writes are grouped per batch)
     max_ttl_s: float  # a record without an idle TTL still expires after this
+    # True: other processes may read and write the same records (SQLite, Redis): records
+    # travel as bytes (``snap``, ``resp``) and a call is a round trip worth coalescing
+    # (``GroupWriter``). False: this process's memory: the store keeps the written ``value``
+    # objects as they are and a call completes at once.
+    shared: bool = True
 
     async def write(self, writes: list[Write], lease_ttl_s: float) -> list[bool | None]:
         """Apply fenced writes in one round trip; one result each: True applied, False

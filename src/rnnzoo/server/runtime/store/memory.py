@@ -27,6 +27,7 @@ class _Row:
     resp: bytes | None = None
     rpos: int = -1
     qkey: str | None = None
+    value: object = None  # the writer's objects (snapshot, last result): never encoded
 
 
 @dataclass(slots=True)
@@ -44,6 +45,7 @@ class MemoryStore(StateStore):
         self, max_ttl_s: float = DEFAULT_MAX_TTL_S, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.url = "memory (this process only)"
+        self.shared = False
         self.max_ttl_s = max_ttl_s
         self.clock = clock
         self.round_trips = 0
@@ -86,7 +88,7 @@ class MemoryStore(StateStore):
                 if row is not None:
                     out.append(False)
                     continue
-                self._rows[w.sid] = _Row(w.snap, expires, qkey=w.quota_key)
+                self._rows[w.sid] = _Row(w.snap, expires, qkey=w.quota_key, value=w.value)
                 out.append(True)
                 continue
             if row is None or row.epoch != w.epoch:
@@ -96,6 +98,7 @@ class MemoryStore(StateStore):
                 out.append(False)
                 continue
             row.snap, row.resp, row.rpos, row.expires = w.snap, w.resp, w.rpos, expires
+            row.value = w.value
             if w.leased and row.holder:
                 row.lexp = now + lease_ttl_s
             out.append(True)
@@ -118,7 +121,7 @@ class MemoryStore(StateStore):
         if row is None:
             return None
         left = row.lexp - now if row.holder else 0.0
-        return Record(sid, row.snap, row.epoch, row.holder, left, row.resp, row.rpos)
+        return Record(sid, row.snap, row.epoch, row.holder, left, row.resp, row.rpos, row.value)
 
     async def delete(self, sid: str) -> None:
         self.round_trips += 1
@@ -135,7 +138,7 @@ class MemoryStore(StateStore):
         row.epoch += 1
         row.holder, row.lexp = holder, now + ttl_s
         row.expires = max(row.expires, now + ttl_s)
-        rec = Record(sid, row.snap, row.epoch, holder, ttl_s, row.resp, row.rpos)
+        rec = Record(sid, row.snap, row.epoch, holder, ttl_s, row.resp, row.rpos, row.value)
         return Acquired(True, row.epoch, 0.0, rec)
 
     async def renew(self, leases: list[tuple[str, str, int]], ttl_s: float) -> list[bool]:
@@ -147,6 +150,7 @@ class MemoryStore(StateStore):
             ok = row is not None and row.holder == holder and row.epoch == epoch
             if ok and row is not None and row.lexp >= now:
                 row.lexp = now + ttl_s
+                row.expires = max(row.expires, row.lexp)  # a held session does not expire
                 out.append(True)
             else:
                 out.append(False)

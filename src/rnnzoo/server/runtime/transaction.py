@@ -1,0 +1,180 @@
+"""The one session transaction: every change of a session goes through it.
+
+``async with Transaction(core, sid, lease, position, compute, arg, what) as result:``
+
+1. **own**: read the session (from the state store unless a live stream of this process
+   holds it) and check who may change it: the calling stream's lease (renewed; a lease that
+   ran out is refused), or, from outside a stream, no live stream of any process;
+2. **lock**: the session's FIFO lock (its steps run in order); ownership is checked again.
+   A reset (``interrupt``) does not wait: it starts a new generation of the session at once,
+   and a step in flight drops its result (FailedPrecondition "reset or closed while this
+   step ran");
+3. **replay**: a ``position`` already applied yields its kept ``StepResult`` again
+   (``replayed``; whatever RPC applied it) and commits nothing;
+4. **compute**: ``await compute(sess, arg)`` -> a ``Change`` (new state, steps, buffer and
+   the step's result); a reset or close meanwhile drops it;
+5. **persist**: ``await result.persist()`` before the response goes out: fenced once more
+   and written through the state store with its result (the store refuses it if the session
+   moved on: FailedPrecondition saying what happened);
+6. **commit** when the block ends without an error (the response went out): this process's
+   copy moves on. A caller that does not persist gets it done at the commit.
+
+If the send fails after persist, this process's copy does not move on but the store's has:
+a retry adopts the stored state and, with its position, gets the kept result again.
+
+A class rather than an ``asynccontextmanager`` generator: this runs once per streamed message,
+and the generator's machinery cost 4.3 µs per use against 1.1 µs for a class (2-core AMD
+EPYC).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+import numpy as np
+
+from .lease import Lease
+from .model import Chunk
+from .options import StepResult
+from .sessions import Session
+
+if TYPE_CHECKING:
+    from .core import SessionCore
+
+A = TypeVar("A")
+
+
+@dataclass(slots=True)
+class Change:
+    """What a transaction computed, not committed yet."""
+
+    state: dict[str, np.ndarray]
+    steps: int
+    buffer: list[Chunk]
+    result: StepResult | None  # None: nothing to replay (a reset)
+    rpos: int  # the position the result answers (steps before the chunk); -1: none
+
+
+async def _nothing() -> None:
+    return None
+
+
+class Transaction(Generic[A]):
+    __slots__ = (
+        "_change",
+        "_epoch",
+        "_lock",
+        "_persisted",
+        "_sess",
+        "arg",
+        "compute",
+        "core",
+        "interrupt",
+        "lease",
+        "position",
+        "sid",
+        "what",
+    )
+
+    def __init__(
+        self,
+        core: SessionCore,
+        sid: str,
+        lease: Lease | None,
+        position: int | None,
+        compute: Callable[[Session, A], Awaitable[Change]],
+        arg: A,
+        what: str,
+        interrupt: bool = False,
+    ) -> None:
+        self.core = core
+        self.interrupt = interrupt  # a reset: no waiting for steps in flight, they drop
+        self.sid = sid
+        self.lease = lease
+        self.position = position
+        self.compute = compute
+        self.arg = arg
+        self.what = what
+        self._lock: asyncio.Lock | None = None
+        self._sess: Session | None = None  # set once a change is computed (None: a replay)
+        self._change: Change | None = None
+        self._epoch = 0
+        self._persisted = False
+
+    async def __aenter__(self) -> StepResult:
+        core, lease = self.core, self.lease
+        core.check()
+        sess = await core.open(self.sid, lease, self.what)
+        if self.interrupt:  # a new generation at once: a step in flight drops its result
+            core.own(sess, lease, self.what)
+            sess.epoch += 1
+            return await self._compute()
+        lock = sess.lock
+        await lock.acquire()
+        self._lock = lock
+        try:
+            return await self._compute()
+        except BaseException:
+            self._lock = None
+            lock.release()
+            raise
+
+    async def _compute(self) -> StepResult:
+        core = self.core
+        sess = core.sessions.get(self.sid)  # closed/expired while waiting?
+        core.own(sess, self.lease, self.what)  # the authoritative check: renews a lease
+        epoch = sess.epoch
+        kept = core.records.check_position(sess, self.position)
+        if kept is not None:
+            return StepResult(
+                kept.outputs, kept.start, kept.steps_total, kept.revised, True, _nothing
+            )
+        change = await self.compute(sess, self.arg)
+        core.check_epoch(sess, epoch)
+        self._sess, self._epoch, self._change = sess, epoch, change
+        r = change.result
+        if r is None:
+            return StepResult({}, 0, change.steps, False, False, self.persist)
+        return StepResult(r.outputs, r.start, r.steps_total, r.revised, False, self.persist)
+
+    async def persist(self) -> None:
+        """Fence the change again and write it through the state store before its response
+        goes out."""
+        sess, change = self._sess, self._change
+        assert sess is not None and change is not None
+        core = self.core
+        core.check_epoch(sess, self._epoch)
+        core.own(sess, self.lease, self.what)
+        snap = core.records.snapshot(sess, change.state, change.steps, change.buffer)
+        await core.records.write(sess, snap, self.lease, change.result, change.rpos)
+        self._persisted = True
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        lock, self._lock = self._lock, None
+        try:
+            if exc_type is None and self._sess is not None:
+                await self._commit()
+        finally:
+            if lock is not None:
+                lock.release()
+        return False
+
+    async def _commit(self) -> None:
+        sess, change = self._sess, self._change
+        assert sess is not None and change is not None
+        if not self._persisted:
+            if not self.core.may_commit(sess, self._epoch, self.lease):
+                return
+            await self.persist()
+        sess.state, sess.steps, sess.buffer = change.state, change.steps, change.buffer
+        r = change.result
+        sess.last = (change.rpos, r) if r is not None else None
