@@ -307,7 +307,7 @@ class RedisStore(StateStore):
             float(left) / 1000 if holder else 0.0,
             resp or None,
             int(rpos),
-            int(steps),
+            steps=int(steps),
         )
 
     async def delete(self, sid: str) -> None:
@@ -321,7 +321,9 @@ class RedisStore(StateStore):
         if v[0] == -1:
             return Acquired(False, 0, float(v[1]) / 1000)
         _, epoch, snap, resp, rpos, steps = v
-        rec = Record(sid, snap, int(epoch), holder, ttl_s, resp or None, int(rpos), int(steps))
+        rec = Record(
+            sid, snap, int(epoch), holder, ttl_s, resp or None, int(rpos), steps=int(steps)
+        )
         return Acquired(True, int(epoch), 0.0, rec)
 
     async def renew(self, leases: list[tuple[str, str, int]], ttl_s: float) -> list[bool]:

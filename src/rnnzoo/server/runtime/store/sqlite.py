@@ -266,7 +266,9 @@ class SqliteStore(StateStore):
         if row is None:
             return None
         snap, epoch, holder, lexp, resp, rpos, steps = row
-        return Record(sid, snap, epoch, holder, lexp - now if holder else 0.0, resp, rpos, steps)
+        return Record(
+            sid, snap, epoch, holder, lexp - now if holder else 0.0, resp, rpos, steps=steps
+        )
 
     async def delete(self, sid: str) -> None:
         await self._run(lambda c, s: c.execute("DELETE FROM sessions WHERE sid=?", (s,)), sid)
