@@ -61,7 +61,7 @@ def _request(model: str, x: np.ndarray, seq=0, start=False, end=False, name="x",
     """A ModelInferRequest as tritonclient builds it: raw contents, sequence parameters only
     with a non-zero id."""
     req = kpb.ModelInferRequest(model_name=model, id=rid)
-    dt = {np.float32: "FP32", np.int64: "INT64"}[x.dtype.type]
+    dt = {np.float32: "FP32", np.float64: "FP64", np.int64: "INT64"}[x.dtype.type]
     req.inputs.add(name=name, datatype=dt, shape=list(x.shape))
     req.raw_input_contents.append(np.ascontiguousarray(x).tobytes())
     if seq not in (0, ""):
@@ -126,8 +126,42 @@ async def test_health_metadata_and_config(stub):
     )
 
 
-async def test_unimplemented_rpcs_say_so(stub):
-    await _expect(Code.UNIMPLEMENTED, stub.RepositoryIndex(kpb.RepositoryIndexRequest()))
+async def test_unimplemented_rpcs_say_what_to_use_instead(stub):
+    await _expect(
+        Code.UNIMPLEMENTED,
+        stub.SystemSharedMemoryRegister(kpb.SystemSharedMemoryRegisterRequest(name="r")),
+        "raw_input_contents",
+    )
+    await _expect(Code.UNIMPLEMENTED, stub.LogSettings(kpb.LogSettingsRequest()), "--log-level")
+    await _expect(Code.UNIMPLEMENTED, stub.TraceSetting(kpb.TraceSettingRequest()), "metrics")
+    # nothing registered is a true answer, not an error
+    assert not (await stub.SystemSharedMemoryStatus(kpb.SystemSharedMemoryStatusRequest())).regions
+
+
+async def test_repository_index_lists_every_version_ready(stub):
+    index = await stub.RepositoryIndex(kpb.RepositoryIndexRequest())
+    assert {(m.name, m.version, m.state) for m in index.models} >= {
+        ("gru", "1", "READY"),
+        ("lstm2", "1", "READY"),
+    }
+    # without --model-control explicit, loading is refused with the reason
+    await _expect(
+        Code.FAILED_PRECONDITION,
+        stub.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name="gru")),
+        "--model-control explicit",
+    )
+
+
+async def test_a_wrong_datatype_and_unsupported_features_are_refused(stub):
+    x = _signal(4, seed=2)[None]
+    req = _request("gru", x.astype(np.float64))
+    await _expect(Code.INVALID_ARGUMENT, stub.ModelInfer(req), "FP64", "FP32")
+    req = _request("gru", x)
+    req.outputs.add(name="y").parameters["classification"].int64_param = 3
+    await _expect(Code.INVALID_ARGUMENT, stub.ModelInfer(req), "class_count=3")
+    req = _request("gru", x)
+    req.inputs[0].parameters["shared_memory_region"].string_param = "r0"
+    await _expect(Code.INVALID_ARGUMENT, stub.ModelInfer(req), "shared memory")
 
 
 # ---- stateless inference -----------------------------------------------------------------

@@ -98,20 +98,42 @@ async def test_metrics_are_scraped_over_http(zoo):
     def delta(name, **labels):
         return _get(after, name, **labels) - _get(before, name, **labels)
 
-    ok = {"code": "OK"}
-    assert delta("rnnzoo_requests_total", rpc="Infer", protocol="rnnzoo.v1", **ok) == 1
+    # request series carry the model and, where resolved, its version; a name that is not a
+    # served model never becomes a label
+    ok = {"code": "OK", "model": "gru"}
+    v1 = {**ok, "version": "1"}
+    assert delta("rnnzoo_requests_total", rpc="Infer", protocol="rnnzoo.v1", **ok, version="") == 1
     assert (
-        delta("rnnzoo_requests_total", rpc="GetModel", protocol="rnnzoo.v1", code="NOT_FOUND") == 1
-    )
-    assert delta("rnnzoo_requests_total", rpc="ModelInfer", protocol="kserve", **ok) == 1
-    assert delta("rnnzoo_requests_total", rpc="Stream", protocol="rnnzoo.v1", **ok) == 3
-    assert delta("rnnzoo_streams_total", rpc="Stream", protocol="rnnzoo.v1", **ok) == 1
-    assert delta("rnnzoo_requests_total", rpc="ModelStreamInfer", protocol="kserve", **ok) == 2
-    assert (
-        delta("rnnzoo_requests_total", rpc="ModelStreamInfer", protocol="kserve", code="NOT_FOUND")
+        delta(
+            "rnnzoo_requests_total",
+            rpc="GetModel",
+            protocol="rnnzoo.v1",
+            code="NOT_FOUND",
+            model="",
+            version="",
+        )
         == 1
     )
-    assert delta("rnnzoo_request_seconds_count", rpc="Infer", protocol="rnnzoo.v1", **ok) == 1
+    assert delta("rnnzoo_requests_total", rpc="ModelInfer", protocol="kserve", **v1) == 1
+    assert delta("rnnzoo_requests_total", rpc="Stream", protocol="rnnzoo.v1", **v1) == 3
+    assert delta("rnnzoo_streams_total", rpc="Stream", protocol="rnnzoo.v1", code="OK") == 1
+    assert delta("rnnzoo_requests_total", rpc="ModelStreamInfer", protocol="kserve", **v1) == 2
+    assert (
+        delta(
+            "rnnzoo_requests_total",
+            rpc="ModelStreamInfer",
+            protocol="kserve",
+            code="NOT_FOUND",
+            model="gru",
+            version="1",
+        )
+        == 1
+    )
+    assert (
+        delta("rnnzoo_request_seconds_count", rpc="Infer", protocol="rnnzoo.v1", **ok, version="")
+        == 1
+    )
+    assert not [name for name, _ in after if name.endswith("_created")]
     assert delta("rnnzoo_sessions_total", event="created") == 5
     assert delta("rnnzoo_sessions_total", event="closed") == 2  # CloseSession + sequence_end
     assert delta("rnnzoo_sessions_total", event="evicted") == 1

@@ -112,6 +112,9 @@ class Group(Proc):
             "1",
             "--lease-ttl",
             "2",
+            # successful unary calls (CreateSession) log at debug: the tests read them
+            "--log-level",
+            "debug",
             *extra,
         ]
         super().__init__(args, tmp / f"group-{self.port}.log")

@@ -63,3 +63,9 @@ class Unauthenticated(RnnzooError):
     """No valid credentials (the server requires a bearer token or a client certificate)."""
 
     code = "unauthenticated"
+
+
+class Unimplemented(RnnzooError):
+    """An RPC rnnzoo does not implement; the message says what to use instead."""
+
+    code = "unimplemented"

@@ -87,7 +87,7 @@ class Graph(_message.Message):
     def __init__(self, role: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., states: _Optional[_Iterable[_Union[StateInfo, _Mapping]]] = ..., contract_json: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "task", "streamable", "description", "graphs", "vocab", "target_vocab", "labels", "special_tokens", "normalization")
+    __slots__ = ("name", "task", "streamable", "description", "graphs", "vocab", "target_vocab", "labels", "special_tokens", "normalization", "version", "versions")
     class SpecialTokensEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,8 @@ class ModelInfo(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     task: str
     streamable: bool
@@ -122,10 +124,22 @@ class ModelInfo(_message.Message):
     labels: _containers.RepeatedScalarFieldContainer[str]
     special_tokens: _containers.ScalarMap[str, int]
     normalization: _containers.ScalarMap[str, float]
-    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., streamable: _Optional[bool] = ..., description: _Optional[str] = ..., graphs: _Optional[_Iterable[_Union[Graph, _Mapping]]] = ..., vocab: _Optional[_Iterable[str]] = ..., target_vocab: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., special_tokens: _Optional[_Mapping[str, int]] = ..., normalization: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    version: int
+    versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
+    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., streamable: _Optional[bool] = ..., description: _Optional[str] = ..., graphs: _Optional[_Iterable[_Union[Graph, _Mapping]]] = ..., vocab: _Optional[_Iterable[str]] = ..., target_vocab: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., special_tokens: _Optional[_Mapping[str, int]] = ..., normalization: _Optional[_Mapping[str, float]] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ...) -> None: ...
+
+class ModelVersion(_message.Message):
+    __slots__ = ("version", "state", "reason")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    state: str
+    reason: str
+    def __init__(self, version: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("model", "initial_state", "ttl_s", "snapshot")
+    __slots__ = ("model", "initial_state", "ttl_s", "snapshot", "version")
     class InitialStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -137,14 +151,16 @@ class CreateSessionRequest(_message.Message):
     INITIAL_STATE_FIELD_NUMBER: _ClassVar[int]
     TTL_S_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     initial_state: _containers.MessageMap[str, Tensor]
     ttl_s: float
     snapshot: SessionSnapshot
-    def __init__(self, model: _Optional[str] = ..., initial_state: _Optional[_Mapping[str, Tensor]] = ..., ttl_s: _Optional[float] = ..., snapshot: _Optional[_Union[SessionSnapshot, _Mapping]] = ...) -> None: ...
+    version: int
+    def __init__(self, model: _Optional[str] = ..., initial_state: _Optional[_Mapping[str, Tensor]] = ..., ttl_s: _Optional[float] = ..., snapshot: _Optional[_Union[SessionSnapshot, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class SessionSnapshot(_message.Message):
-    __slots__ = ("model", "model_hash", "steps", "state", "initial_state", "buffer", "model_source")
+    __slots__ = ("model", "model_hash", "steps", "state", "initial_state", "buffer", "model_source", "version")
     class StateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +189,7 @@ class SessionSnapshot(_message.Message):
     INITIAL_STATE_FIELD_NUMBER: _ClassVar[int]
     BUFFER_FIELD_NUMBER: _ClassVar[int]
     MODEL_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_hash: str
     steps: int
@@ -180,7 +197,8 @@ class SessionSnapshot(_message.Message):
     initial_state: _containers.MessageMap[str, Tensor]
     buffer: _containers.RepeatedCompositeFieldContainer[Chunk]
     model_source: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., model_hash: _Optional[str] = ..., steps: _Optional[int] = ..., state: _Optional[_Mapping[str, Tensor]] = ..., initial_state: _Optional[_Mapping[str, Tensor]] = ..., buffer: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., model_source: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    version: int
+    def __init__(self, model: _Optional[str] = ..., model_hash: _Optional[str] = ..., steps: _Optional[int] = ..., state: _Optional[_Mapping[str, Tensor]] = ..., initial_state: _Optional[_Mapping[str, Tensor]] = ..., buffer: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., model_source: _Optional[_Mapping[str, str]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("inputs",)
@@ -210,16 +228,18 @@ class ForkSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., ttl_s: _Optional[float] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "model", "created_at", "ttl_s")
+    __slots__ = ("session_id", "model", "created_at", "ttl_s", "version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     TTL_S_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     created_at: float
     ttl_s: float
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., created_at: _Optional[float] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+    version: int
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., created_at: _Optional[float] = ..., ttl_s: _Optional[float] = ..., version: _Optional[int] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -11,7 +11,8 @@
   stream that has sent nothing for ``ACTIVE_WINDOW_S`` (or 20 delays, if longer) counts as
   idle and is not waited for, so an idle stream does not slow the others. With no
   stream attached (direct ``submit`` callers) it waits the whole delay unless ``max_batch``
-  fills. 0 batches what is already waiting;
+  fills, but a lone chunk (nothing else queued a loop turn later) runs at once. 0 batches
+  what is already waiting;
 - small batches run inline on the event loop (a lone stream's chunk right in ``submit``):
   handing a call of tens of microseconds to a thread and back costs more (two thread wake-ups
   and a GIL hand-over, ~100 µs measured) than the call;
@@ -71,6 +72,7 @@ class _Job:
     state: dict[str, np.ndarray]
     future: asyncio.Future | None  # None: run directly in ``submit``
     queued: float = 0.0  # perf_counter when it was queued (0: never queued)
+    timing: telemetry.Timing | None = None  # the submitting request's (telemetry.TIMING)
 
 
 class Batcher:
@@ -104,7 +106,8 @@ class Batcher:
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # the most recent calls' sizes
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
 
     def attach(self, key: object) -> None:
         """``key`` has a stream open: a delayed batch may wait for its next chunk."""
@@ -144,7 +147,7 @@ class Batcher:
         ):
             # The only attached stream and nothing queued or running: no other work could
             # join this batch, so run it now and skip the hand-over to the batcher task.
-            res = self._run_jobs([_Job(key, chunk, state, None)])[0]
+            res = self._run_jobs([_Job(key, chunk, state, None, 0.0, telemetry.TIMING.get())])[0]
             if isinstance(res, Exception):
                 raise res
             return res
@@ -152,7 +155,7 @@ class Batcher:
         q = self._queues.get(key)
         if q is None:
             self._queues[key] = q = deque()
-        q.append(_Job(key, chunk, state, fut, time.perf_counter()))
+        q.append(_Job(key, chunk, state, fut, time.perf_counter(), telemetry.TIMING.get()))
         self._wake()
         return await fut
 
@@ -215,7 +218,15 @@ class Batcher:
         return max(1, min(self.max_batch, self._n_active() - len(self._running)))
 
     async def _gather(self) -> None:
-        """Wait up to max_delay for more work while an attached stream has none queued."""
+        """Wait up to max_delay for more work while an attached stream has none queued.
+        Without streams (unary callers): a lone chunk goes at once; the window is waited only
+        when others queued beside it (concurrent unary calls batch, a lone one never waits:
+        that wait was the whole gap between a unary sequence step, p50 3.1 ms, and the same
+        step with --max-delay-ms 0, 1.27 ms)."""
+        if not self._attached:
+            await asyncio.sleep(0)  # let coroutines that are ready enqueue too
+            if len(self._queues) <= 1:
+                return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_delay_s
         while len(self._queues) < (want := self._batch_want()) and loop.time() < deadline:
@@ -320,6 +331,7 @@ class Batcher:
         telemetry.batch(m.contract.name, len(jobs), [t0 - j.queued for j in jobs if j.queued])
         outs, nxt = m.run(feeds, states)
         self._ran(len(jobs), jobs[0].chunk.length, t0)  # a group shares one length (_run_jobs)
+        _timed(jobs, t0)
         return list(
             zip(m.split_outputs(outs, len(jobs)), m.split_states(nxt, len(jobs)), strict=True)
         )
@@ -334,6 +346,7 @@ class Batcher:
         telemetry.batch(m.contract.name, 1, [t0 - job.queued] if job.queued else [])
         outs, nxt = m.run(feeds, job.state)
         self._ran(1, job.chunk.length, t0)
+        _timed((job,), t0)
         return m.split_outputs(outs, 1)[0], nxt
 
     def _ran(self, rows: int, length: int, t0: float) -> None:
@@ -354,6 +367,16 @@ class Batcher:
             f"model {self.model.contract.name!r} failed on this input "
             f"({type(exc).__name__}: {str(exc).strip()[:300]}); the session state is unchanged"
         )
+
+
+def _timed(jobs, t0: float) -> None:
+    """Add the wait and the ORT call begun at ``t0`` to each job's request timing."""
+    t1 = time.perf_counter()
+    for job in jobs:
+        if job.timing is not None:
+            if job.queued:
+                job.timing.queue_ns += int((t0 - job.queued) * 1e9)
+            job.timing.infer_ns += int((t1 - t0) * 1e9)
 
 
 def _resolve(fut: asyncio.Future) -> None:

@@ -3,7 +3,7 @@ there, and the cost limits checked before anything runs (docs/limits.md)."""
 
 from __future__ import annotations
 
-from rnnzoo.errors import FailedPrecondition, NotFound, ResourceExhausted
+from rnnzoo.errors import FailedPrecondition, ResourceExhausted
 
 from .memory import LARGE_STEPS, Trimmer
 from .model import ServedModel
@@ -19,15 +19,9 @@ class Catalog:
         self.trimmer = trimmer
 
     def entry(self, name: str) -> ServedEntry:
-        entry = self.repo.entries.get(name)
-        if entry is None and name in self.repo.failed:
-            raise FailedPrecondition(
-                f"model {clip(name)!r} is not ready: it failed to load ({self.repo.failed[name]}); "
-                "the server's log has the details"
-            )
-        if entry is None:
-            raise NotFound(f"no model {clip(name)!r}; known models: {sorted(self.repo.entries)}")
-        return entry
+        """A model's newest ready version, or a version's key ``NAME@VERSION`` (a session's);
+        the repository's error says why not (unknown, failed, retired, drained)."""
+        return self.repo.get(name)
 
     def single(self, name: str, what: str) -> tuple[ServedEntry, ServedModel]:
         """A single-graph model's entry and graph; FailedPrecondition for a seq2seq pair."""

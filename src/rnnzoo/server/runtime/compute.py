@@ -21,6 +21,7 @@ import numpy as np
 
 from rnnzoo.errors import InvalidArgument, RnnzooError
 
+from . import telemetry
 from .caller import job_key
 from .jobs import LongJobs
 from .memory import LARGE_BYTES, LARGE_STEPS, Trimmer
@@ -52,7 +53,23 @@ class Compute:
         if batch * length >= self.options.long_job_steps:
             return await self.long_run(graph, feeds, states, batch, length, sliceable)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._ort_call, graph, feeds, states)
+        timing = telemetry.TIMING.get()
+        if timing is None:
+            return await loop.run_in_executor(self.executor, self._ort_call, graph, feeds, states)
+        queued = time.perf_counter_ns()
+        return await loop.run_in_executor(
+            self.executor, self._timed_ort_call, timing, queued, graph, feeds, states
+        )
+
+    def _timed_ort_call(self, timing: telemetry.Timing, queued: int, graph, feeds, states):
+        """``_ort_call`` in the executor, its wait for a thread and its run added to the
+        request's ``timing``."""
+        t0 = time.perf_counter_ns()
+        timing.queue_ns += t0 - queued
+        try:
+            return self._ort_call(graph, feeds, states)
+        finally:
+            timing.infer_ns += time.perf_counter_ns() - t0
 
     async def long_chunk(self, graph: ServedModel, chunk: Chunk, state: dict, sliceable: bool):
         """One session's chunk as a long job: (batch-free outputs, batch-1 next state)."""
@@ -73,6 +90,14 @@ class Compute:
         """Run in the long-job pool; a streamable graph in time slices, state carried."""
         key = job_key()
         what = f"this request ({batch} x {length} steps)"
+        timing, t0 = telemetry.TIMING.get(), time.perf_counter_ns()
+        try:
+            return await self._long_run(key, what, graph, feeds, states, batch, length, sliceable)
+        finally:
+            if timing is not None:  # a long job's slices and their waits: all compute
+                timing.infer_ns += time.perf_counter_ns() - t0
+
+    async def _long_run(self, key, what: str, graph, feeds, states, batch, length, sliceable):
         large = graph.output_bytes(batch, length) >= LARGE_BYTES or batch * length >= LARGE_STEPS
         with self.jobs.admit(key, what), self._trim_after(large):
             if not sliceable:

@@ -106,6 +106,7 @@ class ServedModel:
         """``probe_graph``: run the graph at batch 1 and 2 as the contract says (probe.py);
         ``must_run``: a graph that fails at batch 1 is an error too (``contract check``)."""
         self.must_run = must_run
+        self.executions = 0  # successful ORT calls (KServe ModelStatistics' execution_count)
         self.path = Path(path)
         self.contract = contract
         try:
@@ -550,6 +551,7 @@ class ServedModel:
         except Exception as exc:  # ORT's own error classes
             raise InvalidArgument(self.describe_failure(exc, feeds)) from None
         telemetry.ort_run(self.contract.name, time.perf_counter() - t0)
+        self.executions += 1
         outs = dict(zip(self._out_names, res, strict=False))  # res: outputs, then states
         for name, axis, drop in self._drop:
             a = outs[name]

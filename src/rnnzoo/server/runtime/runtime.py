@@ -50,6 +50,7 @@ from rnnzoo.errors import (
     Unavailable,
 )
 
+from .batchers import Batchers
 from .batching import Batcher
 from .catalog import Catalog
 from .compute import Compute
@@ -110,12 +111,11 @@ class Runtime:
             state=state_store,
             **kw,
         )
-        self.batchers: dict[tuple[str, str], Batcher] = {}
-        for name, entry in repo.entries.items():
-            for role, graph in entry.graphs.items():
-                self.batchers[(name, role)] = Batcher(
-                    graph, self.compute.executor, o.max_batch, o.max_delay_ms
-                )
+        # (model or version key, role) -> its graph's batcher; versions that come while
+        # serving get theirs on first use (batchers.py)
+        self.batchers = Batchers(
+            repo, lambda graph: Batcher(graph, self.compute.executor, o.max_batch, o.max_delay_ms)
+        )
         self.records = Records(self.sessions, state_store, self.catalog, o.lease_ttl_s)
         self.core = SessionCore(self.sessions, self.records, self.batchers, self._check)
         self.stepper = Stepper(self.catalog, self.batchers, self.compute, o)
@@ -333,9 +333,12 @@ class Runtime:
         return feeds, batch, length
 
     def _session_infer(self, have: str, model: str, session_id: str, batch: int) -> None:
-        if have != model:
+        name, _, version = have.rpartition("@")  # its version's key (repository.py)
+        if have != model and name != model:
             raise InvalidArgument(
-                f"session {sid_tag(session_id)} belongs to model {have!r}, not {clip(model)!r}"
+                f"session {sid_tag(session_id)} belongs to model {name or have!r}"
+                + (f" version {version}" if name else "")
+                + f", not {clip(model)!r}"
             )
         if batch != 1:
             raise InvalidArgument(

@@ -46,6 +46,7 @@ class SessionOps:
         core.check()
         sessions, records = core.sessions, core.records
         if snapshot is None:
+            model = self.catalog.repo.pin(model)  # its version's key: newer ones never change it
             _, graph = self.catalog.single(model, "a session")
             init = graph.validate_state(initial_state or {})
             sess = sessions.create(model, init, ttl_s, sid)

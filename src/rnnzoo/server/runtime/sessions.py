@@ -54,6 +54,7 @@ class SessionInfo:
     model: str
     created_at: float  # unix seconds
     ttl_s: float | None
+    version: int = 0  # the model version the session runs on, to its end (0: unknown)
 
 
 @dataclass
@@ -75,6 +76,8 @@ class Session:
     # either RPC kind, gets the same result again
     last: tuple[int, StepResult] | None = None
     fence: int = 0  # the store epoch this copy was read at (fences writes from outside a stream)
+    # the state store's per-step encoder (snapshot.StepEncoder), made on its first write
+    encoder: object = field(default=None, repr=False, compare=False)
     # the stream holding the session's lease in the state store when this copy was read
     # ("" none), and until when (this table's clock): a stream of another process
     held_by: str = ""
@@ -301,4 +304,8 @@ class SessionStore:
             self._live.move_to_end(sid)
 
     def info(self, sess: Session) -> SessionInfo:
-        return SessionInfo(sess.id, sess.model, sess.created_at, sess.ttl_s)
+        # a session holds its version's key, "NAME@VERSION" (repository.py, ``pin``)
+        name, sep, version = sess.model.rpartition("@")
+        if not (sep and version.isdigit()):
+            name, version = sess.model, "0"
+        return SessionInfo(sess.id, name, sess.created_at, sess.ttl_s, int(version))

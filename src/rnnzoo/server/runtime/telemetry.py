@@ -7,9 +7,17 @@ them as ``telemetry.NAME(...)`` (looked up per call), so it never imports an exp
   of its chunks waited in the queue;
 - ``session(event, model)``: ``created``, or how a session ended: ``closed``, ``expired``,
   ``evicted`` (the first word of its tombstone).
+
+Per request, a transport that wants the server-side breakdown (KServe ModelStatistics: queue
+and compute_infer) sets ``TIMING`` to a fresh ``Timing`` in the request's task; the batcher
+(for steps) and ``Compute`` (for whole-sequence calls) add the time the request's work
+waited and ran to it. Unset (the default), nothing is recorded.
 """
 
 from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 
 def _noop(*args) -> None:
@@ -19,3 +27,15 @@ def _noop(*args) -> None:
 ort_run = _noop
 batch = _noop
 session = _noop
+
+
+@dataclass(slots=True)
+class Timing:
+    """One request's server-side time: waiting for its ORT call, and in it (a batched call's
+    whole duration counts for each request in it, as Triton counts compute_infer)."""
+
+    queue_ns: int = 0
+    infer_ns: int = 0
+
+
+TIMING: ContextVar[Timing | None] = ContextVar("rnnzoo_request_timing", default=None)

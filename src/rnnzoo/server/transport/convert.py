@@ -76,10 +76,16 @@ def public_contract_json(c: Contract) -> str:
     return json.dumps(data, sort_keys=True)
 
 
-def model_info(info: ModelInfo) -> pb.ModelInfo:
+def model_info(info: ModelInfo, versions: dict | None = None) -> pb.ModelInfo:
+    """``versions``: the repository's table of this model's versions (repository.py)."""
     first = info.contracts.get("model") or info.contracts["encoder"]
     last = info.contract  # the decoder's for seq2seq
     return pb.ModelInfo(
+        version=info.version,
+        versions=[
+            pb.ModelVersion(version=v, state=vs.state, reason=vs.reason)
+            for v, vs in sorted((versions or {}).items())
+        ],
         name=info.name,
         task=info.task,
         streamable=info.streamable,

@@ -7,21 +7,39 @@ by the same interceptor, from the same one table (``interceptors.STATUS``). Sequ
 (``sequence_id``/``sequence_start``/``sequence_end``) are the runtime's
 (``runtime/sequences.py``); text is the runtime's (``runtime/text.py``). What this module owns
 is the mapping of messages: docs/kserve.md.
+
+Versions: ``model_version`` is honoured everywhere (empty: the newest ready version). New work
+goes to a READY version; a sequence keeps the version it started on. ModelStatistics is per
+version, with Triton's breakdown: ``queue`` (waiting for an ORT call: the batcher's queue or a
+free thread), ``compute_input`` (decoding and checking the request's tensors),
+``compute_infer`` (the ORT call(s) the request was in: a batched call's whole duration for each
+request in it, as Triton counts), ``compute_output`` (building the response); each count is the
+successful requests, ``inference_count`` the inferences (batch rows) and ``execution_count`` the
+ORT calls the version's graphs made (a batch of many requests is one).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import grpc
 
 from rnnzoo.contract import Contract
-from rnnzoo.errors import InvalidArgument, NotFound, ResourceExhausted, RnnzooError
+from rnnzoo.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    RnnzooError,
+    Unimplemented,
+)
 from rnnzoo.proto.inference.v2 import grpc_service_pb2 as kpb
 from rnnzoo.proto.inference.v2 import model_config_pb2 as mc
-from rnnzoo.server.runtime import Runtime
+from rnnzoo.server.runtime import Runtime, telemetry
 from rnnzoo.server.runtime.redact import clip
+from rnnzoo.server.runtime.repository import DRAINING
 from rnnzoo.server.runtime.sequences import Holder
 from rnnzoo.server.runtime.text import text_inputs
 
@@ -35,9 +53,19 @@ from .logs import annotate, call_fields
 
 LOG = logging.getLogger("rnnzoo.rpc")
 SERVER_NAME = "rnnzoo"
-EXTENSIONS = ["sequence", "model_configuration", "statistics", "binary_tensor_data"]
+EXTENSIONS = [
+    "sequence",
+    "model_configuration",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "statistics",
+    "binary_tensor_data",
+]
 PLATFORM = "onnxruntime_onnx"
-VERSION = "1"  # every model has one version
+# what Triton calls a retired version still running its last requests
+INDEX_STATE = {DRAINING: "UNLOADING"}
+# request parameters that ask for something rnnzoo does not do: refused, never ignored
+_SHM = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
 def _need(value: str, what: str) -> str:
@@ -70,25 +98,43 @@ def _sequence(params) -> tuple[int | str, bool, bool]:
     return seq_id, flags[0], flags[1]
 
 
-class ModelStats:
-    """Per model counters for ModelStatistics."""
+_STAGES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
 
-    __slots__ = ("execution", "fail", "fail_ns", "inferences", "last_ms", "success", "success_ns")
+
+class ModelStats:
+    """One model version's counters for ModelStatistics: (count, ns) per stage."""
+
+    __slots__ = ("fail", "fail_ns", "inferences", "last_ms", "ns", "success")
 
     def __init__(self) -> None:
-        self.success = self.success_ns = self.fail = self.fail_ns = 0
-        self.inferences = self.execution = self.last_ms = 0
+        self.success = self.fail = self.fail_ns = self.inferences = self.last_ms = 0
+        self.ns = dict.fromkeys(_STAGES, 0)
 
-    def record(self, ok: bool, ns: int, batch: int) -> None:
-        if ok:
-            self.success += 1
-            self.success_ns += ns
-            self.inferences += batch
-            self.execution += 1
-            self.last_ms = int(time.time() * 1000)
-        else:
+    def record(self, ok: bool, total_ns: int, batch: int, clock: RequestClock | None) -> None:
+        if not ok:
             self.fail += 1
-            self.fail_ns += ns
+            self.fail_ns += total_ns
+            return
+        self.success += 1
+        self.inferences += batch
+        self.last_ms = int(time.time() * 1000)
+        ns = self.ns
+        ns["success"] += total_ns
+        if clock is not None:
+            ns["queue"] += clock.timing.queue_ns
+            ns["compute_input"] += clock.input_ns
+            ns["compute_infer"] += clock.timing.infer_ns
+            ns["compute_output"] += clock.output_ns
+
+
+@dataclass(slots=True)
+class RequestClock:
+    """One request's server-side breakdown (what ModelStatistics adds up)."""
+
+    timing: telemetry.Timing
+    key: str = ""  # the model version's key it ran on
+    input_ns: int = 0
+    output_ns: int = 0
 
 
 class KServeServicer:
@@ -97,18 +143,17 @@ class KServeServicer:
     def __init__(self, runtime, max_response_bytes: int) -> None:
         self.rt = runtime  # replaced by the loaded runtime (server.load)
         self.max_response_bytes = max_response_bytes
-        self.stats: dict[str, ModelStats] = {}
+        self.stats: dict[str, ModelStats] = {}  # by model version key
+        self.control = None  # the runtime's RepositoryControl (server.load)
 
     # ---- helpers ---------------------------------------------------------------------------
     def _ready(self) -> bool:
         return isinstance(self.rt, Runtime) and self.rt.ready
 
-    def _version(self, name: str, version: str) -> None:
-        if version not in ("", VERSION):
-            raise NotFound(
-                f"model {clip(name)!r} has no version {clip(version)!r}; it has version "
-                f"{VERSION} (or leave the version empty)"
-            )
+    def _key(self, name: str, version: str) -> str:
+        """The key of the version a request goes to (its own, or the newest READY one)."""
+        self.rt._check()
+        return self.rt.repo.resolve(name, version)
 
     def _fits(self, resp) -> None:
         size = resp.ByteSize()
@@ -119,15 +164,17 @@ class KServeServicer:
             )
 
     @staticmethod
-    def _message(code: str, t0: int) -> None:
-        metrics.request("ModelStreamInfer", "kserve", code, (time.perf_counter_ns() - t0) / 1e9)
+    def _message(code: str, t0: int, model: str = "") -> None:
+        metrics.request(
+            "ModelStreamInfer", "kserve", code, (time.perf_counter_ns() - t0) / 1e9, model
+        )
 
-    def _record(self, model: str, ok: bool, t0: int, batch: int = 1) -> None:
-        if model in self.rt.repo.entries:  # never grow the table from client strings
-            stats = self.stats.get(model)
+    def _record(self, clock: RequestClock, ok: bool, t0: int, batch: int = 1) -> None:
+        if clock.key:  # a version that was resolved: never grow the table from client strings
+            stats = self.stats.get(clock.key)
             if stats is None:
-                stats = self.stats[model] = ModelStats()
-            stats.record(ok, time.perf_counter_ns() - t0, batch)
+                stats = self.stats[clock.key] = ModelStats()
+            stats.record(ok, time.perf_counter_ns() - t0, batch, clock if ok else None)
 
     # ---- health and metadata -----------------------------------------------------------------
     async def ServerLive(self, request, context):
@@ -141,8 +188,11 @@ class KServeServicer:
         annotate(model=clip(name))
         if not self._ready():
             return kpb.ModelReadyResponse(ready=False)
-        ok = name in self.rt.repo.entries and request.version in ("", VERSION)
-        return kpb.ModelReadyResponse(ready=ok)
+        try:
+            self._key(name, request.version)
+        except RnnzooError:
+            return kpb.ModelReadyResponse(ready=False)
+        return kpb.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(self, request, context):
         from importlib.metadata import PackageNotFoundError, version
@@ -156,8 +206,7 @@ class KServeServicer:
     async def ModelMetadata(self, request, context):
         name = _need(request.name, "name")
         annotate(model=clip(name))
-        info = self.rt.get_model(name)
-        self._version(name, request.version)
+        info = self.rt.get_model(self._key(name, request.version))
         first = info.contracts.get("model") or info.contracts["encoder"]
         last = info.contract
 
@@ -170,7 +219,7 @@ class KServeServicer:
 
         return kpb.ModelMetadataResponse(
             name=info.name,
-            versions=[VERSION],
+            versions=[str(v) for v in self.rt.repo.served_versions(info.name)],
             platform=PLATFORM,
             inputs=[meta(s) for s in first.inputs],
             outputs=[meta(s) for s in last.outputs],
@@ -179,8 +228,7 @@ class KServeServicer:
     async def ModelConfig(self, request, context):
         name = _need(request.name, "name")
         annotate(model=clip(name))
-        info = self.rt.get_model(name)
-        self._version(name, request.version)
+        info = self.rt.get_model(self._key(name, request.version))
         return kpb.ModelConfigResponse(config=self._config(info))
 
     def _config(self, info) -> mc.ModelConfig:
@@ -200,6 +248,7 @@ class KServeServicer:
             name=info.name,
             platform=PLATFORM,
             backend="onnxruntime",
+            version_policy=self._policy(info.name),
             max_batch_size=opts.max_batch if batched else 0,
             input=[
                 mc.ModelInput(name=s.name, data_type=dtype(s.dtype), dims=dims(s))
@@ -244,56 +293,189 @@ class KServeServicer:
             )
         return config
 
+    def _policy(self, name: str) -> mc.ModelVersionPolicy:
+        served = self.rt.repo.served_versions(name)
+        return mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=served))
+
     async def ModelStatistics(self, request, context):
-        names = [request.name] if request.name else sorted(self.rt.repo.entries)
+        repo = self.rt.repo
         if request.name:
             annotate(model=clip(request.name))
-            self.rt.get_model(request.name)  # NotFound for an unknown model
-            self._version(request.name, request.version)
+            if request.version:
+                keys = [self._key(request.name, request.version)]
+            else:
+                repo.get(request.name)  # NotFound for an unknown model
+                keys = [vs.key for vs in repo.status() if vs.name == request.name]
+        else:
+            keys = [vs.key for vs in repo.status()]
         resp = kpb.ModelStatisticsResponse()
-        for n in names:
-            s = self.stats.get(n) or ModelStats()
+        for key in keys:
+            name, version = repo.split(key)
+            entry = repo.entries.get(key)
+            s = self.stats.get(key)
+            if s is None and entry is None:
+                continue  # never served here: nothing to count
+            s = s or ModelStats()
+            executions = sum(g.executions for g in entry.graphs.values()) if entry else 0
             m = resp.model_stats.add(
-                name=n,
-                version=VERSION,
+                name=name,
+                version=str(version),
                 last_inference=s.last_ms,
                 inference_count=s.inferences,
-                execution_count=s.execution,
+                execution_count=executions,
             )
-            m.inference_stats.success.count, m.inference_stats.success.ns = s.success, s.success_ns
-            m.inference_stats.fail.count, m.inference_stats.fail.ns = s.fail, s.fail_ns
+            st = m.inference_stats
+            st.fail.count, st.fail.ns = s.fail, s.fail_ns
+            for stage in _STAGES:
+                d = getattr(st, stage)
+                d.count, d.ns = s.success, s.ns[stage]
         return resp
 
+    # ---- the model repository ------------------------------------------------------------------
+    async def RepositoryIndex(self, request, context):
+        if request.repository_name:
+            raise NotFound(
+                f"no model repository {clip(request.repository_name)!r}: this server has one "
+                "(leave repository_name empty)"
+            )
+        resp = kpb.RepositoryIndexResponse()
+        for vs in self.rt.repo.status():
+            if request.ready and vs.state != "READY":
+                continue
+            reason = vs.reason
+            if vs.state == DRAINING and self.control is not None:
+                left = self.control.sessions_on(vs.key)
+                reason = f"retired ({vs.reason}); draining {left} live session(s)"
+            resp.models.add(
+                name=vs.name,
+                version=str(vs.version),
+                state=INDEX_STATE.get(vs.state, vs.state),
+                reason=reason,
+            )
+        return resp
+
+    def _repository_call(self, rpc: str, request) -> str:
+        name = _need(request.model_name, "model_name")
+        annotate(model=clip(name))
+        if request.repository_name:
+            raise NotFound(
+                f"no model repository {clip(request.repository_name)!r}: this server has one "
+                "(leave repository_name empty)"
+            )
+        if request.parameters:
+            raise InvalidArgument(
+                f"{rpc} parameters {sorted(clip(k) for k in request.parameters)[:8]} are not "
+                "supported: put the model's NAME/VERSION/ folder in the repository, then "
+                "name the model alone"
+            )
+        if self.control is None:
+            raise FailedPrecondition(f"{rpc}: this server has no model control")
+        return name
+
+    async def RepositoryModelLoad(self, request, context):
+        name = self._repository_call("RepositoryModelLoad", request)
+        await self.control.load(name)
+        self.rt.repo.get(name)  # loaded, but no version READY: say why
+        return kpb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        name = self._repository_call("RepositoryModelUnload", request)
+        await self.control.unload(name)
+        return kpb.RepositoryModelUnloadResponse()
+
+    # ---- what rnnzoo does not implement, and what to use instead ---------------------------
+    async def SystemSharedMemoryStatus(self, request, context):
+        if request.name:
+            raise NotFound(
+                f"no shared memory region {clip(request.name)!r}: rnnzoo registers none "
+                "(send tensors in raw_input_contents)"
+            )
+        return kpb.SystemSharedMemoryStatusResponse()
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        raise Unimplemented(_NO_SHM)
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        raise Unimplemented(_NO_SHM)
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        if request.name:
+            raise NotFound(f"no CUDA shared memory region {clip(request.name)!r}: {_NO_CUDA}")
+        return kpb.CudaSharedMemoryStatusResponse()
+
+    async def CudaSharedMemoryRegister(self, request, context):
+        raise Unimplemented(_NO_CUDA)
+
+    async def CudaSharedMemoryUnregister(self, request, context):
+        raise Unimplemented(_NO_CUDA)
+
+    async def TraceSetting(self, request, context):
+        raise Unimplemented(
+            "TraceSetting is not implemented: rnnzoo writes one JSON log line per call "
+            "(`rnnzoo serve --log-level debug` for successful unary calls too) and serves "
+            "Prometheus metrics (`--metrics-port`); use those"
+        )
+
+    async def LogSettings(self, request, context):
+        raise Unimplemented(
+            "LogSettings is not implemented: set the log level when starting the server "
+            "(`rnnzoo serve --log-level debug|info|warning|error`)"
+        )
+
     # ---- inference ------------------------------------------------------------------------------
-    def _inputs(self, model: str, request) -> dict:
+    def _inputs(self, key: str, request) -> dict:
+        _refuse_unsupported(request)
         arrays = decode_inputs(request)
         texts = {k: v for k, v in arrays.items() if isinstance(v, list)}
         if not texts:
+            self._check_datatypes(key, request)
             return arrays
         if len(arrays) != 1:
             raise InvalidArgument(
                 "a BYTES (text) input must be the only input; send either text or tensors"
             )
-        return text_inputs(self.rt, model, next(iter(texts.values())), batched=True)
+        return text_inputs(self.rt, key, next(iter(texts.values())), batched=True)
 
-    async def _infer(self, request, holder: Holder | None, send=None) -> kpb.ModelInferResponse:
+    def _check_datatypes(self, key: str, request) -> None:
+        """Each tensor's datatype must be its input's, as Triton requires (no conversion)."""
+        info = self.rt.get_model(key)
+        first = info.contracts.get("model") or info.contracts["encoder"]
+        want = {s.name: OF_DTYPE.get(s.dtype, s.dtype.upper()) for s in first.inputs}
+        for t in request.inputs:
+            expected = want.get(t.name)
+            if expected is not None and t.datatype != expected:
+                raise InvalidArgument(
+                    f"input {clip(t.name)!r}: datatype {clip(t.datatype)} does not match the "
+                    f"model's {expected}; send {expected} (inputs are not converted)"
+                )
+
+    async def _infer(
+        self, request, holder: Holder | None, clock: RequestClock, send=None
+    ) -> kpb.ModelInferResponse:
         """The response to one request. ``send`` (a stream's write) is awaited inside the
         runtime's block: the sequence moves on only once its response went out."""
+        t0 = time.perf_counter_ns()
         model = _need(request.model_name, "model_name")
-        self._version(model, request.model_version)
+        clock.key = key = self._key(model, request.model_version)
         seq_id, start, end = _sequence(request.parameters)
-        inputs = self._inputs(model, request)
+        inputs = self._inputs(key, request)
         wanted = [o.name for o in request.outputs]
+        # a sequence keeps the version it started on; one that names a version is that
+        # version's sequence (as Triton's sequence batcher is per version)
+        target = key if request.model_version else model
+        clock.input_ns = time.perf_counter_ns() - t0
         async with self.rt.sequences.inferring(
-            model, seq_id, inputs, start=start, end=end, holder=holder
+            target, seq_id, inputs, start=start, end=end, holder=holder
         ) as res:
+            t1 = time.perf_counter_ns()
             unknown = sorted(set(wanted) - set(res.outputs))
             if unknown:
                 raise InvalidArgument(
                     f"requested outputs {[clip(u) for u in unknown[:8]]} unknown; model "
                     f"{clip(model)!r} has {sorted(res.outputs)}"
                 )
-            resp = kpb.ModelInferResponse(model_name=model, model_version=VERSION, id=request.id)
+            version = str(self.rt.repo.split(key)[1] or "")
+            resp = kpb.ModelInferResponse(model_name=model, model_version=version, id=request.id)
             fill_outputs(resp, res.outputs, wanted)
             if res.sequence:
                 resp.parameters["start"].int64_param = res.start
@@ -301,18 +483,24 @@ class KServeServicer:
                 resp.parameters["revised"].bool_param = res.revised
             self._fits(resp)
             if send is not None:
+                resp.parameters["triton_final_response"].bool_param = True
+            clock.output_ns = time.perf_counter_ns() - t1
+            if send is not None:
                 await send(kpb.ModelStreamInferResponse(infer_response=resp))
         return resp
 
     async def ModelInfer(self, request, context):
         annotate(model=clip(request.model_name))
         t0 = time.perf_counter_ns()
+        clock = RequestClock(telemetry.Timing())
+        telemetry.TIMING.set(clock.timing)
         try:
-            resp = await self._infer(request, None)
+            resp = await self._infer(request, None, clock)
         except BaseException:
-            self._record(request.model_name, False, t0)
+            self._record(clock, False, t0)
             raise
-        self._record(request.model_name, True, t0, _batch_of(resp))
+        annotate(version=resp.model_version)
+        self._record(clock, True, t0, _batch_of(resp))
         return resp
 
     async def ModelStreamInfer(self, request_iterator, context):
@@ -329,38 +517,74 @@ class KServeServicer:
                 count += 1
                 fields["requests"] = count
                 t0 = time.perf_counter_ns()
-                model = ""
+                clock = RequestClock(telemetry.Timing())
+                telemetry.TIMING.set(clock.timing)
                 try:
                     # the request-rate quota: each message after the first
                     if count > 1 and (wait := charge()) is not None:
                         await wait
                     req = checked(req)
-                    model = req.model_name
                     fields["request_id"] = clip(req.id)
-                    resp = await self._infer(req, holder, context.write)
+                    resp = await self._infer(req, holder, clock, context.write)
                 except RnnzooError as exc:
-                    self._record(model, False, t0)
-                    self._message(status_of(exc).name, t0)
+                    self._record(clock, False, t0)
+                    self._message(status_of(exc).name, t0, clock.key)
                     message = f"{status_of(exc).name}: {exc}"
                     if getattr(req, "id", ""):
                         message += f" (request id {clip(req.id)!r})"
-                    await context.write(kpb.ModelStreamInferResponse(error_message=message))
+                    await context.write(_error(message, req))
                     continue
                 except Exception as exc:  # never end the stream for one request
                     LOG.error("unexpected error", exc_info=exc, extra={"fields": dict(fields)})
-                    self._record(model, False, t0)
-                    self._message("INTERNAL", t0)
+                    self._record(clock, False, t0)
+                    self._message("INTERNAL", t0, clock.key)
                     await context.write(
-                        kpb.ModelStreamInferResponse(
-                            error_message=f"{grpc.StatusCode.INTERNAL.name}: internal server "
-                            f"error ({type(exc).__name__}); the server log has the details"
+                        _error(
+                            f"{grpc.StatusCode.INTERNAL.name}: internal server error "
+                            f"({type(exc).__name__}); the server log has the details",
+                            req,
                         )
                     )
                     continue
-                self._record(model, True, t0, _batch_of(resp))
-                self._message("OK", t0)
+                self._record(clock, True, t0, _batch_of(resp))
+                self._message("OK", t0, clock.key)
         finally:
             await holder.release_all()
+
+
+_NO_SHM = (
+    "system shared memory is not supported: send tensors in raw_input_contents (what "
+    "tritonclient does without set_shared_memory)"
+)
+_NO_CUDA = "rnnzoo serves on CPU and has no CUDA shared memory: send tensors in raw_input_contents"
+
+
+def _error(message: str, req) -> kpb.ModelStreamInferResponse:
+    """A stream's in-band error, final for its request as Triton marks every response."""
+    resp = kpb.ModelStreamInferResponse(error_message=message)
+    r = resp.infer_response
+    r.id = getattr(req, "id", "")
+    r.model_name = getattr(req, "model_name", "")
+    r.parameters["triton_final_response"].bool_param = True
+    return resp
+
+
+def _refuse_unsupported(request) -> None:
+    """Classification and shared memory are refused, never silently ignored."""
+    for t in request.inputs:
+        shm = [k for k in _SHM if k in t.parameters]
+        if shm:
+            raise InvalidArgument(f"input {clip(t.name)!r} names shared memory: {_NO_SHM}")
+    for o in request.outputs:
+        if "classification" in o.parameters:
+            n = param_value(o.parameters["classification"])
+            raise InvalidArgument(
+                f"output {clip(o.name)!r} asks for classification (class_count={n!r}): rnnzoo "
+                "returns whole output tensors; request the output without class_count and "
+                "take the top classes on the client"
+            )
+        if any(k in o.parameters for k in _SHM):
+            raise InvalidArgument(f"output {clip(o.name)!r} names shared memory: {_NO_SHM}")
 
 
 def _batch_of(resp) -> int:

@@ -1,7 +1,9 @@
 """Prometheus metrics (``rnnzoo serve --metrics-port N``), series prefixed ``rnnzoo_``.
 
 - ``rnnzoo_requests_total`` / ``rnnzoo_request_seconds`` by ``rpc``, ``protocol``
-  (``rnnzoo.v1`` or ``kserve``) and ``code`` (the gRPC status name). Streams count per
+  (``rnnzoo.v1`` or ``kserve``), ``code`` (the gRPC status name), ``model`` and ``version``
+  (empty when the call named no served model, or no version was resolved: labels never come
+  from arbitrary client strings). Streams count per
   message: each message of Stream / ModelStreamInfer is one request with its own code and
   latency (ModelStreamInfer's in-band errors included); a Stream that ends with an error
   counts that error once. ``rnnzoo_streams_total`` counts the stream calls themselves.
@@ -16,13 +18,24 @@ The series live in prometheus-client's default registry, fed by the runtime's te
 ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode) before they start; the
 exporter then serves the aggregate of every process from that directory, and the open-sessions
 gauge is summed over live processes.
+
+No ``*_created`` series: prometheus-client's per-series creation timestamps read like counts
+on a dashboard and double the series; ``install`` turns them off.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client import start_http_server as _start_http_server
 
 from rnnzoo.server.runtime import telemetry
@@ -49,15 +62,13 @@ _LATENCY = (
 )
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-REQUESTS = Counter(
-    "rnnzoo_requests", "Requests (stream messages counted one by one)", ["rpc", "protocol", "code"]
-)
+_LABELS = ["rpc", "protocol", "code", "model", "version"]
+REQUESTS = Counter("rnnzoo_requests", "Requests (stream messages counted one by one)", _LABELS)
 LATENCY = Histogram(
-    "rnnzoo_request_seconds",
-    "Request latency (per message for streams)",
-    ["rpc", "protocol", "code"],
-    buckets=_LATENCY,
+    "rnnzoo_request_seconds", "Request latency (per message for streams)", _LABELS, buckets=_LATENCY
 )
+# Is this a served model's name? (server.load points it at the runtime's repository)
+KNOWN: Callable[[str], bool] = lambda name: False  # noqa: E731
 STREAMS = Counter(
     "rnnzoo_streams", "Streaming calls, by how they ended", ["rpc", "protocol", "code"]
 )
@@ -80,14 +91,25 @@ MODEL_READY = Gauge(
 )
 
 
-def request(rpc: str, protocol: str, code: str, seconds: float) -> None:
+def request(
+    rpc: str, protocol: str, code: str, seconds: float, model: str = "", version: str = ""
+) -> None:
+    """``model``: a name, or a version's key ``NAME@VERSION``."""
     if not ENABLED:
         return
-    REQUESTS.labels(rpc, protocol, code).inc()
-    LATENCY.labels(rpc, protocol, code).observe(seconds)
+    if model and not version:
+        name, sep, v = model.rpartition("@")
+        if sep and v.isdigit() and KNOWN(name):
+            model, version = name, v
+    if not KNOWN(model):
+        model = version = ""
+    REQUESTS.labels(rpc, protocol, code, model, version).inc()
+    LATENCY.labels(rpc, protocol, code, model, version).observe(seconds)
 
 
-def call_ended(rpc: str, protocol: str, code: str, seconds: float) -> None:
+def call_ended(
+    rpc: str, protocol: str, code: str, seconds: float, model: str = "", version: str = ""
+) -> None:
     """The interceptor's end of a call: a unary call is one request; a per-message stream
     counts as a stream (its messages were counted as they went), and its error, if it ended
     with one, as one failed request."""
@@ -96,12 +118,15 @@ def call_ended(rpc: str, protocol: str, code: str, seconds: float) -> None:
     if rpc in PER_MESSAGE:
         STREAMS.labels(rpc, protocol, code).inc()
         if code not in ("OK", "CANCELLED"):
-            request(rpc, protocol, code, seconds)
+            request(rpc, protocol, code, seconds, model, version)
         return
-    request(rpc, protocol, code, seconds)
+    request(rpc, protocol, code, seconds, model, version)
 
 
 def _session(event: str, model: str) -> None:
+    # the first word of how it ended: "ended by sequence_end ..." is a close too
+    if event not in ("created", "expired", "evicted"):
+        event = "closed"
     SESSIONS.labels(event).inc()
     SESSIONS_OPEN.inc() if event == "created" else SESSIONS_OPEN.dec()
 
@@ -122,6 +147,7 @@ def install() -> None:
     hooks routed here (idempotent; process-wide, like prometheus-client's registry)."""
     global ENABLED
     ENABLED = True
+    disable_created_metrics()
     telemetry.session, telemetry.batch, telemetry.ort_run = _session, _batch, _ort_run
 
 

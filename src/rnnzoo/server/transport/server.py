@@ -39,6 +39,7 @@ from rnnzoo.errors import FailedPrecondition, InvalidArgument, Unavailable
 from rnnzoo.proto.inference.v2 import grpc_service_pb2 as kpb
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.server.runtime import Runtime, RuntimeOptions
+from rnnzoo.server.runtime.control import RepositoryControl
 
 from . import metrics
 from .admission import Admission, AdmissionLimits
@@ -172,6 +173,7 @@ class RnnzooServer:
         self.gate_open = True
         self.store_health: StoreHealth | None = None  # with a state store: is it answering?
         self.runtime: Runtime | None = None
+        self.control: RepositoryControl | None = None
         self.port: int | None = None
         self.health = health.aio.HealthServicer()
         size = int(self.config.max_message_mb * MB)
@@ -202,7 +204,8 @@ class RnnzooServer:
         return f"{self.config.host}:{self.port}"
 
     async def _set_health(self, status) -> None:
-        for name in ("", SERVICE):
+        # Triton answers for its own service name too; health clients of Triton ask for it
+        for name in ("", SERVICE, KSERVICE.full_name):
             await self.health.set(name, status)
 
     async def start(self) -> int:
@@ -278,6 +281,10 @@ class RnnzooServer:
         self.runtime = runtime
         self.servicer.rt = runtime
         self.kserve.rt = runtime
+        self.control = RepositoryControl(runtime)  # model versions while serving
+        self.control.start()
+        self.kserve.control = self.control
+        metrics.KNOWN = lambda name: name in runtime.repo.table
         if getattr(runtime.state_store, "ping", None) is not None:
             self.store_health = StoreHealth(runtime.state_store, self._store_changed)
             ok, why = await self.store_health.probe()
@@ -318,6 +325,8 @@ class RnnzooServer:
         if self.store_health is not None:
             await self.store_health.stop()
         await self.server.stop(grace)
+        if self.control is not None:
+            await self.control.stop()
         if self.runtime is not None:
             await self.runtime.stop(grace)
             metrics.models_loaded(self.runtime.repo.entries, ready=False)

@@ -55,24 +55,60 @@ class RnnzooServicer:
             )
 
     async def ListModels(self, request, context):
-        return pb.ListModelsResponse(models=[model_info(m) for m in self.rt.list_models()])
+        repo = self.rt.repo
+        return pb.ListModelsResponse(
+            models=[model_info(m, repo.table.get(m.name)) for m in self.rt.list_models()]
+        )
 
     async def GetModel(self, request, context):
         annotate(model=clip(request.name))
-        return model_info(self.rt.get_model(_need(request.name, "name")))
+        info = self.rt.get_model(_need(request.name, "name"))
+        return model_info(info, self.rt.repo.table.get(info.name))
 
     async def CreateSession(self, request, context):
         annotate(model=clip(request.model or request.snapshot.model))
         state = from_tensors(request.initial_state, what="initial state")
         ttl = request.ttl_s if request.HasField("ttl_s") else None
+        version = request.version if request.HasField("version") else 0
         if request.HasField("snapshot"):
-            snap = self.rt.restore_snapshot(from_proto(request.snapshot))
-            info = await self.rt.create_session(request.model, state, ttl, snapshot=snap)
+            snap = from_proto(request.snapshot)
+            snap.model = self._snapshot_key(snap, request.snapshot.version)
+            if version:
+                self._same_version(snap.model, version)
+            snap = self.rt.restore_snapshot(snap)
+            model = request.model
+            if model and model == self.rt.repo.name_of(snap.model):
+                model = snap.model  # the snapshot's version of the model asked for
+            info = await self.rt.create_session(model, state, ttl, snapshot=snap)
         else:
             model = _need(request.model, "model")
+            if version:
+                model = self.rt.repo.resolve(model, version)
             info = await self.rt.create_session(model, state or None, ttl)
-        annotate(session=sid_short(info.id))
+        annotate(session=sid_short(info.id), version=info.version)
         return _session(info)
+
+    def _snapshot_key(self, snap, version: int) -> str:
+        """The version a snapshot restores onto: its own; for one taken before versions
+        existed, the newest ready version with the snapshot's graph hash (else the newest:
+        the hash check then says which version it needs)."""
+        repo = self.rt.repo
+        name = repo.name_of(snap.model)
+        if version:
+            return f"{name}@{version}"
+        for v in reversed(repo.served_versions(name)):
+            key = f"{name}@{v}"
+            if self.rt.records.model_hash(key) == snap.model_hash:
+                return key
+        return repo.pin(name)
+
+    def _same_version(self, key: str, version: int) -> None:
+        if not key.endswith(f"@{version}"):
+            raise InvalidArgument(
+                f"the snapshot was taken on {key.replace('@', ' version ')}, and version "
+                f"{version} was asked for; a snapshot restores onto its own version (leave "
+                "version unset)"
+            )
 
     async def SnapshotSession(self, request, context):
         annotate(session=sid_short(request.session_id))
@@ -123,9 +159,11 @@ class RnnzooServicer:
                 sid = _need(req.session_id, "session_id")
                 if sid not in attached:
                     lease = await self.rt.attach(sid, holder, alive)
-                    model = self.rt.session_info(sid).model
+                    info = self.rt.session_info(sid)
+                    # the session's own version, however many came since
+                    model = f"{info.model}@{info.version}" if info.version else info.model
                     attached[sid] = (lease, model)
-                    annotate(session=sid_short(sid), model=model)
+                    annotate(session=sid_short(sid), model=info.model, version=info.version)
                 lease, model = attached[sid]
                 inputs = request_inputs(self.rt, model, req, batched=False)
                 position = req.position if req.HasField("position") else None
@@ -142,7 +180,7 @@ class RnnzooServicer:
                     self._fits(resp)
                     await res.persist()  # before it goes out
                     await context.write(resp)
-                metrics.request("Stream", "rnnzoo.v1", "OK", time.perf_counter() - t0)
+                metrics.request("Stream", "rnnzoo.v1", "OK", time.perf_counter() - t0, model)
         finally:
             for sid, (lease, _) in attached.items():
                 self.rt.detach(sid, lease)
@@ -186,5 +224,9 @@ class RnnzooServicer:
 
 def _session(info) -> pb.Session:
     return pb.Session(
-        session_id=info.id, model=info.model, created_at=info.created_at, ttl_s=info.ttl_s or 0
+        session_id=info.id,
+        model=info.model,
+        created_at=info.created_at,
+        ttl_s=info.ttl_s or 0,
+        version=info.version,
     )

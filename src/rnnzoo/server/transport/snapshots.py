@@ -13,8 +13,16 @@ from rnnzoo.server.runtime.snapshot import Snapshot
 
 
 def to_proto(snap: Snapshot, state: dict, initial: dict, buffer: list[dict]) -> pb.SessionSnapshot:
+    # the runtime's snapshot names the version's key, "NAME@VERSION" (repository.py)
+    name, sep, version = snap.model.rpartition("@")
+    if not (sep and version.isdigit()):
+        name, version = snap.model, "0"
     msg = pb.SessionSnapshot(
-        model=snap.model, model_hash=snap.model_hash, steps=snap.steps, model_source=snap.source
+        model=name,
+        model_hash=snap.model_hash,
+        steps=snap.steps,
+        model_source=snap.source,
+        version=int(version),
     )
     fill_tensors(msg.state, state)
     fill_tensors(msg.initial_state, initial)
@@ -24,7 +32,8 @@ def to_proto(snap: Snapshot, state: dict, initial: dict, buffer: list[dict]) -> 
 
 
 def from_proto(msg: pb.SessionSnapshot) -> Snapshot:
-    """Raw arrays (batch-free); ``Runtime.restore_snapshot`` checks and shapes them."""
+    """Raw arrays (batch-free); ``Runtime.restore_snapshot`` checks and shapes them. The
+    model is the plain name: the servicer picks the version's key (``_snapshot_key``)."""
     return Snapshot(
         model=msg.model,
         model_hash=msg.model_hash,

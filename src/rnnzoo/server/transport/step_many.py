@@ -186,7 +186,11 @@ class StepMany:
                 raise InvalidArgument("session_id is empty; set it in every chunk")
             if sid not in attached:
                 lease = await rt.attach(sid, holder, alive)
-                attached[sid] = (lease, rt.session_info(sid).model)
+                info = rt.session_info(sid)  # the session's own model version
+                attached[sid] = (
+                    lease,
+                    f"{info.model}@{info.version}" if info.version else info.model,
+                )
             lease, model = attached[sid]
             inputs = request_inputs(rt, model, req, batched=False)
             position = req.position if req.HasField("position") else None

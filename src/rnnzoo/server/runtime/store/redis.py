@@ -8,6 +8,7 @@ import time
 from rnnzoo.errors import InvalidArgument, StoreOutcomeUnknown, StoreUnavailable
 
 from ..redact import scrub
+from . import wire
 from .api import DEFAULT_MAX_TTL_S, Acquired, Record, StateStore, Write, redact
 
 _NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
@@ -236,11 +237,10 @@ class RedisStore(StateStore):
             out: list = [None] * len(calls)
             todo = list(range(len(calls)))
             for attempt in (0, 1):
-                pipe = self._client.pipeline(transaction=False)
-                for i in todo:
-                    keys, args = calls[i]
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                results = await pipe.execute(raise_on_error=False)
+                # packed by us (wire.py: redis-py's Pipeline cost ~100 us per call to build)
+                results = await wire.execute(
+                    self._client, [wire.evalsha(script.sha, *calls[i]) for i in todo]
+                )
                 again = []
                 for i, r in zip(todo, results, strict=True):
                     if isinstance(r, rex.NoScriptError) and attempt == 0:
