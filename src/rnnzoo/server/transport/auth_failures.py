@@ -23,6 +23,7 @@ import time
 from rnnzoo.errors import ResourceExhausted
 
 DEFAULT_RATE = 10.0  # refused authentications per second and peer host
+DEFAULT_BURST = 100.0  # a misconfigured client's first calls all get UNAUTHENTICATED
 MAX_PEERS = 100_000
 
 
@@ -41,7 +42,7 @@ class AuthFailures:
         clock=time.monotonic,
     ) -> None:
         self.rate = rate
-        self.burst = burst if burst is not None else max(1.0, 2 * rate)
+        self.burst = burst if burst is not None else max(DEFAULT_BURST, 2 * rate)
         self.log_every_s = log_every_s
         self.clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # host -> (tokens, at)

@@ -314,8 +314,8 @@ class Guard:
         self.cert_principals = cert_principals  # mTLS without tokens: principal = cert CN
         self.refused: dict[str, int] = {"UNAUTHENTICATED": 0, "RESOURCE_EXHAUSTED": 0}
         # failed authentications per peer address: as many per second as the request-rate
-        # quota allows a caller (10/s without one)
-        self.failures = AuthFailures(rate.rate, rate.burst) if rate is not None else AuthFailures()
+        # quota allows a caller, at least 10/s, in bursts of at least 100
+        self.failures = AuthFailures(max(10.0, rate.rate)) if rate is not None else AuthFailures()
 
     @property
     def authenticating(self) -> bool:
