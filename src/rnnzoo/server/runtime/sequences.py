@@ -194,8 +194,8 @@ class Sequences:
         self.core.check()
         _, graph = self.catalog.single(model, "a sequence")
         contract = graph.contract
-        chunk = graph.validate_chunk(_unbatch(contract, inputs))  # before any session change
-        self.catalog.check_steps(chunk.length, "this request")
+        chunk = _unbatch(contract, inputs)
+        prepared = self.stepper.prepare(model, chunk)  # validated before any session change
         if principal is None:  # the authenticated caller's (caller.py), else the default
             caller = current()
             principal = caller.principal if caller is not None else None
@@ -216,10 +216,13 @@ class Sequences:
             await self.ops.create(model, sid=sid)
             created = True
         try:
+            pinned = self.core.sessions.get(sid, touch=False).model  # its version's key
+            if self.catalog.entry(pinned) is not prepared.entry:
+                prepared = self.stepper.prepare(pinned, chunk)
             lease = await holder.lease(sid) if holder is not None else None
             compute = self.stepper.restart if start and not created else self.stepper.chunk
             what = f"a request of {key.describe()}"
-            async with Transaction(self.core, sid, lease, None, compute, chunk, what) as res:
+            async with Transaction(self.core, sid, lease, None, compute, prepared, what) as res:
                 yield SeqResult(
                     with_batch(contract, res.outputs), res.start, res.steps_total, res.revised, True
                 )
