@@ -138,10 +138,18 @@ class FleetLink:
 
 
 def spec_of(
-    model_dir, options, config, log_level: str, allow_failed_parity: bool, strict: bool
+    model_dir,
+    options,
+    config,
+    log_level: str,
+    allow_failed_parity: bool,
+    strict: bool,
+    control=None,
 ) -> dict:
-    """What a worker needs to build its server (one JSON line on its stdin)."""
+    """What a worker needs to build its server (one JSON line on its stdin). ``control``:
+    model control (each worker follows the repository on its own)."""
     return {
+        "control": dataclasses.asdict(control) if control is not None else None,
         "model_dir": str(model_dir),
         "options": dataclasses.asdict(options),
         "config": dataclasses.asdict(config),
@@ -170,6 +178,12 @@ def worker_main() -> int:
     config = ServerConfig(**cfg)
     ALLOW_FAILED_PARITY.set(spec["allow_failed_parity"])
     STRICT.set(spec["strict"])
+    if spec.get("control"):
+        from rnnzoo.server.runtime.repository import CONTROL, ControlOptions
+
+        c = dict(spec["control"])
+        c["load_models"] = tuple(c["load_models"])
+        CONTROL.set(ControlOptions(**c))
     options = RuntimeOptions(**spec["options"])
     asyncio.run(serve(spec["model_dir"], options, config, fleet=FleetLink(index)))
     return 0
