@@ -56,6 +56,8 @@ def target(tmp_path_factory):
             "0",
             "--grace",
             "1",
+            "--state-store",  # as scripts/main.sh serves: sessions in an embedded store
+            str(d / "state"),
         ],
         stdout=subprocess.PIPE,
         stderr=log,

@@ -59,7 +59,7 @@ def _tensors(values) -> dict[str, tuple[str, list]]:
     out = {}
     for v in values:
         t = v.type.tensor_type
-        dims = []
+        dims: list[int | str | None] = []
         for d in t.shape.dim if t.HasField("shape") else []:
             if d.HasField("dim_value"):
                 dims.append(int(d.dim_value))
@@ -168,7 +168,13 @@ def _session(path: Path):
 def _probe_value(name: str, dt: str, shape: list, given: dict) -> tuple[np.ndarray, str]:
     """A constant's value for the probe runs and where it came from."""
     if name in given:
-        return np.asarray(given[name], dtype=dt), "given"
+        try:
+            return np.asarray(given[name], dtype=dt), "given"
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(
+                f"--set {name}={json.dumps(given[name])}: not a value of dtype {dt} for input {name!r} "
+                f"(shape {shape}): {exc}"
+            ) from exc
     dims = [d if isinstance(d, int) else 1 for d in shape]
     if not dims and SAMPLE_RATE.match(name) and dt.startswith("int"):
         return np.asarray(16000, dtype=dt), "a common sample rate, guessed from its name"
@@ -202,7 +208,7 @@ def guess(
         if isinstance(d, str)
     )
     batch = counts.most_common(1)[0][0] if counts else None
-    guessed = [f"batch dim name: {batch!r} (symbolic in {counts.get(batch, 0)} tensors)"]
+    guessed = [f"batch dim name: {batch!r} (symbolic in {counts[batch] if batch else 0} tensors)"]
     check: list[str] = []
     pairs = _pair_states(g_in, g_out, batch)
     in_states = {p[0] for p in pairs}

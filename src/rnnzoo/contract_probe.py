@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -158,10 +159,10 @@ def settle(
     st_choices = [_state_choices(sh, batch) for _, _, _, sh in states]
     if any(not c for c in in_choices) or any(not c for c in st_choices):
         return None, "an input or state has no unknown dim to be the batch"
-    layouts = itertools.islice(itertools.product(*in_choices, *st_choices), MAX_LAYOUTS)
-    for combo in layouts:
-        axes = dict(zip(data, combo[: len(data)], strict=True))
-        st_axes = {s[0]: ax for s, ax in zip(states, combo[len(data) :], strict=True)}
+    choices: list[list[Any]] = [*in_choices, *st_choices]
+    for combo in itertools.islice(itertools.product(*choices), MAX_LAYOUTS):
+        axes: dict[str, tuple[int, int | None]] = dict(zip(data, combo[: len(data)], strict=True))
+        st_axes = {s[0]: int(ax) for s, ax in zip(states, combo[len(data) :], strict=True)}
         for steps in FIRST_LENGTHS:
             if not runner.behaves(axes, st_axes, steps):
                 continue

@@ -83,9 +83,11 @@ def run(sessions: int = 64, steps: int = 1, rounds: int = 3, duration_s: float =
                         )
                     )
                     cells[name].append(r)
+                    cpu = r.server_cpu_us_per_msg
                     log(
                         f"  {name:<6} {r.steps_per_s:9.0f} steps/s  p50 {r.p50_ms:6.2f} ms  "
-                        f"p99 {r.p99_ms:6.2f} ms"
+                        f"p99 {r.p99_ms:6.2f} ms  server cpu/step "
+                        f"{(cpu or float('nan')) / steps:6.0f} us"
                     )
         finally:
             for s in servers.values():
@@ -97,12 +99,18 @@ def run(sessions: int = 64, steps: int = 1, rounds: int = 3, duration_s: float =
         out[name] = {
             "steps_per_s": statistics.median(r.steps_per_s for r in rs),
             "p99_ms": statistics.median(r.p99_ms for r in rs),
+            # server CPU (user+sys, all threads) per session-step: what the write-through
+            # costs the server, less sensitive to the shared machine than throughput
+            "server_cpu_us_per_step": statistics.median(
+                (r.server_cpu_us_per_msg or float("nan")) / steps for r in rs
+            ),
         }
     base = out["none"]["steps_per_s"]
     for name, v in out.items():
         log(
             f"{name:<6} median {v['steps_per_s']:9.0f} steps/s ({v['steps_per_s'] / base:5.1%} "
-            f"of no store)  p99 {v['p99_ms']:6.2f} ms"
+            f"of no store)  p99 {v['p99_ms']:6.2f} ms  server cpu/step "
+            f"{v['server_cpu_us_per_step']:6.0f} us"
         )
     return out
 

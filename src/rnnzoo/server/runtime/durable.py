@@ -39,6 +39,7 @@ from .redact import sid_tag
 from .sessions import Session, SessionStore
 from .snapshot import (
     Snapshot,
+    StepEncoder,
     from_bytes,
     model_hash,
     result_from_bytes,
@@ -216,9 +217,17 @@ class Records:
             )
         sess.fence = 0
 
-    def _encode(self, w: Write, snap: Snapshot, result: StepResult | None) -> None:
+    def _encode(
+        self, w: Write, snap: Snapshot, result: StepResult | None, sess: Session | None = None
+    ) -> None:
         if self.store.shared:
-            w.snap = to_bytes(snap)
+            if sess is None:
+                w.snap = to_bytes(snap)
+            else:  # a step: the header that does not change is encoded once (snapshot.py)
+                encoder = sess.encoder
+                if encoder is None:
+                    encoder = sess.encoder = StepEncoder()
+                w.snap = encoder.encode(snap, sess.initial)  # type: ignore[attr-defined]
             w.resp = result_to_bytes(result) if result is not None else None
         else:  # kept as objects: no encoding (~22 µs per step saved)
             w.value = (snap, result)
@@ -236,7 +245,7 @@ class Records:
         snap.meta = self.meta(sess)
         epoch = lease.epoch if lease is not None else sess.fence
         w = Write(sess.id, epoch, b"", self._ttl(sess), None, rpos, lease is not None)
-        self._encode(w, snap, result)
+        self._encode(w, snap, result, sess)
         if not await self._write(w):
             if lease is not None:
                 self.sessions.leases.lost(lease)

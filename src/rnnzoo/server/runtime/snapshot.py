@@ -142,3 +142,72 @@ def result_from_bytes(data: bytes) -> StepResult:
     return StepResult(
         dict(arrays), int(head["start"]), int(head["steps_total"]), bool(head["revised"])
     )
+
+
+class StepEncoder:
+    """``to_bytes`` for a session's per-step writes, with everything that does not change
+    from step to step encoded once: the JSON header around ``steps`` (model, hash, source,
+    store-only meta, the arrays' index) and the initial state's bytes. A step then costs one
+    ``tobytes`` per state array and a join, and makes the same bytes as ``to_bytes``.
+    Profiled before (64 sessions x 1 step, Redis): ``to_bytes`` took 66 us of a step's write
+    under cProfile, half of it ``json.dumps`` of unchanging fields. Streamable sessions only
+    (a buffered prefix changes every step: that goes through ``to_bytes``)."""
+
+    __slots__ = ("_held", "_key", "_post", "_pre", "_tail")
+
+    _MARK = 8_207_394_611_509_271  # a steps value no header holds otherwise
+
+    def __init__(self) -> None:
+        # the initial dict and its arrays the header was made for (held, so identity is safe)
+        self._held: tuple = ()
+        self._key: tuple | None = None
+        self._pre = self._post = b""  # the header before and after the steps value
+        self._tail = b""  # the initial arrays' bytes
+
+    def encode(self, snap: Snapshot, initial: dict[str, np.ndarray]) -> bytes:
+        """``to_bytes(snap)``; ``initial``: the session's own initial dict (``snap.initial``
+        may be a copy of it), compared by identity to keep the cached header."""
+        if snap.buffer:
+            return to_bytes(snap)
+        state = snap.state
+        key = (
+            snap.model,
+            snap.model_hash,
+            tuple((k, a.dtype.str, a.shape) for k, a in state.items()),
+            tuple(snap.meta.items()),
+            tuple(snap.source.items()),
+        )
+        held = self._held
+        if (
+            key != self._key
+            or not held
+            or held[0] is not initial
+            or len(held) != len(initial) + 1
+            or any(a is not b for a, b in zip(held[1:], initial.values(), strict=False))
+        ):
+            self._build(snap, key, initial)
+        head = b"".join((self._pre, str(int(snap.steps)).encode(), self._post))
+        parts = [MAGIC, len(head).to_bytes(4, "little"), head]
+        parts += [np.ascontiguousarray(a).tobytes() for a in state.values()]
+        parts.append(self._tail)
+        return b"".join(parts)
+
+    def _build(self, snap: Snapshot, key: tuple, initial: dict[str, np.ndarray]) -> None:
+        marked = Snapshot(
+            snap.model,
+            snap.model_hash,
+            self._MARK,
+            snap.state,
+            snap.initial,
+            [],
+            snap.source,
+            snap.meta,
+        )
+        data = to_bytes(marked)
+        n = int.from_bytes(data[4:8], "little")
+        head = data[8 : 8 + n]
+        before, mark, after = head.partition(b'"steps": %d,' % self._MARK)
+        assert mark, "to_bytes no longer writes steps as expected"
+        self._pre, self._post = before + b'"steps": ', b"," + after
+        self._tail = b"".join(np.ascontiguousarray(a).tobytes() for a in snap.initial.values())
+        self._held, self._key = (initial, *initial.values()), key

@@ -6,6 +6,7 @@ import contextlib
 
 from rnnzoo.errors import InvalidArgument, Unavailable
 
+from . import wire
 from .api import DEFAULT_MAX_TTL_S, Acquired, Record, StateStore, Write, redact
 
 _NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
@@ -169,10 +170,14 @@ class RedisStore(StateStore):
                 for s in self._scripts.values():
                     s.sha = await self._client.script_load(s.script)
                 self._loaded = True
-            pipe = self._client.pipeline(transaction=False)
-            for keys, args in calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            return await pipe.execute()
+            # packed by us (wire.py: redis-py's Pipeline cost ~100 us per call to build)
+            results = await wire.execute(
+                self._client, [wire.evalsha(script.sha, keys, args) for keys, args in calls]
+            )
+            for r in results:
+                if isinstance(r, Exception):
+                    raise r
+            return results
 
     async def write(self, writes: list[Write], lease_ttl_s: float) -> list[bool | None]:
         calls = []

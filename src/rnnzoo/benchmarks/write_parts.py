@@ -1,0 +1,170 @@
+"""Where a step's write-through goes, part by part, old way and new way side by side in one
+run (docs/scale-out.md, "Cost of the write-through").
+
+    python -m rnnzoo.benchmarks.write_parts [--sessions 64] [--batches 300]
+
+For the benchmark model (LSTM, 2 layers, H=128: 2 KB of state per session) and ``--sessions``
+sessions, one batch = every session's write once, as the server makes them after one batched
+step. Parts, each in microseconds of CPU per session-step (``time.process_time``; the
+redis-server is another process and its CPU is not counted), median of 5 repeats:
+
+- ``encode``: the session's snapshot bytes: ``to_bytes`` (before) vs ``StepEncoder`` (now);
+- ``redis pack+send+read``: one pipelined round trip of the batch's fenced writes: redis-py's
+  ``Pipeline`` (before) vs ``wire.execute`` (now);
+- ``redis-server itself``: the server process's CPU for those writes (the Lua script), which
+  shares the machine's cores with rnnzoo;
+- ``sqlite``: one transaction of the batch's fenced writes (``SqliteStore``), in this thread.
+
+Needs redis-server on PATH; runs its own on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _cpu_us_per(fn, n: int, repeats: int = 5) -> float:
+    vals = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        vals.append((time.process_time() - t0) / n * 1e6)
+    return statistics.median(vals)
+
+
+async def _acpu_us_per(fn, n: int, repeats: int = 5) -> float:
+    vals = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        await fn()
+        vals.append((time.process_time() - t0) / n * 1e6)
+    return statistics.median(vals)
+
+
+def run(sessions: int = 64, batches: int = 300, log=print) -> dict[str, float]:
+    from rnnzoo.server.runtime.snapshot import Snapshot, StepEncoder, to_bytes
+    from rnnzoo.server.runtime.store import RedisStore, SqliteStore, Write, wire
+
+    from .load import _cpu_s
+    from .stores import _free_port
+
+    rng = np.random.default_rng(0)
+    shape = (2, 1, 128)  # the benchmark model's h and c, batch 1
+    initial = {"h0": np.zeros(shape, np.float32), "c0": np.zeros(shape, np.float32)}
+    snaps = []
+    for i in range(sessions):
+        state = {k: rng.standard_normal(shape).astype(np.float32) for k in initial}
+        meta = {"created_at": 1.7e9 + i, "ttl_s": None, "owner": None, "quota_key": None}
+        snaps.append(Snapshot("bench_lstm", "ab" * 32, 1000 + i, state, initial, [], {}, meta))
+    encoders = [StepEncoder() for _ in snaps]
+    n = sessions * batches
+    out: dict[str, float] = {}
+
+    def old_encode():
+        for _ in range(batches):
+            for s in snaps:
+                to_bytes(s)
+
+    def new_encode():
+        for _ in range(batches):
+            for s, e in zip(snaps, encoders, strict=True):
+                e.encode(s, initial)
+
+    assert all(e.encode(s, initial) == to_bytes(s) for s, e in zip(snaps, encoders, strict=True))
+    out["encode: to_bytes (before)"] = _cpu_us_per(old_encode, n)
+    out["encode: StepEncoder (now)"] = _cpu_us_per(new_encode, n)
+    blobs = [to_bytes(s) for s in snaps]
+    resp = b"\x12" * 40  # a 1-step response's bytes, kept for deduplication
+
+    with tempfile.TemporaryDirectory() as tmp:
+        port = _free_port()
+        redis = subprocess.Popen(
+            [
+                *(shutil.which("redis-server") or "redis-server", "--port", str(port)),
+                *("--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(0.5)
+            cpu0 = _cpu_s(redis.pid)
+            out.update(
+                asyncio.run(_redis_parts(RedisStore, Write, wire, port, blobs, resp, batches))
+            )
+            cpu1 = _cpu_s(redis.pid)
+            if cpu0 is not None and cpu1 is not None:  # both ways, 5 repeats each, above
+                out["redis-server itself, per write"] = (cpu1 - cpu0) / (10 * n) * 1e6
+        finally:
+            redis.terminate()
+            redis.wait(10)
+        store = SqliteStore(Path(tmp) / "st")
+        sids = [f"s{i:04d}" for i in range(sessions)]
+        creates = [Write(sid, 0, b, 600.0, create=True) for sid, b in zip(sids, blobs, strict=True)]
+        store._write(store._conn(), creates, 30.0)
+        writes = [Write(sid, 0, b, 600.0, resp, 0) for sid, b in zip(sids, blobs, strict=True)]
+
+        def sqlite_batches():
+            for _ in range(batches):
+                assert all(store._write(store._conn(), writes, 30.0))
+
+        out["sqlite: one transaction per batch"] = _cpu_us_per(sqlite_batches, n)
+    for k, v in out.items():
+        log(f"  {k:<44} {v:7.1f} us CPU per session-step")
+    return out
+
+
+async def _redis_parts(RedisStore, Write, wire, port, blobs, resp, batches) -> dict[str, float]:
+    store = RedisStore(f"redis://127.0.0.1:{port}/0")
+    sids = [f"s{i:04d}" for i in range(len(blobs))]
+    ok = await store.write(
+        [Write(sid, 0, b, 600.0, create=True) for sid, b in zip(sids, blobs, strict=True)], 30.0
+    )
+    assert all(ok)
+    script = store._scripts["write"]
+    calls = [
+        ([store._key(sid)], [0, b, resp, 0, 600_000, 1, 0, 30_000])
+        for sid, b in zip(sids, blobs, strict=True)
+    ]
+    client = store._client
+
+    async def old():
+        for _ in range(batches):
+            pipe = client.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            assert all(await pipe.execute())
+
+    async def new():
+        for _ in range(batches):
+            packed = [wire.evalsha(script.sha, keys, args) for keys, args in calls]
+            assert all(await wire.execute(client, packed))
+
+    n = len(blobs) * batches
+    out = {
+        "redis: redis-py Pipeline (before)": await _acpu_us_per(old, n),
+        "redis: wire.execute (now)": await _acpu_us_per(new, n),
+    }
+    await store.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--sessions", type=int, default=64)
+    p.add_argument("--batches", type=int, default=300)
+    a = p.parse_args(argv)
+    run(a.sessions, a.batches)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

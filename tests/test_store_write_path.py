@@ -1,0 +1,103 @@
+"""The state store's per-step write path made cheap (issue 23): the snapshot encoder that
+keeps the unchanging header, and Redis pipelines packed by us. Each is checked against what
+it replaces (``to_bytes``, redis-py's own packing and pipeline) and against a real
+redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from redis.asyncio import Redis as AsyncRedis
+from redis.connection import Connection
+from redis.exceptions import NoScriptError, ResponseError
+from scaleout_harness import Redis
+
+from rnnzoo.server.runtime.model import Chunk
+from rnnzoo.server.runtime.snapshot import Snapshot, StepEncoder, from_bytes, to_bytes
+from rnnzoo.server.runtime.store import wire
+
+
+def _snap(steps: int, seed: int, initial: dict, ttl: float | None = None) -> Snapshot:
+    rng = np.random.default_rng(seed)
+    state = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in initial.items()}
+    meta = {"created_at": 1.5e9, "ttl_s": ttl, "owner": "alice", "quota_key": "k"}
+    return Snapshot("m", "ab" * 32, steps, state, dict(initial), [], {"ckpt": "x"}, meta)
+
+
+def test_the_step_encoder_makes_to_bytes_bytes_and_follows_every_change():
+    initial = {"h0": np.zeros((2, 1, 4), np.float32), "c0": np.ones((2, 1, 4), np.float32)}
+    enc = StepEncoder()
+    for steps, seed in ((0, 1), (1, 2), (12345, 3)):  # the header's steps change each step
+        snap = _snap(steps, seed, initial)
+        assert enc.encode(snap, initial) == to_bytes(snap)
+    changed = _snap(7, 4, initial, ttl=30.0)  # meta changed
+    assert enc.encode(changed, initial) == to_bytes(changed)
+    other = {"h0": np.full((2, 1, 4), 2, np.float32), "c0": np.ones((2, 1, 4), np.float32)}
+    snap = _snap(8, 5, other)  # a new initial dict (restore, reset to another state)
+    assert enc.encode(snap, other) == to_bytes(snap)
+    other["h0"] = np.full((2, 1, 4), 3, np.float32)  # an initial array replaced in place
+    snap = _snap(9, 6, other)
+    assert enc.encode(snap, other) == to_bytes(snap)
+    assert from_bytes(enc.encode(snap, other)).initial["h0"][0, 0, 0] == 3
+    snap.state = {k: v.transpose(2, 1, 0).copy().transpose(2, 1, 0) for k, v in snap.state.items()}
+    assert enc.encode(snap, other) == to_bytes(snap)  # non-contiguous arrays: C order
+    snap.buffer = [Chunk({"x": np.zeros((3, 2), np.float32)}, 3)]  # a buffered prefix
+    assert enc.encode(snap, other) == to_bytes(snap)
+
+
+def test_packed_commands_are_byte_for_byte_redis_pys():
+    pack = Connection().pack_command
+    args = [3, b"\x00snap\r\n", b"", -1, 600_000, 1, 0, 30_000, 1.5, "t\u00e9xt"]
+    assert wire.evalsha("a" * 40, ["rnnzoo:s:x"], args) == b"".join(
+        pack("EVALSHA", "a" * 40, 1, "rnnzoo:s:x", *args)
+    )
+    assert wire.evalsha("b" * 40, ["k1", "k2"], []) == b"".join(
+        pack("EVALSHA", "b" * 40, 2, "k1", "k2")
+    )
+    with pytest.raises(TypeError):
+        wire.arg(None)
+
+
+@pytest.mark.parametrize("parser", ["hiredis", "python"])
+def test_a_packed_pipeline_returns_every_reply_with_error_replies_in_place(tmp_path, parser):
+    if parser == "hiredis":
+        pytest.importorskip("hiredis")
+        from redis._parsers import _AsyncHiredisParser as parser_class
+    else:
+        from redis._parsers import _AsyncRESP3Parser as parser_class  # redis-py 8: RESP3
+    server = Redis(tmp_path)
+
+    async def go():
+        from redis.asyncio import ConnectionPool
+
+        pool = ConnectionPool(port=server.port, parser_class=parser_class)
+        client = AsyncRedis(connection_pool=pool)
+        try:
+            big = bytes(range(256)) * 300  # over one socket read
+            sha = await client.script_load("return ARGV[1]")
+            packed = [
+                wire.command([b"SET", b"k", big]),
+                wire.evalsha("0" * 40, ["k"], []),  # no such script
+                wire.command([b"GET", b"k"]),
+                wire.evalsha(sha, ["k"], [b"echo"]),
+                wire.command([b"INCR", b"k"]),  # a value that is not an integer
+            ]
+            for _ in range(3):  # the connection is reused cleanly
+                got = await wire.execute(client, packed)
+                assert got[0] is True or got[0] == b"OK"
+                assert isinstance(got[1], NoScriptError)
+                assert got[2] == big and got[3] == b"echo"
+                assert isinstance(got[4], ResponseError)
+            assert await wire.execute(client, []) == []
+            conn = await pool.get_connection()
+            assert type(conn._parser) is parser_class  # the path under test ran
+            await pool.release(conn)
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(go())
+    finally:
+        server.stop()
