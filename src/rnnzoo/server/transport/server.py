@@ -2,7 +2,9 @@
 
 Lifecycle, as health reports it (``grpc.health.v1``, overall "" and "rnnzoo.v1.Rnnzoo"):
   start()  -> bound and answering, NOT_SERVING (the rnnzoo service answers UNAVAILABLE)
-  load(rt) -> runtime started, SERVING
+  load(rt) -> runtime started, SERVING (with a state store: while it answers; NOT_SERVING
+              while it is unreachable or broken, SERVING again when it is back:
+              ``store_health.py``)
   stop()   -> NOT_SERVING, no new RPCs; in-flight ones get ``grace_s``; then the runtime stops.
 
 Overload and dead peers (docs/limits.md):
@@ -47,6 +49,7 @@ from .interceptors import ErrorInterceptor
 from .kserve import KServeServicer
 from .logs import log
 from .servicer import RnnzooServicer
+from .store_health import StoreHealth
 
 LOG = logging.getLogger("rnnzoo.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Rnnzoo"].full_name  # "rnnzoo.v1.Rnnzoo"
@@ -168,6 +171,7 @@ class RnnzooServer:
         # Health says SERVING once the runtime is loaded and the gate is open: always for one
         # server; a worker's opens when its supervisor says every worker is up (workers.py)
         self.gate_open = True
+        self.store_health: StoreHealth | None = None  # with a state store: is it answering?
         self.runtime: Runtime | None = None
         self.control: RepositoryControl | None = None
         self.port: int | None = None
@@ -281,7 +285,14 @@ class RnnzooServer:
         self.control.start()
         self.kserve.control = self.control
         metrics.KNOWN = lambda name: name in runtime.repo.table
-        if self.gate_open:
+        if getattr(runtime.state_store, "ping", None) is not None:
+            self.store_health = StoreHealth(runtime.state_store, self._store_changed)
+            ok, why = await self.store_health.probe()
+            if not ok:
+                self.store_health.ok, self.store_health.why = False, why
+                log(LOG, "state store failing: NOT_SERVING", logging.ERROR, reason=why)
+            self.store_health.start()
+        if self._serving():
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         models = [m.name for m in runtime.list_models()]
         metrics.models_loaded(models)
@@ -290,17 +301,29 @@ class RnnzooServer:
             log(LOG, "model not served", logging.ERROR, model=name, reason=why)
         log(LOG, "serving", target=self.target, models=models)
 
+    def _serving(self) -> bool:
+        """SERVING: gate open (every worker up) and the state store (if any) answering."""
+        store_ok = self.store_health is None or self.store_health.ok
+        return self.gate_open and store_ok
+
+    async def _store_changed(self, ok: bool, why: str) -> None:
+        if self.runtime is not None and self.runtime.ready:
+            status = health_pb2.HealthCheckResponse
+            await self._set_health(status.SERVING if self._serving() else status.NOT_SERVING)
+
     async def set_gate(self, open_: bool) -> None:
         """Open or close the health gate (a worker: are all workers up?)."""
         self.gate_open = open_
         if self.runtime is not None and self.runtime.ready:
             status = health_pb2.HealthCheckResponse
-            await self._set_health(status.SERVING if open_ else status.NOT_SERVING)
+            await self._set_health(status.SERVING if self._serving() else status.NOT_SERVING)
 
     async def stop(self, grace_s: float | None = None) -> None:
         grace = self.config.grace_s if grace_s is None else grace_s
         log(LOG, "stopping", grace_s=grace)
         await self.health.enter_graceful_shutdown()  # NOT_SERVING, and stays so
+        if self.store_health is not None:
+            await self.store_health.stop()
         await self.server.stop(grace)
         if self.control is not None:
             await self.control.stop()
