@@ -203,12 +203,13 @@ class Sequences:
         except NotFound as exc:
             active, gone = False, exc
         # a live sequence runs on its session's model version to its end (repository.py)
-        _, graph = self.catalog.single(sess.model if active else model, "a sequence")
+        version = sess.model if active else model
+        _, graph = self.catalog.single(version, "a sequence")
         if gone is not None and not start:
             raise self._unknown(key, gone) from None
         contract = graph.contract
-        chunk = graph.validate_chunk(_unbatch(contract, inputs))  # before any session change
-        self.catalog.check_steps(chunk.length, "this request")
+        chunk = _unbatch(contract, inputs)
+        prepared = self.stepper.prepare(version, chunk)  # validated before any session change
         created = False
         if active:
             held = holder.leases.get(sid) if holder is not None else None
@@ -217,10 +218,13 @@ class Sequences:
             await self.ops.create(model, sid=sid)
             created = True
         try:
+            pinned = self.core.sessions.get(sid, touch=False).model  # its version's key
+            if self.catalog.entry(pinned) is not prepared.entry:
+                prepared = self.stepper.prepare(pinned, chunk)
             lease = await holder.lease(sid) if holder is not None else None
             compute = self.stepper.restart if start and not created else self.stepper.chunk
             what = f"a request of {key.describe()}"
-            async with Transaction(self.core, sid, lease, None, compute, chunk, what) as res:
+            async with Transaction(self.core, sid, lease, None, compute, prepared, what) as res:
                 yield SeqResult(
                     with_batch(contract, res.outputs), res.start, res.steps_total, res.revised, True
                 )
