@@ -94,8 +94,8 @@ class Served(Proc):
         ]
         if store:
             args += ["--state-store", store]
-        if cfg["workers"] > 1:
-            args += ["--workers", str(cfg["workers"])]
+        if cfg["workers"] > 1:  # successful unary calls are logged at debug: which worker
+            args += ["--workers", str(cfg["workers"]), "--log-level", "debug"]
         if cfg.get("tls"):
             args += ["--tls-cert", str(tmp / "server.pem"), "--tls-key", str(tmp / "server.key")]
         if cfg.get("tokens"):
