@@ -302,11 +302,15 @@ class ModelRepository:
             )
         return FailedPrecondition(f"{what} is not ready: {vs.reason}; {instead}")
 
-    def resolve(self, name: str, version: str | int = "") -> str:
+    def resolve(self, name: str, version: str | int = "", live: bool = False) -> str:
         """The key new work on ``name`` goes to: ``version`` ("" or 0: the newest READY one)
-        if it is READY; errors say why not and which versions serve."""
+        if it is READY; errors say why not and which versions serve. ``live``: for a request
+        of a live sequence (which runs on its session's version): a DRAINING version will do."""
         if version in ("", 0):
             latest = self.latest(name)
+            if latest is None and live:
+                draining = [vs for vs in self.table.get(name, {}).values() if vs.state == DRAINING]
+                latest = max(draining, key=lambda vs: vs.version) if draining else None
             if latest is None:
                 self.get(name)  # raises: unknown, failed, unloaded or retired
                 raise AssertionError("unreachable")  # pragma: no cover
@@ -327,7 +331,7 @@ class ModelRepository:
                 f"model {clip(name)!r} has no version {v}; it serves versions "
                 f"{self.served_versions(name)}"
             )
-        if vs.state != READY:
+        if vs.state != READY and not (live and vs.state == DRAINING):
             raise self._not_ready(vs)
         return vs.key
 
