@@ -46,6 +46,7 @@ from .lease import Lease
 from .model import Chunk, ServedModel
 from .options import StepResult
 from .redact import sid_tag
+from .repository import ServedEntry
 from .sessions import Session, SessionStore
 from .snapshot import (
     Snapshot,
@@ -73,6 +74,7 @@ class Records:
         self.lease_ttl_s = lease_ttl_s
         self.writer = GroupWriter(store, lease_ttl_s) if store.shared else None
         self._deletes: set[asyncio.Task[None]] = set()
+        self._ids: dict[str, tuple[ServedEntry, str, dict[str, str]]] = {}
         sessions.on_bury = self._on_bury
         # session id -> the position before a write whose outcome is unknown (until read back)
         self.unsettled: dict[str, int] = {}
@@ -80,9 +82,19 @@ class Records:
         self.landed: dict[str, tuple[int, int]] = {}
 
     # ---- snapshots -------------------------------------------------------------------------
-    def model_hash(self, model: str) -> str:
+    def _identity(self, model: str) -> tuple[str, dict[str, str]]:
+        """(graph hash, the contract's source) of ``model``'s served entry, cached per entry:
+        a snapshot is made on every step."""
         entry = self.catalog.entry(model)
-        return model_hash([entry.graphs[r] for r in sorted(entry.graphs)])
+        got = self._ids.get(model)
+        if got is None or got[0] is not entry:
+            digest = model_hash([entry.graphs[r] for r in sorted(entry.graphs)])
+            source = dict(entry.graphs["model"].contract.source or {})
+            got = self._ids[model] = (entry, digest, source)
+        return got[1], got[2]
+
+    def model_hash(self, model: str) -> str:
+        return self._identity(model)[0]
 
     def snapshot(
         self,
@@ -92,16 +104,17 @@ class Records:
         buffer: list[Chunk] | None = None,
         meta: bool = False,
     ) -> Snapshot:
-        """``sess`` as a Snapshot; ``state``/``steps``/``buffer``: a change not committed yet."""
-        graph = self.catalog.entry(sess.model).graphs["model"]
+        """``sess`` as a Snapshot; ``state``/``steps``/``buffer``: a change not committed yet
+        (taken as they are: a change's dicts are its own, never changed in place)."""
+        digest, source = self._identity(sess.model)
         snap = Snapshot(
             sess.model,
-            self.model_hash(sess.model),
+            digest,
             sess.steps if steps is None else steps,
-            dict(sess.state if state is None else state),
-            dict(sess.initial),
-            list(sess.buffer if buffer is None else buffer),
-            dict(graph.contract.source or {}),
+            dict(sess.state) if state is None else state,
+            sess.initial,
+            list(sess.buffer) if buffer is None else buffer,
+            source,
         )
         if meta:
             snap.meta = self.meta(sess)

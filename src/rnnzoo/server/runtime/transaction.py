@@ -148,7 +148,7 @@ class Transaction(Generic[A]):
         assert sess is not None and change is not None
         core = self.core
         core.check_epoch(sess, self._epoch)
-        core.own(sess, self.lease, self.what)
+        core.still_own(sess, self.lease, self.what)
         snap = core.records.snapshot(sess, change.state, change.steps, change.buffer)
         await core.records.write(sess, snap, self.lease, change.result, change.rpos)
         self._persisted = True
