@@ -448,6 +448,11 @@ class ModelRepository:
                 )
                 continue
             cur = current.get(v)
+            if cur is not None and cur.state == DRAINING and cur.fingerprint == fp:
+                # retired, and wanted again (loaded again, its folder back): the same graphs
+                out[v] = VersionStatus(name, v, READY, entry=cur.entry, fingerprint=fp)
+                ready += 1
+                continue
             if cur is not None and cur.state == READY:
                 if cur.fingerprint and fp != cur.fingerprint:
                     log.warning(
@@ -487,12 +492,18 @@ class ModelRepository:
             for v, vs in old.items():
                 gone = new.get(v)
                 if vs.state == DRAINING:
-                    new[v] = vs  # until it drains; a folder put back is loaded after that
+                    if gone is not None and gone.state == READY and gone.entry is vs.entry:
+                        changes.append(f"model {name!r} version {v} serves again")
+                        continue  # its live sessions simply go on
+                    new[v] = vs  # until it drains; changed files are loaded after that
                 elif vs.state == READY and (gone is None or gone.state != READY):
+                    fp0 = vs.fingerprint
                     why = "its folder was removed" if gone is None else gone.reason
                     if gone is not None and gone.cause == "unloaded":
                         why = "unloaded"
-                    new[v] = VersionStatus(name, v, DRAINING, why, entry=vs.entry, retired_at=now)
+                    new[v] = VersionStatus(
+                        name, v, DRAINING, why, entry=vs.entry, retired_at=now, fingerprint=fp0
+                    )
                     changes.append(f"model {name!r} version {v} retired ({why})")
             for v, vs in new.items():
                 before = old.get(v)
