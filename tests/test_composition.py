@@ -88,11 +88,14 @@ class Served(Proc):
             "1",
             "--lease-ttl",
             "30",
+            # successful unary calls (CreateSession, read by worker_of) log at debug
+            "--log-level",
+            "debug",
         ]
         if store:
             args += ["--state-store", store]
-        if cfg["workers"] > 1:
-            args += ["--workers", str(cfg["workers"])]
+        if cfg["workers"] > 1:  # successful unary calls are logged at debug: which worker
+            args += ["--workers", str(cfg["workers"]), "--log-level", "debug"]
         if cfg.get("tls"):
             args += ["--tls-cert", str(tmp / "server.pem"), "--tls-key", str(tmp / "server.key")]
         if cfg.get("tokens"):

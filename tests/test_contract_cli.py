@@ -199,6 +199,8 @@ def test_contract_init_and_check_answer_bad_files_and_options_without_a_tracebac
     assert "write NAME=VALUE" in capsys.readouterr().err
     assert main(["contract", "init", str(path), "--set", "sample_rate=fast"]) == 2
     assert "a number or a JSON list" in capsys.readouterr().err
+    assert main(["contract", "init", str(path), "--set", 'sample_rate=[1, "a"]']) == 2
+    assert "not a value of dtype int64 for input 'sample_rate'" in capsys.readouterr().err
     sidecar_path(path).write_text("{not json")
     assert main(["contract", "check", str(path)]) == 1
     assert "problem" in capsys.readouterr().out

@@ -200,7 +200,7 @@ async def test_output_bytes_are_refused_before_compute(zoo):
             )
             assert time.perf_counter() - t0 < 5  # refused, not computed
             fit = int(msg.split("send at most ")[1].split()[0])
-            limit = server.runtime.options.max_output_bytes
+            limit = server.runtime.catalog.max_output_bytes  # capped to the message size
             assert fit == limit // (len(CHARS) * 4)  # the advice is exact: fit steps pass
             ok = await stub.Infer(
                 pb.InferRequest(model="charlm", tokens=pb.TokenIds(ids=[5] * fit))

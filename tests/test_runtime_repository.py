@@ -155,7 +155,8 @@ def _record(d, name, files, ok, summary="FAIL m whole B=1 T=1000 hn: max abs 2.5
 
 def test_a_model_whose_recorded_parity_failed_is_refused_unless_allowed(tmp_path, caplog):
     from rnnzoo.errors import FailedPrecondition
-    from rnnzoo.server.runtime.repository import ALLOW_FAILED_PARITY
+    from rnnzoo.server.runtime import Runtime
+    from rnnzoo.server.runtime.repository import LoadOptions
 
     build_rnn(tmp_path / "m.onnx", name="m")
     build_rnn(tmp_path / "good.onnx", name="good", seed=3)
@@ -171,12 +172,9 @@ def test_a_model_whose_recorded_parity_failed_is_refused_unless_allowed(tmp_path
         repo = ModelRepository.from_dir(tmp_path, allow_failed_parity=True)
     assert [m.name for m in repo.list()] == ["good", "m"]
     assert any("m.parity.json" in r.getMessage() for r in caplog.records)
-    # `rnnzoo serve --allow-failed-parity` sets the default the runtime's load reads.
-    token = ALLOW_FAILED_PARITY.set(True)
-    try:
-        assert len(ModelRepository.from_dir(tmp_path).list()) == 2
-    finally:
-        ALLOW_FAILED_PARITY.reset(token)
+    # `rnnzoo serve --allow-failed-parity` passes it down, as LoadOptions
+    rt = Runtime.from_dir(tmp_path, load=LoadOptions(allow_failed_parity=True))
+    assert len(rt.repo.list()) == 2
 
 
 def test_a_parity_record_for_other_bytes_is_not_trusted(tmp_path):

@@ -22,7 +22,7 @@ from rnnzoo.cli import main
 from rnnzoo.client import Client
 from rnnzoo.cores import cgroup_cpu_limit, usable_cores
 from rnnzoo.errors import FailedPrecondition, InvalidArgument
-from rnnzoo.server.transport.workers import reserve_port, worker_count
+from rnnzoo.server.supervisor import reserve_port, worker_count
 
 EXACT = 1e-6
 

@@ -32,6 +32,14 @@ never applies a step twice. Behind nginx, a replica killed mid-stream was seen t
 UNAVAILABLE (and INTERNAL for an HTTP/2 stream reset by the proxy); both are retried. While a
 dead replica's lease on the session has not run out yet, the new replica answers
 FAILED_PRECONDITION "... lease runs out in N s": that is retried too within ``retry_s``.
+
+Deadlines: every unary call has ``timeout`` (30 s), and so has every step of a Stream
+(``step_timeout``, default ``timeout``; None: none): a step not answered by then cancels its
+call and fails with DEADLINE_EXCEEDED, which a session that knows its position retries (a
+frozen replica is left behind: the resend goes over a new call, which a load balancer sends
+to a replica that answers). ABORTED ("the outcome ... is unknown ... resend from position N")
+is retried too when the session knows its position: the server answers a chunk that did land
+from the store.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import EllipsisType
 from typing import Any
 
 import grpc
@@ -51,6 +60,7 @@ from rnnzoo.errors import InvalidArgument
 from rnnzoo.proto.tensors import from_tensors, to_tensors
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.proto.v1 import rnnzoo_pb2_grpc as pb_grpc
+from rnnzoo.step_deadline import Watchdog
 
 Chunk = np.ndarray | Mapping[str, Any] | str  # an array (single-input models), named arrays, text
 
@@ -98,7 +108,13 @@ class StepOutput:
 
 _END = object()
 # Statuses after which a chunk is resent (see the module docstring).
-RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+RETRY_CODES = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.DEADLINE_EXCEEDED,  # the per-step deadline: a frozen server
+    grpc.StatusCode.ABORTED,  # the outcome was not settled: resent with its position
+)
 
 
 def _retryable(err: grpc.RpcError, failing_over: bool) -> bool:
@@ -128,6 +144,7 @@ class Client:
         tls_server_name: str | None = None,
         retry_s: float = 60.0,
         own_connection: bool = False,
+        step_timeout: float | EllipsisType | None = ...,
     ) -> None:
         """``own_connection``: a connection of this client's own, not shared with other
         clients of the same target in this process (a server with several workers balances
@@ -135,9 +152,14 @@ class Client:
         when any ``tls_*`` is given); ``tls_ca``: PEM file of the CA to trust (default: the
         system's); ``tls_cert``/``tls_key``: PEM files of a client certificate (mTLS);
         ``tls_server_name``: the name to check the server's certificate against, when it is
-        not the target's host."""
+        not the target's host. ``step_timeout``: the deadline of each ``Session.step``
+        (default: ``timeout``; None: no deadline)."""
         size = int(max_message_mb * (1 << 20))
         self.target, self.timeout, self.retry_s = target, timeout, retry_s
+        self.step_timeout = timeout if step_timeout is ... else step_timeout
+        if self.step_timeout is not None and not self.step_timeout > 0:
+            raise InvalidArgument(f"step_timeout must be > 0 or None, got {self.step_timeout}")
+        self._watchdog = Watchdog()
         if (tls_cert is None) != (tls_key is None):
             raise InvalidArgument("a client certificate needs both tls_cert and tls_key")
         if tls is None:
@@ -220,11 +242,13 @@ class Client:
         model: str,
         initial_state: Mapping[str, np.ndarray] | None = None,
         ttl_s: float | None = None,
+        version: int | None = None,
     ) -> pb.Session:
         """``ttl_s``: this session's idle expiry in seconds, at most the server's (None: the
-        server's)."""
+        server's); ``version``: the model version to run on (None: the newest ready one; the
+        session keeps it to its end either way, ``.version`` of the result says which)."""
         req = pb.CreateSessionRequest(
-            model=model, initial_state=to_tensors(initial_state or {}), ttl_s=ttl_s
+            model=model, initial_state=to_tensors(initial_state or {}), ttl_s=ttl_s, version=version
         )
         info = self._call(self.stub.CreateSession, req)
         self._session_models[info.session_id] = info.model
@@ -398,7 +422,25 @@ class Session:
                 iter(self._queue.get, _END), metadata=self.client._metadata
             )
         self._queue.put(req)
-        return _step_output(next(self._responses))
+        responses, limit = self._responses, self.client.step_timeout
+        if limit is None:
+            return _step_output(next(responses))
+        ticket = self.client._watchdog.arm(limit, responses.cancel)
+        try:
+            resp = next(responses)
+        except grpc.RpcError:
+            if self.client._watchdog.disarm(ticket):
+                raise RpcError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no answer to this step within {limit:g} s (the per-step deadline, "
+                    "Client(step_timeout=...)); its call was cancelled. Whether the server "
+                    "applied it is unknown: resend it with its position "
+                    f"({self.position if self.position is not None else 'unknown'})",
+                ) from None
+            raise
+        if self.client._watchdog.disarm(ticket):  # answered just as the deadline fired
+            self._queue = self._responses = None
+        return _step_output(resp)
 
     def snapshot(self) -> pb.SessionSnapshot:
         return self.client.snapshot(self.id)

@@ -59,7 +59,7 @@ def _tensors(values) -> dict[str, tuple[str, list]]:
     out = {}
     for v in values:
         t = v.type.tensor_type
-        dims = []
+        dims: list[int | str | None] = []
         for d in t.shape.dim if t.HasField("shape") else []:
             if d.HasField("dim_value"):
                 dims.append(int(d.dim_value))
@@ -70,8 +70,10 @@ def _tensors(values) -> dict[str, tuple[str, list]]:
 
 
 def _compatible(a: tuple[str, list], b: tuple[str, list]) -> bool:
-    """Same dtype, and shapes that can be equal: an unknown dim (or an unknown shape, as in
-    Silero VAD's ``stateN: [?, ?, ?]``) matches anything; two fixed dims must agree."""
+    """Same dtype, and shapes that can be equal: an unknown or symbolic dim (or an unknown
+    shape) matches anything, as in Silero VAD's ``stateN: [?, ?, ?]`` and its opset-15 file's
+    ``[AddstateN_dim_0, batch, AddstateN_dim_2]`` for ``state: [2, batch, 128]``; two fixed
+    dims must agree."""
     (dt_a, sh_a), (dt_b, sh_b) = a, b
     if dt_a != dt_b:
         return False
@@ -80,7 +82,7 @@ def _compatible(a: tuple[str, list], b: tuple[str, list]) -> bool:
     if len(sh_a) != len(sh_b):
         return False
     return all(
-        x == y or x is None or y is None or (isinstance(x, str) and isinstance(y, str))
+        x == y or not isinstance(x, int) or not isinstance(y, int)
         for x, y in zip(sh_a, sh_b, strict=True)
     )
 
@@ -168,7 +170,13 @@ def _session(path: Path):
 def _probe_value(name: str, dt: str, shape: list, given: dict) -> tuple[np.ndarray, str]:
     """A constant's value for the probe runs and where it came from."""
     if name in given:
-        return np.asarray(given[name], dtype=dt), "given"
+        try:
+            return np.asarray(given[name], dtype=dt), "given"
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(
+                f"--set {name}={json.dumps(given[name])}: not a value of dtype {dt} for input {name!r} "
+                f"(shape {shape}): {exc}"
+            ) from exc
     dims = [d if isinstance(d, int) else 1 for d in shape]
     if not dims and SAMPLE_RATE.match(name) and dt.startswith("int"):
         return np.asarray(16000, dtype=dt), "a common sample rate, guessed from its name"
@@ -202,7 +210,7 @@ def guess(
         if isinstance(d, str)
     )
     batch = counts.most_common(1)[0][0] if counts else None
-    guessed = [f"batch dim name: {batch!r} (symbolic in {counts.get(batch, 0)} tensors)"]
+    guessed = [f"batch dim name: {batch!r} (symbolic in {counts[batch] if batch else 0} tensors)"]
     check: list[str] = []
     pairs = _pair_states(g_in, g_out, batch)
     in_states = {p[0] for p in pairs}
@@ -214,6 +222,13 @@ def guess(
     ]
     const_names += [n for n in values if n not in const_names and n not in in_states]
     data = {n: v for n, v in g_in.items() if n not in in_states and n not in const_names}
+    if not data:
+        check.append(
+            "inputs: none found: every input of the graph is rank 0 or has only fixed dims, so "
+            "all were taken for constants. rnnzoo batches sessions along a symbolic batch dim: "
+            "a graph exported for one fixed shape (batch 1) must be re-exported with a dynamic "
+            "batch axis"
+        )
     probe_values, probe_notes = {}, []
     for n in const_names:
         probe_values[n], where = _probe_value(n, *g_in[n], values)

@@ -37,6 +37,28 @@ class Unavailable(RnnzooError):
     code = "unavailable"
 
 
+class StoreUnavailable(Unavailable):
+    """The state store cannot be reached or refuses (nothing was changed by the request).
+    The server's health follows it (NOT_SERVING until the store answers again)."""
+
+
+class StoreOutcomeUnknown(StoreUnavailable):
+    """A state write was sent and no answer came (a timeout, a connection lost): it may have
+    landed or not. The runtime settles it (Aborted naming the position to resend from)."""
+
+
+class StoreLost(NotFound):
+    """The state store no longer has a session this server knew (it restarted without
+    persistence, or lost data)."""
+
+
+class Aborted(RnnzooError):
+    """The outcome of a request could not be settled (its state write went to a store that
+    stopped answering): the message names the position to resend from."""
+
+    code = "aborted"
+
+
 class Unauthenticated(RnnzooError):
     """No valid credentials (the server requires a bearer token or a client certificate)."""
 

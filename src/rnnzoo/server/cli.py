@@ -8,24 +8,37 @@ import asyncio
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    # the defaults are the dataclasses' own (one place): RuntimeOptions, ServerConfig,
+    # AdmissionLimits; importing them loads no model and no torch
+    from rnnzoo.server.runtime.options import RuntimeOptions
+    from rnnzoo.server.transport.admission import AdmissionLimits
+    from rnnzoo.server.transport.config import ServerConfig
+
+    RUNTIME, SERVER, ADMISSION = RuntimeOptions(), ServerConfig(), AdmissionLimits()
     p = sub.add_parser("serve", help="serve a directory of ONNX models over gRPC")
     p.add_argument(
         "--model-dir", default="zoo", help="folder of .onnx files (default: %(default)s)"
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
-    p.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed)")
-    p.add_argument("--max-sessions", type=int, default=10_000)
-    p.add_argument("--session-ttl", type=float, default=600.0, help="idle seconds; 0 = never")
+    p.add_argument("--host", default=SERVER.host, help="address to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=SERVER.port, help="0 picks a free port (printed)")
+    p.add_argument("--max-sessions", type=int, default=RUNTIME.max_sessions)
+    p.add_argument(
+        "--session-ttl", type=float, default=RUNTIME.session_ttl_s, help="idle seconds; 0 = never"
+    )
     p.add_argument(
         "--on-full",
         choices=("reject", "evict"),
-        default="reject",
+        default=RUNTIME.on_full,
         help="at --max-sessions: refuse new sessions, or evict the least recently used",
     )
-    p.add_argument("--max-batch", type=int, default=64, help="sessions per ORT call")
-    p.add_argument("--max-delay-ms", type=float, default=1.0, help="wait to fill a batch")
-    p.add_argument("--max-message-mb", type=float, default=16.0)
-    p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get at stop")
+    p.add_argument("--max-batch", type=int, default=RUNTIME.max_batch, help="sessions per ORT call")
+    p.add_argument(
+        "--max-delay-ms", type=float, default=RUNTIME.max_delay_ms, help="wait to fill a batch"
+    )
+    p.add_argument("--max-message-mb", type=float, default=SERVER.max_message_mb)
+    p.add_argument(
+        "--grace", type=float, default=SERVER.grace_s, help="seconds in-flight calls get at stop"
+    )
     p.add_argument(
         "--state-store",
         default=None,
@@ -47,37 +60,43 @@ def register(sub: argparse._SubParsersAction) -> None:
     lim.add_argument(
         "--max-request-steps",
         type=int,
-        default=100_000,
+        default=RUNTIME.max_request_steps,
         help="steps per Stream chunk / Infer (batch x time) / prompt",
     )
     lim.add_argument(
         "--max-buffer-steps",
         type=int,
-        default=10_000,
+        default=RUNTIME.max_buffer_steps,
         help="steps a bidirectional session may hold",
     )
-    lim.add_argument("--max-generate-tokens", type=int, default=4_096)
+    lim.add_argument("--max-generate-tokens", type=int, default=RUNTIME.max_generate_tokens)
     lim.add_argument(
         "--lease-ttl",
         type=float,
-        default=30.0,
+        default=RUNTIME.lease_ttl_s,
         help="seconds a stream's hold on its session lasts without renewal",
     )
     lim.add_argument(
         "--keepalive-time",
         type=float,
-        default=20.0,
+        default=SERVER.keepalive_time_s,
         help="ping a connection idle this many seconds",
     )
     lim.add_argument(
         "--keepalive-timeout",
         type=float,
-        default=10.0,
+        default=SERVER.keepalive_timeout_s,
         help="close it when a ping is unanswered this long",
     )
-    lim.add_argument("--max-rpcs", type=int, default=4096, help="calls in flight at once")
-    lim.add_argument("--max-streams", type=int, default=2048, help="open Stream/Generate calls")
-    lim.add_argument("--max-streams-per-connection", type=int, default=1024)
+    lim.add_argument(
+        "--max-rpcs", type=int, default=ADMISSION.max_rpcs, help="calls in flight at once"
+    )
+    lim.add_argument(
+        "--max-streams", type=int, default=ADMISSION.max_streams, help="open Stream/Generate calls"
+    )
+    lim.add_argument(
+        "--max-streams-per-connection", type=int, default=ADMISSION.max_streams_per_connection
+    )
     p.add_argument(
         "--metrics-port",
         type=int,
@@ -88,29 +107,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     lim.add_argument(
         "--max-sessions-per-client",
         type=int,
-        default=5_000,
+        default=RUNTIME.max_sessions_per_client,
         help="live sessions per principal (per connection without auth); 0 = none",
     )
     lim.add_argument(
         "--requests-per-s",
         type=float,
-        default=0.0,
+        default=SERVER.requests_per_s,
         help="calls + Stream messages per second per client; 0 = no quota",
     )
     lim.add_argument("--burst", type=float, help="the rate quota's bursts (default 2 x rate)")
     lim.add_argument(
         "--long-job-steps",
         type=int,
-        default=2_048,
+        default=RUNTIME.long_job_steps,
         help="requests of this many steps run in the long-job pool, off the loop",
     )
     lim.add_argument(
         "--long-workers",
         type=int,
-        default=0,
+        default=RUNTIME.long_workers,
         help="long-job threads (low priority); 0 = cpu_count - 1",
     )
-    lim.add_argument("--max-long-jobs", type=int, default=64)
+    lim.add_argument("--max-long-jobs", type=int, default=RUNTIME.max_long_jobs)
     lim.add_argument(
         "--no-malloc-trim",
         dest="malloc_trim",
@@ -120,10 +139,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     lim.add_argument(
         "--long-nice",
         type=int,
-        default=10,
+        default=RUNTIME.long_nice,
         help="nice value of the long-job threads (0-19; higher = yield more)",
     )
-    lim.add_argument("--max-long-jobs-per-client", type=int, default=8)
+    lim.add_argument(
+        "--max-long-jobs-per-client", type=int, default=RUNTIME.max_long_jobs_per_client
+    )
     sec = p.add_argument_group("security (docs/limits.md)")
     sec.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve TLS")
     sec.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
@@ -150,7 +171,51 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="refuse to start when any model fails to load (default: serve the others and "
         "list the failed ones as not ready, with their reason)",
     )
+    mc = p.add_argument_group("model versions and control (docs/kserve.md)")
+    mc.add_argument(
+        "--model-control",
+        default="none",
+        choices=("none", "poll", "explicit"),
+        help="none: the models at start, never changed; poll: follow the repository folder "
+        "(new NAME/VERSION/ folders load, removed ones retire); explicit: KServe "
+        "RepositoryModelLoad/Unload (default: none)",
+    )
+    mc.add_argument(
+        "--repository-poll-secs",
+        type=float,
+        default=15.0,
+        help="--model-control poll: seconds between scans of the repository (default 15)",
+    )
+    mc.add_argument(
+        "--load-model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="--model-control explicit: load this model at start (repeatable; '*': all); "
+        "without any, nothing loads until RepositoryModelLoad",
+    )
+    mc.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=600.0,
+        help="a retired version's live sessions run on at most this many seconds, then get "
+        "an error naming the version (default 600)",
+    )
     p.set_defaults(func=cmd_serve)
+
+
+def control_of(args: argparse.Namespace):
+    """The model control options of ``rnnzoo serve``'s flags, checked."""
+    from rnnzoo.server.runtime.repository import ControlOptions
+
+    control = ControlOptions(
+        args.model_control,
+        args.repository_poll_secs,
+        tuple(args.load_model),
+        args.drain_timeout,
+    )
+    control.check()
+    return control
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -200,20 +265,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
     )
     config.check()
-    from rnnzoo.server.runtime.repository import ALLOW_FAILED_PARITY
+    from rnnzoo.server.runtime.repository import LoadOptions
+    from rnnzoo.server.supervisor import Supervisor, spec_of, worker_count
 
-    ALLOW_FAILED_PARITY.set(args.allow_failed_parity)  # read where the models load
-    from rnnzoo.server.runtime.repository import STRICT
-
-    STRICT.set(args.strict)
-    from rnnzoo.server.transport.workers import Supervisor, spec_of, worker_count
-
+    load = LoadOptions(
+        strict=args.strict, allow_failed_parity=args.allow_failed_parity, control=control_of(args)
+    )
     n = worker_count(args.workers, args.state_store)
     if n > 1:
-        spec = spec_of(
-            args.model_dir, options, config, args.log_level, args.allow_failed_parity, args.strict
-        )
+        spec = spec_of(args.model_dir, options, config, args.log_level, load)
         sup = Supervisor(n, spec, config.host, config.port, config.grace_s, config.metrics_port)
         return asyncio.run(sup.run())
-    asyncio.run(serve(args.model_dir, options, config))
+    asyncio.run(serve(args.model_dir, options, config, load=load))
     return 0

@@ -17,6 +17,9 @@ class Catalog:
         self.repo = repo
         self.options = options
         self.trimmer = trimmer
+        # the per-response output limit: the options', or lower where the transport's message
+        # size is (Runtime.cap_output_bytes)
+        self.max_output_bytes = options.max_output_bytes
 
     def entry(self, name: str) -> ServedEntry:
         """A model's newest ready version, or a version's key ``NAME@VERSION`` (a session's);
@@ -48,7 +51,7 @@ class Catalog:
     def check_output(self, graph: ServedModel, batch: int, steps: int, what: str) -> None:
         """Refuse a call whose outputs (predicted from the contract) would exceed
         max_output_bytes, before anything runs."""
-        limit = self.options.max_output_bytes
+        limit = self.max_output_bytes
         size = graph.output_bytes(batch, steps)
         if size > limit:
             per_step = max(1, graph.output_bytes(batch, 1) - graph.output_bytes(batch, 0))

@@ -19,6 +19,16 @@ and every session is in it, so every path reads and writes sessions the same way
 - ``check_position``: a request's expected position (steps before its chunk): equal to the
   session's -> apply; equal to the last applied chunk's -> its kept result again (whatever
   RPC applied it); anything else -> FailedPrecondition naming the session's position.
+- store faults (issue 21): every write is a compare-and-set on the epoch *and* on the
+  session's position (``Write.steps``; the store applies it only while the stored position is
+  the chunk's start), so it cannot land twice or after a newer one. A write the store did not
+  confirm (``StoreOutcomeUnknown``: a timeout, a connection lost after sending) marks the
+  session *unsettled* at its position and is answered ABORTED naming the position to resend
+  from; the session is read back from the store before its next request (``fresh``,
+  ``adopt``): a chunk that landed after all is answered from the store (with a position), or,
+  without one, refused once with FAILED_PRECONDITION naming where the session stands; a chunk
+  that did not land is applied. A record the store no longer has is ``StoreLost`` ("the state
+  store no longer has this session").
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from rnnzoo.errors import FailedPrecondition, NotFound
+from rnnzoo.errors import Aborted, FailedPrecondition, StoreLost, StoreOutcomeUnknown
 
 from .caller import current
 from .catalog import Catalog
@@ -36,6 +46,7 @@ from .lease import Lease
 from .model import Chunk, ServedModel
 from .options import StepResult
 from .redact import sid_tag
+from .repository import ServedEntry
 from .sessions import Session, SessionStore
 from .snapshot import (
     Snapshot,
@@ -47,6 +58,8 @@ from .snapshot import (
     to_bytes,
 )
 from .store import GroupWriter, Record, StateStore, Write
+
+MAX_UNSETTLED = 100_000
 
 
 class Records:
@@ -61,12 +74,27 @@ class Records:
         self.lease_ttl_s = lease_ttl_s
         self.writer = GroupWriter(store, lease_ttl_s) if store.shared else None
         self._deletes: set[asyncio.Task[None]] = set()
+        self._ids: dict[str, tuple[ServedEntry, str, dict[str, str]]] = {}
         sessions.on_bury = self._on_bury
+        # session id -> the position before a write whose outcome is unknown (until read back)
+        self.unsettled: dict[str, int] = {}
+        # session id -> (that position, where the store had it): it had landed after all
+        self.landed: dict[str, tuple[int, int]] = {}
 
     # ---- snapshots -------------------------------------------------------------------------
-    def model_hash(self, model: str) -> str:
+    def _identity(self, model: str) -> tuple[str, dict[str, str]]:
+        """(graph hash, the contract's source) of ``model``'s served entry, cached per entry:
+        a snapshot is made on every step."""
         entry = self.catalog.entry(model)
-        return model_hash([entry.graphs[r] for r in sorted(entry.graphs)])
+        got = self._ids.get(model)
+        if got is None or got[0] is not entry:
+            digest = model_hash([entry.graphs[r] for r in sorted(entry.graphs)])
+            source = dict(entry.graphs["model"].contract.source or {})
+            got = self._ids[model] = (entry, digest, source)
+        return got[1], got[2]
+
+    def model_hash(self, model: str) -> str:
+        return self._identity(model)[0]
 
     def snapshot(
         self,
@@ -76,16 +104,17 @@ class Records:
         buffer: list[Chunk] | None = None,
         meta: bool = False,
     ) -> Snapshot:
-        """``sess`` as a Snapshot; ``state``/``steps``/``buffer``: a change not committed yet."""
-        graph = self.catalog.entry(sess.model).graphs["model"]
+        """``sess`` as a Snapshot; ``state``/``steps``/``buffer``: a change not committed yet
+        (taken as they are: a change's dicts are its own, never changed in place)."""
+        digest, source = self._identity(sess.model)
         snap = Snapshot(
             sess.model,
-            self.model_hash(sess.model),
+            digest,
             sess.steps if steps is None else steps,
-            dict(sess.state if state is None else state),
-            dict(sess.initial),
-            list(sess.buffer if buffer is None else buffer),
-            dict(graph.contract.source or {}),
+            dict(sess.state) if state is None else state,
+            sess.initial,
+            list(sess.buffer) if buffer is None else buffer,
+            source,
         )
         if meta:
             snap.meta = self.meta(sess)
@@ -125,13 +154,13 @@ class Records:
         """``sid`` as the store has it now (unless a live stream of this process holds it:
         then the copy here is the newest); NotFound, saying why, when it is gone."""
         sessions = self.sessions
-        if sessions.leases.holder_alive(sid) is not None and sid in sessions._live:
+        held = sessions.leases.holder_alive(sid) is not None
+        if held and sid in sessions._live and sid not in self.unsettled:
             return sessions.get(sid)
         rec = await self.store.load(sid)
         if rec is None:
             sessions.get(sid, touch=False)  # a reason known here first (expired, closed)
-            sessions.gone(sid, "gone from the state store (closed elsewhere, or expired)")
-            return sessions.get(sid)  # raises NotFound
+            raise self.lost(sid)
         self.adopt(rec)
         return sessions.get(sid)
 
@@ -144,6 +173,9 @@ class Records:
             last = result_from_bytes(rec.resp) if rec.resp else None
         m = snap.meta
         now = self.sessions.clock()
+        before = self.unsettled.pop(rec.sid, None)  # read back: the outcome is known now
+        if before is not None and snap.steps != before and rec.rpos == before and last:
+            self.landed[rec.sid] = (before, snap.steps)  # it had landed after all
 
         def fill(sess: Session) -> None:
             self.fill(sess, snap)
@@ -203,6 +235,7 @@ class Records:
             create=True,
             quota_key=sess.quota_key,
             quota_max=quota,
+            steps=sess.steps,
         )
         self._encode(w, snap, None)
         ok = await self._write(w)
@@ -245,24 +278,55 @@ class Records:
         snap.meta = self.meta(sess)
         epoch = lease.epoch if lease is not None else sess.fence
         w = Write(sess.id, epoch, b"", self._ttl(sess), None, rpos, lease is not None)
+        w.steps = snap.steps
         self._encode(w, snap, result, sess)
-        if not await self._write(w):
+        before = rpos if rpos >= 0 else sess.steps
+        try:
+            ok = await self._write(w)
+        except StoreOutcomeUnknown as exc:
+            self.unsettled[sess.id] = before
+            if len(self.unsettled) > MAX_UNSETTLED:  # bounded: the oldest are forgotten
+                self.unsettled.pop(next(iter(self.unsettled)))
+            raise Aborted(
+                f"session {sid_tag(sess.id)}: {exc}, so whether this request was applied is "
+                "unknown. Nothing is lost: the session is read back from the store before its "
+                f"next request. Resend it with position={before} (if it was applied you get "
+                "its kept result, else it is applied now); without a position, resend it and "
+                "the server first says where the session stands if it had landed; it was at "
+                f"position {before}"
+            ) from None
+        if not ok:
             if lease is not None:
                 self.sessions.leases.lost(lease)
-            raise await self.refused(sess, lease)
+            raise await self.refused(sess, lease, rpos)
 
-    async def refused(self, sess: Session, lease: Lease | None) -> Exception:
+    async def refused(self, sess: Session, lease: Lease | None, rpos: int = -1) -> Exception:
         """Why the store refused a write of ``sess``, as the store has it now."""
         tag = sid_tag(sess.id)
         dropped = "this result was dropped and the session is unchanged by it"
         try:
             rec = await self.store.load(sess.id)
         except Exception:  # the store went away meanwhile: say what is known
-            rec = None
+            return FailedPrecondition(
+                f"the state store refused a write of session {tag} and cannot be read now: "
+                f"{dropped}. Retry once the store is back: the session is read back first"
+            )
         if rec is None:
-            return NotFound(
-                f"session {tag} was gone from the state store (closed elsewhere, or expired) "
-                f"while this request ran: {dropped}; create a new session"
+            return self.lost(sess.id, f"; {dropped}")
+        epoch = lease.epoch if lease is not None else sess.fence
+        if rec.epoch == epoch and rpos >= 0 and rec.steps not in (-1, rpos):
+            # the position moved under the same lease: an earlier write landed late
+            if rec.rpos == rpos and rec.resp:
+                return Aborted(
+                    f"session {tag}: this chunk was already applied by an earlier attempt "
+                    f"whose answer was lost (the store has the session at position "
+                    f"{rec.steps}); {dropped}. Resend it with position={rpos} to get its kept "
+                    f"result, or continue from position {rec.steps}"
+                )
+            return Aborted(
+                f"session {tag} is at position {rec.steps} in the state store, not {rpos} as "
+                f"this server had it (an earlier write landed late); {dropped}. Continue from "
+                f"position {rec.steps}"
             )
         if rec.holder and rec.lease_left_s > 0 and (lease is None or rec.holder != lease.holder):
             return FailedPrecondition(
@@ -282,6 +346,44 @@ class Records:
             f"process) while this one ran: {dropped}. Retry: it continues from where the "
             "session stands (send the position you expect to detect this)"
         )
+
+    def lost(self, sid: str, what: str = "") -> StoreLost:
+        """``sid`` is not in the store (any more): its copy here is buried, and the error
+        says so (NotFound)."""
+        self.unsettled.pop(sid, None)
+        self.landed.pop(sid, None)
+        why = (
+            "not in the state store any more (closed elsewhere, expired, or the state store "
+            "no longer has this session: it restarted without persistence, or lost data)"
+        )
+        self.sessions.gone(sid, why)
+        return StoreLost(
+            f"session {sid_tag(sid)}: the state store no longer has this session (closed "
+            "elsewhere, expired, or the store restarted without persistence or lost data)"
+            f"{what}. Create a new session, or restore one from a snapshot you kept"
+        )
+
+    def check_position(self, sess: Session, position: int | None) -> StepResult | None:
+        """``check_position`` after a store fault: a session whose last write is unsettled
+        (not read back yet) is Aborted; one whose unsettled write had landed refuses one
+        request without a position, saying where the session stands."""
+        before = self.unsettled.get(sess.id)
+        if before is not None:
+            raise Aborted(
+                f"session {sid_tag(sess.id)}: the outcome of the request at position {before} "
+                "is not settled yet (the state store did not confirm it); open a new stream "
+                f"(it reads the session back) and resend with position={before}"
+            )
+        landed = self.landed.pop(sess.id, None)
+        if landed is not None and position is None:
+            at, now = landed
+            raise FailedPrecondition(
+                f"session {sid_tag(sess.id)}: the request sent at position {at}, whose outcome "
+                f"was unknown, was applied after all; do not send it again (resend it with "
+                f"position={at} for its result). The session is at position {now}: continue "
+                f"from position {now}"
+            )
+        return check_position(sess, position)
 
     async def delete(self, sess: Session, lease: Lease | None) -> None:
         """Delete ``sess`` from the store, fenced as a write is (refused, saying why, when a

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rnnzoo.errors import FailedPrecondition, NotFound
+from rnnzoo.errors import FailedPrecondition, StoreLost
 
 from .redact import sid_tag
 from .store import LeaseStore, Record
@@ -75,7 +75,11 @@ class Leases:
         self.store = store  # where the leases live for every process sharing it
         self._held: dict[str, Lease] = {}
         self._epochs: dict[str, int] = {}  # key -> last epoch handed out
-        self._releases: set[asyncio.Task[None]] = set()  # store releases in flight
+        self._releases: set[asyncio.Task[None]] = set()
+        # key -> (holder, epoch) of a store release that failed (the store was unreachable):
+        # sent again before this process takes the key again, so that a stream reopened
+        # after a store outage does not wait out its own dead stream's lease (issue 21: 20 s)
+        self._unreleased: dict[str, tuple[str, int]] = {}  # store releases in flight
 
     def __len__(self) -> int:
         return len(self._held)
@@ -117,6 +121,12 @@ class Leases:
         if held is not None and held.holder != holder:
             self.acquire(key, holder)  # raises, with this process's wording
         await self.settle()  # this process's releases in flight land first
+        stale = self._unreleased.pop(key, None)
+        if stale is not None:
+            try:
+                await self.store.release(key, *stale)
+            except Exception:
+                self._unreleased[key] = stale
         got = await self.store.acquire(key, holder, self.ttl_s)
         if not got.ok:
             raise FailedPrecondition(
@@ -126,9 +136,10 @@ class Leases:
                 "retry after the lease runs out (one stream per session at a time)"
             )
         if got.record is None:
-            raise NotFound(
-                f"session {sid_tag(key)} was gone from the state store (closed elsewhere, or "
-                "expired); create a new session"
+            raise StoreLost(
+                f"session {sid_tag(key)}: the state store no longer has this session (closed "
+                "elsewhere, expired, or the store restarted without persistence or lost data); "
+                "create a new session, or restore one from a snapshot you kept"
             )
         return self._install(key, holder, got.epoch), got.record
 
@@ -168,14 +179,20 @@ class Leases:
             return False
         del self._held[lease.key]
         try:
-            task = asyncio.get_running_loop().create_task(
-                self.store.release(lease.key, lease.holder, lease.epoch)
-            )
+            task = asyncio.get_running_loop().create_task(self._release_in_store(lease))
         except RuntimeError:  # no loop: the store lease runs out by itself
             return True
         self._releases.add(task)
         task.add_done_callback(_settled(self._releases))
         return True
+
+    async def _release_in_store(self, lease: Lease) -> None:
+        try:
+            await self.store.release(lease.key, lease.holder, lease.epoch)
+        except Exception:
+            if len(self._unreleased) < 100_000:
+                self._unreleased[lease.key] = (lease.holder, lease.epoch)
+            raise
 
     async def settle(self) -> None:
         """Wait for store releases in flight (a clean stop frees its sessions at once)."""
@@ -188,6 +205,7 @@ class Leases:
         """The session is gone (closed, expired, evicted): drop its lease and epoch."""
         self._held.pop(key, None)
         self._epochs.pop(key, None)
+        self._unreleased.pop(key, None)
 
 
 def _settled(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,13 +48,6 @@ from .versions import (
 
 log = logging.getLogger(__name__)
 
-# The default for ``ModelRepository.from_dir(allow_failed_parity=None)``: ``rnnzoo serve
-# --allow-failed-parity`` sets it for the serving task (threads started from it inherit it).
-ALLOW_FAILED_PARITY: ContextVar[bool] = ContextVar("rnnzoo_allow_failed_parity", default=False)
-# The default for ``from_dir(strict=None)``: True (a model that fails fails the load) for the
-# library; ``rnnzoo serve`` sets it to its ``--strict`` flag (default off: a model that fails
-# to load is listed not ready with its reason, and the others serve).
-STRICT: ContextVar[bool] = ContextVar("rnnzoo_strict_load", default=True)
 _ABS_PATH = re.compile(
     r"(?<![\w.])(?:[A-Za-z]:)?[/\\](?:[^\s'\":,;()\[\]]+[/\\])+([^\s'\":,;()\[\]]+)"
 )
@@ -69,8 +61,6 @@ def public_reason(text: str, model_dir: Path) -> str:
     return _ABS_PATH.sub(r"\1", text)
 
 
-# ``rnnzoo serve --model-control/--load-model/--repository-poll-secs/--drain-timeout`` set it
-# for the serving task, as the two above.
 @dataclass(frozen=True)
 class ControlOptions:
     """Model control, with Triton's names (docs/kserve.md "Model versions and control")."""
@@ -94,7 +84,17 @@ class ControlOptions:
             )
 
 
-CONTROL: ContextVar[ControlOptions | None] = ContextVar("rnnzoo_model_control", default=None)
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model directory is loaded: passed explicitly from ``rnnzoo serve`` (its flags)
+    through ``serve`` and ``Runtime.from_dir`` to ``ModelRepository.from_dir``."""
+
+    # a model that fails to load fails the whole load (the library's default); ``rnnzoo
+    # serve`` defaults to off: a model that fails is listed not ready with its reason
+    strict: bool = True
+    allow_failed_parity: bool = False  # serve models whose parity record says failed
+    control: ControlOptions = field(default_factory=ControlOptions)
+
 
 READY, UNAVAILABLE, DRAINING = "READY", "UNAVAILABLE", "DRAINING"
 
@@ -205,22 +205,21 @@ class ModelRepository:
         model_dir: str | Path,
         intra: int = 1,
         inter: int = 1,
-        allow_failed_parity: bool | None = None,
-        strict: bool | None = None,
+        allow_failed_parity: bool = False,
+        strict: bool = True,
         control: ControlOptions | None = None,
     ) -> ModelRepository:
         d = Path(model_dir)
         if not d.is_dir():
             raise NotFound(f"model directory {d} does not exist; pass a directory of .onnx files")
-        allow = ALLOW_FAILED_PARITY.get() if allow_failed_parity is None else allow_failed_parity
-        control = (CONTROL.get() or ControlOptions()) if control is None else control
+        allow = allow_failed_parity
+        control = ControlOptions() if control is None else control
         control.check()
         files = _model_files(d)
         if not files:
             raise NotFound(
                 f"model directory {d} holds no .onnx files; export some with `rnnzoo export`"
             )
-        strict = STRICT.get() if strict is None else strict
         repo = cls(
             {}, model_dir=d, intra=intra, inter=inter, allow_failed_parity=allow, control=control
         )
@@ -303,11 +302,15 @@ class ModelRepository:
             )
         return FailedPrecondition(f"{what} is not ready: {vs.reason}; {instead}")
 
-    def resolve(self, name: str, version: str | int = "") -> str:
+    def resolve(self, name: str, version: str | int = "", live: bool = False) -> str:
         """The key new work on ``name`` goes to: ``version`` ("" or 0: the newest READY one)
-        if it is READY; errors say why not and which versions serve."""
+        if it is READY; errors say why not and which versions serve. ``live``: for a request
+        of a live sequence (which runs on its session's version): a DRAINING version will do."""
         if version in ("", 0):
             latest = self.latest(name)
+            if latest is None and live:
+                draining = [vs for vs in self.table.get(name, {}).values() if vs.state == DRAINING]
+                latest = max(draining, key=lambda vs: vs.version) if draining else None
             if latest is None:
                 self.get(name)  # raises: unknown, failed, unloaded or retired
                 raise AssertionError("unreachable")  # pragma: no cover
@@ -328,7 +331,7 @@ class ModelRepository:
                 f"model {clip(name)!r} has no version {v}; it serves versions "
                 f"{self.served_versions(name)}"
             )
-        if vs.state != READY:
+        if vs.state != READY and not (live and vs.state == DRAINING):
             raise self._not_ready(vs)
         return vs.key
 

@@ -68,12 +68,12 @@ from .lease import Lease, new_holder
 from .model import Chunk
 from .options import RuntimeOptions, StepResult
 from .redact import clip, sid_tag
-from .repository import ModelInfo, ModelRepository
+from .repository import LoadOptions, ModelInfo, ModelRepository
 from .sequences import Sequences
 from .session_ops import SessionOps
 from .sessions import SessionInfo, SessionStore
 from .snapshot import Snapshot
-from .stepping import Stepper, with_batch
+from .stepping import Prepared, Stepper, with_batch
 from .store import StateStore, open_store
 from .transaction import Transaction
 
@@ -129,18 +129,35 @@ class Runtime:
         self._renewer: asyncio.Task[None] | None = None
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, options: RuntimeOptions | None = None) -> Runtime:
+    def from_dir(
+        cls,
+        model_dir: str | Path,
+        options: RuntimeOptions | None = None,
+        load: LoadOptions | None = None,
+    ) -> Runtime:
         opts = options or RuntimeOptions()
         opts.check()
-        repo = ModelRepository.from_dir(model_dir, opts.intra_op_threads, opts.inter_op_threads)
+        ld = load or LoadOptions()
+        repo = ModelRepository.from_dir(
+            model_dir,
+            opts.intra_op_threads,
+            opts.inter_op_threads,
+            allow_failed_parity=ld.allow_failed_parity,
+            strict=ld.strict,
+            control=ld.control,
+        )
         return cls(repo, opts)
+
+    def cap_output_bytes(self, limit: int) -> None:
+        """Responses must fit a message: refuse outputs over ``limit`` bytes (the options
+        stay as given; the lower of the two applies)."""
+        self.catalog.max_output_bytes = max(1, min(self.options.max_output_bytes, limit))
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         if self._phase != "new":
             raise FailedPrecondition(f"the runtime is {self._phase}; create a new one to restart")
-        for b in self.batchers.values():
-            b.start()
+        self.batchers.start()
         # Always: sessions may ask for a TTL even when the server has none.
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
         self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())
@@ -272,18 +289,16 @@ class Runtime:
         inputs: dict[str, np.ndarray],
         lease: Lease | None = None,
         position: int | None = None,
-    ) -> Transaction[Chunk]:
+    ) -> Transaction[Prepared]:
         """``async with rt.stepping(...) as result``: one chunk as a session transaction
         (transaction.py). ``lease``: the calling stream's lease; ``position``: the steps the
         request expects before its chunk (a retry of the last one gets its result again).
         A caller that sends the response calls ``await result.persist()`` first."""
         self._check()
         sess = self.sessions.get(session_id, touch=False)
-        _, graph = self.catalog.single(sess.model, "step")
-        chunk = graph.validate_chunk(inputs)  # before anything is queued or locked
-        self.catalog.check_steps(chunk.length, "this chunk")
+        p = self.stepper.prepare(sess.model, inputs)  # before anything is queued or locked
         what = "a step from outside it"
-        return Transaction(self.core, session_id, lease, position, self.stepper.chunk, chunk, what)
+        return Transaction(self.core, session_id, lease, position, self.stepper.chunk, p, what)
 
     async def _infer_stateless(
         self, model: str, inputs: dict[str, np.ndarray]

@@ -192,22 +192,24 @@ class Sequences:
             yield SeqResult(outputs, 0, _steps(self.catalog, model, outputs), False, False)
             return
         self.core.check()
-        _, graph = self.catalog.single(model, "a sequence")
-        contract = graph.contract
-        chunk = graph.validate_chunk(_unbatch(contract, inputs))  # before any session change
-        self.catalog.check_steps(chunk.length, "this request")
         if principal is None:  # the authenticated caller's (caller.py), else the default
             caller = current()
             principal = caller.principal if caller is not None else None
         key = SeqKey(principal or "", model, seq_id)
         sid = key.session_id()
         try:
-            await self.core.records.fresh(sid)
-            active = True
-        except NotFound as gone:
-            if not start:
-                raise self._unknown(key, gone) from None
-            active = False
+            sess = await self.core.records.fresh(sid)
+            active, gone = True, None
+        except NotFound as exc:
+            active, gone = False, exc
+        # a live sequence runs on its session's model version to its end (repository.py)
+        version = sess.model if active else model
+        _, graph = self.catalog.single(version, "a sequence")
+        if gone is not None and not start:
+            raise self._unknown(key, gone) from None
+        contract = graph.contract
+        chunk = _unbatch(contract, inputs)
+        prepared = self.stepper.prepare(version, chunk)  # validated before any session change
         created = False
         if active:
             held = holder.leases.get(sid) if holder is not None else None
@@ -216,10 +218,13 @@ class Sequences:
             await self.ops.create(model, sid=sid)
             created = True
         try:
+            pinned = self.core.sessions.get(sid, touch=False).model  # its version's key
+            if self.catalog.entry(pinned) is not prepared.entry:
+                prepared = self.stepper.prepare(pinned, chunk)
             lease = await holder.lease(sid) if holder is not None else None
             compute = self.stepper.restart if start and not created else self.stepper.chunk
             what = f"a request of {key.describe()}"
-            async with Transaction(self.core, sid, lease, None, compute, chunk, what) as res:
+            async with Transaction(self.core, sid, lease, None, compute, prepared, what) as res:
                 yield SeqResult(
                     with_batch(contract, res.outputs), res.start, res.steps_total, res.revised, True
                 )

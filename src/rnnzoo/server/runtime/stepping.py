@@ -15,6 +15,8 @@ Small chunks run in the batcher, long ones (``long_job_steps`` or more) in the l
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from rnnzoo.contract import Contract
@@ -23,11 +25,22 @@ from rnnzoo.errors import ResourceExhausted
 from .batching import Batcher
 from .catalog import Catalog
 from .compute import Compute
-from .model import Chunk
+from .model import Chunk, ServedModel
 from .options import RuntimeOptions, StepResult
 from .redact import sid_tag
+from .repository import ServedEntry
 from .sessions import Session
 from .transaction import Change
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A chunk validated before the transaction (before anything is queued or locked), with
+    the entry and graph it was validated against."""
+
+    entry: ServedEntry
+    graph: ServedModel
+    chunk: Chunk
 
 
 class Stepper:
@@ -43,21 +56,28 @@ class Stepper:
         self.compute = compute
         self.options = options
 
-    async def chunk(self, sess: Session, chunk: Chunk) -> Change:
-        return await self._step(sess, chunk, sess.state, sess.steps, sess.buffer)
+    def prepare(self, model: str, inputs: dict[str, np.ndarray]) -> Prepared:
+        """Validate one chunk of a session of ``model`` (its version's key)."""
+        entry, graph = self.catalog.single(model, "step")
+        chunk = graph.validate_chunk(inputs)
+        self.catalog.check_steps(chunk.length, "this chunk")
+        return Prepared(entry, graph, chunk)
 
-    async def restart(self, sess: Session, chunk: Chunk) -> Change:
-        return await self._step(sess, chunk, sess.initial, 0, [])
+    async def chunk(self, sess: Session, p: Prepared) -> Change:
+        return await self._step(sess, p, sess.state, sess.steps, sess.buffer)
+
+    async def restart(self, sess: Session, p: Prepared) -> Change:
+        return await self._step(sess, p, sess.initial, 0, [])
 
     async def _step(
         self,
         sess: Session,
-        chunk: Chunk,
+        p: Prepared,
         state: dict[str, np.ndarray],
         steps0: int,
         buffer: list[Chunk],
     ) -> Change:
-        entry, graph = self.catalog.single(sess.model, "step")
+        entry, graph, chunk = p.entry, p.graph, p.chunk
         batcher = self.batchers[(sess.model, "model")]
         total = steps0 + chunk.length
         options = self.options

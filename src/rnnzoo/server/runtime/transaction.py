@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
 
-from .durable import check_position
 from .lease import Lease
 from .model import Chunk
 from .options import StepResult
@@ -129,7 +128,7 @@ class Transaction(Generic[A]):
         sess = core.sessions.get(self.sid)  # closed/expired while waiting?
         core.own(sess, self.lease, self.what)  # the authoritative check: renews a lease
         epoch = sess.epoch
-        kept = check_position(sess, self.position)
+        kept = core.records.check_position(sess, self.position)
         if kept is not None:
             return StepResult(
                 kept.outputs, kept.start, kept.steps_total, kept.revised, True, _nothing
@@ -149,7 +148,7 @@ class Transaction(Generic[A]):
         assert sess is not None and change is not None
         core = self.core
         core.check_epoch(sess, self._epoch)
-        core.own(sess, self.lease, self.what)
+        core.still_own(sess, self.lease, self.what)
         snap = core.records.snapshot(sess, change.state, change.steps, change.buffer)
         await core.records.write(sess, snap, self.lease, change.result, change.rpos)
         self._persisted = True

@@ -10,7 +10,9 @@ runs it:
    every entry's using ``hmac.compare_digest``, always over the whole table, so neither the
    time taken nor an early exit tells which entry (or how much of one) matched. Without
    tokens but with mTLS (``--tls-client-ca``), the principal is the client certificate's
-   common name. Missing or unknown token: UNAUTHENTICATED saying how to pass one;
+   common name. Missing or unknown token: UNAUTHENTICATED saying how to pass one. Failed
+   authentications are rate limited per peer address, and so are their log lines
+   (``auth_failures.py``);
 2. sets the call's ``Caller`` (``rnnzoo.server.runtime.caller``): the principal, and the key
    quotas and fair scheduling count by (the principal, or the connection's peer address
    without authentication). Session ownership and the session quota are enforced in the
@@ -41,7 +43,8 @@ from pathlib import Path
 from rnnzoo.errors import InvalidArgument, ResourceExhausted, Unauthenticated
 from rnnzoo.server.runtime.caller import CALLER, Caller
 
-from .logs import log
+from .auth_failures import AuthFailures
+from .logs import call_fields, log
 
 LOG = logging.getLogger("rnnzoo.auth")
 EXEMPT = ("/grpc.health.v1.Health/",)
@@ -310,6 +313,9 @@ class Guard:
         self.rate = rate
         self.cert_principals = cert_principals  # mTLS without tokens: principal = cert CN
         self.refused: dict[str, int] = {"UNAUTHENTICATED": 0, "RESOURCE_EXHAUSTED": 0}
+        # failed authentications per peer address: as many per second as the request-rate
+        # quota allows a caller, at least 10/s, in bursts of at least 100
+        self.failures = AuthFailures(max(10.0, rate.rate)) if rate is not None else AuthFailures()
 
     @property
     def authenticating(self) -> bool:
@@ -338,12 +344,12 @@ class Guard:
         ``Caller`` (and the rate quota that ``charge`` draws on) for the call's task."""
         method, principal, refusal = decision.method, decision.principal, decision.refusal
         if refusal is not None:
-            self._refuse(method, context, "UNAUTHENTICATED")
+            self._unauthenticated(method, context)
             raise Unauthenticated(refusal)
         if principal is None and self.cert_principals:
             principal = _cert_name(context)
             if principal is None:
-                self._refuse(method, context, "UNAUTHENTICATED")
+                self._unauthenticated(method, context)
                 raise Unauthenticated(
                     "this server identifies clients by their TLS certificate and this call "
                     "presented none with a common name; connect with a client certificate "
@@ -364,7 +370,35 @@ class Guard:
                 self._refuse(method, context, "RESOURCE_EXHAUSTED")
                 raise
 
+    def _unauthenticated(self, method: str, context) -> None:
+        """A failed authentication: over its peer's budget ResourceExhausted (raised), else
+        counted; logged (one line, not two) for the first of its peer in a window."""
+        peer = context.peer()
+        try:
+            self.failures.check(peer)
+        except ResourceExhausted:
+            self.refused["RESOURCE_EXHAUSTED"] += 1
+            self._quiet()
+            raise
+        self.refused["UNAUTHENTICATED"] += 1
+        if self.failures.failed(peer):
+            log(
+                LOG,
+                "refused",
+                logging.WARNING,
+                rpc=method,
+                code="UNAUTHENTICATED",
+                peer=peer,
+                not_logged_since=self.failures.suppressed(),
+            )
+        self._quiet()
+
+    @staticmethod
+    def _quiet() -> None:
+        """No RPC log line for this call: the guard's own line (rate limited) stands for it."""
+        fields = call_fields()
+        if fields is not None:
+            fields["quiet"] = True
+
     def _refuse(self, method: str, context, code: str) -> None:
         self.refused[code] = self.refused.get(code, 0) + 1
-        if code == "UNAUTHENTICATED":
-            log(LOG, "refused", logging.WARNING, rpc=method, code=code, peer=context.peer())

@@ -24,6 +24,7 @@ import logging
 import grpc
 
 from rnnzoo.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -56,6 +57,7 @@ STATUS: dict[type[RnnzooError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    Aborted: grpc.StatusCode.ABORTED,
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }
 
@@ -210,8 +212,12 @@ def _wrap_stream(
 
 async def _handle(rpc: str, exc: BaseException, context, fields: dict) -> None:
     """Abort the call with the mapped status (abort raises); records the code to log."""
-    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        fields["code"] = "CANCELLED"  # the client went away: nothing to send
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit) or _cancelled(context):
+        # the client went away (a write or read of its cancelled call raised): nothing to
+        # send, not an error of ours, no traceback (issue 21: 200 cancelled streams were
+        # logged at error level with tracebacks and counted as INTERNAL)
+        fields["code"] = "CANCELLED"
+        exc.__traceback__ = None
         return
     if isinstance(exc, grpc.aio.AbortError):
         code = context.code()  # the servicer aborted on its own
@@ -238,6 +244,14 @@ async def _handle(rpc: str, exc: BaseException, context, fields: dict) -> None:
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
+def _cancelled(context) -> bool:
+    """Did the client cancel this call (or its connection go away)?"""
+    try:
+        return bool(context.cancelled())
+    except Exception:  # a context without the method (tests calling handlers directly)
+        return False
+
+
 def _log_call(rpc: str, fields: dict, t0: float) -> None:
     code = fields.pop("code", "OK")
     # A successful unary call is routine: debug (an info line per ModelInfer wrote 9.2 MB in
@@ -247,7 +261,8 @@ def _log_call(rpc: str, fields: dict, t0: float) -> None:
     else:
         level = logging.INFO if code == "CANCELLED" else logging.WARNING
     ms = now_ms() - t0
-    if LOG.isEnabledFor(level):
+    # a refused authentication: the guard logs it (rate limited), not this line
+    if LOG.isEnabledFor(level) and not fields.pop("quiet", False):
         log(LOG, "rpc", level, rpc=rpc, **fields, code=code, ms=round(ms, 3))
     metrics.call_ended(
         rpc,

@@ -38,10 +38,12 @@ from rnnzoo.errors import (
 from rnnzoo.proto.inference.v2 import grpc_service_pb2 as kpb
 from rnnzoo.proto.inference.v2 import model_config_pb2 as mc
 from rnnzoo.server.runtime import Runtime, telemetry
+from rnnzoo.server.runtime.caller import current
 from rnnzoo.server.runtime.redact import clip
 from rnnzoo.server.runtime.repository import DRAINING
-from rnnzoo.server.runtime.sequences import Holder
+from rnnzoo.server.runtime.sequences import Holder, SeqKey
 from rnnzoo.server.runtime.text import text_inputs
+from rnnzoo.server.runtime.versions import key_of
 
 from . import metrics
 from .codec import checked
@@ -150,10 +152,11 @@ class KServeServicer:
     def _ready(self) -> bool:
         return isinstance(self.rt, Runtime) and self.rt.ready
 
-    def _key(self, name: str, version: str) -> str:
-        """The key of the version a request goes to (its own, or the newest READY one)."""
+    def _key(self, name: str, version: str, live: bool = False) -> str:
+        """The key of the version a request goes to (its own, or the newest READY one;
+        ``live``: a live sequence's request, which a retired version still takes)."""
         self.rt._check()
-        return self.rt.repo.resolve(name, version)
+        return self.rt.repo.resolve(name, version, live)
 
     def _fits(self, resp) -> None:
         size = resp.ByteSize()
@@ -456,8 +459,9 @@ class KServeServicer:
         runtime's block: the sequence moves on only once its response went out."""
         t0 = time.perf_counter_ns()
         model = _need(request.model_name, "model_name")
-        clock.key = key = self._key(model, request.model_version)
         seq_id, start, end = _sequence(request.parameters)
+        live = seq_id not in (0, "") and not start
+        clock.key = key = self._key(model, request.model_version, live)
         inputs = self._inputs(key, request)
         wanted = [o.name for o in request.outputs]
         # a sequence keeps the version it started on; one that names a version is that
@@ -474,8 +478,13 @@ class KServeServicer:
                     f"requested outputs {[clip(u) for u in unknown[:8]]} unknown; model "
                     f"{clip(model)!r} has {sorted(res.outputs)}"
                 )
-            version = str(self.rt.repo.split(key)[1] or "")
-            resp = kpb.ModelInferResponse(model_name=model, model_version=version, id=request.id)
+            version = self.rt.repo.split(key)[1] or ""
+            if res.sequence:  # the version its session runs on
+                version = self._sequence_version(target, seq_id) or version
+                clock.key = key_of(model, version) if version else key
+            resp = kpb.ModelInferResponse(
+                model_name=model, model_version=str(version), id=request.id
+            )
             fill_outputs(resp, res.outputs, wanted)
             if res.sequence:
                 resp.parameters["start"].int64_param = res.start
@@ -488,6 +497,15 @@ class KServeServicer:
             if send is not None:
                 await send(kpb.ModelStreamInferResponse(infer_response=resp))
         return resp
+
+    def _sequence_version(self, model: str, seq_id: int | str) -> int:
+        """The model version a sequence's session runs on (0: not known)."""
+        caller = current()
+        principal = caller.principal if caller is not None and caller.principal else ""
+        try:
+            return self.rt.session_info(SeqKey(principal, model, seq_id).session_id()).version
+        except RnnzooError:
+            return 0
 
     async def ModelInfer(self, request, context):
         annotate(model=clip(request.model_name))

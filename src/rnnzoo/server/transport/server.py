@@ -2,7 +2,9 @@
 
 Lifecycle, as health reports it (``grpc.health.v1``, overall "" and "rnnzoo.v1.Rnnzoo"):
   start()  -> bound and answering, NOT_SERVING (the rnnzoo service answers UNAVAILABLE)
-  load(rt) -> runtime started, SERVING
+  load(rt) -> runtime started, SERVING (with a state store: while it answers; NOT_SERVING
+              while it is unreachable or broken, SERVING again when it is back:
+              ``store_health.py``)
   stop()   -> NOT_SERVING, no new RPCs; in-flight ones get ``grace_s``; then the runtime stops.
 
 Overload and dead peers (docs/limits.md):
@@ -26,132 +28,37 @@ import contextlib
 import logging
 import signal
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from rnnzoo.errors import FailedPrecondition, InvalidArgument, Unavailable
+from rnnzoo.errors import FailedPrecondition, Unavailable
 from rnnzoo.proto.inference.v2 import grpc_service_pb2 as kpb
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.server.runtime import Runtime, RuntimeOptions
 from rnnzoo.server.runtime.control import RepositoryControl
+from rnnzoo.server.runtime.repository import LoadOptions
 
 from . import metrics
-from .admission import Admission, AdmissionLimits
+from .admission import Admission
 from .codec import add_servicer
-from .guard import Guard, RateQuota, TokenTable
+from .config import MB, ServerConfig
 from .interceptors import ErrorInterceptor
 from .kserve import KServeServicer
 from .logs import log
 from .servicer import RnnzooServicer
+from .store_health import StoreHealth
 
 LOG = logging.getLogger("rnnzoo.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Rnnzoo"].full_name  # "rnnzoo.v1.Rnnzoo"
 KSERVICE = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"]  # KServe v2 / Triton
-MB = 1 << 20
 RESPONSE_OVERHEAD = 64 << 10  # a response's bytes beyond its tensors' data (names, shapes)
 
 
 def _loopback(host: str) -> bool:
     return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
-
-
-@dataclass
-class ServerConfig:
-    host: str = "127.0.0.1"  # localhost only unless asked: sessions carry no auth
-    port: int = 50051  # 0 = any free port (see RnnzooServer.port)
-    max_message_mb: float = 16.0  # per message, both directions; over it: RESOURCE_EXHAUSTED
-    grace_s: float = 5.0
-    # keepalive: detect dead and frozen peers (their streams then detach)
-    keepalive_time_s: float = 20.0  # ping a connection idle this long
-    keepalive_timeout_s: float = 10.0  # ...and close it if the ping is not answered by then
-    min_client_ping_interval_s: float = 10.0  # clients may ping this often (no data needed)
-    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
-    metrics_port: int | None = None  # Prometheus text over HTTP on host:port; 0 = any free
-    # security: PEM file paths; TLS needs both cert and key; a client CA turns on mTLS
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    auth_tokens: str | None = None  # token file (guard.TokenTable.from_file)
-    requests_per_s: float = 0.0  # per client (principal, or connection); 0 = no rate quota
-    burst: float | None = None  # the rate quota's bucket; None = 2 x requests_per_s
-    # a worker of ``rnnzoo serve --workers N`` (workers.py): share the port the supervisor
-    # reserved (SO_REUSEPORT), and record metrics for the supervisor's exporter
-    reuseport: bool = False
-    record_metrics: bool = False
-
-    @property
-    def tls(self) -> bool:
-        return self.tls_cert is not None
-
-    def credentials(self) -> grpc.ServerCredentials | None:
-        """The server's TLS credentials (None: plaintext), files read now."""
-        if not self.tls:
-            return None
-
-        def read(path: str, what: str) -> bytes:
-            try:
-                return Path(path).read_bytes()
-            except OSError as exc:
-                raise InvalidArgument(f"cannot read the {what} {path}: {exc.strerror}") from None
-
-        key = read(self.tls_key, "TLS key (--tls-key)")
-        cert = read(self.tls_cert, "TLS certificate (--tls-cert)")
-        ca = read(self.tls_client_ca, "client CA (--tls-client-ca)") if self.tls_client_ca else None
-        return grpc.ssl_server_credentials(
-            [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
-        )
-
-    def guard(self) -> Guard:
-        tokens = TokenTable.from_file(self.auth_tokens) if self.auth_tokens else None
-        rate = RateQuota(self.requests_per_s, self.burst) if self.requests_per_s else None
-        return Guard(tokens, rate, cert_principals=tokens is None and bool(self.tls_client_ca))
-
-    def check(self) -> None:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise InvalidArgument("TLS needs both --tls-cert and --tls-key")
-        if self.tls_client_ca and not self.tls:
-            raise InvalidArgument("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
-        if self.requests_per_s < 0:
-            raise InvalidArgument(f"requests_per_s must be >= 0, got {self.requests_per_s}")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise InvalidArgument(f"metrics port must be in [0, 65535], got {self.metrics_port}")
-        if not 0 <= self.port <= 65535:
-            raise InvalidArgument(f"port must be in [0, 65535], got {self.port}")
-        if self.max_message_mb <= 0:
-            raise InvalidArgument(f"max message size must be > 0 MB, got {self.max_message_mb}")
-        if self.grace_s < 0:
-            raise InvalidArgument(f"grace period must be >= 0 s, got {self.grace_s}")
-        for name in ("keepalive_time_s", "keepalive_timeout_s", "min_client_ping_interval_s"):
-            if not getattr(self, name) > 0:
-                raise InvalidArgument(f"{name} must be > 0, got {getattr(self, name)}")
-        self.admission.check()
-
-    def grpc_options(self) -> list[tuple[str, int]]:
-        size = int(self.max_message_mb * MB)
-        pending = 4 * self.admission.max_rpcs  # grpc's queue above ours: we refuse first
-        return [
-            ("grpc.max_receive_message_length", size),
-            ("grpc.max_send_message_length", size),
-            # grpc shares a busy port by default (SO_REUSEPORT): two servers would split
-            # the traffic and each see half of the sessions. Fail the bind instead. Workers
-            # (workers.py) share the port their supervisor reserved after the same check.
-            ("grpc.so_reuseport", 1 if self.reuseport else 0),
-            ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
-            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
-            ("grpc.http2.ping_timeout_ms", int(self.keepalive_timeout_s * 1000)),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),  # keep pinging an idle stream's peer
-            (
-                "grpc.http2.min_recv_ping_interval_without_data_ms",
-                int(self.min_client_ping_interval_s * 1000),
-            ),
-            ("grpc.server.max_pending_requests", pending),
-            ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
-        ]
 
 
 class _Unloaded:
@@ -166,8 +73,9 @@ class RnnzooServer:
         self.config = config or ServerConfig()
         self.config.check()
         # Health says SERVING once the runtime is loaded and the gate is open: always for one
-        # server; a worker's opens when its supervisor says every worker is up (workers.py)
+        # server; a worker's opens when its supervisor says every worker is up (server/supervisor.py)
         self.gate_open = True
+        self.store_health: StoreHealth | None = None  # with a state store: is it answering?
         self.runtime: Runtime | None = None
         self.control: RepositoryControl | None = None
         self.port: int | None = None
@@ -265,12 +173,10 @@ class RnnzooServer:
         return self.port
 
     async def load(self, runtime: Runtime) -> None:
-        """Start the runtime and serve it. Its max_output_bytes is capped to what fits a
-        message (less room for the response's own fields)."""
+        """Start the runtime and serve it. Its outputs are capped to what fits a message (less
+        room for the response's own fields); its options are left as given."""
         size = self.servicer.max_response_bytes
-        fit = size - min(RESPONSE_OVERHEAD, size // 4)
-        if runtime.options.max_output_bytes > fit:
-            runtime.options.max_output_bytes = max(1, fit)
+        runtime.cap_output_bytes(size - min(RESPONSE_OVERHEAD, size // 4))
         await runtime.start()
         if self.guard.rate is not None and runtime.state_store.shared:
             self.guard.rate.share(runtime.state_store)  # N processes: one quota
@@ -281,7 +187,14 @@ class RnnzooServer:
         self.control.start()
         self.kserve.control = self.control
         metrics.KNOWN = lambda name: name in runtime.repo.table
-        if self.gate_open:
+        if getattr(runtime.state_store, "ping", None) is not None:
+            self.store_health = StoreHealth(runtime.state_store, self._store_changed)
+            ok, why = await self.store_health.probe()
+            if not ok:
+                self.store_health.ok, self.store_health.why = False, why
+                log(LOG, "state store failing: NOT_SERVING", logging.ERROR, reason=why)
+            self.store_health.start()
+        if self._serving():
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         models = [m.name for m in runtime.list_models()]
         metrics.models_loaded(models)
@@ -290,17 +203,29 @@ class RnnzooServer:
             log(LOG, "model not served", logging.ERROR, model=name, reason=why)
         log(LOG, "serving", target=self.target, models=models)
 
+    def _serving(self) -> bool:
+        """SERVING: gate open (every worker up) and the state store (if any) answering."""
+        store_ok = self.store_health is None or self.store_health.ok
+        return self.gate_open and store_ok
+
+    async def _store_changed(self, ok: bool, why: str) -> None:
+        if self.runtime is not None and self.runtime.ready:
+            status = health_pb2.HealthCheckResponse
+            await self._set_health(status.SERVING if self._serving() else status.NOT_SERVING)
+
     async def set_gate(self, open_: bool) -> None:
         """Open or close the health gate (a worker: are all workers up?)."""
         self.gate_open = open_
         if self.runtime is not None and self.runtime.ready:
             status = health_pb2.HealthCheckResponse
-            await self._set_health(status.SERVING if open_ else status.NOT_SERVING)
+            await self._set_health(status.SERVING if self._serving() else status.NOT_SERVING)
 
     async def stop(self, grace_s: float | None = None) -> None:
         grace = self.config.grace_s if grace_s is None else grace_s
         log(LOG, "stopping", grace_s=grace)
         await self.health.enter_graceful_shutdown()  # NOT_SERVING, and stays so
+        if self.store_health is not None:
+            await self.store_health.stop()
         await self.server.stop(grace)
         if self.control is not None:
             await self.control.stop()
@@ -315,7 +240,12 @@ class RnnzooServer:
 
 
 async def serve(
-    model_dir: str | Path, options: RuntimeOptions, config: ServerConfig, ready=print, fleet=None
+    model_dir: str | Path,
+    options: RuntimeOptions,
+    config: ServerConfig,
+    ready=print,
+    fleet=None,
+    load: LoadOptions | None = None,
 ) -> None:
     """Serve ``model_dir`` until SIGTERM/SIGINT, then stop gracefully. ``fleet``: a worker's
     link to its supervisor (workers.FleetLink): health stays NOT_SERVING until the supervisor
@@ -327,7 +257,7 @@ async def serve(
         fleet.start(asyncio.get_running_loop(), server.set_gate, stop.set)
     await server.start()
     try:
-        runtime = await asyncio.to_thread(Runtime.from_dir, model_dir, options)
+        runtime = await asyncio.to_thread(Runtime.from_dir, model_dir, options, load)
         await server.load(runtime)
         ready(f"listening on {server.target}", flush=True)
         if server.metrics_port is not None:

@@ -47,6 +47,7 @@ class Record:
     # the written objects themselves, from a store that keeps objects (``shared`` False:
     # the memory store); then ``snap`` and ``resp`` are empty
     value: object = None
+    steps: int = -1  # the session's position as stored (-1: not recorded, an older record)
 
 
 @dataclass(slots=True)
@@ -67,6 +68,10 @@ class Write:
     # what ``snap``/``resp`` encode, for a store that keeps objects (``shared`` False); the
     # writer then leaves ``snap`` and ``resp`` empty (encoding costs ~22 µs per step)
     value: object = None
+    # the session's position after this write (-1: not known). A write with ``rpos`` >= 0
+    # is also a compare-and-set on the position: applied only while the stored position is
+    # ``rpos`` (the chunk's start), so a write that lands late or twice changes nothing
+    steps: int = -1
 
 
 @dataclass(slots=True)

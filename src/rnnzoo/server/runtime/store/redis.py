@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
-from rnnzoo.errors import InvalidArgument, Unavailable
+from rnnzoo.errors import InvalidArgument, StoreOutcomeUnknown, StoreUnavailable
 
+from ..redact import scrub
 from . import wire
 from .api import DEFAULT_MAX_TTL_S, Acquired, Record, StateStore, Write, redact
 
@@ -14,26 +16,28 @@ _NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] /
 _WRITE = """
 if ARGV[7] == '1' then
   if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-  local qmax = tonumber(ARGV[9])
+  local qmax = tonumber(ARGV[10])
   if qmax > 0 then
     local live = 0
     for _, sid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-      if redis.call('EXISTS', ARGV[10] .. sid) == 1 then live = live + 1
+      if redis.call('EXISTS', ARGV[11] .. sid) == 1 then live = live + 1
       else redis.call('SREM', KEYS[2], sid) end
     end
     if live >= qmax then return -1 end
-    redis.call('SADD', KEYS[2], ARGV[11])
-    redis.call('PEXPIRE', KEYS[2], ARGV[12])
+    redis.call('SADD', KEYS[2], ARGV[12])
+    redis.call('PEXPIRE', KEYS[2], ARGV[13])
   end
   redis.call('HSET', KEYS[1], 'snap', ARGV[2], 'epoch', 0, 'holder', '', 'lexp', 0,
-             'resp', '', 'rpos', -1)
+             'resp', '', 'rpos', -1, 'steps', ARGV[9])
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
   return 1
 end
-local v = redis.call('HMGET', KEYS[1], 'epoch', 'holder', 'lexp')
-if not v[1] or v[1] ~= ARGV[1] then return 0 end
+local v = redis.call('HMGET', KEYS[1], 'epoch', 'holder', 'lexp', 'steps')
+if not v[1] then return -2 end
+if v[1] ~= ARGV[1] then return 0 end
 if ARGV[6] == '0' and v[2] ~= '' and tonumber(v[3]) > now then return 0 end
-redis.call('HSET', KEYS[1], 'snap', ARGV[2], 'resp', ARGV[3], 'rpos', ARGV[4])
+if tonumber(ARGV[4]) >= 0 and v[4] and v[4] ~= '-1' and v[4] ~= ARGV[4] then return -3 end
+redis.call('HSET', KEYS[1], 'snap', ARGV[2], 'resp', ARGV[3], 'rpos', ARGV[4], 'steps', ARGV[9])
 if ARGV[6] == '1' and v[2] ~= '' then
   redis.call('HSET', KEYS[1], 'lexp', now + tonumber(ARGV[8]))
 end
@@ -42,13 +46,13 @@ return 1
 """
 
 _LOAD = """
-local v = redis.call('HMGET', KEYS[1], 'snap', 'epoch', 'holder', 'lexp', 'resp', 'rpos')
+local v = redis.call('HMGET', KEYS[1], 'snap', 'epoch', 'holder', 'lexp', 'resp', 'rpos', 'steps')
 if not v[1] then return false end
-return {v[1], v[2], v[3], tostring(tonumber(v[4]) - now), v[5], v[6]}
+return {v[1], v[2], v[3], tostring(tonumber(v[4]) - now), v[5], v[6], v[7] or '-1'}
 """
 
 _ACQUIRE = """
-local v = redis.call('HMGET', KEYS[1], 'snap', 'epoch', 'holder', 'lexp', 'resp', 'rpos')
+local v = redis.call('HMGET', KEYS[1], 'snap', 'epoch', 'holder', 'lexp', 'resp', 'rpos', 'steps')
 if not v[1] then return {0} end
 if v[3] ~= '' and v[3] ~= ARGV[1] and tonumber(v[4]) > now then
   return {-1, tonumber(v[4]) - now}
@@ -57,7 +61,7 @@ local e = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'lexp', now + tonumber(ARGV[2]))
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl >= 0 and ttl < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return {1, e, v[1], v[5], v[6]}
+return {1, e, v[1], v[5], v[6], v[7] or '-1'}
 """
 
 _RENEW = """
@@ -103,8 +107,28 @@ return 1
 class RedisStore(StateStore):
     """A Redis hash per session (``rnnzoo:s:<id>``) with a key TTL refreshed by every write
     (the session's idle TTL, at most ``max_ttl_s``), so Redis memory stays bounded. AUTH and
-    TLS come from the URL (``redis://:password@host:port/db``, ``rediss://``). Every call is
-    one round trip (scripts pipelined); an unreachable Redis raises Unavailable.
+    TLS come from the URL (``redis://:password@host:port/db``, ``rediss://``); so do the
+    timeouts (``?socket_timeout=5&socket_connect_timeout=5``, the defaults). Every call is
+    one round trip (scripts pipelined).
+
+    Faults (issue 21), each measured in tests/test_faults_redis.py:
+
+    - no hidden retries: redis-py retries a command 3 times on a timeout by default, so a
+      state write that timed out was sent again and could land after the client was told it
+      failed. Here a command is sent once;
+    - a write whose answer did not come (a timeout, a connection lost after sending) raises
+      ``StoreOutcomeUnknown``: the runtime answers ABORTED naming the position to resend
+      from. Every write is a compare-and-set on the session's epoch *and* its position (the
+      stored ``steps`` must equal the position the write's chunk started at), so a write
+      that lands late, or twice, finds the position moved and changes nothing;
+    - Redis unreachable: ``StoreUnavailable`` ("nothing was changed"); after a failed
+      connection the next calls fail at once for a backoff (0.1 s doubling to 2 s) instead of
+      each waiting out the connect timeout, and ``ping`` (the health probe) always tries;
+    - scripts: loaded on first use and again whenever Redis answers NOSCRIPT (a restart, a
+      failover, SCRIPT FLUSH), in pipelines too: only the calls that got NOSCRIPT (they did
+      not run) are sent again;
+    - error texts: Redis's own are scrubbed before they reach a message (redact.scrub: the
+      NOSCRIPT text quoted the command with another client's full session id).
 
     Shared quotas: a set per session-quota key (``rnnzoo:q:<key>``) holds the ids of its
     sessions; a create counts the members whose session still exists (dropping the rest) and
@@ -116,16 +140,24 @@ class RedisStore(StateStore):
     PREFIX = "rnnzoo:s:"
     QUOTA_PREFIX = "rnnzoo:q:"  # a set per quota key: the ids of its sessions
     RATE_PREFIX = "rnnzoo:r:"  # a hash per rate key: its token bucket
+    BACKOFF_S = (0.1, 2.0)  # after a failed connection: first wait, longest wait
 
     def __init__(self, url: str, max_ttl_s: float = DEFAULT_MAX_TTL_S):
         try:
             import redis.asyncio as aioredis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
         except ImportError:  # pragma: no cover - a dependency
             raise InvalidArgument("--state-store redis://... needs the 'redis' package") from None
         self.url = redact(url)
         self.max_ttl_s = max_ttl_s
-        self._client = aioredis.from_url(
-            url, socket_connect_timeout=5.0, socket_timeout=10.0, decode_responses=False
+        self.round_trips = 0
+        self._client = aioredis.from_url(  # the URL's own ?socket_timeout=... wins
+            url,
+            socket_connect_timeout=5.0,
+            socket_timeout=5.0,
+            decode_responses=False,
+            retry=Retry(NoBackoff(), 0),  # sent once: see the class docstring
         )
         self._scripts = {
             name: self._client.register_script(
@@ -141,43 +173,92 @@ class RedisStore(StateStore):
                 ("release_holders", _RELEASE_HOLDERS),
             )
         }
+        self._loaded = False
+        self._retry_at = 0.0  # monotonic: no new connection attempt before this
+        self._backoff = 0.0
+        self._last_error = ""
 
     def _key(self, sid: str) -> str:
         return self.PREFIX + sid
 
+    def _unreachable(self, why: str) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"the state store {self.url} is unreachable ({why}); nothing was changed by this "
+            "request: sessions cannot be read or written until the store is back (this "
+            "server reconnects by itself and reports NOT_SERVING until then); retry in a moment"
+        )
+
     @contextlib.asynccontextmanager
-    async def _guard(self):
+    async def _guard(self, write: bool = False, probe: bool = False):
+        """One round trip: maps redis-py's errors to ours. ``write``: a state write, whose
+        outcome is unknown when the connection fails after sending. ``probe``: the health
+        probe, which tries even during the backoff."""
         import redis.exceptions as rex
 
         self.round_trips += 1
+        now = time.monotonic()
+        if not probe and now < self._retry_at:
+            raise self._unreachable(
+                f"{self._last_error}; reconnecting, next attempt in {self._retry_at - now:.1f} s"
+            )
         try:
             yield
         except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
-            raise Unavailable(
-                f"the state store {self.url} is unreachable ({type(exc).__name__}: "
-                f"{str(exc)[:200]}); sessions cannot be read or written until it is back, retry"
+            text = scrub(str(exc), 120)
+            why = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+            connecting = "connecting" in text.lower() or isinstance(exc, ConnectionRefusedError)
+            if connecting:  # nothing was sent: back off before the next attempt
+                self._backoff = min(max(self._backoff * 2, self.BACKOFF_S[0]), self.BACKOFF_S[1])
+                self._retry_at = time.monotonic() + self._backoff
+                self._last_error = why
+            if write and not connecting:
+                raise StoreOutcomeUnknown(
+                    f"the state store {self.url} did not answer the write ({why})"
+                ) from None
+            raise self._unreachable(why) from None
+        except rex.ResponseError as exc:  # e.g. NOAUTH, a read-only replica, OOM
+            raise StoreUnavailable(
+                f"the state store {self.url} refused ({scrub(str(exc))}); nothing was changed"
             ) from None
-        except rex.ResponseError as exc:  # e.g. NOAUTH, a read-only replica
-            if "NOSCRIPT" in str(exc):
-                self._loaded = False  # Redis restarted: load the scripts again next call
-            raise Unavailable(f"the state store {self.url} refused ({str(exc)[:200]})") from None
+        self._backoff, self._retry_at = 0.0, 0.0
 
-    async def _pipeline(self, name: str, calls: list[tuple[list, list]]) -> list:
+    async def _load_scripts(self) -> None:
+        for s in self._scripts.values():
+            s.sha = await self._client.script_load(s.script)
+        self._loaded = True
+
+    async def _pipeline(self, name: str, calls: list[tuple[list, list]], write=False) -> list:
+        import redis.exceptions as rex
+
         script = self._scripts[name]
-        async with self._guard():
-            # load the scripts once (EVALSHA in a pipeline cannot recover from NOSCRIPT)
-            if not getattr(self, "_loaded", False):
-                for s in self._scripts.values():
-                    s.sha = await self._client.script_load(s.script)
-                self._loaded = True
-            # packed by us (wire.py: redis-py's Pipeline cost ~100 us per call to build)
-            results = await wire.execute(
-                self._client, [wire.evalsha(script.sha, keys, args) for keys, args in calls]
-            )
-            for r in results:
-                if isinstance(r, Exception):
-                    raise r
-            return results
+        async with self._guard(write):
+            if not self._loaded:
+                await self._load_scripts()
+            out: list = [None] * len(calls)
+            todo = list(range(len(calls)))
+            for attempt in (0, 1):
+                # packed by us (wire.py: redis-py's Pipeline cost ~100 us per call to build)
+                results = await wire.execute(
+                    self._client, [wire.evalsha(script.sha, *calls[i]) for i in todo]
+                )
+                again = []
+                for i, r in zip(todo, results, strict=True):
+                    if isinstance(r, rex.NoScriptError) and attempt == 0:
+                        again.append(i)  # the script did not run: load it and send again
+                    elif isinstance(r, Exception):
+                        raise r
+                    else:
+                        out[i] = r
+                if not again:
+                    break
+                await self._load_scripts()  # Redis restarted, failed over, or SCRIPT FLUSH
+                todo = again
+            return out
+
+    async def ping(self) -> None:
+        """The health probe: one round trip (tried even while backing off)."""
+        async with self._guard(probe=True):
+            await self._client.ping()
 
     async def write(self, writes: list[Write], lease_ttl_s: float) -> list[bool | None]:
         calls = []
@@ -193,6 +274,7 @@ class RedisStore(StateStore):
                 int(w.leased),
                 int(w.create),
                 int(lease_ttl_s * 1000),
+                w.steps,
             ]
             if w.create:  # the quota's arguments: only a create reads them (not every step)
                 quota = w.quota_max > 0 and w.quota_key is not None
@@ -204,7 +286,8 @@ class RedisStore(StateStore):
                     int(1000 * self.max_ttl_s),
                 ]
             calls.append((keys, args))
-        return [None if r == -1 else bool(r) for r in await self._pipeline("write", calls)]
+        results = await self._pipeline("write", calls, write=True)
+        return [None if r == -1 else r == 1 for r in results]
 
     async def take_tokens(self, key: str, want: int, rate: float, burst: float) -> int:
         (got,) = await self._pipeline("take", [([self.RATE_PREFIX + key], [rate, burst, want])])
@@ -214,7 +297,7 @@ class RedisStore(StateStore):
         (v,) = await self._pipeline("load", [([self._key(sid)], [])])
         if not v:
             return None
-        snap, epoch, holder, left, resp, rpos = v
+        snap, epoch, holder, left, resp, rpos, steps = v
         holder = holder.decode()
         return Record(
             sid,
@@ -224,6 +307,7 @@ class RedisStore(StateStore):
             float(left) / 1000 if holder else 0.0,
             resp or None,
             int(rpos),
+            steps=int(steps),
         )
 
     async def delete(self, sid: str) -> None:
@@ -236,8 +320,10 @@ class RedisStore(StateStore):
             return Acquired(True)
         if v[0] == -1:
             return Acquired(False, 0, float(v[1]) / 1000)
-        _, epoch, snap, resp, rpos = v
-        rec = Record(sid, snap, int(epoch), holder, ttl_s, resp or None, int(rpos))
+        _, epoch, snap, resp, rpos, steps = v
+        rec = Record(
+            sid, snap, int(epoch), holder, ttl_s, resp or None, int(rpos), steps=int(steps)
+        )
         return Acquired(True, int(epoch), 0.0, rec)
 
     async def renew(self, leases: list[tuple[str, str, int]], ttl_s: float) -> list[bool]:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
-from rnnzoo.errors import InvalidArgument, Unavailable
+from rnnzoo.errors import InvalidArgument, StoreUnavailable
 
+from ..redact import scrub
 from .api import DEFAULT_MAX_TTL_S, Acquired, Record, StateStore, Write
 
 _SCHEMA = """
@@ -30,7 +32,8 @@ CREATE TABLE IF NOT EXISTS buckets (
     tokens REAL NOT NULL,
     at REAL NOT NULL,
     full_at REAL NOT NULL
-)
+);
+CREATE TABLE IF NOT EXISTS probe (k INTEGER PRIMARY KEY, b BLOB)
 """
 
 
@@ -39,7 +42,19 @@ class SqliteStore(StateStore):
     one host may share it (SQLite's locking; busy timeout 10 s). A committed transaction is
     in the WAL file before the response goes out, so ``kill -9`` of a server loses no
     acknowledged step; ``synchronous=NORMAL`` means an OS crash or power loss can lose the
-    transactions since the last WAL sync (checkpoint)."""
+    transactions since the last WAL sync (checkpoint).
+
+    Faults (issue 21, tests/test_faults_sqlite.py): a failed transaction is rolled back (only
+    when one is open: a failed COMMIT has already rolled back, and the ROLLBACK's own error
+    had hidden the real one) and named: "the state store's disk is full", "busy", or
+    SQLite's scrubbed text; nothing of it was applied. Every call first checks that the
+    database file and its WAL are still the ones this process opened (device and inode, two
+    ``stat`` calls, ~3 µs): a store directory removed or its files replaced under a running
+    server made it write into deleted files, so that nothing was durable any more and a
+    restart would have lost every session silently. Now every call fails with an error
+    saying so, and health reports NOT_SERVING (``ping``), until the server is restarted on an
+    intact store. A write is a compare-and-set on the session's position too (``Write.steps``,
+    as in Redis)."""
 
     SWEEP_EVERY_S = 30.0
 
@@ -67,6 +82,15 @@ class SqliteStore(StateStore):
             with contextlib.suppress(sqlite3.OperationalError):  # another process added it
                 conn.execute("ALTER TABLE sessions ADD COLUMN qkey TEXT")
         conn.execute("CREATE INDEX IF NOT EXISTS sessions_qkey ON sessions (qkey)")
+        # a store made before positions were recorded (issue 21): add their column
+        if "steps" not in {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}:
+            with contextlib.suppress(sqlite3.OperationalError):
+                conn.execute("ALTER TABLE sessions ADD COLUMN steps INTEGER NOT NULL DEFAULT -1")
+        self._files = {p: _identity(p) for p in (self.path, Path(f"{self.path}-wal"))}
+        self._files = {p: i for p, i in self._files.items() if i is not None}
+        self._broken: str | None = None  # why every call now fails (files removed/replaced)
+        self._full: str | None = None  # the last write failed: disk full (cleared by a write)
+        self._largest = 4096  # the largest write seen (bytes): what the probe writes
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -86,17 +110,75 @@ class SqliteStore(StateStore):
         try:
             return await asyncio.to_thread(self._locked, fn, *args)
         except sqlite3.Error as exc:
-            raise Unavailable(f"the state store {self.path} failed ({exc}); retry") from None
+            raise self._failed(exc) from None
+        except OSError as exc:  # the directory itself is gone or unreadable
+            raise self._failed(exc) from None
+
+    def _failed(self, exc: Exception) -> StoreUnavailable:
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code == sqlite3.SQLITE_FULL or getattr(exc, "errno", None) == errno.ENOSPC:
+            self._full = f"the state store's disk is full ({self.dir})"
+            return StoreUnavailable(
+                f"{self._full}: nothing was changed by this request. Free space on that "
+                "filesystem; this server reports NOT_SERVING until a write succeeds again, "
+                "then retry"
+            )
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return StoreUnavailable(
+                f"the state store {self.path} is busy (another process held its lock past "
+                "the 10 s busy timeout); nothing was changed by this request; retry"
+            )
+        return StoreUnavailable(
+            f"the state store {self.path} failed ({scrub(str(exc))}); nothing was changed "
+            "by this request; retry"
+        )
+
+    def _check_files(self) -> None:
+        """StoreUnavailable, for good, if the store's files are not the ones opened."""
+        if self._broken is None:
+            for path, ident in self._files.items():
+                now = _identity(path)
+                if now != ident:
+                    how = "removed" if now is None else "replaced by another file"
+                    self._broken = (
+                        f"the state store's file {path} was {how} under this running server: "
+                        "writes would go to a deleted file and nothing would be durable, so "
+                        "this server refuses every session write and reports NOT_SERVING. "
+                        "Restart it on an intact --state-store directory (sessions written "
+                        "since the files went are lost)"
+                    )
+                    break
+        if self._broken is not None:
+            raise StoreUnavailable(self._broken)
 
     def _locked(self, fn, *args):
         with self._lock:
+            self._check_files()
             return fn(self._conn(), *args)
+
+    async def ping(self) -> None:
+        """The health probe: the files are the ones opened, and a write of the largest size
+        seen commits (a full disk fails it)."""
+        await self._run(self._probe)
+
+    def _probe(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "INSERT OR REPLACE INTO probe (k, b) VALUES (1, zeroblob(?))", (self._largest,)
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+        self._full = None
 
     async def write(self, writes: list[Write], lease_ttl_s: float) -> list[bool]:
         return await self._run(self._write, writes, lease_ttl_s)
 
     def _write(self, conn: sqlite3.Connection, writes: list[Write], lease_ttl_s: float):
         now = time.time()
+        self._largest = max(self._largest, min(1 << 20, sum(len(w.snap) for w in writes)))
         out: list[bool | None] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -112,22 +194,29 @@ class SqliteStore(StateStore):
                             out.append(None)
                             continue
                     cur = conn.execute(
-                        "INSERT OR IGNORE INTO sessions (sid, snap, expires, qkey) "
-                        "VALUES (?, ?, ?, ?)",
-                        (w.sid, w.snap, expires, w.quota_key),
+                        "INSERT OR IGNORE INTO sessions (sid, snap, expires, qkey, steps) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (w.sid, w.snap, expires, w.quota_key, w.steps),
                     )
                 elif w.leased:
                     cur = conn.execute(
-                        "UPDATE sessions SET snap=?, resp=?, rpos=?, expires=?, "
+                        "UPDATE sessions SET snap=?, resp=?, rpos=?, expires=?, steps=?, "
                         "lexp=CASE WHEN holder<>'' THEN ? ELSE lexp END "
-                        "WHERE sid=? AND epoch=?",
-                        (w.snap, w.resp, w.rpos, expires, now + lease_ttl_s, w.sid, w.epoch),
+                        "WHERE sid=? AND epoch=? AND (?<0 OR steps<0 OR steps=?)",
+                        (
+                            *(w.snap, w.resp, w.rpos, expires, w.steps, now + lease_ttl_s),
+                            *(w.sid, w.epoch, w.rpos, w.rpos),
+                        ),
                     )
                 else:
                     cur = conn.execute(
-                        "UPDATE sessions SET snap=?, resp=?, rpos=?, expires=? "
-                        "WHERE sid=? AND epoch=? AND (holder='' OR lexp<?)",
-                        (w.snap, w.resp, w.rpos, expires, w.sid, w.epoch, now),
+                        "UPDATE sessions SET snap=?, resp=?, rpos=?, expires=?, steps=? "
+                        "WHERE sid=? AND epoch=? AND (holder='' OR lexp<?) "
+                        "AND (?<0 OR steps<0 OR steps=?)",
+                        (
+                            *(w.snap, w.resp, w.rpos, expires, w.steps),
+                            *(w.sid, w.epoch, now, w.rpos, w.rpos),
+                        ),
                     )
                 out.append(cur.rowcount == 1)
             if now - self._last_sweep > self.SWEEP_EVERY_S:
@@ -136,8 +225,9 @@ class SqliteStore(StateStore):
                 conn.execute("DELETE FROM buckets WHERE full_at < ?", (now,))
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
+        self._full = None
         return out
 
     async def take_tokens(self, key: str, want: int, rate: float, burst: float) -> int:
@@ -159,7 +249,7 @@ class SqliteStore(StateStore):
             )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
         return got
 
@@ -169,13 +259,16 @@ class SqliteStore(StateStore):
     def _load(self, conn: sqlite3.Connection, sid: str) -> Record | None:
         now = time.time()
         row = conn.execute(
-            "SELECT snap, epoch, holder, lexp, resp, rpos FROM sessions WHERE sid=? AND expires>=?",
+            "SELECT snap, epoch, holder, lexp, resp, rpos, steps FROM sessions "
+            "WHERE sid=? AND expires>=?",
             (sid, now),
         ).fetchone()
         if row is None:
             return None
-        snap, epoch, holder, lexp, resp, rpos = row
-        return Record(sid, snap, epoch, holder, lexp - now if holder else 0.0, resp, rpos)
+        snap, epoch, holder, lexp, resp, rpos, steps = row
+        return Record(
+            sid, snap, epoch, holder, lexp - now if holder else 0.0, resp, rpos, steps=steps
+        )
 
     async def delete(self, sid: str) -> None:
         await self._run(lambda c, s: c.execute("DELETE FROM sessions WHERE sid=?", (s,)), sid)
@@ -201,7 +294,7 @@ class SqliteStore(StateStore):
             )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
         rec.epoch, rec.holder, rec.lease_left_s = rec.epoch + 1, holder, ttl_s
         return Acquired(True, rec.epoch, 0.0, rec)
@@ -213,13 +306,17 @@ class SqliteStore(StateStore):
         now = time.time()
         out = []
         conn.execute("BEGIN IMMEDIATE")
-        for sid, holder, epoch in leases:
-            cur = conn.execute(
-                "UPDATE sessions SET lexp=? WHERE sid=? AND holder=? AND epoch=? AND lexp>=?",
-                (now + ttl_s, sid, holder, epoch, now),
-            )
-            out.append(cur.rowcount == 1)
-        conn.execute("COMMIT")
+        try:
+            for sid, holder, epoch in leases:
+                cur = conn.execute(
+                    "UPDATE sessions SET lexp=? WHERE sid=? AND holder=? AND epoch=? AND lexp>=?",
+                    (now + ttl_s, sid, holder, epoch, now),
+                )
+                out.append(cur.rowcount == 1)
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
         return out
 
     async def release_holders(self, prefix: str) -> int:
@@ -239,3 +336,20 @@ class SqliteStore(StateStore):
                 (sid, holder, epoch),
             )
         )
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, or None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if any (a COMMIT that failed on a full disk already
+    rolled back: a ROLLBACK then raised "no transaction is active", hiding the real error)."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")

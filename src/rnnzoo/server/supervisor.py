@@ -57,13 +57,19 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rnnzoo.cores import usable_cores
 from rnnzoo.errors import FailedPrecondition, InvalidArgument
 from rnnzoo.server.runtime.lease import process_tag
 from rnnzoo.server.runtime.store import open_store
+from rnnzoo.server.transport.logs import log
 
-from .logs import log
+if TYPE_CHECKING:
+    from rnnzoo.server.runtime.options import RuntimeOptions
+    from rnnzoo.server.runtime.repository import LoadOptions
+    from rnnzoo.server.transport.config import ServerConfig
 
 LOG = logging.getLogger("rnnzoo.workers")
 READY = "listening on "
@@ -138,28 +144,30 @@ class FleetLink:
 
 
 def spec_of(
-    model_dir, options, config, log_level: str, allow_failed_parity: bool, strict: bool
-) -> dict:
+    model_dir: str | Path,
+    options: RuntimeOptions,
+    config: ServerConfig,
+    log_level: str,
+    load: LoadOptions,
+) -> dict[str, Any]:
     """What a worker needs to build its server (one JSON line on its stdin)."""
     return {
         "model_dir": str(model_dir),
         "options": dataclasses.asdict(options),
         "config": dataclasses.asdict(config),
         "log_level": log_level,
-        "allow_failed_parity": allow_failed_parity,
-        "strict": strict,
+        "load": dataclasses.asdict(load),
     }
 
 
 def worker_main() -> int:
-    """``python -m rnnzoo.server.transport.workers``: one worker, configured by its first stdin
+    """``python -m rnnzoo.server.supervisor``: one worker, configured by its first stdin
     line (``spec_of`` + ``index``, ``port``, ``metrics``)."""
     from rnnzoo.server.runtime import RuntimeOptions
-    from rnnzoo.server.runtime.repository import ALLOW_FAILED_PARITY, STRICT
-
-    from .admission import AdmissionLimits
-    from .logs import configure
-    from .server import ServerConfig, serve
+    from rnnzoo.server.runtime.repository import ControlOptions, LoadOptions
+    from rnnzoo.server.transport.admission import AdmissionLimits
+    from rnnzoo.server.transport.logs import configure
+    from rnnzoo.server.transport.server import ServerConfig, serve
 
     spec = json.loads(sys.stdin.readline())
     index = spec["index"]
@@ -168,10 +176,14 @@ def worker_main() -> int:
     cfg["admission"] = AdmissionLimits(**cfg["admission"])
     cfg.update(port=spec["port"], metrics_port=None, reuseport=True, record_metrics=spec["metrics"])
     config = ServerConfig(**cfg)
-    ALLOW_FAILED_PARITY.set(spec["allow_failed_parity"])
-    STRICT.set(spec["strict"])
+    load = dict(spec["load"])
+    control = dict(load.pop("control"))
+    control["load_models"] = tuple(control["load_models"])
+    load_options = LoadOptions(**load, control=ControlOptions(**control))
     options = RuntimeOptions(**spec["options"])
-    asyncio.run(serve(spec["model_dir"], options, config, fleet=FleetLink(index)))
+    asyncio.run(
+        serve(spec["model_dir"], options, config, fleet=FleetLink(index), load=load_options)
+    )
     return 0
 
 
@@ -263,7 +275,7 @@ class Supervisor:
         w.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "rnnzoo.server.transport.workers",
+            "rnnzoo.server.supervisor",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=self._env,
