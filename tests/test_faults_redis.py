@@ -125,8 +125,9 @@ def _report(name: str, **numbers) -> None:
 
 def _recovery(load: Load, health: HealthWatch, fault_end: float) -> dict:
     """Times from the fault's end: to SERVING again, and until every session stepped again."""
-    back = [t for t, s in health.changes if s == "SERVING" and t >= fault_end - 0.05]
-    down = [t for t, s in health.changes if s == "NOT_SERVING"]
+    changes = health.since(load.t0)
+    back = [t for t, s in changes if s == "SERVING" and t >= fault_end - 0.05]
+    down = [t for t, s in changes if s == "NOT_SERVING"]
     firsts = [s.first_ok_after(fault_end) for s in load.streams]
     return {
         "not_serving_s": (back[0] - down[0]) if back and down else 0.0,

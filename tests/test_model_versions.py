@@ -7,11 +7,15 @@ restart with a state store. Real servers on loopback; the poll is driven by its 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import time
 
 import grpc
 import numpy as np
 import pytest
 from onnx_fixtures import build_rnn, reference
+from test_server_cli import _wait_listening
 
 from rnnzoo.client import Client, RpcError
 from rnnzoo.proto.inference.v2 import grpc_service_pb2 as kpb
@@ -234,6 +238,7 @@ def test_a_pinned_session_survives_a_restart_with_the_store_and_a_server_without
         s = client.resume(info.session_id, "m", 0)
         a = s.step(x[:3]).value
         s.detach()
+        assert client.snapshot(info.session_id).version == 1  # the snapshot names it too
     with _server(repo, store) as bg, Client(bg.target) as client:
         s = client.resume(info.session_id, "m", 3)
         b = s.step(x[3:]).value
@@ -245,3 +250,34 @@ def test_a_pinned_session_survives_a_restart_with_the_store_and_a_server_without
         with pytest.raises(RpcError) as err:
             s.step(x[:1])
         assert "version 1" in err.value.details(), err.value.details()
+
+
+def test_serve_polls_the_repository_and_checks_its_model_control_flags(tmp_path):
+    _version(tmp_path, 1, seed=1)
+    cli = [sys.executable, "-m", "rnnzoo.cli", "serve", "--model-dir", str(tmp_path)]
+    r = subprocess.run([*cli, "--load-model", "m"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--model-control explicit" in r.stderr, r.stderr
+    explicit = [*cli, "--port", "0", "--model-control", "explicit", "--load-model", "nope"]
+    r = subprocess.run(explicit, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "'nope'" in r.stderr and "['m']" in r.stderr, r.stderr
+    proc = subprocess.Popen(
+        [*cli, "--port", "0", "--model-control", "poll", "--repository-poll-secs", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        target = _wait_listening(proc)
+        with grpc.insecure_channel(target) as ch:
+            ks = kgrpc.GRPCInferenceServiceStub(ch)
+            assert not ks.ModelReady(kpb.ModelReadyRequest(name="m", version="2")).ready
+            _version(tmp_path, 2, seed=2)
+            deadline = time.monotonic() + 30
+            while not ks.ModelReady(kpb.ModelReadyRequest(name="m", version="2")).ready:
+                assert time.monotonic() < deadline, "the poll never loaded version 2"
+                time.sleep(0.1)
+            meta = ks.ModelMetadata(kpb.ModelMetadataRequest(name="m"))
+            assert list(meta.versions) == ["2"]
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -365,9 +365,12 @@ class KServeServicer:
                 f"no model repository {clip(request.repository_name)!r}: this server has one "
                 "(leave repository_name empty)"
             )
-        if request.parameters:
+        # no model depends on another here: unload_dependents (tritonclient always sends
+        # it) changes nothing; config and file overrides are refused
+        given = sorted(clip(k) for k in request.parameters if k != "unload_dependents")
+        if given:
             raise InvalidArgument(
-                f"{rpc} parameters {sorted(clip(k) for k in request.parameters)[:8]} are not "
+                f"{rpc} parameters {given[:8]} are not "
                 "supported: put the model's NAME/VERSION/ folder in the repository, then "
                 "name the model alone"
             )
@@ -481,7 +484,7 @@ class KServeServicer:
             version = self.rt.repo.split(key)[1] or ""
             if res.sequence:  # the version its session runs on
                 version = self._sequence_version(target, seq_id) or version
-                clock.key = key_of(model, version) if version else key
+                clock.key = key_of(model, int(version)) if version else key
             resp = kpb.ModelInferResponse(
                 model_name=model, model_version=str(version), id=request.id
             )
