@@ -147,6 +147,8 @@ class KServeServicer:
         self.max_response_bytes = max_response_bytes
         self.stats: dict[str, ModelStats] = {}  # by model version key
         self.control = None  # the runtime's RepositoryControl (server.load)
+        # version key -> (repository generation, input name -> datatype)
+        self._datatypes: dict[str, tuple[int, dict[str, str]]] = {}
 
     # ---- helpers ---------------------------------------------------------------------------
     def _ready(self) -> bool:
@@ -444,9 +446,15 @@ class KServeServicer:
 
     def _check_datatypes(self, key: str, request) -> None:
         """Each tensor's datatype must be its input's, as Triton requires (no conversion)."""
-        info = self.rt.get_model(key)
-        first = info.contracts.get("model") or info.contracts["encoder"]
-        want = {s.name: OF_DTYPE.get(s.dtype, s.dtype.upper()) for s in first.inputs}
+        generation = self.rt.repo.generation  # any repository change: read them again
+        cached = self._datatypes.get(key)
+        if cached is None or cached[0] != generation:  # keys are resolved ones: bounded
+            info = self.rt.get_model(key)
+            first = info.contracts.get("model") or info.contracts["encoder"]
+            want = {s.name: OF_DTYPE.get(s.dtype, s.dtype.upper()) for s in first.inputs}
+            self._datatypes[key] = (generation, want)
+        else:
+            want = cached[1]
         for t in request.inputs:
             expected = want.get(t.name)
             if expected is not None and t.datatype != expected:
