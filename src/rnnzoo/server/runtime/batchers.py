@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 from rnnzoo.errors import RnnzooError
 
@@ -17,8 +18,8 @@ from .batching import Batcher
 from .model import ServedModel
 
 
-class Batchers(dict):
-    def __init__(self, repo, make: Callable[[ServedModel], Batcher]) -> None:
+class Batchers(dict[tuple[str, str], Batcher]):
+    def __init__(self, repo: Any, make: Callable[[ServedModel], Batcher]) -> None:
         super().__init__()
         self.repo = repo
         self.make = make
@@ -46,13 +47,13 @@ class Batchers(dict):
         self[key] = batcher
         return batcher
 
-    def get(self, key, default=None):
+    def get(self, key: tuple[str, str], default: Any = None) -> Any:
         try:
             return self[key]
         except (RnnzooError, KeyError):
             return default
 
-    def values(self):
+    def values(self) -> list[Batcher]:  # type: ignore[override]
         return list(self._by_graph.values())
 
     def start(self) -> None:

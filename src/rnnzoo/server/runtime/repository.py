@@ -140,14 +140,14 @@ class VersionStatus:
     entry: ServedEntry | None = None  # READY and DRAINING versions
     cause: str = ""  # UNAVAILABLE: failed | policy | unloaded | drained
     retired_at: float = 0.0  # DRAINING: time.monotonic() when it was retired
-    fingerprint: tuple = ()
+    fingerprint: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def key(self) -> str:
         return key_of(self.name, self.version)
 
 
-class ServedEntries(dict):
+class ServedEntries(dict[str, ServedEntry]):
     """name -> the entry of its newest READY version (what iteration yields); a lookup also
     takes a version's key ``NAME@VERSION`` (READY or DRAINING)."""
 
@@ -158,11 +158,11 @@ class ServedEntries(dict):
     def __missing__(self, key: str) -> ServedEntry:
         return self.keyed[key]
 
-    def get(self, key, default=None):
+    def get(self, key: str, default: ServedEntry | None = None) -> ServedEntry | None:  # type: ignore[override]
         found = dict.get(self, key)
         return found if found is not None else self.keyed.get(key, default)
 
-    def __contains__(self, key) -> bool:
+    def __contains__(self, key: object) -> bool:
         return dict.__contains__(self, key) or key in self.keyed
 
 
@@ -340,9 +340,6 @@ class ModelRepository:
         name, v = self.split(model)
         return self.resolve(name, v or "")
 
-    def list(self) -> list[ModelInfo]:
-        return [self.entries[n].info for n in sorted(self.entries)]
-
     def status(self) -> list[VersionStatus]:
         """Every version of every model, by name then version."""
         return [
@@ -356,7 +353,11 @@ class ModelRepository:
 
     # ---- changes -----------------------------------------------------------------------------
     def prepare(
-        self, names: set[str] | None = None, *, strict: bool = False, files: list | None = None
+        self,
+        names: set[str] | None = None,
+        *,
+        strict: bool = False,
+        files: list[Path] | None = None,
     ) -> Plan:
         """Scan the repository and load what changed (slow: run it off the event loop);
         ``apply`` then makes it current. ``names``: only these models are loaded (others on
@@ -555,6 +556,11 @@ class ModelRepository:
         self.entries = ServedEntries(latest, keyed)
         self.failed = failed
         self.generation += 1
+
+    # last in the class: a method named ``list`` would shadow the builtin in the annotations
+    # of the methods after it
+    def list(self) -> list[ModelInfo]:
+        return [self.entries[n].info for n in sorted(self.entries)]
 
 
 def _model_files(d: Path) -> list[Path]:

@@ -484,7 +484,7 @@ class KServeServicer:
             version = self.rt.repo.split(key)[1] or ""
             if res.sequence:  # the version its session runs on
                 version = self._sequence_version(target, seq_id) or version
-                clock.key = key_of(model, version) if version else key
+                clock.key = key_of(model, int(version)) if version else key
             resp = kpb.ModelInferResponse(
                 model_name=model, model_version=str(version), id=request.id
             )

@@ -186,6 +186,13 @@ class RnnzooServer:
         self.control = RepositoryControl(runtime)  # model versions while serving
         self.control.start()
         self.kserve.control = self.control
+
+        def ready_gauge() -> None:  # rnnzoo_model_ready follows versions coming and going
+            repo = runtime.repo
+            metrics.models_loaded([n for n in repo.table if repo.latest(n) is not None])
+            metrics.models_loaded([n for n in repo.table if repo.latest(n) is None], ready=False)
+
+        self.control.on_change = ready_gauge
         metrics.KNOWN = lambda name: name in runtime.repo.table
         if getattr(runtime.state_store, "ping", None) is not None:
             self.store_health = StoreHealth(runtime.state_store, self._store_changed)
