@@ -239,3 +239,18 @@ def test_worker_scaling_targets_are_judged_only_with_cores_the_client_did_not_ta
     # 2 shared cores: reported as measured, never judged
     (two,) = scaling_targets({"usable_cores": 2, "cells": [cell(2, 1.18, 150)]})
     assert two["measured"] == 1.18 and two["met"] is None
+
+
+def test_unary_step_benchmark_reports_both_kinds_from_one_run(tmp_path):
+    """benchmarks/unary_step.py at toy size: both kinds measured, the ratio made from them."""
+    from onnx_fixtures import build_rnn
+
+    from rnnzoo.benchmarks import unary_step
+
+    build_rnn(tmp_path / "gru.onnx", cell="gru", seed=1)
+    out = tmp_path / "unary.json"
+    assert unary_step.main(["--model-dir", str(tmp_path), "--n", "20", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    seq, stateless = r["sequence_step"], r["stateless"]
+    assert r["n"] == 20 and seq["p50_us"] > 0 and stateless["p50_us"] > 0
+    assert r["p50_ratio"] == round(seq["p50_us"] / stateless["p50_us"], 3)

@@ -238,6 +238,7 @@ def test_a_pinned_session_survives_a_restart_with_the_store_and_a_server_without
         s = client.resume(info.session_id, "m", 0)
         a = s.step(x[:3]).value
         s.detach()
+        assert client.snapshot(info.session_id).version == 1  # the snapshot names it too
     with _server(repo, store) as bg, Client(bg.target) as client:
         s = client.resume(info.session_id, "m", 3)
         b = s.step(x[3:]).value
@@ -256,6 +257,9 @@ def test_serve_polls_the_repository_and_checks_its_model_control_flags(tmp_path)
     cli = [sys.executable, "-m", "rnnzoo.cli", "serve", "--model-dir", str(tmp_path)]
     r = subprocess.run([*cli, "--load-model", "m"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--model-control explicit" in r.stderr, r.stderr
+    explicit = [*cli, "--port", "0", "--model-control", "explicit", "--load-model", "nope"]
+    r = subprocess.run(explicit, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "'nope'" in r.stderr and "['m']" in r.stderr, r.stderr
     proc = subprocess.Popen(
         [*cli, "--port", "0", "--model-control", "poll", "--repository-poll-secs", "0.2"],
         stdout=subprocess.PIPE,

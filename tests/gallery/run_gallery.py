@@ -25,6 +25,7 @@ MODULES = [
     "darts_cases",
     "asteroid_cases",
     "neuralforecast_cases",
+    "flair_cases",
 ]
 DISTS = {
     "speechbrain": "speechbrain",
@@ -32,6 +33,7 @@ DISTS = {
     "darts": "darts",
     "asteroid": "asteroid",
     "neuralforecast": "neuralforecast",
+    "flair": "flair",
 }
 # verify_module's grid, cut to keep the gallery at seconds per configuration on 2 cores
 GRID = {"times": (1, 3, 9), "batches": (1, 3), "stream": (24, 2)}

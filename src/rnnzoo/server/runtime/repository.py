@@ -227,6 +227,12 @@ class ModelRepository:
         if control.mode == "explicit" and "*" not in control.load_models:
             names = set(control.load_models)
         plan = repo.prepare(names, strict=strict, files=files)
+        unknown = sorted((names or set()) - set(plan))
+        if unknown:
+            raise NotFound(
+                f"--load-model {unknown[0]!r}: no such model in {d} (models there: "
+                f"{sorted(plan)}); load one of those"
+            )
         repo.apply(plan, full=True)
         if not repo.entries and repo.failed:
             raise FailedPrecondition(
