@@ -261,6 +261,12 @@ class RedisStore(StateStore):
             await self._client.ping()
 
     async def write(self, writes: list[Write], lease_ttl_s: float) -> list[bool | None]:
+        results = await self._pipeline("write", self.write_calls(writes, lease_ttl_s), write=True)
+        return [None if r == -1 else r == 1 for r in results]
+
+    def write_calls(self, writes: list[Write], lease_ttl_s: float) -> list[tuple[list, list]]:
+        """The write script's (keys, args) for each write (benchmarks.write_parts packs them
+        both ways)."""
         calls = []
         for w in writes:
             ttl_ms = int(1000 * min(w.ttl_s, self.max_ttl_s))
@@ -286,8 +292,7 @@ class RedisStore(StateStore):
                     int(1000 * self.max_ttl_s),
                 ]
             calls.append((keys, args))
-        results = await self._pipeline("write", calls, write=True)
-        return [None if r == -1 else r == 1 for r in results]
+        return calls
 
     async def take_tokens(self, key: str, want: int, rate: float, burst: float) -> int:
         (got,) = await self._pipeline("take", [([self.RATE_PREFIX + key], [rate, burst, want])])
