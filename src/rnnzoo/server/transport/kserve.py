@@ -137,6 +137,9 @@ class RequestClock:
     key: str = ""  # the model version's key it ran on
     input_ns: int = 0
     output_ns: int = 0
+    # when its response was ready: a stream's write (flow control, the peer's reading) is not
+    # the server's time, as a unary response's send is not (it happens after the handler)
+    done: int = 0
 
 
 class KServeServicer:
@@ -179,7 +182,8 @@ class KServeServicer:
             stats = self.stats.get(clock.key)
             if stats is None:
                 stats = self.stats[clock.key] = ModelStats()
-            stats.record(ok, time.perf_counter_ns() - t0, batch, clock if ok else None)
+            end = clock.done if ok and clock.done else time.perf_counter_ns()
+            stats.record(ok, end - t0, batch, clock if ok else None)
 
     # ---- health and metadata -----------------------------------------------------------------
     async def ServerLive(self, request, context):
@@ -504,7 +508,8 @@ class KServeServicer:
             self._fits(resp)
             if send is not None:
                 resp.parameters["triton_final_response"].bool_param = True
-            clock.output_ns = time.perf_counter_ns() - t1
+            clock.done = time.perf_counter_ns()
+            clock.output_ns = clock.done - t1
             if send is not None:
                 await send(kpb.ModelStreamInferResponse(infer_response=resp))
         return resp
