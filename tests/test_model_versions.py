@@ -97,6 +97,10 @@ def test_a_new_version_takes_new_sessions_while_live_ones_finish_exactly_on_thei
         changes = _poll(bg)
         assert any("version 2 loaded" in c for c in changes)
         assert any("version 1 retired" in c for c in changes), changes
+        # the name's batcher (generation, attachments) follows the newest version's graph
+        rt = bg.runtime
+        assert rt.batchers[("m", "model")].model is rt.repo.get("m@2").graphs["model"]
+        assert rt.batchers[("m@1", "model")].model is rt.repo.get("m@1").graphs["model"]
         # the live session and the live sequence run on version 1 to their end
         got += [old.step(x[t : t + 1]).value for t in range(3, 8)]
         np.testing.assert_allclose(np.concatenate(got), _ref(p1, x), atol=TOL)
