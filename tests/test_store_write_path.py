@@ -122,3 +122,13 @@ def test_a_step_result_encodes_as_pack_does_and_reads_back():
         assert (back.start, back.steps_total, back.revised) == (40, 40 + steps, revised)
         for k, v in outs.items():
             np.testing.assert_array_equal(back.outputs[k], v)
+
+
+def test_the_redis_store_names_its_driver_version_once_not_per_connection():
+    import redis
+
+    from rnnzoo.server.runtime.store import RedisStore
+
+    store = RedisStore("redis://127.0.0.1:1/0")  # never connected
+    info = store._client.connection_pool.connection_kwargs["driver_info"]
+    assert info is wire.driver_info()["driver_info"] and info.lib_version == redis.__version__

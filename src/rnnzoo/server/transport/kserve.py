@@ -604,7 +604,20 @@ def _error(message: str, req) -> kpb.ModelStreamInferResponse:
 
 
 def _refuse_unsupported(request) -> None:
-    """Classification and shared memory are refused, never silently ignored."""
+    """Classification, shared memory, priorities and request timeouts are refused, never
+    silently ignored."""
+    params = request.parameters
+    if "priority" in params and param_value(params["priority"]):
+        raise InvalidArgument(
+            f"priority {param_value(params['priority'])!r} is not supported: rnnzoo has no "
+            "priority levels (a sequence's requests run in order, batched across sessions); "
+            "send the request without priority"
+        )
+    if "timeout" in params and param_value(params["timeout"]):
+        raise InvalidArgument(
+            "the request parameter timeout is not supported: set a gRPC deadline on the call "
+            "instead (tritonclient's client_timeout)"
+        )
     for t in request.inputs:
         shm = [k for k in _SHM if k in t.parameters]
         if shm:

@@ -158,6 +158,7 @@ class RedisStore(StateStore):
             socket_timeout=5.0,
             decode_responses=False,
             retry=Retry(NoBackoff(), 0),  # sent once: see the class docstring
+            **wire.driver_info(),
         )
         self._scripts = {
             name: self._client.register_script(
