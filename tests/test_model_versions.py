@@ -18,6 +18,7 @@ from onnx_fixtures import build_rnn, reference
 from test_server_cli import _wait_listening
 
 from rnnzoo.client import Client, RpcError
+from rnnzoo.errors import FailedPrecondition
 from rnnzoo.proto.inference.v2 import grpc_service_pb2 as kpb
 from rnnzoo.proto.inference.v2 import grpc_service_pb2_grpc as kgrpc
 from rnnzoo.server.runtime import ModelRepository, Runtime, RuntimeOptions
@@ -285,3 +286,18 @@ def test_serve_polls_the_repository_and_checks_its_model_control_flags(tmp_path)
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_version_policy_comes_from_the_models_config_pbtxt(tmp_path):
+    for v in (1, 2, 3):
+        _version(tmp_path, v, seed=v)
+    assert ModelRepository.from_dir(tmp_path).served_versions("m") == [3]  # latest 1
+    cfg = tmp_path / "m" / "config.pbtxt"
+    cfg.write_text("version_policy: { latest: { num_versions: 2 } }\n")
+    repo = ModelRepository.from_dir(tmp_path)
+    assert repo.served_versions("m") == [2, 3] and repo.get("m").info.version == 3
+    cfg.write_text("version_policy: { specific: { versions: [1, 3] } }\n")
+    assert ModelRepository.from_dir(tmp_path).served_versions("m") == [1, 3]
+    cfg.write_text("version_policy: { latest: { num_versions: 0 } }\n")
+    with pytest.raises(FailedPrecondition, match=r"config.pbtxt.*num_versions >= 1"):
+        ModelRepository.from_dir(tmp_path, strict=False)

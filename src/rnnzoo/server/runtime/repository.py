@@ -411,7 +411,8 @@ class ModelRepository:
                 }
                 continue
             try:
-                policy = read_policy(folders[name])
+                # a flat repository's files share its root: no one model's config.pbtxt there
+                policy = VersionPolicy() if folders[name] == d else read_policy(folders[name])
             except InvalidArgument as exc:
                 if strict:
                     raise

@@ -20,7 +20,7 @@ import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -46,7 +46,7 @@ def model_hash(graphs: list[ServedModel]) -> str:
     """sha256 (hex) over each graph's ONNX bytes and contract JSON, in role order."""
     cached = getattr(graphs[0], "_rnnzoo_hash", None) if len(graphs) == 1 else None
     if cached is not None:
-        return cached
+        return cast(str, cached)  # set below, from a hexdigest
     h = hashlib.sha256()
     for g in graphs:
         h.update(g.path.read_bytes())
@@ -183,8 +183,8 @@ class StepEncoder:
 
     def __init__(self) -> None:
         # the initial dict and its arrays the header was made for (held, so identity is safe)
-        self._held: tuple = ()
-        self._key: tuple | None = None
+        self._held: tuple[Any, ...] = ()
+        self._key: tuple[Any, ...] | None = None
         self._pre = self._post = b""  # the header before and after the steps value
         self._tail = b""  # the initial arrays' bytes
 
@@ -216,7 +216,7 @@ class StepEncoder:
         parts.append(self._tail)
         return b"".join(parts)
 
-    def _build(self, snap: Snapshot, key: tuple, initial: dict[str, np.ndarray]) -> None:
+    def _build(self, snap: Snapshot, key: tuple[Any, ...], initial: dict[str, np.ndarray]) -> None:
         marked = Snapshot(
             snap.model,
             snap.model_hash,
