@@ -198,6 +198,15 @@ async def test_a_wrong_datatype_and_unsupported_features_are_refused(stub):
     req = _request("gru", x)
     req.inputs[0].parameters["shared_memory_region"].string_param = "r0"
     await _expect(Code.INVALID_ARGUMENT, stub.ModelInfer(req), "shared memory")
+    req = _request("gru", x)
+    req.parameters["priority"].uint64_param = 2
+    await _expect(Code.INVALID_ARGUMENT, stub.ModelInfer(req), "priority")
+    req = _request("gru", x)
+    req.parameters["timeout"].int64_param = 1000
+    await _expect(Code.INVALID_ARGUMENT, stub.ModelInfer(req), "deadline")
+    req = _request("gru", x)
+    req.parameters["priority"].uint64_param = 0  # the default, as tritonclient may send it
+    await stub.ModelInfer(req)
 
 
 # ---- stateless inference -----------------------------------------------------------------

@@ -18,6 +18,7 @@ from onnx_fixtures import build_rnn, reference
 from test_server_cli import _wait_listening
 
 from rnnzoo.client import Client, RpcError
+from rnnzoo.errors import FailedPrecondition
 from rnnzoo.proto.inference.v2 import grpc_service_pb2 as kpb
 from rnnzoo.proto.inference.v2 import grpc_service_pb2_grpc as kgrpc
 from rnnzoo.server.runtime import ModelRepository, Runtime, RuntimeOptions
@@ -97,6 +98,10 @@ def test_a_new_version_takes_new_sessions_while_live_ones_finish_exactly_on_thei
         changes = _poll(bg)
         assert any("version 2 loaded" in c for c in changes)
         assert any("version 1 retired" in c for c in changes), changes
+        # the name's batcher (generation, attachments) follows the newest version's graph
+        rt = bg.runtime
+        assert rt.batchers[("m", "model")].model is rt.repo.get("m@2").graphs["model"]
+        assert rt.batchers[("m@1", "model")].model is rt.repo.get("m@1").graphs["model"]
         # the live session and the live sequence run on version 1 to their end
         got += [old.step(x[t : t + 1]).value for t in range(3, 8)]
         np.testing.assert_allclose(np.concatenate(got), _ref(p1, x), atol=TOL)
@@ -238,6 +243,7 @@ def test_a_pinned_session_survives_a_restart_with_the_store_and_a_server_without
         s = client.resume(info.session_id, "m", 0)
         a = s.step(x[:3]).value
         s.detach()
+        assert client.snapshot(info.session_id).version == 1  # the snapshot names it too
     with _server(repo, store) as bg, Client(bg.target) as client:
         s = client.resume(info.session_id, "m", 3)
         b = s.step(x[3:]).value
@@ -256,6 +262,9 @@ def test_serve_polls_the_repository_and_checks_its_model_control_flags(tmp_path)
     cli = [sys.executable, "-m", "rnnzoo.cli", "serve", "--model-dir", str(tmp_path)]
     r = subprocess.run([*cli, "--load-model", "m"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--model-control explicit" in r.stderr, r.stderr
+    explicit = [*cli, "--port", "0", "--model-control", "explicit", "--load-model", "nope"]
+    r = subprocess.run(explicit, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "'nope'" in r.stderr and "['m']" in r.stderr, r.stderr
     proc = subprocess.Popen(
         [*cli, "--port", "0", "--model-control", "poll", "--repository-poll-secs", "0.2"],
         stdout=subprocess.PIPE,
@@ -277,3 +286,18 @@ def test_serve_polls_the_repository_and_checks_its_model_control_flags(tmp_path)
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_version_policy_comes_from_the_models_config_pbtxt(tmp_path):
+    for v in (1, 2, 3):
+        _version(tmp_path, v, seed=v)
+    assert ModelRepository.from_dir(tmp_path).served_versions("m") == [3]  # latest 1
+    cfg = tmp_path / "m" / "config.pbtxt"
+    cfg.write_text("version_policy: { latest: { num_versions: 2 } }\n")
+    repo = ModelRepository.from_dir(tmp_path)
+    assert repo.served_versions("m") == [2, 3] and repo.get("m").info.version == 3
+    cfg.write_text("version_policy: { specific: { versions: [1, 3] } }\n")
+    assert ModelRepository.from_dir(tmp_path).served_versions("m") == [1, 3]
+    cfg.write_text("version_policy: { latest: { num_versions: 0 } }\n")
+    with pytest.raises(FailedPrecondition, match=r"config.pbtxt.*num_versions >= 1"):
+        ModelRepository.from_dir(tmp_path, strict=False)

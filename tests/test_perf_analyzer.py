@@ -78,10 +78,12 @@ def test_perf_analyzer_runs_without_a_version_flag_and_reads_the_server_side_bre
             "2",
             "--measurement-interval",
             "800",
+            # a busy machine never looks "stable" (seen at 50 % here, load ~10): the test is
+            # about what perf_analyzer reads, not about a stable number
             "--max-trials",
-            "6",
+            "3",
             "--stability-percentage",
-            "100",
+            "1000",
         ],
         capture_output=True,
         text=True,

@@ -97,6 +97,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     lim.add_argument(
         "--max-streams-per-connection", type=int, default=ADMISSION.max_streams_per_connection
     )
+    lim.add_argument(
+        "--max-streams-per-client",
+        type=int,
+        default=ADMISSION.max_streams_per_client,
+        help="open streams of one client across its connections (its principal, else its address)",
+    )
     p.add_argument(
         "--metrics-port",
         type=int,
@@ -255,7 +261,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.grace,
         keepalive_time_s=args.keepalive_time,
         keepalive_timeout_s=args.keepalive_timeout,
-        admission=AdmissionLimits(args.max_rpcs, args.max_streams, args.max_streams_per_connection),
+        admission=AdmissionLimits(
+            args.max_rpcs,
+            args.max_streams,
+            args.max_streams_per_connection,
+            args.max_streams_per_client,
+        ),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,

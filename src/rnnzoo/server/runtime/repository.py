@@ -227,6 +227,12 @@ class ModelRepository:
         if control.mode == "explicit" and "*" not in control.load_models:
             names = set(control.load_models)
         plan = repo.prepare(names, strict=strict, files=files)
+        unknown = sorted((names or set()) - set(plan))
+        if unknown:
+            raise NotFound(
+                f"--load-model {unknown[0]!r}: no such model in {d} (models there: "
+                f"{sorted(plan)}); load one of those"
+            )
         repo.apply(plan, full=True)
         if not repo.entries and repo.failed:
             raise FailedPrecondition(
@@ -405,7 +411,8 @@ class ModelRepository:
                 }
                 continue
             try:
-                policy = read_policy(folders[name])
+                # a flat repository's files share its root: no one model's config.pbtxt there
+                policy = VersionPolicy() if folders[name] == d else read_policy(folders[name])
             except InvalidArgument as exc:
                 if strict:
                     raise

@@ -137,6 +137,9 @@ class RequestClock:
     key: str = ""  # the model version's key it ran on
     input_ns: int = 0
     output_ns: int = 0
+    # when its response was ready: a stream's write (flow control, the peer's reading) is not
+    # the server's time, as a unary response's send is not (it happens after the handler)
+    done: int = 0
 
 
 class KServeServicer:
@@ -147,6 +150,8 @@ class KServeServicer:
         self.max_response_bytes = max_response_bytes
         self.stats: dict[str, ModelStats] = {}  # by model version key
         self.control = None  # the runtime's RepositoryControl (server.load)
+        # version key -> (repository generation, input name -> datatype)
+        self._datatypes: dict[str, tuple[int, dict[str, str]]] = {}
 
     # ---- helpers ---------------------------------------------------------------------------
     def _ready(self) -> bool:
@@ -177,7 +182,8 @@ class KServeServicer:
             stats = self.stats.get(clock.key)
             if stats is None:
                 stats = self.stats[clock.key] = ModelStats()
-            stats.record(ok, time.perf_counter_ns() - t0, batch, clock if ok else None)
+            end = clock.done if ok and clock.done else time.perf_counter_ns()
+            stats.record(ok, end - t0, batch, clock if ok else None)
 
     # ---- health and metadata -----------------------------------------------------------------
     async def ServerLive(self, request, context):
@@ -444,9 +450,15 @@ class KServeServicer:
 
     def _check_datatypes(self, key: str, request) -> None:
         """Each tensor's datatype must be its input's, as Triton requires (no conversion)."""
-        info = self.rt.get_model(key)
-        first = info.contracts.get("model") or info.contracts["encoder"]
-        want = {s.name: OF_DTYPE.get(s.dtype, s.dtype.upper()) for s in first.inputs}
+        generation = self.rt.repo.generation  # any repository change: read them again
+        cached = self._datatypes.get(key)
+        if cached is None or cached[0] != generation:  # keys are resolved ones: bounded
+            info = self.rt.get_model(key)
+            first = info.contracts.get("model") or info.contracts["encoder"]
+            want = {s.name: OF_DTYPE.get(s.dtype, s.dtype.upper()) for s in first.inputs}
+            self._datatypes[key] = (generation, want)
+        else:
+            want = cached[1]
         for t in request.inputs:
             expected = want.get(t.name)
             if expected is not None and t.datatype != expected:
@@ -496,7 +508,8 @@ class KServeServicer:
             self._fits(resp)
             if send is not None:
                 resp.parameters["triton_final_response"].bool_param = True
-            clock.output_ns = time.perf_counter_ns() - t1
+            clock.done = time.perf_counter_ns()
+            clock.output_ns = clock.done - t1
             if send is not None:
                 await send(kpb.ModelStreamInferResponse(infer_response=resp))
         return resp
@@ -591,7 +604,20 @@ def _error(message: str, req) -> kpb.ModelStreamInferResponse:
 
 
 def _refuse_unsupported(request) -> None:
-    """Classification and shared memory are refused, never silently ignored."""
+    """Classification, shared memory, priorities and request timeouts are refused, never
+    silently ignored."""
+    params = request.parameters
+    if "priority" in params and param_value(params["priority"]):
+        raise InvalidArgument(
+            f"priority {param_value(params['priority'])!r} is not supported: rnnzoo has no "
+            "priority levels (a sequence's requests run in order, batched across sessions); "
+            "send the request without priority"
+        )
+    if "timeout" in params and param_value(params["timeout"]):
+        raise InvalidArgument(
+            "the request parameter timeout is not supported: set a gRPC deadline on the call "
+            "instead (tritonclient's client_timeout)"
+        )
     for t in request.inputs:
         shm = [k for k in _SHM if k in t.parameters]
         if shm:
