@@ -9,6 +9,7 @@ one JSON line per configuration; tests/test_gallery.py reads them.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -39,6 +40,17 @@ DISTS = {
 # verify_module's grid, cut to keep the gallery at seconds per configuration on 2 cores
 GRID = {"times": (1, 3, 9), "batches": (1, 3), "stream": (24, 2)}
 STREAM_T, STREAM_B = 37, 3
+# one configuration takes 2-25 s on the shared 2-core host; a hung one must not eat CI's time
+CASE_LIMIT_S = 180
+
+
+class CaseTimeout(BaseException):
+    """Raised by SIGALRM in a configuration that runs past CASE_LIMIT_S (not an Exception, so
+    run_case's handlers do not take it for the exporter's answer)."""
+
+
+def _too_long(signum, frame):
+    raise CaseTimeout
 
 
 def all_cases() -> list:
@@ -163,9 +175,19 @@ def main(names: list[str]) -> int:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     cases = [c for c in all_cases() if not names or c.name in names]
+    signal.signal(signal.SIGALRM, _too_long)
     with tempfile.TemporaryDirectory() as d:
         for case in cases:
-            print(json.dumps(run_case(case, Path(d))), flush=True)
+            signal.alarm(CASE_LIMIT_S)
+            try:
+                res = run_case(case, Path(d))
+            except CaseTimeout:
+                res = {"name": case.name, "library": case.library, "exported": False}
+                res["version"] = version(DISTS[case.library])
+                res.update(verified=False, stage="timeout", error_type="raw timeout")
+                res["error"] = f"took over {CASE_LIMIT_S} s"
+            signal.alarm(0)
+            print(json.dumps(res), flush=True)
     return 0
 
 
