@@ -218,6 +218,15 @@ class HealthWatch:
         """The transitions with times relative to ``t0`` (e.g. a Load's)."""
         return [(t - t0, s) for t, s in self.changes]
 
+    def wait_for(self, status: str, timeout: float) -> str:
+        """Poll until health says ``status`` (the probe runs every second); the last seen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if st == status or time.monotonic() > deadline:
+                return st
+            time.sleep(0.05)
+
     def saw(self, status: str) -> bool:
         return any(s == status for _, s in self.changes)
 

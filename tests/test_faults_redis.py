@@ -166,7 +166,7 @@ def test_a_redis_fault_leaves_no_wrong_output_and_heals_without_a_restart(zoo, t
             rc.script_flush()
         fault_end = time.monotonic() - load.t0
         load.join(timeout=60)
-        health_now = health.status()
+        health_now = health.wait_for("SERVING", 5.0)
         assert load.done, load.stuck()
         assert load.wrong() == []
         assert _judge(load, ALLOWED) == []

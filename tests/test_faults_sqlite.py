@@ -73,7 +73,7 @@ def test_a_full_disk_is_named_and_the_server_heals_when_space_returns(zoo, tmp_p
     srv = Serve(zoo, str(store), tmp_path, "--lease-ttl", "3")
     health = HealthWatch(srv.target)
     try:
-        load = Load(srv.target, sessions=8, positionless=3, steps=200, step_timeout=4.0)
+        load = Load(srv.target, sessions=8, positionless=3, steps=400, step_timeout=4.0)
         load.start()
         time.sleep(1.0)
         t_fault = time.monotonic() - load.t0
@@ -98,7 +98,7 @@ def test_a_full_disk_is_named_and_the_server_heals_when_space_returns(zoo, tmp_p
         ]
         assert bad == []
         assert health.saw("NOT_SERVING"), health.changes
-        assert health.status() == "SERVING"
+        assert health.wait_for("SERVING", 5.0) == "SERVING"
         _report(
             "disk-full",
             fault_s=fault_end - t_fault,
