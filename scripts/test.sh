@@ -5,8 +5,11 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 # tritonclient[grpc] in its own venv (it pins protobuf<7): the KServe v2 tests run it
 bash scripts/setup-tritonclient.sh || exit 1
-# speechbrain, pytorch-forecasting, darts, asteroid, silero-vad beside torch 2.13.0, in their own
-# venv: the export gallery (tests/test_gallery.py) and the Silero VAD contract test run them
+# Triton's perf_analyzer (PyPI wheel for glibc 2.38 + Debian 13's runtime in a private folder)
+bash scripts/setup-perf-analyzer.sh || exit 1
+# speechbrain, pytorch-forecasting, darts, asteroid, neuralforecast, flair and silero-vad beside
+# torch 2.13.0 in their own venv: the export gallery (tests/test_gallery.py) and the Silero VAD
+# contract test (tests/test_contract_silero.py) run them
 bash scripts/setup-gallery.sh || exit 1
 .venv/bin/ruff check . || exit 1
 .venv/bin/ruff format --check . || exit 1

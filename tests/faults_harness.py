@@ -182,14 +182,14 @@ class Load:
 
 
 class HealthWatch:
-    """grpc health of ``target`` polled every 50 ms; ``changes``: (t, status) transitions."""
+    """grpc health of ``target`` polled every 50 ms; ``changes``: (t, status) transitions,
+    ``t`` on ``time.monotonic()``."""
 
     def __init__(self, target: str) -> None:
         self.channel = grpc.insecure_channel(target)
         self.stub = health_pb2_grpc.HealthStub(self.channel)
         self.changes: list[tuple[float, str]] = []
         self._stop = threading.Event()
-        self.t0 = time.monotonic()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -205,7 +205,7 @@ class HealthWatch:
         while not self._stop.is_set():
             st = self.status()
             if st != last:
-                self.changes.append((time.monotonic() - self.t0, st))
+                self.changes.append((time.monotonic(), st))
                 last = st
             time.sleep(0.05)
 
@@ -213,6 +213,19 @@ class HealthWatch:
         self._stop.set()
         self._thread.join(5)
         self.channel.close()
+
+    def since(self, t0: float) -> list[tuple[float, str]]:
+        """The transitions with times relative to ``t0`` (e.g. a Load's)."""
+        return [(t - t0, s) for t, s in self.changes]
+
+    def wait_for(self, status: str, timeout: float) -> str:
+        """Poll until health says ``status`` (the probe runs every second); the last seen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if st == status or time.monotonic() > deadline:
+                return st
+            time.sleep(0.05)
 
     def saw(self, status: str) -> bool:
         return any(s == status for _, s in self.changes)

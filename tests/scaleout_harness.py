@@ -132,7 +132,15 @@ class Redis(Proc):
 
 
 class Nginx(Proc):
-    def __init__(self, tmp: Path, upstreams: list[int]):
+    def __init__(
+        self,
+        tmp: Path,
+        upstreams: list[int],
+        server_opts: str = "max_fails=0",
+        edits: dict[str, str] | None = None,
+    ):
+        """``server_opts``: each upstream server line's options; ``edits``: text of the
+        template replaced (e.g. a shorter grpc_read_timeout for a test)."""
         self.port = free_port()
         prefix = tmp / f"nginx-{self.port}"
         prefix.mkdir()
@@ -140,7 +148,10 @@ class Nginx(Proc):
             (prefix / sub).mkdir()
         os.chmod(prefix, 0o755)
         text = (ROOT / "deploy" / "nginx-rnnzoo.conf.template").read_text()
-        servers = "\n        ".join(f"server 127.0.0.1:{p} max_fails=0;" for p in upstreams)
+        for a, b in (edits or {}).items():
+            assert a in text, a
+            text = text.replace(a, b)
+        servers = "\n        ".join(f"server 127.0.0.1:{p} {server_opts};" for p in upstreams)
         text = (
             text.replace("@PREFIX@", str(prefix))
             .replace("@LISTEN@", f"127.0.0.1:{self.port}")

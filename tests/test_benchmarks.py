@@ -25,7 +25,12 @@ SYSTEMS = ("echo", "naive", "rnnzoo")
 @pytest.fixture(scope="module")
 def result() -> dict:
     cfg = replace(
-        BenchConfig.quick(), sessions=(1, 3), steps=(1, 2), delays_ms=(0.0, 2.0), delay_sessions=3
+        BenchConfig.quick(),
+        sessions=(1, 3),
+        steps=(1, 2),
+        delays_ms=(0.0, 2.0),
+        delay_sessions=3,
+        many_sessions=(3,),
     )
     return run(cfg, log=lambda _msg: None)
 
@@ -117,6 +122,13 @@ def test_every_ratio_is_made_from_measured_numbers(result):
                 a["steps_per_s"] / b["steps_per_s"]
                 for a, b in zip(d["rounds"], other["rounds"], strict=True)
             ]
+        elif r["name"] == "S/D":  # StepMany against per-session Streams, same cell
+            m, d = _cell(s["stepmany"], n, t), _cell(s["rnnzoo"], n, t)
+            assert (r["numerator"], r["denominator"]) == (m["steps_per_s"], d["steps_per_s"])
+            assert r["per_round"] == [
+                a["steps_per_s"] / b["steps_per_s"]
+                for a, b in zip(m["rounds"], d["rounds"], strict=True)
+            ]
         elif r["name"] == "D/A":
             assert r["batch"] == ref_b
             assert r["numerator"] == _cell(s["rnnzoo"], n, t)["steps_per_s"]
@@ -134,6 +146,12 @@ def test_every_ratio_is_made_from_measured_numbers(result):
             for name in ("D/B", "D/C"):
                 assert (name, n, t, None) in want
             assert ("D/A", n, t, ref_b) in want
+    # StepMany at its sessions, 1 step per chunk; its steps count session-steps
+    assert [(c["sessions"], c["steps"]) for c in s["stepmany"]] == [(3, 1)]
+    assert ("S/D", 3, 1, None) in want
+    for one in s["stepmany"][0]["rounds"]:
+        # window_s is rounded to 0.1 ms
+        assert one["steps_per_s"] == pytest.approx(3 * one["messages"] / one["window_s"], rel=1e-3)
     for b in set(cfg["batches"]) & set(cfg["torch_batches"]):
         for t in cfg["steps"]:
             assert ("A/E", None, t, b) in want
@@ -146,16 +164,16 @@ def test_every_ratio_is_made_from_measured_numbers(result):
 def test_targets_quote_the_ratios(result):
     by_key = {(r["name"], r["sessions"], r["steps"]): r["value"] for r in result["ratios"]}
     targets = result["targets"]
-    assert len(targets) == 5
+    assert len(targets) == 6
     # the lean path's target is 0.95 x the bound measured in the same run
     assert targets[0]["want"] == round(0.95 * one_session_bound(result)[0], 3)
     assert f"({targets[0]['want']})" in targets[0]["target"]
-    for t in targets[:4]:
+    for t in targets[:5]:
         name = t["target"].split()[0]
         assert t["measured"] == by_key[(name, t["sessions"], t["steps"])]
         assert t["met"] == (t["measured"] >= t["want"])
-    d = _cell(result["servers"]["rnnzoo"], targets[4]["sessions"], 1)
-    assert targets[4]["measured"] == d["p99_ms"]
+    d = _cell(result["servers"]["rnnzoo"], targets[5]["sessions"], 1)
+    assert targets[5]["measured"] == d["p99_ms"]
 
 
 @pytest.mark.slow
@@ -239,3 +257,18 @@ def test_worker_scaling_targets_are_judged_only_with_cores_the_client_did_not_ta
     # 2 shared cores: reported as measured, never judged
     (two,) = scaling_targets({"usable_cores": 2, "cells": [cell(2, 1.18, 150)]})
     assert two["measured"] == 1.18 and two["met"] is None
+
+
+def test_unary_step_benchmark_reports_both_kinds_from_one_run(tmp_path):
+    """benchmarks/unary_step.py at toy size: both kinds measured, the ratio made from them."""
+    from onnx_fixtures import build_rnn
+
+    from rnnzoo.benchmarks import unary_step
+
+    build_rnn(tmp_path / "gru.onnx", cell="gru", seed=1)
+    out = tmp_path / "unary.json"
+    assert unary_step.main(["--model-dir", str(tmp_path), "--n", "20", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    seq, stateless = r["sequence_step"], r["stateless"]
+    assert r["n"] == 20 and seq["p50_us"] > 0 and stateless["p50_us"] > 0
+    assert r["p50_ratio"] == round(seq["p50_us"] / stateless["p50_us"], 3)

@@ -88,6 +88,9 @@ class Served(Proc):
             "1",
             "--lease-ttl",
             "30",
+            # successful unary calls (CreateSession, read by worker_of) log at debug
+            "--log-level",
+            "debug",
         ]
         if store:
             args += ["--state-store", store]

@@ -177,3 +177,31 @@ def test_with_the_context_silero_keeps_the_server_streams_as_its_own_wrapper(sil
     np.testing.assert_allclose(got, wrapper, atol=TOL)
     # with the context Silero scores the vowels as speech; without it, not (docs/contract.md)
     assert got.max() > 0.5
+
+
+def test_every_graph_in_the_silero_package_gets_a_sidecar_that_passes_or_says_why_not(
+    tmp_path, capsys
+):
+    """The package ships six graphs, exported by different tools and opsets: their dims are
+    unnamed, named by the exporter (``AddstateN_dim_0``), or fixed at batch 1."""
+    data_dir = silero_file().parent
+    files = sorted(p.name for p in data_dir.glob("*.onnx"))
+    assert len(files) == 6, files
+    fixed_batch = {"silero_vad_16k_sequence.onnx", "silero_vad_openvino_16k.onnx"}
+    for name in files:
+        path = tmp_path / name
+        shutil.copy(data_dir / name, path)
+        assert main(["contract", "init", str(path)]) == 0, name
+        printed = capsys.readouterr().out
+        side = sidecar_path(path)
+        data = json.loads(side.read_text())
+        if name in fixed_batch:
+            assert "exported for one fixed batch size" in printed, (name, printed)
+            continue
+        assert [(s["input"], s["output"], s["batch_axis"]) for s in data["states"]] == [
+            ("state", "stateN", 1)
+        ], name
+        for const in data["constants"]:
+            const["value"] = SR
+        side.write_text(json.dumps(data))
+        assert main(["contract", "check", str(path)]) == 0, (name, capsys.readouterr().out)

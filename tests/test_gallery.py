@@ -67,15 +67,15 @@ def test_a_published_module_exports_verifies_and_streams_or_is_refused_clearly(r
         f"{case.name}: a raw exception at {res['stage']}: {res['error']}\n{res.get('traceback')}"
     )
     if case.expect == REFUSED:
-        assert res["error_type"] == "InvalidArgument", res
+        assert res["error_type"] == "InvalidArgument", f"{case.name}: not refused: {res}"
         assert re.search(case.why, res["error"]), res["error"]
         return
-    assert res["exported"] and res["error"] is None, res
-    assert res["verified"], res.get("verify_summary")
+    assert res["exported"], f"{case.name}: not exported: {res['error']}"
+    assert res["verified"], f"{case.name}: {res['error'] or res.get('verify_summary')}"
     if case.expect == STREAMS:
-        assert res["streamable"] is True, res.get("reason")
-        assert res["stream_diff"] <= TOL, res
+        assert res["streamable"] is True, f"{case.name}: not streamable: {res.get('reason')}"
+        assert res["stream_diff"] <= TOL, f"{case.name}: chunks differ by {res['stream_diff']}"
     else:
         assert case.expect == EXPORTS
-        assert res["streamable"] is False, res
+        assert res["streamable"] is False, f"{case.name}: exported as streamable"
         assert case.why.lower() in (res.get("reason") or "").lower(), res.get("reason")

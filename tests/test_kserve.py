@@ -138,6 +138,42 @@ async def test_unimplemented_rpcs_say_what_to_use_instead(stub):
     assert not (await stub.SystemSharedMemoryStatus(kpb.SystemSharedMemoryStatusRequest())).regions
 
 
+async def test_health_answers_for_the_kserve_service_name_as_triton_does(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "inference.GRPCInferenceService"):
+            resp = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING, service
+
+
+async def test_stream_responses_carry_triton_final_response(stub):
+    x = _signal(2, seed=4)[None]
+    bad = _request("gru", x, seq=99)  # no sequence_start: an in-band error
+    resps = [r async for r in stub.ModelStreamInfer(iter([_request("gru", x), bad]))]
+    assert not resps[0].error_message and resps[1].error_message.startswith("NOT_FOUND")
+    for r in resps:
+        assert r.infer_response.parameters["triton_final_response"].bool_param
+
+
+async def test_model_statistics_has_tritons_breakdown_and_counts_executions(stub):
+    x = _signal(3, seed=5)[None]
+    before = (await stub.ModelStatistics(kpb.ModelStatisticsRequest(name="gru"))).model_stats
+    for _ in range(3):
+        await stub.ModelInfer(_request("gru", x.repeat(2, axis=0)))  # 2 inferences, 1 execution
+    after = (await stub.ModelStatistics(kpb.ModelStatisticsRequest(name="gru"))).model_stats
+    (b,) = before or [kpb.ModelStatistics()]
+    (a,) = after
+    assert a.version == "1"
+    assert a.inference_count - b.inference_count == 6
+    assert a.execution_count - b.execution_count == 3
+    for stage in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+        got, was = getattr(a.inference_stats, stage), getattr(b.inference_stats, stage)
+        assert got.count - was.count == 3, stage  # equal counts: perf_analyzer requires it
+    assert a.inference_stats.compute_infer.ns > b.inference_stats.compute_infer.ns
+
+
 async def test_repository_index_lists_every_version_ready(stub):
     index = await stub.RepositoryIndex(kpb.RepositoryIndexRequest())
     assert {(m.name, m.version, m.state) for m in index.models} >= {
@@ -162,6 +198,15 @@ async def test_a_wrong_datatype_and_unsupported_features_are_refused(stub):
     req = _request("gru", x)
     req.inputs[0].parameters["shared_memory_region"].string_param = "r0"
     await _expect(Code.INVALID_ARGUMENT, stub.ModelInfer(req), "shared memory")
+    req = _request("gru", x)
+    req.parameters["priority"].uint64_param = 2
+    await _expect(Code.INVALID_ARGUMENT, stub.ModelInfer(req), "priority")
+    req = _request("gru", x)
+    req.parameters["timeout"].int64_param = 1000
+    await _expect(Code.INVALID_ARGUMENT, stub.ModelInfer(req), "deadline")
+    req = _request("gru", x)
+    req.parameters["priority"].uint64_param = 0  # the default, as tritonclient may send it
+    await stub.ModelInfer(req)
 
 
 # ---- stateless inference -----------------------------------------------------------------

@@ -20,6 +20,7 @@ from test_server_cli import _wait_listening
 ROOT = Path(__file__).resolve().parents[1]
 TRITON_PY = ROOT / ".venv-triton" / "bin" / "python"
 CHECK = Path(__file__).with_name("tritonclient_check.py")
+REPOSITORY = Path(__file__).with_name("tritonclient_repository.py")
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +98,38 @@ def test_readme_tritonclient_example_runs(triton_python, target, tmp_path):
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
     match = re.search(r"streamed vs whole: (\S+)", r.stdout)
     assert match and float(match.group(1)) <= 1e-5, r.stdout
+
+
+@pytest.fixture(scope="module")
+def explicit_target(tmp_path_factory):
+    """``rnnzoo serve --model-control explicit`` over Triton's layout: m/1/, m/2/."""
+    d = tmp_path_factory.mktemp("repo")
+    for v in (1, 2):
+        (d / "m" / str(v)).mkdir(parents=True)
+        build_rnn(d / "m" / str(v) / "m.onnx", cell="gru", seed=v, name="m")
+    log = (d / "server.log").open("w")
+    args = ["--model-dir", str(d), "--port", "0", "--grace", "1", "--model-control", "explicit"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rnnzoo.cli", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
+    try:
+        yield _wait_listening(proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_tritonclient_loads_and_unloads_models_and_sees_final_responses(
+    triton_python, explicit_target
+):
+    r = _run(triton_python, str(REPOSITORY), explicit_target)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    assert "tritonclient repository: ok" in r.stdout

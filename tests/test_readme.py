@@ -27,8 +27,9 @@ def test_readme_commands_exist():
 
 @pytest.mark.slow
 def test_readme_python_example_runs(tmp_path, capsys):
+    # the client example, then StepMany's (it reuses the first one's names): one namespace
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-    assert len(blocks) == 1
+    assert len(blocks) == 2
     assert (
         main(
             [
@@ -51,10 +52,16 @@ def test_readme_python_example_runs(tmp_path, capsys):
         # that one line at this test's server, and fail if the example stops defining it.
         code, n = re.subn(r"^TARGET = .*$", f"TARGET = {server.target!r}", blocks[0], flags=re.M)
         assert n == 1, "the README's Python example must define TARGET"
-        exec(compile(code, "README.md", "exec"), {})
+        namespace: dict = {}
+        exec(compile(code, "README.md", "exec"), namespace)
+        exec(compile(blocks[1], "README.md", "exec"), namespace)
         printed = capsys.readouterr().out
     finally:
         server.stop()
     match = re.search(r"forecast of the next value: (\S+)", printed)
     assert match, printed
     assert np.isfinite(float(match.group(1)))
+    many = re.search(r"step_many: \[(.*)\]", printed)
+    assert many, printed
+    values = [float(v) for v in many.group(1).split(",")]
+    assert len(values) == 3 and len(set(values)) == 1  # three fresh sessions, the same step

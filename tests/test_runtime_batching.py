@@ -402,3 +402,25 @@ async def test_infer_batched_stateless_and_from_session(zoo):
             await rt.infer("gru", {"x": xb[:1]}, session_id=s.id)
     finally:
         await rt.stop()
+
+
+async def test_a_lone_unary_chunk_does_not_wait_out_the_window_but_concurrent_ones_batch(zoo):
+    """No stream attached: a chunk alone goes at once (the window here is a minute: waiting
+    it out would fail the 10 s bound), while chunks that queue together still share a call."""
+    repo, refs = zoo
+    graph = repo.get("gru").graphs["model"]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(graph, pool, max_batch=2, max_delay_ms=60_000)
+        batcher.start()
+        x = seq(3)
+        outs, _ = await asyncio.wait_for(
+            batcher.submit("a", Chunk({"x": x}, 3), graph.init_states), 10
+        )
+        np.testing.assert_allclose(outs["y"], reference(refs["gru"], x[None])[0][0], atol=1e-5)
+        assert list(batcher.batch_sizes) == [1]
+        both = [batcher.submit(k, Chunk({"x": x}, 3), graph.init_states) for k in "bc"]
+        await asyncio.wait_for(asyncio.gather(*both), 10)  # max_batch 2 fills: no wait
+        assert list(batcher.batch_sizes) == [1, 2]
+        await batcher.stop(1.0)

@@ -101,3 +101,53 @@ def test_a_packed_pipeline_returns_every_reply_with_error_replies_in_place(tmp_p
         asyncio.run(go())
     finally:
         server.stop()
+
+
+def test_a_step_result_encodes_as_pack_does_and_reads_back():
+    from rnnzoo.server.runtime.options import StepResult
+    from rnnzoo.server.runtime.snapshot import _pack, result_from_bytes, result_to_bytes
+
+    rng = np.random.default_rng(0)
+    for steps, revised in ((1, False), (7, True), (1, False)):  # a layout seen again: cached
+        outs = {
+            "y": rng.standard_normal((steps, 2)).astype(np.float32),
+            "ids": np.arange(steps, dtype=np.int64),
+            "t": rng.standard_normal((3, steps)).astype(np.float32).T,  # not C-contiguous
+        }
+        res = StepResult(outs, 40, 40 + steps, revised)
+        head = {"start": 40, "steps_total": 40 + steps, "revised": revised}
+        data = result_to_bytes(res)
+        assert data == _pack(head, list(outs.items()))
+        back = result_from_bytes(data)
+        assert (back.start, back.steps_total, back.revised) == (40, 40 + steps, revised)
+        for k, v in outs.items():
+            np.testing.assert_array_equal(back.outputs[k], v)
+
+
+def test_the_redis_store_names_its_driver_version_once_not_per_connection():
+    import redis
+
+    from rnnzoo.server.runtime.store import RedisStore
+
+    store = RedisStore("redis://127.0.0.1:1/0")  # never connected
+    info = store._client.connection_pool.connection_kwargs["driver_info"]
+    assert info is wire.driver_info()["driver_info"] and info.lib_version == redis.__version__
+
+
+def test_a_sqlite_batch_with_a_fenced_write_applies_the_others_and_says_which(tmp_path):
+    from rnnzoo.server.runtime.store import SqliteStore, Write
+
+    store = SqliteStore(tmp_path / "st")
+    conn = store._conn()
+    sids = ["a", "b", "c"]
+    assert (
+        store._write(conn, [Write(s, 0, b"v0", 60.0, create=True) for s in sids], 30.0)
+        == [True] * 3
+    )
+    steps = [Write(s, 0, b"v1-" + s.encode(), 60.0, b"r", -1) for s in sids]
+    assert store._write(conn, steps, 30.0) == [True, True, True]
+    fenced = [Write(s, 0, b"v2-" + s.encode(), 60.0, b"r", -1) for s in sids]
+    fenced[1].epoch = 7  # b's writer holds an old epoch: fenced off
+    assert store._write(conn, fenced, 30.0) == [True, False, True]
+    snaps = dict(conn.execute("SELECT sid, snap FROM sessions").fetchall())
+    assert snaps == {"a": b"v2-a", "b": b"v1-b", "c": b"v2-c"}

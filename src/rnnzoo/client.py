@@ -242,11 +242,13 @@ class Client:
         model: str,
         initial_state: Mapping[str, np.ndarray] | None = None,
         ttl_s: float | None = None,
+        version: int | None = None,
     ) -> pb.Session:
         """``ttl_s``: this session's idle expiry in seconds, at most the server's (None: the
-        server's)."""
+        server's); ``version``: the model version to run on (None: the newest ready one; the
+        session keeps it to its end either way, ``.version`` of the result says which)."""
         req = pb.CreateSessionRequest(
-            model=model, initial_state=to_tensors(initial_state or {}), ttl_s=ttl_s
+            model=model, initial_state=to_tensors(initial_state or {}), ttl_s=ttl_s, version=version
         )
         info = self._call(self.stub.CreateSession, req)
         self._session_models[info.session_id] = info.model

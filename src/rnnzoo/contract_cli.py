@@ -70,8 +70,10 @@ def _tensors(values) -> dict[str, tuple[str, list]]:
 
 
 def _compatible(a: tuple[str, list], b: tuple[str, list]) -> bool:
-    """Same dtype, and shapes that can be equal: an unknown dim (or an unknown shape, as in
-    Silero VAD's ``stateN: [?, ?, ?]``) matches anything; two fixed dims must agree."""
+    """Same dtype, and shapes that can be equal: an unknown or symbolic dim (or an unknown
+    shape) matches anything, as in Silero VAD's ``stateN: [?, ?, ?]`` and its opset-15 file's
+    ``[AddstateN_dim_0, batch, AddstateN_dim_2]`` for ``state: [2, batch, 128]``; two fixed
+    dims must agree."""
     (dt_a, sh_a), (dt_b, sh_b) = a, b
     if dt_a != dt_b:
         return False
@@ -80,7 +82,7 @@ def _compatible(a: tuple[str, list], b: tuple[str, list]) -> bool:
     if len(sh_a) != len(sh_b):
         return False
     return all(
-        x == y or x is None or y is None or (isinstance(x, str) and isinstance(y, str))
+        x == y or not isinstance(x, int) or not isinstance(y, int)
         for x, y in zip(sh_a, sh_b, strict=True)
     )
 
@@ -220,6 +222,13 @@ def guess(
     ]
     const_names += [n for n in values if n not in const_names and n not in in_states]
     data = {n: v for n, v in g_in.items() if n not in in_states and n not in const_names}
+    if not data:
+        check.append(
+            "inputs: none found: every input of the graph is rank 0 or has only fixed dims, so "
+            "all were taken for constants. rnnzoo batches sessions along a symbolic batch dim: "
+            "a graph exported for one fixed shape (batch 1) must be re-exported with a dynamic "
+            "batch axis"
+        )
     probe_values, probe_notes = {}, []
     for n in const_names:
         probe_values[n], where = _probe_value(n, *g_in[n], values)

@@ -157,8 +157,15 @@ def settle(
     runner = _Runner(session, data, states, constants)
     in_choices = [_axis_choices(sh, batch) for _, sh in data.values()]
     st_choices = [_state_choices(sh, batch) for _, _, _, sh in states]
-    if any(not c for c in in_choices) or any(not c for c in st_choices):
-        return None, "an input or state has no unknown dim to be the batch"
+    fixed = [n for n, c in zip(data, in_choices, strict=True) if not c]
+    fixed += [s[0] for s, c in zip(states, st_choices, strict=True) if not c]
+    if fixed:
+        shapes = {**{n: sh for n, (_, sh) in data.items()}, **{s[0]: s[3] for s in states}}
+        return None, (
+            f"{fixed[0]!r} has no unknown dim to be the batch (shape {shapes[fixed[0]]}): the "
+            "graph was exported for one fixed batch size; rnnzoo batches sessions along a "
+            "symbolic batch dim, so re-export it with a dynamic batch axis"
+        )
     choices: list[list[Any]] = [*in_choices, *st_choices]
     for combo in itertools.islice(itertools.product(*choices), MAX_LAYOUTS):
         axes: dict[str, tuple[int, int | None]] = dict(zip(data, combo[: len(data)], strict=True))

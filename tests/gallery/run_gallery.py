@@ -19,12 +19,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MODULES = ["speechbrain_cases", "forecasting_cases", "darts_cases", "asteroid_cases"]
+MODULES = [
+    "speechbrain_cases",
+    "forecasting_cases",
+    "darts_cases",
+    "asteroid_cases",
+    "neuralforecast_cases",
+    "flair_cases",
+]
 DISTS = {
     "speechbrain": "speechbrain",
     "pytorch-forecasting": "pytorch-forecasting",
     "darts": "darts",
     "asteroid": "asteroid",
+    "neuralforecast": "neuralforecast",
+    "flair": "flair",
 }
 # verify_module's grid, cut to keep the gallery at seconds per configuration on 2 cores
 GRID = {"times": (1, 3, 9), "batches": (1, 3), "stream": (24, 2)}

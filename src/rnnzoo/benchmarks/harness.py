@@ -9,6 +9,9 @@ Systems, side by side on one machine, same proto/payload/concurrency:
   E  PyTorch eager step loop, B in ``torch_batches``
   M  minimal server, at 1 session and 1 step/message only: decode, one ORT call, encode and
      nothing else (``minimal_server.py``): what any Python grpc.aio server reaches there
+  S  D's server stepped through StepMany: one call, one message per round carrying a 1-step
+     chunk for each of N sessions (``load_many.py``), at ``many_sessions``, side by side with
+     D's per-session Streams at the same N (the ratio S/D; CPU per session-step for both)
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 from .load import run_cell
+from .load_many import run_many_cell
 from .model import NAME as MODEL
 from .servers import echo_server, minimal_server, rnnzoo_server
 
@@ -36,6 +41,7 @@ class BenchConfig:
     max_batch: int = 64  # (D)
     delays_ms: tuple[float, ...] = (0.0, 1.0, 5.0)  # (D) at ``delay_sessions``; first = main D
     delay_sessions: int = 64
+    many_sessions: tuple[int, ...] = (64, 256)  # (S), at 1 step per chunk; in ``sessions``
     warmup_s: float = 0.5
     duration_s: float = 1.5  # measured seconds per round
     # Each cell is measured in ``rounds`` rounds, the servers' order rotated every round; a
@@ -57,6 +63,7 @@ class BenchConfig:
             max_batch=64,
             delays_ms=(0.0, 1.0),
             delay_sessions=4,
+            many_sessions=(4,),
             warmup_s=0.1,
             duration_s=0.3,
             rounds=2,
@@ -99,9 +106,12 @@ def machine() -> dict:
     }
 
 
-def _measure(srv, model: str, cfg: BenchConfig, sessions: int, steps: int, log) -> dict:
+def _measure(
+    srv, model: str, cfg: BenchConfig, sessions: int, steps: int, log, many: bool = False
+) -> dict:
+    cell = run_many_cell if many else run_cell
     r = asyncio.run(
-        run_cell(
+        cell(
             srv.target,
             model,
             sessions,
@@ -111,10 +121,12 @@ def _measure(srv, model: str, cfg: BenchConfig, sessions: int, steps: int, log) 
             server_pid=srv.proc.pid,
         )
     )
+    name = f"StepMany: {srv.name}" if many else srv.name
+    unit = "session-step" if many else "msg"
     log(
-        f"  {srv.name:<40} sessions={sessions:<4} steps={steps:<3} "
+        f"  {name:<40} sessions={sessions:<4} steps={steps:<3} "
         f"{r.steps_per_s:>10.0f} steps/s  p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  "
-        f"cpu/msg server {r.server_cpu_us_per_msg or float('nan'):6.0f} us "
+        f"cpu/{unit} server {r.server_cpu_us_per_msg or float('nan'):6.0f} us "
         f"client {r.client_cpu_us_per_msg:6.0f} us"
     )
     # 1-minute load average after the cell: how busy the shared machine was meanwhile
@@ -159,6 +171,7 @@ def _servers(model_dir: Path, cfg: BenchConfig, log) -> tuple[dict, list[dict]]:
     procs = [*main.values(), *delayed.values(), *([minimal] if minimal else [])]
     servers: dict[str, list[dict]] = {k: [] for k in main}
     servers["minimal"] = []
+    servers["stepmany"] = []  # S: D's server through StepMany (per-session-step CPU figures)
     sweep_cells: dict[float, list[dict]] = {d: [] for d in delayed}
     try:
         for p in procs:
@@ -170,13 +183,16 @@ def _servers(model_dir: Path, cfg: BenchConfig, log) -> tuple[dict, list[dict]]:
                     systems += list(delayed.items())
                 if minimal is not None and sessions == 1 and steps == 1:
                     systems.append(("minimal", minimal))
+                if steps == 1 and sessions in cfg.many_sessions:
+                    systems.append(("stepmany", main["rnnzoo"]))
                 rounds: dict[object, list[dict]] = {k: [] for k, _ in systems}
                 for i in range(cfg.rounds):
                     first = i % len(systems)
                     for key, srv in systems[first:] + systems[:first]:
-                        rounds[key].append(_measure(srv, MODEL, cfg, sessions, steps, log))
+                        many = key == "stepmany"
+                        rounds[key].append(_measure(srv, MODEL, cfg, sessions, steps, log, many))
                 for key, cells in rounds.items():
-                    dest = servers[key] if key in servers else sweep_cells[key]
+                    dest = servers[key] if key in servers else sweep_cells[cast(float, key)]
                     dest.append(summarize(cells))
     finally:
         for p in procs:
@@ -335,8 +351,19 @@ def ratios(result: dict) -> list[dict]:
         a = _compute(ort, ref_b, t)
         if a:
             out.append(Ratio("D/A", n, t, ref_b, d["steps_per_s"], a["steps_per_s"]))
+    for m in s.get("stepmany", []):  # StepMany against per-session Streams, same sessions
+        d = _cell(s["rnnzoo"], m["sessions"], m["steps"])
+        if d is None:
+            continue
+        r = Ratio("S/D", m["sessions"], m["steps"], None, m["steps_per_s"], d["steps_per_s"])
+        r.per_round = [
+            a["steps_per_s"] / b["steps_per_s"]
+            for a, b in zip(m["rounds"], d["rounds"], strict=True)
+        ]
+        out.append(r)
     for m in s.get("minimal", []):  # the floor itself against the transport limit
         b = _cell(s["echo"], m["sessions"], m["steps"])
+        assert b is not None, "the echo server runs every cell the minimal server runs"
         r = Ratio("M/B", m["sessions"], m["steps"], None, m["steps_per_s"], b["steps_per_s"])
         r.per_round = [
             a["steps_per_s"] / e["steps_per_s"]
@@ -378,6 +405,10 @@ def targets(result: dict) -> list[dict]:
     big = 64 if 64 in result["config"]["sessions"] else max(result["config"]["sessions"])
     small = min(result["config"]["sessions"])
     tmax = max(result["config"]["steps"])
+    measured = [
+        n for n in result["config"].get("many_sessions", ()) if n in result["config"]["sessions"]
+    ]
+    most = max(measured) if measured else None
     bound = one_session_bound(result) if small == 1 else None
     lean = round(0.95 * bound[0], 3) if bound else None
     rows = [
@@ -391,6 +422,11 @@ def targets(result: dict) -> list[dict]:
         (f"D/B >= 0.85, 1 step/message, {big} sessions", _find(rs, "D/B", big, 1), 0.85),
         (f"D/C >= 1.5, 1 step/message, {big} sessions", _find(rs, "D/C", big, 1), 1.5),
         (f"D/A >= 0.5, {tmax} steps/message, {big} sessions", _find(rs, "D/A", big, tmax), 0.5),
+        (
+            f"S/D >= 5 (StepMany vs per-session Streams), 1 step/chunk, {most} sessions",
+            _find(rs, "S/D", most, 1) if most else None,
+            5.0,
+        ),
     ]
     out = []
     for label, r, want in rows:

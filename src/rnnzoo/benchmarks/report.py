@@ -102,6 +102,32 @@ def _minimal_floor(result: dict) -> str:
     )
 
 
+def step_many_table(result: dict) -> str:
+    """StepMany (S) beside per-session Streams (D) at the same sessions, 1 step per chunk:
+    session-steps/s, latency of a message, server and client CPU per session-step."""
+    s = result["servers"]
+    rs = {(r["name"], r["sessions"], r["steps"]): r["value"] for r in result["ratios"]}
+    rows = [
+        "| sessions | D Streams steps/s | S StepMany steps/s | S/D | D p99 ms | S p99 ms "
+        "| D server CPU/step µs | S server CPU/step µs | D client | S client |",
+        "|" + "---:|" * 10,
+    ]
+    for m in s.get("stepmany", []):
+        n, t = m["sessions"], m["steps"]
+        d = next((c for c in s["rnnzoo"] if c["sessions"] == n and c["steps"] == t), None)
+        if d is None:
+            continue
+        cpu = [_fmt(x and x / t) for x in (d["server_cpu_us_per_msg"], m["server_cpu_us_per_msg"])]
+        client = [_fmt(d["client_cpu_us_per_msg"] / t), _fmt(m["client_cpu_us_per_msg"] / t)]
+        rows.append(
+            f"| {n} | {d['steps_per_s']:.0f} | {m['steps_per_s']:.0f} | "
+            f"{_fmt(rs.get(('S/D', n, t)), '.2f')} | {d['p99_ms']:.2f} | {m['p99_ms']:.2f} | "
+            + " | ".join(cpu + client)
+            + " |"
+        )
+    return "\n".join(rows)
+
+
 def options_table(result: dict) -> str:
     """Steps/s per ORT option set and batch (T=1), idle machine vs one core taken."""
     rows_in = result.get("ort_options") or []
@@ -162,6 +188,7 @@ def text(result: dict) -> str:
             "servers (closed loop, one Stream per session; T = steps per message)\n"
             + server_table(result),
             "queue delay trade-off (D)\n" + delay_table(result),
+            "StepMany (S) vs per-session Streams (D), 1 step per chunk\n" + step_many_table(result),
             "server/client CPU per message (µs)\n" + cpu_table(result),
             "ORT session options (A, T=1, steps/s)\n" + options_table(result),
             "targets\n" + target_table(result) + "\n" + (one_session_bound(result) or ""),
@@ -308,6 +335,14 @@ CPU time per message (µs, user+sys from /proc, whole process incl. all threads,
 measured window): what each server and the client spent on one round trip.
 
 {cpu_table(result)}
+
+## StepMany (S) vs per-session Streams (D)
+The same server (D) stepped two ways at the same number of sessions, 1 step per chunk, in the
+same rounds: one Stream per session (D), or one StepMany call whose every message carries a
+chunk for each session (S). Steps/s count session-steps; p99 is a message's round trip (for S,
+all sessions' steps at once); CPU is per session-step.
+
+{step_many_table(result)}
 
 ## ORT session options (A, T=1, steps/s)
 The server's choice against the alternatives, measured in this run. The "1 core busy" columns

@@ -9,6 +9,8 @@ step. Parts, each in microseconds of CPU per session-step (``time.process_time``
 redis-server is another process and its CPU is not counted), median of 5 repeats:
 
 - ``encode``: the session's snapshot bytes: ``to_bytes`` (before) vs ``StepEncoder`` (now);
+- ``step result``: the step's result kept for a retry (``result_to_bytes``): the JSON
+  header encoded whole (before) vs the outputs' index cached per layout (now);
 - ``redis pack+send+read``: one pipelined round trip of the batch's fenced writes: redis-py's
   ``Pipeline`` (before) vs ``wire.execute`` (now);
 - ``redis-server itself``: the server process's CPU for those writes (the Lua script), which
@@ -82,6 +84,27 @@ def run(sessions: int = 64, batches: int = 300, log=print) -> dict[str, float]:
     assert all(e.encode(s, initial) == to_bytes(s) for s, e in zip(snaps, encoders, strict=True))
     out["encode: to_bytes (before)"] = _cpu_us_per(old_encode, n)
     out["encode: StepEncoder (now)"] = _cpu_us_per(new_encode, n)
+    from rnnzoo.server.runtime.options import StepResult
+    from rnnzoo.server.runtime.snapshot import _pack, result_to_bytes
+
+    results = [
+        StepResult({"y": rng.standard_normal((1, 1)).astype(np.float32)}, 1000 + i, 1001 + i, False)
+        for i in range(sessions)
+    ]
+
+    def old_result():
+        for _ in range(batches):
+            for r in results:
+                head = {"start": r.start, "steps_total": r.steps_total, "revised": r.revised}
+                _pack(head, list(r.outputs.items()))
+
+    def new_result():
+        for _ in range(batches):
+            for r in results:
+                result_to_bytes(r)
+
+    out["step result: _pack (before)"] = _cpu_us_per(old_result, n)
+    out["step result: result_to_bytes (now)"] = _cpu_us_per(new_result, n)
     blobs = [to_bytes(s) for s in snaps]
     resp = b"\x12" * 40  # a 1-step response's bytes, kept for deduplication
 
@@ -110,7 +133,7 @@ def run(sessions: int = 64, batches: int = 300, log=print) -> dict[str, float]:
         sids = [f"s{i:04d}" for i in range(sessions)]
         creates = [Write(sid, 0, b, 600.0, create=True) for sid, b in zip(sids, blobs, strict=True)]
         store._write(store._conn(), creates, 30.0)
-        writes = [Write(sid, 0, b, 600.0, resp, 0) for sid, b in zip(sids, blobs, strict=True)]
+        writes = [Write(sid, 0, b, 600.0, resp, -1) for sid, b in zip(sids, blobs, strict=True)]
 
         def sqlite_batches():
             for _ in range(batches):
@@ -130,10 +153,11 @@ async def _redis_parts(RedisStore, Write, wire, port, blobs, resp, batches) -> d
     )
     assert all(ok)
     script = store._scripts["write"]
-    calls = [
-        ([store._key(sid)], [0, b, resp, 0, 600_000, 1, 0, 30_000])
-        for sid, b in zip(sids, blobs, strict=True)
-    ]
+    for sid in sids:  # leased, as a stream's writes are (the script refreshes the lease)
+        assert (await store.acquire(sid, "bench/1", 30.0)).ok
+    # position -1: no position check (the same writes again and again)
+    writes = [Write(sid, 1, b, 600.0, resp, -1) for sid, b in zip(sids, blobs, strict=True)]
+    calls = store.write_calls(writes, 30.0)
     client = store._client
 
     async def old():

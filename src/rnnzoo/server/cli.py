@@ -97,6 +97,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     lim.add_argument(
         "--max-streams-per-connection", type=int, default=ADMISSION.max_streams_per_connection
     )
+    lim.add_argument(
+        "--max-streams-per-client",
+        type=int,
+        default=ADMISSION.max_streams_per_client,
+        help="open streams of one client across its connections (its principal, else its address)",
+    )
     p.add_argument(
         "--metrics-port",
         type=int,
@@ -171,7 +177,51 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="refuse to start when any model fails to load (default: serve the others and "
         "list the failed ones as not ready, with their reason)",
     )
+    mc = p.add_argument_group("model versions and control (docs/kserve.md)")
+    mc.add_argument(
+        "--model-control",
+        default="none",
+        choices=("none", "poll", "explicit"),
+        help="none: the models at start, never changed; poll: follow the repository folder "
+        "(new NAME/VERSION/ folders load, removed ones retire); explicit: KServe "
+        "RepositoryModelLoad/Unload (default: none)",
+    )
+    mc.add_argument(
+        "--repository-poll-secs",
+        type=float,
+        default=15.0,
+        help="--model-control poll: seconds between scans of the repository (default 15)",
+    )
+    mc.add_argument(
+        "--load-model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="--model-control explicit: load this model at start (repeatable; '*': all); "
+        "without any, nothing loads until RepositoryModelLoad",
+    )
+    mc.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=600.0,
+        help="a retired version's live sessions run on at most this many seconds, then get "
+        "an error naming the version (default 600)",
+    )
     p.set_defaults(func=cmd_serve)
+
+
+def control_of(args: argparse.Namespace):
+    """The model control options of ``rnnzoo serve``'s flags, checked."""
+    from rnnzoo.server.runtime.repository import ControlOptions
+
+    control = ControlOptions(
+        args.model_control,
+        args.repository_poll_secs,
+        tuple(args.load_model),
+        args.drain_timeout,
+    )
+    control.check()
+    return control
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -211,7 +261,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.grace,
         keepalive_time_s=args.keepalive_time,
         keepalive_timeout_s=args.keepalive_timeout,
-        admission=AdmissionLimits(args.max_rpcs, args.max_streams, args.max_streams_per_connection),
+        admission=AdmissionLimits(
+            args.max_rpcs,
+            args.max_streams,
+            args.max_streams_per_connection,
+            args.max_streams_per_client,
+        ),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
@@ -224,7 +279,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from rnnzoo.server.runtime.repository import LoadOptions
     from rnnzoo.server.supervisor import Supervisor, spec_of, worker_count
 
-    load = LoadOptions(strict=args.strict, allow_failed_parity=args.allow_failed_parity)
+    load = LoadOptions(
+        strict=args.strict, allow_failed_parity=args.allow_failed_parity, control=control_of(args)
+    )
     n = worker_count(args.workers, args.state_store)
     if n > 1:
         spec = spec_of(args.model_dir, options, config, args.log_level, load)

@@ -58,7 +58,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from rnnzoo.cores import usable_cores
 from rnnzoo.errors import FailedPrecondition, InvalidArgument
@@ -67,8 +67,11 @@ from rnnzoo.server.runtime.store import open_store
 from rnnzoo.server.transport.logs import log
 
 if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
     from rnnzoo.server.runtime.options import RuntimeOptions
     from rnnzoo.server.runtime.repository import LoadOptions
+    from rnnzoo.server.runtime.store import StateStore
     from rnnzoo.server.transport.config import ServerConfig
 
 LOG = logging.getLogger("rnnzoo.workers")
@@ -223,10 +226,10 @@ class Supervisor:
         self.announced = False
         self._sock: socket.socket | None = None
         self._metrics_dir: str | None = None
-        self._exporter = None
+        self._exporter: WSGIServer | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._store = None  # the shared state store, opened when a worker dies
+        self._store: StateStore | None = None  # the shared state store, opened when a worker dies
 
     @property
     def all_ready(self) -> bool:
@@ -261,7 +264,7 @@ class Supervisor:
         multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)
         try:
             self._exporter, _ = start_http_server(
-                self.metrics_port, addr=self.host, registry=registry
+                cast(int, self.metrics_port), addr=self.host, registry=registry
             )
         except OSError as exc:
             raise FailedPrecondition(
@@ -281,6 +284,7 @@ class Supervisor:
             env=self._env,
         )
         spec = dict(self.spec, index=w.index, port=self.port, metrics=self.metrics_port is not None)
+        assert w.proc.stdin is not None  # stdin=PIPE
         w.proc.stdin.write((json.dumps(spec) + "\n").encode())
         await w.proc.stdin.drain()
         log(LOG, "worker started", worker=w.index, pid=w.proc.pid)
@@ -290,6 +294,7 @@ class Supervisor:
         while not self.stopping:
             await self._spawn(w)
             proc = w.proc
+            assert proc is not None and proc.stdout is not None  # _spawn set it; stdout=PIPE
             async for raw in proc.stdout:  # until the worker exits (its stdout closes)
                 line = raw.decode(errors="replace")
                 if line.startswith(READY) and not w.ready:
@@ -330,6 +335,7 @@ class Supervisor:
         word = b"serving\n" if self.all_ready else b"not-serving\n"
         for w in self.workers:
             if w.proc is not None and w.proc.returncode is None and w.ready:
+                assert w.proc.stdin is not None  # stdin=PIPE (_spawn)
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     w.proc.stdin.write(word)
                     await w.proc.stdin.drain()

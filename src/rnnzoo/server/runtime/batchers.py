@@ -1,15 +1,17 @@
 """The runtime's batchers, one per served graph, looked up by (model or version key, role).
 
-Versions come and go while serving (model control), so batchers are made on first use, in
-the event loop that submits to them: ``batchers[("lstm@2", "model")]``. A model's name and its
-newest version's key find the same graph, hence the same batcher; a drained version's batcher
-is stopped and forgotten (``drop``).
+Versions come and go while serving (model control), so a lookup resolves the name through the
+repository every time (a model's name follows its newest version; a session's key stays on its
+own) and the batcher is the graph's: made on first use, in the event loop that submits to
+it. A drained version's batchers are stopped and forgotten (``drop``). Nothing is cached by
+name: a name that moved to a newer version never finds the old graph's batcher.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 from rnnzoo.errors import RnnzooError
 
@@ -17,18 +19,23 @@ from .batching import Batcher
 from .model import ServedModel
 
 
-class Batchers(dict):
-    def __init__(self, repo, make: Callable[[ServedModel], Batcher]) -> None:
+class Batchers(dict[tuple[str, str], Batcher]):
+    """A mapping in its interface (``batchers[(name, role)]``, ``get``, ``values``); the dict
+    itself stays empty, the batchers live in ``_by_graph``."""
+
+    def __init__(self, repo: Any, make: Callable[[ServedModel], Batcher]) -> None:
         super().__init__()
         self.repo = repo
         self.make = make
+        # id(graph) -> its batcher; the batcher holds the graph, so an id is never reused
+        # while it is here
         self._by_graph: dict[int, Batcher] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start
         for name, entry in repo.entries.items():  # what serves from the start, made now
             for role in entry.graphs:
                 self[(name, role)]
 
-    def __missing__(self, key: tuple[str, str]) -> Batcher:
+    def __getitem__(self, key: tuple[str, str]) -> Batcher:
         name, role = key
         graph = self.repo.get(name).graphs[role]  # the repository's error when not served
         batcher = self._by_graph.get(id(graph))
@@ -43,16 +50,15 @@ class Batchers(dict):
                     batcher.start()
                 else:
                     self._loop.call_soon_threadsafe(batcher.start)
-        self[key] = batcher
         return batcher
 
-    def get(self, key, default=None):
+    def get(self, key: tuple[str, str], default: Any = None) -> Any:
         try:
             return self[key]
         except (RnnzooError, KeyError):
             return default
 
-    def values(self):
+    def values(self) -> list[Batcher]:  # type: ignore[override]
         return list(self._by_graph.values())
 
     def start(self) -> None:
@@ -63,6 +69,4 @@ class Batchers(dict):
     async def drop(self, graphs: list[ServedModel], grace_s: float) -> None:
         """Stop the batchers of ``graphs`` (a drained version) and forget them."""
         gone = [self._by_graph.pop(id(g)) for g in graphs if id(g) in self._by_graph]
-        for key in [k for k, b in self.items() if b in gone]:
-            del self[key]
         await asyncio.gather(*(b.stop(grace_s) for b in gone))

@@ -14,11 +14,12 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from rnnzoo.contract import TensorSpec
 from rnnzoo.errors import InvalidArgument, RnnzooError
 
 from . import telemetry
@@ -27,6 +28,9 @@ from .jobs import LongJobs
 from .memory import LARGE_BYTES, LARGE_STEPS, Trimmer
 from .model import Chunk, ServedModel
 from .options import RuntimeOptions
+
+Arrays = dict[str, np.ndarray]
+RunResult = tuple[Arrays, Arrays]  # (outputs, next states)
 
 
 class Compute:
@@ -48,7 +52,15 @@ class Compute:
         self.jobs.shutdown()
         self.trimmer.cancel()
 
-    async def run(self, graph, feeds, states, batch: int, length: int, sliceable: bool):
+    async def run(
+        self,
+        graph: ServedModel,
+        feeds: Arrays,
+        states: Arrays,
+        batch: int,
+        length: int,
+        sliceable: bool,
+    ) -> RunResult:
         """A batched call: in the long-job pool when long, else in the shared executor."""
         if batch * length >= self.options.long_job_steps:
             return await self.long_run(graph, feeds, states, batch, length, sliceable)
@@ -61,7 +73,14 @@ class Compute:
             self.executor, self._timed_ort_call, timing, queued, graph, feeds, states
         )
 
-    def _timed_ort_call(self, timing: telemetry.Timing, queued: int, graph, feeds, states):
+    def _timed_ort_call(
+        self,
+        timing: telemetry.Timing,
+        queued: int,
+        graph: ServedModel,
+        feeds: Arrays,
+        states: Arrays,
+    ) -> RunResult:
         """``_ort_call`` in the executor, its wait for a thread and its run added to the
         request's ``timing``."""
         t0 = time.perf_counter_ns()
@@ -71,7 +90,9 @@ class Compute:
         finally:
             timing.infer_ns += time.perf_counter_ns() - t0
 
-    async def long_chunk(self, graph: ServedModel, chunk: Chunk, state: dict, sliceable: bool):
+    async def long_chunk(
+        self, graph: ServedModel, chunk: Chunk, state: Arrays, sliceable: bool
+    ) -> RunResult:
         """One session's chunk as a long job: (batch-free outputs, batch-1 next state)."""
         feeds = graph.stack_chunks([chunk])
         outs, nxt = await self.long_run(graph, feeds, state, 1, chunk.length, sliceable)
@@ -86,7 +107,15 @@ class Compute:
         unit = graph.chunk.unit if graph.chunk is not None else 1  # whole chunks per slice
         return max(unit, n // unit * unit)
 
-    async def long_run(self, graph, feeds, states, batch: int, length: int, sliceable: bool):
+    async def long_run(
+        self,
+        graph: ServedModel,
+        feeds: Arrays,
+        states: Arrays,
+        batch: int,
+        length: int,
+        sliceable: bool,
+    ) -> RunResult:
         """Run in the long-job pool; a streamable graph in time slices, state carried."""
         key = job_key()
         what = f"this request ({batch} x {length} steps)"
@@ -97,7 +126,17 @@ class Compute:
             if timing is not None:  # a long job's slices and their waits: all compute
                 timing.infer_ns += time.perf_counter_ns() - t0
 
-    async def _long_run(self, key, what: str, graph, feeds, states, batch, length, sliceable):
+    async def _long_run(
+        self,
+        key: str,
+        what: str,
+        graph: ServedModel,
+        feeds: Arrays,
+        states: Arrays,
+        batch: int,
+        length: int,
+        sliceable: bool,
+    ) -> RunResult:
         large = graph.output_bytes(batch, length) >= LARGE_BYTES or batch * length >= LARGE_STEPS
         with self.jobs.admit(key, what), self._trim_after(large):
             if not sliceable:
@@ -118,7 +157,7 @@ class Compute:
             return outs, states
 
     @contextlib.contextmanager
-    def _trim_after(self, large: bool):
+    def _trim_after(self, large: bool) -> Iterator[None]:
         """Schedule a malloc_trim once large work ends, however it ends (memory.py)."""
         try:
             yield
@@ -126,7 +165,9 @@ class Compute:
             if large:
                 self.trimmer.soon()
 
-    def _timed_call(self, graph: ServedModel, feeds: dict, states: dict, row_steps: int):
+    def _timed_call(
+        self, graph: ServedModel, feeds: Arrays, states: Arrays, row_steps: int
+    ) -> RunResult:
         t0 = time.perf_counter()
         res = self._ort_call(graph, feeds, states)
         per = (time.perf_counter() - t0) / row_steps
@@ -135,7 +176,7 @@ class Compute:
         return res
 
     @staticmethod
-    def _ort_call(graph: ServedModel, feeds: dict, states: dict):
+    def _ort_call(graph: ServedModel, feeds: Arrays, states: Arrays) -> RunResult:
         try:
             return graph.run(feeds, states)
         except RnnzooError:  # ORT's failures come described whole (ServedModel.run)
@@ -147,7 +188,7 @@ class Compute:
             ) from None
 
 
-def _time_slice(specs, feeds: dict, a: int, b: int) -> dict:
+def _time_slice(specs: Sequence[TensorSpec], feeds: Arrays, a: int, b: int) -> Arrays:
     """Steps [a, b) of a batched feed (inputs without a time axis whole)."""
     out = {}
     for spec in specs:
@@ -161,7 +202,7 @@ def _time_slice(specs, feeds: dict, a: int, b: int) -> dict:
     return out
 
 
-def _concat_time(specs, parts: list[dict]) -> dict:
+def _concat_time(specs: Sequence[TensorSpec], parts: list[Arrays]) -> Arrays:
     """Outputs of consecutive time slices -> the whole sequence's outputs."""
     out = {}
     for spec in specs:

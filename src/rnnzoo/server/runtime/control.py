@@ -21,6 +21,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 from rnnzoo.errors import FailedPrecondition, InvalidArgument, NotFound
 
@@ -31,16 +33,17 @@ DRAIN_CHECK_S = 0.5  # a drained version's graphs are freed within this of its l
 
 
 class RepositoryControl:
-    def __init__(self, runtime) -> None:
+    def __init__(self, runtime: Any) -> None:
         self.rt = runtime
         self.repo: ModelRepository = runtime.repo
         self.options = self.repo.control
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()  # one change at a time (a poll, a load, an unload)
+        self.on_change: Callable[[], None] | None = None  # e.g. the model-ready gauge
 
     @property
     def mode(self) -> str:
-        return self.options.mode
+        return str(self.options.mode)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -97,6 +100,8 @@ class RepositoryControl:
     def _applied(self, changes: list[str]) -> list[str]:
         for change in changes:
             log.info("model repository: %s", change, extra={"fields": {"change": change}})
+        if changes and self.on_change is not None:
+            self.on_change()
         return changes
 
     # ---- loops -------------------------------------------------------------------------------

@@ -50,6 +50,8 @@ class SessionCore:
             sess = await self.records.fresh(sid)
             self.not_held(sess, what, None)  # early, before the lock
             return sess
+        if sid in self.records.unsettled:  # a write of this stream's was not confirmed:
+            return await self.records.fresh(sid)  # read it back (a KServe stream goes on)
         return self.sessions.get(sid)
 
     def own(self, sess: Session, lease: Lease | None, what: str) -> None:

@@ -26,8 +26,11 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from rnnzoo.errors import ResourceExhausted
+
+T = TypeVar("T")
 
 
 def _lower_priority(nice: int) -> None:
@@ -56,7 +59,7 @@ class LongJobs:
             self.workers, "rnnzoo-long", initializer=_lower_priority, initargs=(nice,)
         )
         self._busy = 0  # slots taken (a slice running, or handed to a waiter)
-        self._waiting: OrderedDict[str, deque[asyncio.Future]] = OrderedDict()  # round-robin
+        self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()  # round-robin
         self.jobs = 0  # admitted jobs
         self._per_client: dict[str, int] = {}
         # for tests and stats
@@ -134,7 +137,7 @@ class LongJobs:
                 return
         self._busy -= 1
 
-    async def run_slice(self, key: str, fn: Callable, *args):
+    async def run_slice(self, key: str, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in a worker thread when ``key``'s turn comes."""
         await self._acquire(key)
         try:

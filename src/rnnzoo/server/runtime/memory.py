@@ -16,12 +16,13 @@ import asyncio
 import ctypes
 import ctypes.util
 import time
+from typing import Any
 
 LARGE_BYTES = 4 << 20  # requests whose outputs reach this schedule a trim
 LARGE_STEPS = 1 << 19  # ... and requests of this many steps (tokens, text), even refused ones
 
 
-def _load():
+def _load() -> Any:  # libc's malloc_trim (a ctypes function), or None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         fn = libc.malloc_trim

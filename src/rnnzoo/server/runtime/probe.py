@@ -12,6 +12,7 @@ names each field whose declaration the graph contradicts. ``ServedModel`` runs i
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 
@@ -42,12 +43,12 @@ def _state(st: StateSpec, batch: int) -> np.ndarray:
     return np.zeros(shape, dtype=st.dtype)
 
 
-def _graph_batch_axes(shape) -> list[int]:
+def _graph_batch_axes(shape: Any) -> list[int]:
     return [i for i, d in enumerate(shape or []) if not isinstance(d, int)]
 
 
 def probe(
-    session, contract: Contract, constants: dict[str, np.ndarray], *, must_run: bool = True
+    session: Any, contract: Contract, constants: dict[str, np.ndarray], *, must_run: bool = True
 ) -> list[str]:
     """Problems found running ``session`` (an ORT InferenceSession) as ``contract`` says,
     each naming the contract field to fix; [] when the graph behaves as declared.

@@ -140,14 +140,14 @@ class VersionStatus:
     entry: ServedEntry | None = None  # READY and DRAINING versions
     cause: str = ""  # UNAVAILABLE: failed | policy | unloaded | drained
     retired_at: float = 0.0  # DRAINING: time.monotonic() when it was retired
-    fingerprint: tuple = ()
+    fingerprint: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def key(self) -> str:
         return key_of(self.name, self.version)
 
 
-class ServedEntries(dict):
+class ServedEntries(dict[str, ServedEntry]):
     """name -> the entry of its newest READY version (what iteration yields); a lookup also
     takes a version's key ``NAME@VERSION`` (READY or DRAINING)."""
 
@@ -158,11 +158,11 @@ class ServedEntries(dict):
     def __missing__(self, key: str) -> ServedEntry:
         return self.keyed[key]
 
-    def get(self, key, default=None):
+    def get(self, key: str, default: ServedEntry | None = None) -> ServedEntry | None:  # type: ignore[override]
         found = dict.get(self, key)
         return found if found is not None else self.keyed.get(key, default)
 
-    def __contains__(self, key) -> bool:
+    def __contains__(self, key: object) -> bool:
         return dict.__contains__(self, key) or key in self.keyed
 
 
@@ -227,6 +227,12 @@ class ModelRepository:
         if control.mode == "explicit" and "*" not in control.load_models:
             names = set(control.load_models)
         plan = repo.prepare(names, strict=strict, files=files)
+        unknown = sorted((names or set()) - set(plan))
+        if unknown:
+            raise NotFound(
+                f"--load-model {unknown[0]!r}: no such model in {d} (models there: "
+                f"{sorted(plan)}); load one of those"
+            )
         repo.apply(plan, full=True)
         if not repo.entries and repo.failed:
             raise FailedPrecondition(
@@ -302,11 +308,15 @@ class ModelRepository:
             )
         return FailedPrecondition(f"{what} is not ready: {vs.reason}; {instead}")
 
-    def resolve(self, name: str, version: str | int = "") -> str:
+    def resolve(self, name: str, version: str | int = "", live: bool = False) -> str:
         """The key new work on ``name`` goes to: ``version`` ("" or 0: the newest READY one)
-        if it is READY; errors say why not and which versions serve."""
+        if it is READY; errors say why not and which versions serve. ``live``: for a request
+        of a live sequence (which runs on its session's version): a DRAINING version will do."""
         if version in ("", 0):
             latest = self.latest(name)
+            if latest is None and live:
+                draining = [vs for vs in self.table.get(name, {}).values() if vs.state == DRAINING]
+                latest = max(draining, key=lambda vs: vs.version) if draining else None
             if latest is None:
                 self.get(name)  # raises: unknown, failed, unloaded or retired
                 raise AssertionError("unreachable")  # pragma: no cover
@@ -327,7 +337,7 @@ class ModelRepository:
                 f"model {clip(name)!r} has no version {v}; it serves versions "
                 f"{self.served_versions(name)}"
             )
-        if vs.state != READY:
+        if vs.state != READY and not (live and vs.state == DRAINING):
             raise self._not_ready(vs)
         return vs.key
 
@@ -335,9 +345,6 @@ class ModelRepository:
         """The key a new session on ``model`` (a name or a version's key) holds."""
         name, v = self.split(model)
         return self.resolve(name, v or "")
-
-    def list(self) -> list[ModelInfo]:
-        return [self.entries[n].info for n in sorted(self.entries)]
 
     def status(self) -> list[VersionStatus]:
         """Every version of every model, by name then version."""
@@ -352,7 +359,11 @@ class ModelRepository:
 
     # ---- changes -----------------------------------------------------------------------------
     def prepare(
-        self, names: set[str] | None = None, *, strict: bool = False, files: list | None = None
+        self,
+        names: set[str] | None = None,
+        *,
+        strict: bool = False,
+        files: list[Path] | None = None,
     ) -> Plan:
         """Scan the repository and load what changed (slow: run it off the event loop);
         ``apply`` then makes it current. ``names``: only these models are loaded (others on
@@ -400,7 +411,8 @@ class ModelRepository:
                 }
                 continue
             try:
-                policy = read_policy(folders[name])
+                # a flat repository's files share its root: no one model's config.pbtxt there
+                policy = VersionPolicy() if folders[name] == d else read_policy(folders[name])
             except InvalidArgument as exc:
                 if strict:
                     raise
@@ -444,6 +456,11 @@ class ModelRepository:
                 )
                 continue
             cur = current.get(v)
+            if cur is not None and cur.state == DRAINING and cur.fingerprint == fp:
+                # retired, and wanted again (loaded again, its folder back): the same graphs
+                out[v] = VersionStatus(name, v, READY, entry=cur.entry, fingerprint=fp)
+                ready += 1
+                continue
             if cur is not None and cur.state == READY:
                 if cur.fingerprint and fp != cur.fingerprint:
                     log.warning(
@@ -483,12 +500,18 @@ class ModelRepository:
             for v, vs in old.items():
                 gone = new.get(v)
                 if vs.state == DRAINING:
-                    new[v] = vs  # until it drains; a folder put back is loaded after that
+                    if gone is not None and gone.state == READY and gone.entry is vs.entry:
+                        changes.append(f"model {name!r} version {v} serves again")
+                        continue  # its live sessions simply go on
+                    new[v] = vs  # until it drains; changed files are loaded after that
                 elif vs.state == READY and (gone is None or gone.state != READY):
+                    fp0 = vs.fingerprint
                     why = "its folder was removed" if gone is None else gone.reason
                     if gone is not None and gone.cause == "unloaded":
                         why = "unloaded"
-                    new[v] = VersionStatus(name, v, DRAINING, why, entry=vs.entry, retired_at=now)
+                    new[v] = VersionStatus(
+                        name, v, DRAINING, why, entry=vs.entry, retired_at=now, fingerprint=fp0
+                    )
                     changes.append(f"model {name!r} version {v} retired ({why})")
             for v, vs in new.items():
                 before = old.get(v)
@@ -540,6 +563,11 @@ class ModelRepository:
         self.entries = ServedEntries(latest, keyed)
         self.failed = failed
         self.generation += 1
+
+    # last in the class: a method named ``list`` would shadow the builtin in the annotations
+    # of the methods after it
+    def list(self) -> list[ModelInfo]:
+        return [self.entries[n].info for n in sorted(self.entries)]
 
 
 def _model_files(d: Path) -> list[Path]:

@@ -157,8 +157,7 @@ class Runtime:
     async def start(self) -> None:
         if self._phase != "new":
             raise FailedPrecondition(f"the runtime is {self._phase}; create a new one to restart")
-        for b in self.batchers.values():
-            b.start()
+        self.batchers.start()
         # Always: sessions may ask for a TTL even when the server has none.
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
         self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())

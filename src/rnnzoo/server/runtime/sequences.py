@@ -192,22 +192,24 @@ class Sequences:
             yield SeqResult(outputs, 0, _steps(self.catalog, model, outputs), False, False)
             return
         self.core.check()
-        _, graph = self.catalog.single(model, "a sequence")
-        contract = graph.contract
-        chunk = _unbatch(contract, inputs)
-        prepared = self.stepper.prepare(model, chunk)  # validated before any session change
         if principal is None:  # the authenticated caller's (caller.py), else the default
             caller = current()
             principal = caller.principal if caller is not None else None
         key = SeqKey(principal or "", model, seq_id)
         sid = key.session_id()
         try:
-            await self.core.records.fresh(sid)
-            active = True
-        except NotFound as gone:
-            if not start:
-                raise self._unknown(key, gone) from None
-            active = False
+            sess = await self.core.records.fresh(sid)
+            active, gone = True, None
+        except NotFound as exc:
+            active, gone = False, exc
+        # a live sequence runs on its session's model version to its end (repository.py)
+        version = sess.model if active else model
+        _, graph = self.catalog.single(version, "a sequence")
+        if gone is not None and not start:
+            raise self._unknown(key, gone) from None
+        contract = graph.contract
+        chunk = _unbatch(contract, inputs)
+        prepared = self.stepper.prepare(version, chunk)  # validated before any session change
         created = False
         if active:
             held = holder.leases.get(sid) if holder is not None else None

@@ -32,6 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -162,10 +163,11 @@ class SessionStore:
         ttl = self.check_ttl(ttl_s)  # before anything is evicted
         caller = current()
         key = caller.key if caller is not None and self.max_per_client else None
-        if key is not None and self._per_key.get(key, 0) >= self.max_per_client:
+        # a key is only derived with a caller and a per-client limit set (the casts say so)
+        if key is not None and self._per_key.get(key, 0) >= cast(int, self.max_per_client):
             self.sweep()  # expired sessions do not count against the quota
-            if self._per_key.get(key, 0) >= self.max_per_client:
-                raise self.over_quota(caller)
+            if self._per_key.get(key, 0) >= cast(int, self.max_per_client):
+                raise self.over_quota(cast(Caller, caller))
         if len(self._live) >= self.max_sessions:
             self.sweep()  # expired sessions do not count against the capacity
         if len(self._live) >= self.max_sessions:

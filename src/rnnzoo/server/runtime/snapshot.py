@@ -16,10 +16,11 @@ response from it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -45,7 +46,7 @@ def model_hash(graphs: list[ServedModel]) -> str:
     """sha256 (hex) over each graph's ONNX bytes and contract JSON, in role order."""
     cached = getattr(graphs[0], "_rnnzoo_hash", None) if len(graphs) == 1 else None
     if cached is not None:
-        return cached
+        return cast(str, cached)  # set below, from a hexdigest
     h = hashlib.sha256()
     for g in graphs:
         h.update(g.path.read_bytes())
@@ -132,9 +133,32 @@ def from_bytes(data: bytes) -> Snapshot:
 
 
 def result_to_bytes(res: StepResult) -> bytes:
-    """A step's result as the store keeps it for a retry of its position (any RPC kind)."""
-    head = {"start": res.start, "steps_total": res.steps_total, "revised": res.revised}
-    return _pack(head, list(res.outputs.items()))
+    """A step's result as the store keeps it for a retry of its position (any RPC kind).
+    The same bytes as ``_pack`` of its header and outputs, with the outputs' index encoded
+    once per shape (``_result_index``): this runs on every durable step."""
+    arrays = [np.ascontiguousarray(a) for a in res.outputs.values()]
+    index = _result_index(
+        tuple((k, a.dtype.str, a.shape) for k, a in zip(res.outputs, arrays, strict=True))
+    )
+    head = b'{"start": %d, "steps_total": %d, "revised": %b, "arrays": %b}' % (
+        res.start,
+        res.steps_total,
+        b"true" if res.revised else b"false",
+        index,
+    )
+    return b"".join([MAGIC, len(head).to_bytes(4, "little"), head, *(a.tobytes() for a in arrays)])
+
+
+@functools.lru_cache(maxsize=1024)
+def _result_index(layout: tuple[tuple[str, str, tuple[int, ...]], ...]) -> bytes:
+    """The JSON index of outputs laid out as ``layout`` (name, dtype, shape), as ``_pack``
+    writes it."""
+    index, offset = [], 0
+    for name, dtype, shape in layout:
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        index.append([name, dtype, list(shape), offset, size])
+        offset += size
+    return json.dumps(index).encode()
 
 
 def result_from_bytes(data: bytes) -> StepResult:
@@ -159,8 +183,8 @@ class StepEncoder:
 
     def __init__(self) -> None:
         # the initial dict and its arrays the header was made for (held, so identity is safe)
-        self._held: tuple = ()
-        self._key: tuple | None = None
+        self._held: tuple[Any, ...] = ()
+        self._key: tuple[Any, ...] | None = None
         self._pre = self._post = b""  # the header before and after the steps value
         self._tail = b""  # the initial arrays' bytes
 
@@ -192,7 +216,7 @@ class StepEncoder:
         parts.append(self._tail)
         return b"".join(parts)
 
-    def _build(self, snap: Snapshot, key: tuple, initial: dict[str, np.ndarray]) -> None:
+    def _build(self, snap: Snapshot, key: tuple[Any, ...], initial: dict[str, np.ndarray]) -> None:
         marked = Snapshot(
             snap.model,
             snap.model_hash,

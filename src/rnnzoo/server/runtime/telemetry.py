@@ -16,17 +16,19 @@ waited and ran to it. Unset (the default), nothing is recorded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 
-def _noop(*args) -> None:
+def _noop(*args: Any) -> None:
     return None
 
 
-ort_run = _noop
-batch = _noop
-session = _noop
+ort_run: Callable[[str, float], None] = _noop
+batch: Callable[[str, int, list[float]], None] = _noop
+session: Callable[[str, str], None] = _noop
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ here, so the two protocols accept and refuse exactly the same things.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,8 +19,11 @@ from rnnzoo.errors import InvalidArgument
 
 from .redact import clip
 
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
-def text_contract(runtime, model: str) -> Contract:
+
+def text_contract(runtime: Runtime, model: str) -> Contract:
     """The contract of a model that takes text, or InvalidArgument saying it does not."""
     contract = runtime.get_model(model).contracts.get("model")
     if contract is None or not contract.vocab or len(contract.inputs) != 1:
@@ -29,7 +33,9 @@ def text_contract(runtime, model: str) -> Contract:
     return contract
 
 
-def text_inputs(runtime, model: str, texts: Sequence[str], batched: bool) -> dict[str, np.ndarray]:
+def text_inputs(
+    runtime: Runtime, model: str, texts: Sequence[str], batched: bool
+) -> dict[str, np.ndarray]:
     """The model's inputs from texts: one text without a batch axis (``batched=False``, a
     stream chunk), or a batch of texts of equal length."""
     contract = text_contract(runtime, model)
@@ -48,7 +54,9 @@ def text_inputs(runtime, model: str, texts: Sequence[str], batched: bool) -> dic
     return {contract.inputs[0].name: np.stack(rows) if batched else rows[0]}
 
 
-def token_inputs(runtime, model: str, ids: Sequence[int], batched: bool) -> dict[str, np.ndarray]:
+def token_inputs(
+    runtime: Runtime, model: str, ids: Sequence[int], batched: bool
+) -> dict[str, np.ndarray]:
     """The model's inputs from one sequence of token ids (a batch of one when ``batched``)."""
     contract = text_contract(runtime, model)
     runtime.check_steps(len(ids), "tokens")  # before numpy copies them

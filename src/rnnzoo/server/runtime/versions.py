@@ -109,7 +109,7 @@ def read_policy(folder: Path) -> VersionPolicy:
     return VersionPolicy("latest", num_versions=n)
 
 
-def fingerprint(folder: Path) -> tuple:
+def fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
     """What a version folder holds: (name, size, mtime) of each plain file in it, so a change
     on disk is seen without reading the files."""
     out = []

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -38,10 +39,12 @@ from rnnzoo.errors import (
 from rnnzoo.proto.inference.v2 import grpc_service_pb2 as kpb
 from rnnzoo.proto.inference.v2 import model_config_pb2 as mc
 from rnnzoo.server.runtime import Runtime, telemetry
+from rnnzoo.server.runtime.caller import current
 from rnnzoo.server.runtime.redact import clip
 from rnnzoo.server.runtime.repository import DRAINING
-from rnnzoo.server.runtime.sequences import Holder
+from rnnzoo.server.runtime.sequences import Holder, SeqKey
 from rnnzoo.server.runtime.text import text_inputs
+from rnnzoo.server.runtime.versions import key_of
 
 from . import metrics
 from .codec import checked
@@ -50,6 +53,9 @@ from .guard import charge
 from .interceptors import status_of
 from .kserve_tensors import OF_DTYPE, decode_inputs, fill_outputs, param_value
 from .logs import annotate, call_fields
+
+if TYPE_CHECKING:
+    from rnnzoo.server.runtime.control import RepositoryControl
 
 LOG = logging.getLogger("rnnzoo.rpc")
 SERVER_NAME = "rnnzoo"
@@ -135,6 +141,9 @@ class RequestClock:
     key: str = ""  # the model version's key it ran on
     input_ns: int = 0
     output_ns: int = 0
+    # when its response was ready: a stream's write (flow control, the peer's reading) is not
+    # the server's time, as a unary response's send is not (it happens after the handler)
+    done: int = 0
 
 
 class KServeServicer:
@@ -144,16 +153,21 @@ class KServeServicer:
         self.rt = runtime  # replaced by the loaded runtime (server.load)
         self.max_response_bytes = max_response_bytes
         self.stats: dict[str, ModelStats] = {}  # by model version key
-        self.control = None  # the runtime's RepositoryControl (server.load)
+        self.control: RepositoryControl | None = (
+            None  # the runtime's RepositoryControl (server.load)
+        )
+        # version key -> (repository generation, input name -> datatype)
+        self._datatypes: dict[str, tuple[int, dict[str, str]]] = {}
 
     # ---- helpers ---------------------------------------------------------------------------
     def _ready(self) -> bool:
         return isinstance(self.rt, Runtime) and self.rt.ready
 
-    def _key(self, name: str, version: str) -> str:
-        """The key of the version a request goes to (its own, or the newest READY one)."""
+    def _key(self, name: str, version: str, live: bool = False) -> str:
+        """The key of the version a request goes to (its own, or the newest READY one;
+        ``live``: a live sequence's request, which a retired version still takes)."""
         self.rt._check()
-        return self.rt.repo.resolve(name, version)
+        return self.rt.repo.resolve(name, version, live)
 
     def _fits(self, resp) -> None:
         size = resp.ByteSize()
@@ -174,7 +188,8 @@ class KServeServicer:
             stats = self.stats.get(clock.key)
             if stats is None:
                 stats = self.stats[clock.key] = ModelStats()
-            stats.record(ok, time.perf_counter_ns() - t0, batch, clock if ok else None)
+            end = clock.done if ok and clock.done else time.perf_counter_ns()
+            stats.record(ok, end - t0, batch, clock if ok else None)
 
     # ---- health and metadata -----------------------------------------------------------------
     async def ServerLive(self, request, context):
@@ -241,7 +256,7 @@ class KServeServicer:
         def dims(spec) -> list[int]:
             return _dims(spec.shape[1:] if batched else spec.shape)
 
-        def dtype(name: str) -> int:
+        def dtype(name: str) -> mc.DataType:
             return mc.DataType.Value("TYPE_" + OF_DTYPE.get(name, "INVALID"))
 
         config = mc.ModelConfig(
@@ -362,9 +377,12 @@ class KServeServicer:
                 f"no model repository {clip(request.repository_name)!r}: this server has one "
                 "(leave repository_name empty)"
             )
-        if request.parameters:
+        # no model depends on another here: unload_dependents (tritonclient always sends
+        # it) changes nothing; config and file overrides are refused
+        given = sorted(clip(k) for k in request.parameters if k != "unload_dependents")
+        if given:
             raise InvalidArgument(
-                f"{rpc} parameters {sorted(clip(k) for k in request.parameters)[:8]} are not "
+                f"{rpc} parameters {given[:8]} are not "
                 "supported: put the model's NAME/VERSION/ folder in the repository, then "
                 "name the model alone"
             )
@@ -438,9 +456,15 @@ class KServeServicer:
 
     def _check_datatypes(self, key: str, request) -> None:
         """Each tensor's datatype must be its input's, as Triton requires (no conversion)."""
-        info = self.rt.get_model(key)
-        first = info.contracts.get("model") or info.contracts["encoder"]
-        want = {s.name: OF_DTYPE.get(s.dtype, s.dtype.upper()) for s in first.inputs}
+        generation = self.rt.repo.generation  # any repository change: read them again
+        cached = self._datatypes.get(key)
+        if cached is None or cached[0] != generation:  # keys are resolved ones: bounded
+            info = self.rt.get_model(key)
+            first = info.contracts.get("model") or info.contracts["encoder"]
+            want = {s.name: OF_DTYPE.get(s.dtype, s.dtype.upper()) for s in first.inputs}
+            self._datatypes[key] = (generation, want)
+        else:
+            want = cached[1]
         for t in request.inputs:
             expected = want.get(t.name)
             if expected is not None and t.datatype != expected:
@@ -456,8 +480,9 @@ class KServeServicer:
         runtime's block: the sequence moves on only once its response went out."""
         t0 = time.perf_counter_ns()
         model = _need(request.model_name, "model_name")
-        clock.key = key = self._key(model, request.model_version)
         seq_id, start, end = _sequence(request.parameters)
+        live = seq_id not in (0, "") and not start
+        clock.key = key = self._key(model, request.model_version, live)
         inputs = self._inputs(key, request)
         wanted = [o.name for o in request.outputs]
         # a sequence keeps the version it started on; one that names a version is that
@@ -474,8 +499,13 @@ class KServeServicer:
                     f"requested outputs {[clip(u) for u in unknown[:8]]} unknown; model "
                     f"{clip(model)!r} has {sorted(res.outputs)}"
                 )
-            version = str(self.rt.repo.split(key)[1] or "")
-            resp = kpb.ModelInferResponse(model_name=model, model_version=version, id=request.id)
+            version = self.rt.repo.split(key)[1] or ""
+            if res.sequence:  # the version its session runs on
+                version = self._sequence_version(target, seq_id) or version
+                clock.key = key_of(model, int(version)) if version else key
+            resp = kpb.ModelInferResponse(
+                model_name=model, model_version=str(version), id=request.id
+            )
             fill_outputs(resp, res.outputs, wanted)
             if res.sequence:
                 resp.parameters["start"].int64_param = res.start
@@ -484,10 +514,20 @@ class KServeServicer:
             self._fits(resp)
             if send is not None:
                 resp.parameters["triton_final_response"].bool_param = True
-            clock.output_ns = time.perf_counter_ns() - t1
+            clock.done = time.perf_counter_ns()
+            clock.output_ns = clock.done - t1
             if send is not None:
                 await send(kpb.ModelStreamInferResponse(infer_response=resp))
         return resp
+
+    def _sequence_version(self, model: str, seq_id: int | str) -> int:
+        """The model version a sequence's session runs on (0: not known)."""
+        caller = current()
+        principal = caller.principal if caller is not None and caller.principal else ""
+        try:
+            return self.rt.session_info(SeqKey(principal, model, seq_id).session_id()).version
+        except RnnzooError:
+            return 0
 
     async def ModelInfer(self, request, context):
         annotate(model=clip(request.model_name))
@@ -570,7 +610,20 @@ def _error(message: str, req) -> kpb.ModelStreamInferResponse:
 
 
 def _refuse_unsupported(request) -> None:
-    """Classification and shared memory are refused, never silently ignored."""
+    """Classification, shared memory, priorities and request timeouts are refused, never
+    silently ignored."""
+    params = request.parameters
+    if "priority" in params and param_value(params["priority"]):
+        raise InvalidArgument(
+            f"priority {param_value(params['priority'])!r} is not supported: rnnzoo has no "
+            "priority levels (a sequence's requests run in order, batched across sessions); "
+            "send the request without priority"
+        )
+    if "timeout" in params and param_value(params["timeout"]):
+        raise InvalidArgument(
+            "the request parameter timeout is not supported: set a gRPC deadline on the call "
+            "instead (tritonclient's client_timeout)"
+        )
     for t in request.inputs:
         shm = [k for k in _SHM if k in t.parameters]
         if shm:

@@ -37,9 +37,11 @@ if not v[1] then return -2 end
 if v[1] ~= ARGV[1] then return 0 end
 if ARGV[6] == '0' and v[2] ~= '' and tonumber(v[3]) > now then return 0 end
 if tonumber(ARGV[4]) >= 0 and v[4] and v[4] ~= '-1' and v[4] ~= ARGV[4] then return -3 end
-redis.call('HSET', KEYS[1], 'snap', ARGV[2], 'resp', ARGV[3], 'rpos', ARGV[4], 'steps', ARGV[9])
-if ARGV[6] == '1' and v[2] ~= '' then
-  redis.call('HSET', KEYS[1], 'lexp', now + tonumber(ARGV[8]))
+if ARGV[6] == '1' and v[2] ~= '' then  -- one HSET: each call costs redis-server ~1 us
+  redis.call('HSET', KEYS[1], 'snap', ARGV[2], 'resp', ARGV[3], 'rpos', ARGV[4],
+             'steps', ARGV[9], 'lexp', now + tonumber(ARGV[8]))
+else
+  redis.call('HSET', KEYS[1], 'snap', ARGV[2], 'resp', ARGV[3], 'rpos', ARGV[4], 'steps', ARGV[9])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
@@ -158,6 +160,7 @@ class RedisStore(StateStore):
             socket_timeout=5.0,
             decode_responses=False,
             retry=Retry(NoBackoff(), 0),  # sent once: see the class docstring
+            **wire.driver_info(),
         )
         self._scripts = {
             name: self._client.register_script(
@@ -261,6 +264,12 @@ class RedisStore(StateStore):
             await self._client.ping()
 
     async def write(self, writes: list[Write], lease_ttl_s: float) -> list[bool | None]:
+        results = await self._pipeline("write", self.write_calls(writes, lease_ttl_s), write=True)
+        return [None if r == -1 else r == 1 for r in results]
+
+    def write_calls(self, writes: list[Write], lease_ttl_s: float) -> list[tuple[list, list]]:
+        """The write script's (keys, args) for each write (benchmarks.write_parts packs them
+        both ways)."""
         calls = []
         for w in writes:
             ttl_ms = int(1000 * min(w.ttl_s, self.max_ttl_s))
@@ -286,8 +295,7 @@ class RedisStore(StateStore):
                     int(1000 * self.max_ttl_s),
                 ]
             calls.append((keys, args))
-        results = await self._pipeline("write", calls, write=True)
-        return [None if r == -1 else r == 1 for r in results]
+        return calls
 
     async def take_tokens(self, key: str, want: int, rate: float, burst: float) -> int:
         (got,) = await self._pipeline("take", [([self.RATE_PREFIX + key], [rate, burst, want])])

@@ -25,6 +25,19 @@ except ImportError:  # pragma: no cover - another redis-py layout: replies read 
     _NOT_ENOUGH_DATA = object()
 
 
+@functools.cache
+def driver_info() -> dict:
+    """``driver_info=`` for redis-py's client, made once: redis-py >= 7 otherwise reads its own
+    package metadata (``importlib.metadata.version``) for every new connection, ~5 ms each
+    (profiled: 64 sessions attaching at once opened 44 connections and spent 230 ms there)."""
+    try:
+        import redis
+        from redis.driver_info import DriverInfo
+    except ImportError:  # an older redis-py: no such parameter
+        return {}
+    return {"driver_info": DriverInfo(lib_version=redis.__version__)}
+
+
 def arg(value: bytes | str | int | float) -> bytes:
     """One argument as Redis receives it."""
     t = type(value)
