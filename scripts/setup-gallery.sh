@@ -20,7 +20,7 @@
 #
 # Idempotent and cached: a second run only checks the installed versions against the pins
 # recorded in the venv (under a second). A first run, measured on the shared 2-core machine with
-# PyPI reachable and torch from the local wheel: 4-9 min wall (90 s of CPU; the rest is
+# PyPI reachable and torch from the local wheel: 4-9 min wall (about 2 min of CPU; the rest is
 # downloads and the other engineers' load), 2.6 GB on disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,7 +76,7 @@ C=(-c "$VENV/constraints.txt")
     "torch-optimizer<0.2.0"
 rm -f "$VENV"/lib/python3*/site-packages/torchaudio/lib/*.so
 "${PIP[@]}" "${C[@]}" --no-deps "$NEURALFORECAST"
-"${PIP[@]}" "${C[@]}" "$RAY" coreforecast utilsforecast fsspec safetensors optuna
+"${PIP[@]}" "${C[@]}" "$RAY" coreforecast utilsforecast fsspec safetensors optuna tornado
 "${PIP[@]}" --no-deps "$SILERO"
 "$VENV/bin/python" -c "$CHECK"
 echo "$PINS" >"$STAMP"

@@ -153,8 +153,10 @@ async def _redis_parts(RedisStore, Write, wire, port, blobs, resp, batches) -> d
     )
     assert all(ok)
     script = store._scripts["write"]
+    for sid in sids:  # leased, as a stream's writes are (the script refreshes the lease)
+        assert (await store.acquire(sid, "bench/1", 30.0)).ok
     # position -1: no position check (the same writes again and again)
-    writes = [Write(sid, 0, b, 600.0, resp, -1) for sid, b in zip(sids, blobs, strict=True)]
+    writes = [Write(sid, 1, b, 600.0, resp, -1) for sid, b in zip(sids, blobs, strict=True)]
     calls = store.write_calls(writes, 30.0)
     client = store._client
 

@@ -37,9 +37,11 @@ if not v[1] then return -2 end
 if v[1] ~= ARGV[1] then return 0 end
 if ARGV[6] == '0' and v[2] ~= '' and tonumber(v[3]) > now then return 0 end
 if tonumber(ARGV[4]) >= 0 and v[4] and v[4] ~= '-1' and v[4] ~= ARGV[4] then return -3 end
-redis.call('HSET', KEYS[1], 'snap', ARGV[2], 'resp', ARGV[3], 'rpos', ARGV[4], 'steps', ARGV[9])
-if ARGV[6] == '1' and v[2] ~= '' then
-  redis.call('HSET', KEYS[1], 'lexp', now + tonumber(ARGV[8]))
+if ARGV[6] == '1' and v[2] ~= '' then  -- one HSET: each call costs redis-server ~1 us
+  redis.call('HSET', KEYS[1], 'snap', ARGV[2], 'resp', ARGV[3], 'rpos', ARGV[4],
+             'steps', ARGV[9], 'lexp', now + tonumber(ARGV[8]))
+else
+  redis.call('HSET', KEYS[1], 'snap', ARGV[2], 'resp', ARGV[3], 'rpos', ARGV[4], 'steps', ARGV[9])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
