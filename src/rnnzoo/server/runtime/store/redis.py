@@ -146,6 +146,7 @@ class RedisStore(StateStore):
     PREFIX = "rnnzoo:s:"
     QUOTA_PREFIX = "rnnzoo:q:"  # a set per quota key: the ids of its sessions
     RATE_PREFIX = "rnnzoo:r:"  # a hash per rate key: its token bucket
+    PROBE_KEY = "rnnzoo:probe"  # the health probe's write
     BACKOFF_S = (0.1, 2.0)  # after a failed connection: first wait, longest wait
 
     def __init__(self, url: str, max_ttl_s: float = DEFAULT_MAX_TTL_S):
@@ -263,9 +264,11 @@ class RedisStore(StateStore):
             return out
 
     async def ping(self) -> None:
-        """The health probe: one round trip (tried even while backing off)."""
+        """The health probe (tried even while backing off): a small write that expires, so
+        that a Redis which answers but refuses writes (a read-only replica after a failover,
+        out of memory) is not healthy either; one round trip."""
         async with self._guard(probe=True):
-            await self._client.ping()
+            await self._client.set(self.PROBE_KEY, b"1", px=10_000)
 
     async def write(self, writes: list[Write], lease_ttl_s: float) -> list[bool | None]:
         results = await self._pipeline("write", self.write_calls(writes, lease_ttl_s), write=True)
