@@ -82,10 +82,12 @@ class RuntimeOptions:
             raise InvalidArgument("bad runtime options: " + "; ".join(problems))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StepResult:
     """What a step computed, protocol-neutral: the replay record kept for a retry of its
-    position, from which each RPC (Stream, Infer(advance), KServe) encodes its own response."""
+    position, from which each RPC (Stream, Infer(advance), KServe) encodes its own response.
+    Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__, and
+    one is made on every step; nothing changes one after its transaction."""
 
     outputs: dict[str, np.ndarray]  # batch-free, (T, ...)
     start: int  # index in the session's sequence of the first returned step
