@@ -13,6 +13,8 @@ bash scripts/setup-perf-analyzer.sh || exit 1
 bash scripts/setup-gallery.sh || exit 1
 .venv/bin/ruff check . || exit 1
 .venv/bin/ruff format --check . || exit 1
+# type check: the whole package, strict on rnnzoo.server.runtime (pyproject.toml [tool.mypy])
+.venv/bin/mypy || exit 1
 .venv/bin/python -m pytest "$@"
 rc=$?
 # pytest exits 5 when it collected no tests: that is a broken suite here, say so plainly.

@@ -216,11 +216,14 @@ def test_a_write_the_store_did_not_confirm_is_never_applied_twice(zoo, tmp_path)
         rc.stop()
 
 
-def test_store_error_texts_carry_no_session_id(zoo, tmp_path):
-    """The texts redis-py quotes (the command with its keys) never reach a client."""
+def test_a_redis_refusing_writes_is_not_serving_and_its_texts_carry_no_session_id(zoo, tmp_path):
+    """Redis out of memory (it answers, and refuses writes): health NOT_SERVING until it takes
+    writes again, and the texts redis-py quotes (the command with its keys) never reach a
+    client."""
     rc = RedisCtl(tmp_path)
     rc.start(persist=False)
     srv = Serve(zoo, rc.url(), tmp_path)
+    health = HealthWatch(srv.target)
     try:
         out = subprocess.run(
             ["redis-cli", "-p", str(rc.port), "CONFIG", "SET", "maxmemory", "1"],
@@ -237,12 +240,16 @@ def test_store_error_texts_carry_no_session_id(zoo, tmp_path):
         load = Load(srv.target, sessions=2, positionless=1, steps=20)
         load.start()
         time.sleep(1.0)
+        # a Redis that answers but refuses writes is not healthy: the probe writes
+        assert health.wait_for("NOT_SERVING", 5.0) == "NOT_SERVING"
         subprocess.run(["redis-cli", "-p", str(rc.port), "CONFIG", "SET", "maxmemory", "0"])
         load.join(timeout=30)
+        assert health.wait_for("SERVING", 5.0) == "SERVING"
         assert load.wrong() == []
         for _, code, msg in load.errors():
             assert not ID_RUN.search(msg), msg
             assert code not in ("INTERNAL", "UNKNOWN"), msg
     finally:
+        health.stop()
         srv.stop()
         rc.stop()

@@ -15,11 +15,15 @@ import time
 import uuid
 from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
 from faults_harness import HealthWatch, Load
 from onnx_fixtures import build_zoo
 from scaleout_harness import Serve
 from test_faults_redis import ID_RUN, _recovery, _report
+
+from rnnzoo.client import Client, RpcError
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +140,29 @@ def test_a_removed_store_directory_fails_loudly_and_acknowledges_nothing_after(z
         assert down and health.status() == "NOT_SERVING", health.changes
         assert not os.path.exists(store)  # nothing wrote a new, empty store in its place
         _report("store-dir-removed", not_serving_after_s=down[0] - t_removed)
+    finally:
+        health.stop()
+        srv.stop()
+
+
+def test_a_replaced_store_file_fails_loudly(zoo, tmp_path):
+    """The database file swapped for a copy under the running server (a restore done wrong):
+    writes would go to the old, unlinked file; every call says so instead."""
+    store = tmp_path / "state"
+    srv = Serve(zoo, str(store), tmp_path)
+    health = HealthWatch(srv.target)
+    try:
+        with Client(srv.target, timeout=10) as c:
+            s = c.session("gru")
+            s.step(np.zeros((2, 3), np.float32))
+            db = store / "sessions.sqlite3"
+            shutil.copy(db, tmp_path / "copy.sqlite3")
+            os.replace(tmp_path / "copy.sqlite3", db)
+            with pytest.raises(RpcError) as err:
+                s.step(np.zeros((1, 3), np.float32))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "was replaced by another file under this running server" in err.value.details()
+        assert health.wait_for("NOT_SERVING", 5.0) == "NOT_SERVING"
     finally:
         health.stop()
         srv.stop()

@@ -216,3 +216,26 @@ def test_step_many_writes_through_the_state_store_and_a_restart_loses_nothing(
             np.testing.assert_allclose(got, ort_whole(zoo / f"{m}.onnx", x), atol=EXACT)
     finally:
         srv.stop()
+
+
+def test_context_window_sessions_step_many_exactly_as_the_whole_signal(tmp_path):
+    """A model whose context window the server keeps (contract /2): StepMany carries it per
+    session like Stream does."""
+    from contract_examples import build_vad, doc_example
+
+    build_vad(tmp_path / "vad.onnx", doc_example("vad-example"))
+    k, n = 64, 512  # the example's context and chunk
+    factory = lambda: Runtime.from_dir(tmp_path, RuntimeOptions(session_ttl_s=None))  # noqa: E731
+    signals = [np.random.default_rng(s).uniform(-1, 1, 3 * n).astype(np.float32) for s in (1, 2)]
+    with BackgroundServer(factory) as srv, Client(srv.target, timeout=20) as c:
+        sids = [c.create_session("vad").session_id for _ in signals]
+        got: list[list] = [[], []]
+        for i in range(0, 3 * n, n):
+            outs = c.step_many({sid: x[i : i + n] for sid, x in zip(sids, signals, strict=True)})
+            for j, sid in enumerate(sids):
+                got[j].append(outs[sid]["prob"])
+    bare = ort.InferenceSession(str(tmp_path / "vad.onnx"), providers=["CPUExecutionProvider"])
+    for x, g in zip(signals, got, strict=True):
+        padded = np.concatenate([np.zeros(k, np.float32), x])[None]
+        prob = bare.run(None, {"audio": padded, "state": np.zeros((1, 1, 32), np.float32)})[0]
+        np.testing.assert_allclose(np.concatenate(g), prob[0], atol=1e-5)

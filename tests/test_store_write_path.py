@@ -132,3 +132,22 @@ def test_the_redis_store_names_its_driver_version_once_not_per_connection():
     store = RedisStore("redis://127.0.0.1:1/0")  # never connected
     info = store._client.connection_pool.connection_kwargs["driver_info"]
     assert info is wire.driver_info()["driver_info"] and info.lib_version == redis.__version__
+
+
+def test_a_sqlite_batch_with_a_fenced_write_applies_the_others_and_says_which(tmp_path):
+    from rnnzoo.server.runtime.store import SqliteStore, Write
+
+    store = SqliteStore(tmp_path / "st")
+    conn = store._conn()
+    sids = ["a", "b", "c"]
+    assert (
+        store._write(conn, [Write(s, 0, b"v0", 60.0, create=True) for s in sids], 30.0)
+        == [True] * 3
+    )
+    steps = [Write(s, 0, b"v1-" + s.encode(), 60.0, b"r", -1) for s in sids]
+    assert store._write(conn, steps, 30.0) == [True, True, True]
+    fenced = [Write(s, 0, b"v2-" + s.encode(), 60.0, b"r", -1) for s in sids]
+    fenced[1].epoch = 7  # b's writer holds an old epoch: fenced off
+    assert store._write(conn, fenced, 30.0) == [True, False, True]
+    snaps = dict(conn.execute("SELECT sid, snap FROM sessions").fetchall())
+    assert snaps == {"a": b"v2-a", "b": b"v1-b", "c": b"v2-c"}

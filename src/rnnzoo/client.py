@@ -51,7 +51,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import EllipsisType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import numpy as np
@@ -61,6 +61,9 @@ from rnnzoo.proto.tensors import from_tensors, to_tensors
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.proto.v1 import rnnzoo_pb2_grpc as pb_grpc
 from rnnzoo.step_deadline import Watchdog
+
+if TYPE_CHECKING:
+    from rnnzoo.client_many import ManyStepper
 
 Chunk = np.ndarray | Mapping[str, Any] | str  # an array (single-input models), named arrays, text
 
@@ -174,7 +177,9 @@ class Client:
                 "(tls_ca=... or tls=True)"
             )
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+        options: list[tuple[str, str | int]] = (
+            [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+        )
         options += [
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
@@ -198,7 +203,9 @@ class Client:
         self.stub = pb_grpc.RnnzooStub(self.channel)
         self._models: dict[str, pb.ModelInfo] = {}
         self._session_models: dict[str, str] = {}  # session id -> model (for step_many)
-        self._many = None  # the open StepMany call (client_many.ManyStepper), made on first use
+        self._many: ManyStepper | None = (
+            None  # the open StepMany call (client_many.ManyStepper), made on first use
+        )
 
     # ---- plumbing ------------------------------------------------------------------------
     def _call(self, method, request):
@@ -262,7 +269,7 @@ class Client:
     def restore(self, snapshot: pb.SessionSnapshot | bytes, ttl_s: float | None = None) -> Session:
         """A new session at ``snapshot`` (a SessionSnapshot or its bytes), on this server."""
         if isinstance(snapshot, bytes):
-            snapshot = pb.SessionSnapshot.FromString(snapshot)
+            snapshot = cast(pb.SessionSnapshot, pb.SessionSnapshot.FromString(snapshot))
         req = pb.CreateSessionRequest(model=snapshot.model, snapshot=snapshot, ttl_s=ttl_s)
         info = self._call(self.stub.CreateSession, req)
         return Session(self, info.session_id, info.model, position=snapshot.steps)
@@ -380,7 +387,7 @@ class Session:
         client._session_models[session_id] = model
         self.position = position  # steps applied, as the last response said (None: unknown)
         self._queue: queue.Queue | None = None
-        self._responses = None
+        self._responses: Any = None  # the open Stream call (grpc's, untyped)
         self._next_id = 0
         self._lock = threading.Lock()  # one step at a time: responses pair with requests
         self.retries = 0  # chunks resent after a failed call (for tests and logs)
@@ -421,6 +428,7 @@ class Session:
             self._responses = self.client.stub.Stream(
                 iter(self._queue.get, _END), metadata=self.client._metadata
             )
+        assert self._queue is not None  # opened with the responses
         self._queue.put(req)
         responses, limit = self._responses, self.client.step_timeout
         if limit is None:
@@ -465,6 +473,7 @@ class Session:
         with self._lock:
             if self._responses is None:
                 return
+            assert self._queue is not None  # opened with the responses
             self._queue.put(_END)
             try:
                 for _ in self._responses:  # drain: the server detaches before it ends the call

@@ -21,7 +21,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import grpc
 
@@ -61,7 +61,7 @@ class ManyStepper:
         self.client = client
         self.positions: dict[str, int] = {}  # session -> steps applied, from its last result
         self._queue: queue.Queue | None = None
-        self._responses = None
+        self._responses: Iterator[pb.StepManyResponse] | None = None
         self._lock = threading.Lock()
         self._next_id = 0
         self.retries = 0  # messages resent after a failed call (for tests and logs)
@@ -113,6 +113,7 @@ class ManyStepper:
             self._responses = self.client.stub.StepMany(
                 iter(self._queue.get, _END), metadata=self.client._metadata
             )
+        assert self._queue is not None  # opened with the responses
         self._queue.put(msg)
         return next(self._responses)
 
@@ -121,6 +122,7 @@ class ManyStepper:
         with self._lock:
             if self._responses is None:
                 return
+            assert self._queue is not None  # opened with the responses
             self._queue.put(_END)
             try:
                 for _ in self._responses:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -57,7 +58,8 @@ def _ort_case(onnx_path: Path, batch: int, steps: int, options=None):
     }
     for st in contract.states:
         feeds[st.input] = np.zeros(
-            [batch if i == st.batch_axis else d for i, d in enumerate(st.shape)], np.float32
+            [batch if i == st.batch_axis else cast(int, d) for i, d in enumerate(st.shape)],
+            np.float32,
         )
     names = [o.name for o in contract.outputs] + [st.output for st in contract.states]
     return sess, contract, feeds, names

@@ -24,6 +24,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 from .load import run_cell
 from .load_many import run_many_cell
@@ -191,7 +192,7 @@ def _servers(model_dir: Path, cfg: BenchConfig, log) -> tuple[dict, list[dict]]:
                         many = key == "stepmany"
                         rounds[key].append(_measure(srv, MODEL, cfg, sessions, steps, log, many))
                 for key, cells in rounds.items():
-                    dest = servers[key] if key in servers else sweep_cells[key]
+                    dest = servers[key] if key in servers else sweep_cells[cast(float, key)]
                     dest.append(summarize(cells))
     finally:
         for p in procs:
@@ -362,6 +363,7 @@ def ratios(result: dict) -> list[dict]:
         out.append(r)
     for m in s.get("minimal", []):  # the floor itself against the transport limit
         b = _cell(s["echo"], m["sessions"], m["steps"])
+        assert b is not None, "the echo server runs every cell the minimal server runs"
         r = Ratio("M/B", m["sessions"], m["steps"], None, m["steps_per_s"], b["steps_per_s"])
         r.per_round = [
             a["steps_per_s"] / e["steps_per_s"]

@@ -199,6 +199,7 @@ class HeavyProcess:
             str(self.progress),
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None  # stdout=PIPE
         line = self.proc.stdout.readline()
         if line.strip() != "ready":
             self.proc.kill()
@@ -227,6 +228,7 @@ def run(scenarios: list[str], duration_s: float, baseline: bool, nices=(10,), lo
         for pool, nice in setups:
             tag = f"pool on, nice {nice}" if pool else "pool off"
             with server(d, pool, nice) as srv:
+                assert srv.proc is not None  # started by server()
                 pid = srv.proc.pid
                 light(srv.target, 1.0, 0.5)  # warm the server up
                 alone = light(srv.target, duration_s)

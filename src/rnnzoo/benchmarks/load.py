@@ -142,13 +142,12 @@ async def run_cell(
         cpu: dict[str, tuple] = {}
         loop = asyncio.get_running_loop()
         to_loop = loop.time() - time.perf_counter()  # perf_counter -> loop clock
+
+        def mark(k: str) -> None:
+            cpu[k] = (time.perf_counter(), _cpu_s(server_pid), _own_cpu_s())
+
         for key, when in (("start", t_start), ("end", t_end)):
-            loop.call_at(
-                when + to_loop,
-                lambda k=key: cpu.__setitem__(
-                    k, (time.perf_counter(), _cpu_s(server_pid), _own_cpu_s())
-                ),
-            )
+            loop.call_at(when + to_loop, mark, key)
         try:
             await asyncio.gather(
                 *(

@@ -38,6 +38,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             self.cmd, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env
         )
+        assert self.proc.stdout is not None  # stdout=PIPE
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
         deadline = time.monotonic() + self.start_timeout_s

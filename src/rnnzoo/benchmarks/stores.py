@@ -72,6 +72,7 @@ def run(sessions: int = 64, steps: int = 1, rounds: int = 3, duration_s: float =
                 order = names[i % 3 :] + names[: i % 3]
                 for name in order:
                     srv = servers[name]
+                    assert srv.proc is not None  # started above
                     r = asyncio.run(
                         run_cell(
                             srv.target,

@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                     order = counts[i % len(counts) :] + counts[: i % len(counts)]
                     for w in order:
                         g = groups[w]
+                        assert g.proc is not None  # started above
                         c0 = _cpu_tree_s(g.proc.pid)
                         r = asyncio.run(
                             run_cell(

@@ -68,7 +68,7 @@ def capturing(recorder: Recorder) -> Iterator[None]:
         if _depth == 0:
             for cls in (*LAYERS, *CELLS):
                 _originals[cls] = cls.__dict__["forward"]
-                cls.forward = _patched(_originals[cls])  # type: ignore[method-assign]
+                cls.forward = _patched(_originals[cls])
         _depth += 1
     previous = getattr(_local, "recorder", None)
     _local.recorder = recorder
@@ -80,7 +80,7 @@ def capturing(recorder: Recorder) -> Iterator[None]:
             _depth -= 1
             if _depth == 0:
                 for cls, fwd in _originals.items():
-                    cls.forward = fwd  # type: ignore[method-assign]
+                    cls.forward = fwd
                 _originals.clear()
 
 

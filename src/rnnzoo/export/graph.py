@@ -18,7 +18,7 @@ from pathlib import Path
 
 import onnx
 
-from rnnzoo.contract import CONTRACT_KEY, Contract
+from rnnzoo.contract import CONTRACT_KEY, Contract, StateSpec, TensorSpec
 
 NATIVE_OPS = {"RNN", "GRU", "LSTM"}
 LOOP_OPS = {"Scan", "Loop"}
@@ -129,7 +129,9 @@ def check_graph(
                     f"value {v.name!r} has shape {dims}: the example's batch/time size "
                     f"{stale_sizes} is baked in"
                 )
-    declared = {t.name: t for t in [*contract.inputs, *contract.outputs]}
+    declared: dict[str, TensorSpec | StateSpec] = {
+        t.name: t for t in [*contract.inputs, *contract.outputs]
+    }
     for s in contract.states:
         declared[s.input] = s
         declared[s.output] = s

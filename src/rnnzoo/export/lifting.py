@@ -29,7 +29,7 @@ import contextlib
 import copy
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -155,8 +155,8 @@ class _Lifting(Recorder):
         mode = calls.specs[k].mode
         lstm = isinstance(mod, (nn.LSTM, nn.LSTMCell)) or getattr(mod, "mode", None) == "lstm"
         if mode == "lifted":
-            init = calls.initial[k]
-            hx = init if lstm else init[0]
+            init = calls.initial[k]  # set for every lifted call (reset)
+            hx = init if lstm else cast("tuple[torch.Tensor, ...]", init)[0]
         cell = is_cell(mod)
         with in_layer(name):
             if cell:
@@ -239,10 +239,11 @@ class FlatModule(nn.Module):
             op = check_layer(spec.layer, rnn)
             self.native_index[spec.layer] = len(self.natives)
             if op == "Scan":
-                self.natives.append(ScratchLayers(rnn, len(self.scratch_cores)))
-                self.scratch_cores.append(rnn)
+                scratch = cast(ScratchRNN, rnn)  # check_layer: Scan is a ScratchRNN's op
+                self.natives.append(ScratchLayers(scratch, len(self.scratch_cores)))
+                self.scratch_cores.append(scratch)
             else:
-                self.natives.append(NativeLayers(rnn))
+                self.natives.append(NativeLayers(cast(nn.RNNBase, rnn)))
         self.n_data = len(plan.data_in)
 
     def _mark(self) -> None:
@@ -283,7 +284,9 @@ class FlatModule(nn.Module):
             )
         outs, _ = flatten(result)
         final = [
-            outs[ref.out_leaf] if ref.out_leaf is not None else self.calls.final[ref.call][ref.part]
+            outs[ref.out_leaf]
+            if ref.out_leaf is not None
+            else cast("tuple[torch.Tensor, ...]", self.calls.final[ref.call])[ref.part]
             for ref in plan.states
         ]
         return (*[outs[i] for i in plan.data_out], *final)

@@ -27,7 +27,7 @@ import inspect
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import onnx
 import torch
@@ -131,7 +131,7 @@ def _plan(base: Probe, leaves: list[torch.Tensor], outs: list[torch.Tensor]):
             found = [_index(t, leaves, used_in) for t in c.hx]
             if all(i is not None for i in found) and len(found) == len(c.hn):
                 mode, in_idx = "given", found
-                used_in.update(found)
+                used_in.update(cast("list[int]", found))  # all found
             elif all(bool((t == 0).all()) for t in c.hx):
                 notes.append(f"{c.layer}: zero initial state made in forward, lifted")
             else:
@@ -312,7 +312,7 @@ def build(
         in_axes = infer_input_axes(work, leaves, struct, to_infer, given, base)
     for i in data_in:
         if in_names[i] in axes:
-            in_axes[i] = axes[in_names[i]]
+            in_axes[i] = cast("dict[str, int | None]", axes[in_names[i]])  # dicts (above)
     untimed = not any(a.get("time") is not None for a in in_axes.values())
     named_step = untimed and bool(data_in) and all(in_names[i] in axes for i in data_in)
     if named_step and any(r.in_leaf is not None for r in refs):
@@ -334,7 +334,9 @@ def build(
     sizes = {}
     for kind in ("batch", "time"):
         found = {
-            int(leaves[i].shape[a[kind]]) for i, a in in_axes.items() if a.get(kind) is not None
+            int(leaves[i].shape[cast(int, a[kind])])
+            for i, a in in_axes.items()
+            if a.get(kind) is not None
         }
         if len(found) > 1:
             guessed = [in_names[i] for i in data_in if in_names[i] not in axes]
@@ -376,7 +378,7 @@ def build(
             grown=grown,
         )
     for k in named_out:
-        out_axes[k] = axes[out_names[k]]
+        out_axes[k] = cast("dict[str, int | None]", axes[out_names[k]])  # dicts (above)
 
     taken: set[str] = set()
     means = dict(meanings or {})
@@ -483,7 +485,8 @@ def build(
     contract.validate(origin=f"contract for {name}")
 
     # Export sizes that collide with no fixed dim, so a baked length is caught by the checks.
-    fixed = {int(d) for s in [*inputs, *outputs, *states] for d in s.shape if isinstance(d, int)}
+    all_specs: list[TensorSpec | StateSpec] = [*inputs, *outputs, *states]
+    fixed = {int(d) for s in all_specs for d in s.shape if isinstance(d, int)}
     B, T = _export_sizes(work, fixed)
     ex_args = []
     for i, spec in zip(data_in, inputs, strict=True):
@@ -572,7 +575,7 @@ def _size_oblivious() -> Any:
     try:
         from torch.fx.experimental import _config
 
-        return _config.patch(backed_size_oblivious=True)
+        return _config.patch(backed_size_oblivious=True)  # type: ignore[attr-defined]
     except (ImportError, AttributeError, TypeError):  # another torch: its default
         return contextlib.nullcontext()
 
@@ -595,7 +598,7 @@ def trace(
     batch = torch.export.Dim(BATCH, min=2)
     time = torch.export.Dim(TIME, min=2)
     dims = {BATCH: batch, TIME: time}
-    specs = [*contract.inputs, *contract.states]
+    specs: list[TensorSpec | StateSpec] = [*contract.inputs, *contract.states]
     dyn = []
     for spec in specs:
         d = {i: dims[a] for i, a in enumerate(spec.shape) if isinstance(a, str)}
@@ -627,6 +630,7 @@ def trace(
         raise
     except Exception as exc:  # torch.export's many error classes
         raise explain(exc, what, axes_given=axes_given) from None
+    assert prog is not None  # dynamo=True returns the program
     model = prog.model_proto
     with doing("checking the exported graph"):
         n_scan = expand_scratch_cells(model, flat.scratch_cores) if flat.scratch_cores else 0

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -160,7 +161,7 @@ class NativeLayers(nn.Module):
             inputs = [seq, getattr(self, f"W{layer}"), getattr(self, f"R{layer}")]
             inputs += [getattr(self, f"B{layer}"), lens, h0[sl]]
             if lstm:
-                inputs.append(c0[sl])
+                inputs.append(cast(Any, c0)[sl])  # an LSTM's hx is (h0, c0)
             n_out = 3 if lstm else 2
             outs = torch.onnx.ops.symbolic_multi_out(
                 self.op,

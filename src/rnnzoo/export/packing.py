@@ -36,9 +36,9 @@ def _pad(
     data: torch.Tensor,
     batch_sizes: torch.Tensor,
     batch_first: bool,
-    padding_value: float,
+    padding_value: float | complex,
     total_length: int,
-):
+) -> tuple[torch.Tensor, torch.Tensor]:
     T = data.shape[0]
     steps = torch.arange(T, device=batch_sizes.device).unsqueeze(1)  # (T, 1)
     keep = (steps < batch_sizes.unsqueeze(0)).reshape(T, -1, *([1] * (data.dim() - 2)))
@@ -50,8 +50,8 @@ def _pad(
 def fake_packing() -> Iterator[None]:
     """Packed sequences as (padded data, lengths) for the duration (see the module doc)."""
     saved = {k: _VF.__dict__.get(k) for k in ("_pack_padded_sequence", "_pad_packed_sequence")}
-    _VF._pack_padded_sequence = _pack
-    _VF._pad_packed_sequence = _pad
+    setattr(_VF, "_pack_padded_sequence", _pack)  # noqa: B010 (a module attribute, typed)
+    setattr(_VF, "_pad_packed_sequence", _pad)  # noqa: B010
     try:
         yield
     finally:
@@ -92,7 +92,7 @@ def recording_packs(padded: dict[int, int]) -> Iterator[None]:
         padded[id(data)] = int(input.shape[1 if batch_first else 0])
         return data, batch_sizes
 
-    _VF._pack_padded_sequence = pack
+    setattr(_VF, "_pack_padded_sequence", pack)  # noqa: B010
     try:
         yield
     finally:

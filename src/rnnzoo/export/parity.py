@@ -305,6 +305,7 @@ class _Sides:
             out, err = self.ort(self.chunk(xs, pos, pos + n), st)
             if err:
                 return None, f"{err} (chunk at step {pos}, length {n})"
+            assert out is not None  # ort() returns outputs or an error
             for i in range(self.n_out):
                 parts[i].append(out[i])
             st = out[self.n_out :]
@@ -383,6 +384,7 @@ def _growth(
 
     scale = max(1.0, *(float(s.abs().max()) for s in base))
     eta = PERTURBATION * scale
+    kappa: dict[int, tuple[float, float]]
     if not sides.c.streamable:
         kappa = {}
         for T in times:
@@ -401,7 +403,7 @@ def _growth(
             kappa[T] = (k, k)
         return kappa
 
-    kappa: dict[int, tuple[float, float]] = {}
+    kappa = {}
     direction = unit([torch.randn(s.shape, generator=gen, dtype=torch.float64) for s in base])
     state, err, prev, k_out, k_state = base, 0.0, 0, 1.0, 1.0
     for end in _ends(times, KICK_EVERY):

@@ -16,7 +16,7 @@ and back, with a JSON-able structure (stored in the contract, so verify can rebu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -172,9 +172,8 @@ class _Recording(Recorder):
         else:
             bt = (x.shape[0], x.shape[1]) if getattr(mod, "batch_first", True) else x.shape[1::-1]
             B, T, hn = int(bt[0]), int(bt[1]), out[1]
-        self.calls.append(
-            Call(name, mod, B, T, state_tuple(hx), state_tuple(hn), is_cell(mod), packed)
-        )
+        hn_t = cast("tuple[torch.Tensor, ...]", state_tuple(hn))  # a layer returns its state
+        self.calls.append(Call(name, mod, B, T, state_tuple(hx), hn_t, is_cell(mod), packed))
         return out
 
 
@@ -310,10 +309,10 @@ def grow_inputs(
     new = list(leaves)
     for i, ax in in_axes.items():
         if ax.get(kind) is not None:
-            new[i] = grow(leaves[i], ax[kind], 2)
+            new[i] = grow(leaves[i], cast(int, ax[kind]), 2)
     if kind == "batch":
-        for s, ax in states.items():
-            new[s] = grow(leaves[s], ax, 2)
+        for s, axis in states.items():
+            new[s] = grow(leaves[s], axis, 2)
     return _try(module, unflatten(new, struct))
 
 
@@ -362,7 +361,7 @@ def infer_output_axes(
             else set(range(o.dim()))
             for o, b in zip(outs, base_outputs, strict=True)
         ]
-    result = []
+    result: list[dict[str, int | None]] = []
     for k, b in enumerate(base_outputs):
         if k in named:
             result.append({})

@@ -20,6 +20,7 @@ Export runs in two steps, because a graph-valued attribute cannot pass through
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import onnx
 import torch
@@ -74,7 +75,7 @@ class ScratchLayers(nn.Module):
             ys = []
             for d in range(D):
                 idx = layer * D + d
-                states = [h0[idx], c0[idx]] if lstm else [h0[idx]]  # each (B, H)
+                states = [h0[idx], cast(Any, c0)[idx]] if lstm else [h0[idx]]  # each (B, H)
                 outs = torch.onnx.ops.symbolic_multi_out(
                     f"{DOMAIN}::{PLACEHOLDER}",
                     [*states, seq],
@@ -106,9 +107,10 @@ class _Step(nn.Module):
 
     def forward(self, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None):
         """LSTM: (h, c, x) -> (h', c'); GRU: (h, x) -> (h',). h, c: (B, H), x: (B, F)."""
-        w = (self.w_ih, self.w_hh, self.b_ih, self.b_hh)
+        # buffers (register_buffer above), typed Tensor | Module through nn.Module.__getattr__
+        w = cast("tuple[torch.Tensor, ...]", (self.w_ih, self.w_hh, self.b_ih, self.b_hh))
         if self.lstm:
-            return lstm_cell(b, h, a, *w)
+            return lstm_cell(cast(torch.Tensor, b), h, a, *w)  # an LSTM step gets x as b
         return (gru_cell(a, h, *w),)
 
 
@@ -132,6 +134,7 @@ def step_body(rnn: ScratchRNN, layer: int, reverse: bool, prefix: str) -> onnx.G
             opset_version=OPSET,
             verbose=False,
         )
+    assert prog is not None  # dynamo=True returns the program
     model = prog.model_proto
     if model.functions:
         raise InvalidArgument("the cell's step exported with local functions; cannot inline")

@@ -131,6 +131,7 @@ def _trace_step(call: _StepCall, args: list[torch.Tensor], names: list[str], out
         raise
     except Exception as exc:
         raise explain(exc, f"step module {type(call.step).__name__!r}") from None
+    assert prog is not None  # dynamo=True returns the program
     model = prog.model_proto
     if model.functions:
         raise InvalidArgument(
@@ -247,7 +248,7 @@ def export_step(
     scan = mode == "scan"
 
     def spec(n: str, t: torch.Tensor) -> TensorSpec:
-        shape = [BATCH, *([TIME] if scan else []), *[int(d) for d in t.shape[1:]]]
+        shape: list[int | str] = [BATCH, *([TIME] if scan else []), *[int(d) for d in t.shape[1:]]]
         return TensorSpec(
             n,
             str(t.dtype).removeprefix("torch."),

@@ -12,6 +12,7 @@ bidirectional layers, ``Conv1d`` with kernel > 1, attention.
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 from torch import nn
@@ -116,7 +117,7 @@ def check_streamable(
             st = list(got[n_out:])
             pos += n
         outs = [
-            torch.cat([p[i] for p in pieces], dim=spec.time_axis)
+            torch.cat([p[i] for p in pieces], dim=cast(int, spec.time_axis))  # no_time: none
             for i, spec in enumerate(contract.outputs)
         ]
         names = [t.name for t in contract.outputs] + [s.output for s in contract.states]

@@ -36,7 +36,7 @@ DATA_DEPENDENT = (
 SPECIALIZED = ("Constraints violated", "specialized", "not dynamic", "marked as dynamic")
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def _chain(exc: BaseException | None) -> list[BaseException]:
     out, seen = [], set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))

@@ -250,7 +250,11 @@ def _build(
     else:
         for i, entry in enumerate(entries, 1):
             prefix = f"[{i}/{n}] {entry.name}: "
-            token = _PROGRESS.set(lambda msg, prefix=prefix: log(prefix + msg))
+
+            def progress(msg: str, prefix: str = prefix) -> None:
+                log(prefix + msg)
+
+            token = _PROGRESS.set(progress)
             try:
                 result = _build_entry(
                     out,
@@ -273,8 +277,8 @@ def _build(
     # The card covers every entry built into OUT, not only this run's (`rnnzoo train NAME`
     # into a built zoo updates one row).
     built = {r["name"]: r for r in results}
-    rows = [built.get(n) or _previous_result(out, n) for n in zoo.REGISTRY]
-    rows = [r for r in rows if r is not None]
+    found = [built.get(n) or _previous_result(out, n) for n in zoo.REGISTRY]
+    rows = [r for r in found if r is not None]
     card = write_card(out, rows, quick=quick, total_seconds=total)
     log(
         f"wrote {card} ({counts['trained']} trained, {counts['up to date']} up to date, "

@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="DIR|redis://host:port/db",
         help="keep sessions in a durable store so they outlive this process: a "
         "directory (embedded SQLite, WAL) or a redis:// / rediss:// URL; default: "
-        "none, sessions live in this process only (docs/scale-out.md)",
+        "none, sessions live in this process's memory only (docs/scale-out.md)",
     )
     p.add_argument(
         "--workers",

@@ -32,8 +32,10 @@ import contextlib
 import itertools
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -70,7 +72,7 @@ class _Job:
     key: object
     chunk: Chunk
     state: dict[str, np.ndarray]
-    future: asyncio.Future | None  # None: run directly in ``submit``
+    future: asyncio.Future[Result] | None  # None: run directly in ``submit``
     queued: float = 0.0  # perf_counter when it was queued (0: never queued)
     timing: telemetry.Timing | None = None  # the submitting request's (telemetry.TIMING)
 
@@ -94,11 +96,11 @@ class Batcher:
         # The batcher task sleeps on ``_waiter`` until ``_want`` keys have work queued, a
         # running batch ends, or a timer fires: ``submit`` wakes it only when that holds,
         # not once per chunk.
-        self._waiter: asyncio.Future | None = None
-        self._want = 1
-        self._task: asyncio.Task | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._want: float = 1
+        self._task: asyncio.Task[None] | None = None
         self._running: set[object] = set()  # keys with a job in a batch now running
-        self._offloaded: dict[asyncio.Task, list[_Job]] = {}  # executor batches in flight
+        self._offloaded: dict[asyncio.Task[None], list[_Job]] = {}  # executor batches in flight
         # batch-size bucket (bit length of the batch size) -> ORT seconds per chunk step,
         # a running average
         self._s_per_step: dict[int, float] = {}
@@ -151,7 +153,7 @@ class Batcher:
             if isinstance(res, Exception):
                 raise res
             return res
-        fut = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         q = self._queues.get(key)
         if q is None:
             self._queues[key] = q = deque()
@@ -175,10 +177,12 @@ class Batcher:
         for task, jobs in list(self._offloaded.items()):
             task.cancel()  # the ORT call itself cannot be interrupted; its result is dropped
             for job in jobs:
+                assert job.future is not None  # only a job run in submit has none
                 if not job.future.done():
                     job.future.set_exception(gone)
         for q in self._queues.values():
             for job in q:
+                assert job.future is not None  # only a job run in submit has none
                 if not job.future.done():
                     job.future.set_exception(gone)
         self._queues.clear()
@@ -243,7 +247,7 @@ class Batcher:
             if key in self._running:  # its previous chunk is still computing
                 continue
             q = self._queues[key]
-            while q and q[0].future.done():  # the caller went away
+            while q and cast("asyncio.Future[Result]", q[0].future).done():  # the caller went away
                 q.popleft()
             if q:
                 taken.append(q.popleft())
@@ -286,13 +290,14 @@ class Batcher:
             results = [exc] * len(jobs)
         finally:
             self._running.difference_update(j.key for j in jobs)
-            self._offloaded.pop(asyncio.current_task(), None)
+            self._offloaded.pop(cast("asyncio.Task[None]", asyncio.current_task()), None)
             self._wake(force=True)
         self._deliver(jobs, results)
 
     @staticmethod
-    def _deliver(jobs: list[_Job], results: list) -> None:
+    def _deliver(jobs: list[_Job], results: Sequence[Result | BaseException]) -> None:
         for job, res in zip(jobs, results, strict=True):
+            assert job.future is not None  # only a job run in submit has none
             if job.future.done():
                 continue
             if isinstance(res, BaseException):
@@ -369,7 +374,7 @@ class Batcher:
         )
 
 
-def _timed(jobs, t0: float) -> None:
+def _timed(jobs: Sequence[_Job], t0: float) -> None:
     """Add the wait and the ORT call begun at ``t0`` to each job's request timing."""
     t1 = time.perf_counter()
     for job in jobs:
@@ -379,6 +384,6 @@ def _timed(jobs, t0: float) -> None:
             job.timing.infer_ns += int((t1 - t0) * 1e9)
 
 
-def _resolve(fut: asyncio.Future) -> None:
+def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():  # a timer firing after a wake-up finds it resolved already
         fut.set_result(None)

@@ -66,13 +66,6 @@ class SessionCore:
                 "to resume the session"
             )
 
-    def still_own(self, sess: Session, lease: Lease | None, what: str) -> None:
-        """``own`` again before a write (the lease was renewed by ``own`` moments ago)."""
-        if lease is None:
-            self.not_held(sess, what, None)
-        elif not self.sessions.leases.current(lease):
-            self.own(sess, lease, what)  # raises, saying the lease ran out
-
     def not_held(self, sess: Session, what: str, lease: Lease | None) -> None:
         """FailedPrecondition if a live stream other than ``lease``'s holds the session, in
         this process or another."""

@@ -42,7 +42,7 @@ from rnnzoo.errors import Aborted, FailedPrecondition, StoreLost, StoreOutcomeUn
 
 from .caller import current
 from .catalog import Catalog
-from .lease import Lease
+from .lease import Lease, process_tag
 from .model import Chunk, ServedModel
 from .options import StepResult
 from .redact import sid_tag
@@ -75,6 +75,7 @@ class Records:
         self.writer = GroupWriter(store, lease_ttl_s) if store.shared else None
         self._deletes: set[asyncio.Task[None]] = set()
         self._ids: dict[str, tuple[ServedEntry, str, dict[str, str]]] = {}
+        self._tag = process_tag() + ":"  # this process's holders' ids start with it
         sessions.on_bury = self._on_bury
         # session id -> the position before a write whose outcome is unknown (until read back)
         self.unsettled: dict[str, int] = {}
@@ -102,11 +103,16 @@ class Records:
         state: dict[str, np.ndarray] | None = None,
         steps: int | None = None,
         buffer: list[Chunk] | None = None,
+        entry: ServedEntry | None = None,
         meta: bool = False,
     ) -> Snapshot:
         """``sess`` as a Snapshot; ``state``/``steps``/``buffer``: a change not committed yet
         (taken as they are: a change's dicts are its own, never changed in place)."""
-        digest, source = self._identity(sess.model)
+        got = self._ids.get(sess.model)
+        if got is not None and (entry or self.catalog.repo.entries.get(sess.model)) is got[0]:
+            digest, source = got[1], got[2]  # (the common case: no look-up that can raise)
+        else:
+            digest, source = self._identity(sess.model)
         snap = Snapshot(
             sess.model,
             digest,
@@ -157,6 +163,7 @@ class Records:
         held = sessions.leases.holder_alive(sid) is not None
         if held and sid in sessions._live and sid not in self.unsettled:
             return sessions.get(sid)
+        await sessions.leases.settle()  # this process's releases in flight land first
         rec = await self.store.load(sid)
         if rec is None:
             sessions.get(sid, touch=False)  # a reason known here first (expired, closed)
@@ -202,6 +209,8 @@ class Records:
         held = self.sessions.leases.holder_alive(sess.id)
         if held is not None and held is not lease:
             return ""
+        if sess.held_by.startswith(self._tag):
+            return None  # a stream of this process, released since (the table here knows)
         if (
             sess.held_by
             and (lease is None or sess.held_by != lease.holder)
@@ -275,14 +284,24 @@ class Records:
     ) -> None:
         """Fenced write of ``snap`` (and the step's result, kept for a retry of position
         ``rpos``) as ``sess``'s new state, before its response goes out."""
-        snap.meta = self.meta(sess)
+        # (inlined: this runs on every step)
+        meta = sess.meta
+        if meta is None:  # the store-only fields never change: made once per session copy
+            meta = sess.meta = self.meta(sess)
+        snap.meta = meta
         epoch = lease.epoch if lease is not None else sess.fence
-        w = Write(sess.id, epoch, b"", self._ttl(sess), None, rpos, lease is not None)
+        store = self.store
+        ttl = sess.ttl_s or float(store.max_ttl_s)
+        w = Write(sess.id, epoch, b"", ttl, None, rpos, lease is not None)
         w.steps = snap.steps
-        self._encode(w, snap, result, sess)
         before = rpos if rpos >= 0 else sess.steps
         try:
-            ok = await self._write(w)
+            if store.shared:
+                self._encode(w, snap, result, sess)
+                ok = await self.writer.write(w)  # type: ignore[union-attr]
+            else:  # kept as objects: no encoding (~22 µs per step saved), no grouping
+                w.value = (snap, result)
+                (ok,) = await store.write([w], self.lease_ttl_s)
         except StoreOutcomeUnknown as exc:
             self.unsettled[sess.id] = before
             if len(self.unsettled) > MAX_UNSETTLED:  # bounded: the oldest are forgotten

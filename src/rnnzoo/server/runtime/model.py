@@ -27,6 +27,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import onnxruntime as ort
@@ -80,7 +81,7 @@ class _InputPlan:
     spec: TensorSpec
     name: str
     dtype: np.dtype
-    free: list  # expected batch-free shape (ints, or symbols for batch/time-like dims)
+    free: list[int | str]  # expected batch-free shape (ints, or symbols for batch/time-like dims)
     fixed: tuple[tuple[int, int], ...]  # (axis, size) pairs that must match exactly
     time: int | None  # time axis of the batch-free view
 
@@ -133,13 +134,15 @@ class ServedModel:
         ]
         # every per-sequence state array, recurrent and context: (key, batch axis)
         self._slots = [(st.input, st.batch_axis) for st in contract.states]
-        self._slots += [(key, s.batch_axis) for s, key, _ in self._ctx]
+        self._slots += [
+            (key, cast(int, s.batch_axis)) for s, key, _ in self._ctx
+        ]  # context input: batch, time axes assumed
         self.init_states = {st.input: self._init_state(st) for st in contract.states}
         for spec, key, _ in self._ctx:
             self.init_states[key] = self._init_context(spec)
         self.chunk = contract.chunk
         self._drop = [
-            (s.name, s.time_axis, s.drop_leading_steps)
+            (s.name, cast(int, s.time_axis), s.drop_leading_steps)  # dropping needs a time axis
             for s in contract.outputs
             if s.drop_leading_steps
         ]
@@ -173,7 +176,9 @@ class ServedModel:
         g_out = {o.name: o for o in self.session.get_outputs()}
         problems: list[str] = []
 
-        def check(kind: str, name: str, dtype: str, rank: int | None, shape, graph: dict) -> None:
+        def check(
+            kind: str, name: str, dtype: str, rank: int | None, shape: Any, graph: dict[str, Any]
+        ) -> None:
             node = graph.get(name)
             if node is None:
                 problems.append(f"{kind} {name!r} is not in the graph (graph has {sorted(graph)})")
@@ -241,8 +246,10 @@ class ServedModel:
 
     def _init_context(self, spec: TensorSpec) -> np.ndarray:
         """One sequence's initial context window (K steps), with a batch axis of size 1."""
-        shape = [1 if i == spec.batch_axis else d for i, d in enumerate(spec.shape)]
-        shape[spec.time_axis] = spec.context_steps
+        shape: list[Any] = [1 if i == spec.batch_axis else d for i, d in enumerate(spec.shape)]
+        shape[cast(int, spec.time_axis)] = (
+            spec.context_steps
+        )  # context input: batch, time axes assumed
         free = [d for i, d in enumerate(shape) if i != spec.batch_axis]
         if spec.initial_context is None:
             return np.zeros(shape, dtype=spec.dtype)
@@ -253,10 +260,10 @@ class ServedModel:
                 f"expected {free} (context_steps={spec.context_steps} steps of one sequence, "
                 "no batch axis)"
             )
-        return np.expand_dims(v, spec.batch_axis)
+        return np.expand_dims(v, cast(int, spec.batch_axis))
 
     # ---- validation -----------------------------------------------------------------------
-    def _coerce(self, spec_name: str, dtype: str | np.dtype, arr) -> np.ndarray:
+    def _coerce(self, spec_name: str, dtype: str | np.dtype, arr: Any) -> np.ndarray:
         a = arr if type(arr) is np.ndarray else np.asarray(arr)
         want = np.dtype(dtype)
         if a.dtype == want:
@@ -281,7 +288,7 @@ class ServedModel:
             raise InvalidArgument(f"input {spec_name!r}: contains NaN or infinity")
         return out
 
-    def _check_names(self, inputs: dict) -> None:
+    def _check_names(self, inputs: dict[str, Any]) -> None:
         want = [s.name for s in self.contract.inputs]
         unknown = sorted(set(inputs) - set(want))
         missing = [n for n in want if n not in inputs]
@@ -303,7 +310,7 @@ class ServedModel:
                     f"got values in [{lo}, {hi}]"
                 )
 
-    def validate_chunk(self, inputs: dict) -> Chunk:
+    def validate_chunk(self, inputs: dict[str, Any]) -> Chunk:
         """Batch-free chunk of one sequence, e.g. {"x": (T, F)} -> checked arrays.
 
         Runs once per streamed message, so it reads the precomputed ``_InputPlan``s and
@@ -359,7 +366,7 @@ class ServedModel:
                 f"steps: {how}"
             )
 
-    def validate_batch(self, inputs: dict) -> tuple[dict[str, np.ndarray], int]:
+    def validate_batch(self, inputs: dict[str, Any]) -> tuple[dict[str, np.ndarray], int]:
         """Whole-sequence inputs WITH the batch axis -> (arrays, batch size)."""
         self._check_names(inputs)
         out, batch = {}, None
@@ -383,7 +390,9 @@ class ServedModel:
         return out, batch or 1
 
     @staticmethod
-    def _check_shape(name: str, got: tuple, want: list, time_axis: int | None) -> None:
+    def _check_shape(
+        name: str, got: tuple[int, ...], want: list[int | str], time_axis: int | None
+    ) -> None:
         if len(got) != len(want):
             raise InvalidArgument(
                 f"input {name!r}: expected rank {len(want)} shape {want}, got shape {list(got)}"
@@ -395,13 +404,16 @@ class ServedModel:
                     f"shape {list(got)}"
                 )
 
-    def validate_state(self, state: dict) -> dict[str, np.ndarray]:
+    def validate_state(self, state: dict[str, Any]) -> dict[str, np.ndarray]:
         """A client-given state of ONE sequence (batch-free) -> batch-1 arrays. Keys: state
         input names, and ``context:NAME`` for a context window (a snapshot carries both);
         what is not given starts from its initial value."""
         want = {st.input: (st.dtype, st.batch_axis) for st in self.contract.states}
         for spec, key, _ in self._ctx:
-            want[key] = (spec.dtype, spec.batch_axis)
+            want[key] = (
+                spec.dtype,
+                cast(int, spec.batch_axis),
+            )  # context input: batch, time axes assumed
         unknown = [clip(n) for n in sorted(set(state) - set(want))[:8]]
         if unknown:
             raise InvalidArgument(
@@ -475,9 +487,9 @@ class ServedModel:
             return {key: states[0][key] for key, _ in self._slots}
         return {key: np.concatenate([s[key] for s in states], axis=ax) for key, ax in self._slots}
 
-    def split_outputs(self, outputs: dict[str, np.ndarray], n: int) -> list[dict]:
+    def split_outputs(self, outputs: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarray]]:
         """Batched outputs -> per-sequence batch-free outputs."""
-        res: list[dict] = [{} for _ in range(n)]
+        res: list[dict[str, np.ndarray]] = [{} for _ in range(n)]
         for spec in self.contract.outputs:
             a = outputs[spec.name]
             if spec.batch_axis is None:
@@ -490,9 +502,9 @@ class ServedModel:
                 res[i][spec.name] = front[i]
         return res
 
-    def split_states(self, states: dict[str, np.ndarray], n: int) -> list[dict]:
+    def split_states(self, states: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarray]]:
         """Batched next states (keyed by state INPUT name) -> per-sequence batch-1 arrays."""
-        res: list[dict] = [{} for _ in range(n)]
+        res: list[dict[str, np.ndarray]] = [{} for _ in range(n)]
         for key, ax in self._slots:
             a = states[key]
             for i in range(n):
@@ -541,7 +553,8 @@ class ServedModel:
             full = np.concatenate([states[key], inputs[spec.name]], axis=spec.time_axis)
             feeds[spec.name] = full
             idx = [slice(None)] * full.ndim
-            idx[spec.time_axis] = slice(full.shape[spec.time_axis] - k, None)
+            t_ax = cast(int, spec.time_axis)  # context input: batch, time axes assumed
+            idx[t_ax] = slice(full.shape[t_ax] - k, None)
             nxt_ctx[key] = np.ascontiguousarray(full[tuple(idx)])
         for st in self.contract.states:
             feeds[st.input] = states[st.input]

@@ -41,8 +41,8 @@ class RuntimeOptions:
     long_slice_s: float = 0.02  # a streamable long job runs in slices of about this long
     long_nice: int = 10  # the long-job threads' nice value (lower OS priority); 0 = unchanged
     malloc_trim: bool = True  # give freed memory back to the OS after large requests
-    # Durable sessions (store.py): a directory (embedded SQLite) or a redis:// URL; None =
-    # sessions live in this process only.
+    # The state store (store/): a directory (embedded SQLite) or a redis:// URL; None = the
+    # in-memory store (sessions live in this process only, through the same code path).
     state_store: str | None = None
 
     def check(self) -> None:
@@ -82,10 +82,12 @@ class RuntimeOptions:
             raise InvalidArgument("bad runtime options: " + "; ".join(problems))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StepResult:
     """What a step computed, protocol-neutral: the replay record kept for a retry of its
-    position, from which each RPC (Stream, Infer(advance), KServe) encodes its own response."""
+    position, from which each RPC (Stream, Infer(advance), KServe) encodes its own response.
+    Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__, and
+    one is made on every step; nothing changes one after its transaction."""
 
     outputs: dict[str, np.ndarray]  # batch-free, (T, ...)
     start: int  # index in the session's sequence of the first returned step

@@ -294,11 +294,11 @@ class Runtime:
         (transaction.py). ``lease``: the calling stream's lease; ``position``: the steps the
         request expects before its chunk (a retry of the last one gets its result again).
         A caller that sends the response calls ``await result.persist()`` first."""
-        self._check()
-        sess = self.sessions.get(session_id, touch=False)
+        sess = self.sessions.get(session_id, touch=False)  # (the transaction checks the phase)
         p = self.stepper.prepare(sess.model, inputs)  # before anything is queued or locked
         what = "a step from outside it"
-        return Transaction(self.core, session_id, lease, position, self.stepper.chunk, p, what)
+        compute = self.stepper.chunk
+        return Transaction(self.core, session_id, lease, position, compute, p, what, sess=sess)
 
     async def _infer_stateless(
         self, model: str, inputs: dict[str, np.ndarray]

@@ -222,7 +222,8 @@ class Sequences:
             if self.catalog.entry(pinned) is not prepared.entry:
                 prepared = self.stepper.prepare(pinned, chunk)
             lease = await holder.lease(sid) if holder is not None else None
-            compute = self.stepper.restart if start and not created else self.stepper.chunk
+            prepared.restart = start and not created
+            compute = self.stepper.chunk
             what = f"a request of {key.describe()}"
             async with Transaction(self.core, sid, lease, None, compute, prepared, what) as res:
                 yield SeqResult(

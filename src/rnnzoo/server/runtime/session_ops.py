@@ -7,7 +7,7 @@ for reset, its transaction.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -76,7 +76,8 @@ class SessionOps:
             raise InvalidArgument(f"snapshot steps must be >= 0, got {snap.steps}")
         snap.state = graph.validate_state(snap.state)
         snap.initial = graph.validate_state(snap.initial)
-        snap.buffer = [graph.validate_chunk(c) for c in snap.buffer]
+        # a client's snapshot holds raw arrays here (transport/snapshots.py), Chunks after
+        snap.buffer = [graph.validate_chunk(cast(dict[str, Any], c)) for c in snap.buffer]
         if snap.buffer and sum(c.length for c in snap.buffer) != snap.steps:
             raise InvalidArgument("the snapshot's buffered chunks do not add up to its steps")
         return snap

@@ -77,6 +77,8 @@ class Session:
     # either RPC kind, gets the same result again
     last: tuple[int, StepResult] | None = None
     fence: int = 0  # the store epoch this copy was read at (fences writes from outside a stream)
+    # its store-only fields as the state store keeps them (durable.Records.meta), made once
+    meta: dict[str, object] | None = field(default=None, repr=False, compare=False)
     # the state store's per-step encoder (snapshot.StepEncoder), made on its first write
     encoder: object = field(default=None, repr=False, compare=False)
     # the stream holding the session's lease in the state store when this copy was read

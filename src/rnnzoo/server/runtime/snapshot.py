@@ -28,7 +28,7 @@ from .model import Chunk, ServedModel
 from .options import StepResult
 
 
-@dataclass
+@dataclass(slots=True)
 class Snapshot:
     model: str
     model_hash: str

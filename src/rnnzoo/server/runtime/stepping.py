@@ -5,8 +5,8 @@
   Non-streamable (bidirectional) models: the session buffers the chunks so far and each step
   re-runs the whole prefix from the initial state, returning exact outputs for all of it
   (``start=0``, ``revised=True``); a prefix over ``max_buffer_steps`` is ResourceExhausted;
-- ``restart``: a KServe ``sequence_start`` on an active sequence: the chunk from the initial
-  state, replacing the sequence's state;
+- ``chunk`` with ``Prepared.restart``: a KServe ``sequence_start`` on an active sequence: the
+  chunk from the initial state, replacing the sequence's state;
 - ``advance``: Infer(advance=true): a batch-1 whole request from the session's state;
 - ``reset``: back to the initial state.
 
@@ -33,7 +33,7 @@ from .sessions import Session
 from .transaction import Change
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Prepared:
     """A chunk validated before the transaction (before anything is queued or locked), with
     the entry and graph it was validated against."""
@@ -41,6 +41,7 @@ class Prepared:
     entry: ServedEntry
     graph: ServedModel
     chunk: Chunk
+    restart: bool = False  # from the initial state (a KServe sequence_start on an active one)
 
 
 class Stepper:
@@ -64,19 +65,12 @@ class Stepper:
         return Prepared(entry, graph, chunk)
 
     async def chunk(self, sess: Session, p: Prepared) -> Change:
-        return await self._step(sess, p, sess.state, sess.steps, sess.buffer)
-
-    async def restart(self, sess: Session, p: Prepared) -> Change:
-        return await self._step(sess, p, sess.initial, 0, [])
-
-    async def _step(
-        self,
-        sess: Session,
-        p: Prepared,
-        state: dict[str, np.ndarray],
-        steps0: int,
-        buffer: list[Chunk],
-    ) -> Change:
+        """The chunk from the session's state (or, ``p.restart``, from its initial state: a
+        KServe sequence_start on an active sequence). One coroutine: it runs per message."""
+        if p.restart:
+            state, steps0, buffer = sess.initial, 0, []
+        else:
+            state, steps0, buffer = sess.state, sess.steps, sess.buffer
         entry, graph, chunk = p.entry, p.graph, p.chunk
         batcher = self.batchers[(sess.model, "model")]
         total = steps0 + chunk.length
@@ -88,7 +82,7 @@ class Stepper:
             else:
                 outs, nxt = await batcher.submit(sess.id, chunk, state)
             result = StepResult(outs, steps0, total, False)
-            return Change(nxt, total, buffer, result, steps0)
+            return Change(nxt, total, buffer, result, steps0, entry)
         if total > options.max_buffer_steps:
             raise ResourceExhausted(
                 f"session {sid_tag(sess.id)} of non-streamable model {sess.model!r} would "
@@ -101,7 +95,7 @@ class Stepper:
             outs, nxt = await self.compute.long_chunk(graph, prefix, sess.initial, False)
         else:
             outs, nxt = await batcher.submit(sess.id, prefix, sess.initial)
-        return Change(nxt, total, [*buffer, chunk], StepResult(outs, 0, total, True), steps0)
+        return Change(nxt, total, [*buffer, chunk], StepResult(outs, 0, total, True), steps0, entry)
 
     async def advance(self, sess: Session, feeds: tuple[dict[str, np.ndarray], int]) -> Change:
         arrays, length = feeds

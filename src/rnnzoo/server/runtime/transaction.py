@@ -33,13 +33,14 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
 import numpy as np
 
 from .lease import Lease
 from .model import Chunk
 from .options import StepResult
+from .repository import ServedEntry
 from .sessions import Session
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class Change:
     buffer: list[Chunk]
     result: StepResult | None  # None: nothing to replay (a reset)
     rpos: int  # the position the result answers (steps before the chunk); -1: none
+    entry: ServedEntry | None = None  # the served entry it ran on (the snapshot's identity)
 
 
 async def _nothing() -> None:
@@ -76,6 +78,7 @@ class Transaction(Generic[A]):
         "interrupt",
         "lease",
         "position",
+        "sess",
         "sid",
         "what",
     )
@@ -90,9 +93,13 @@ class Transaction(Generic[A]):
         arg: A,
         what: str,
         interrupt: bool = False,
+        sess: Session | None = None,
     ) -> None:
+        """``sess``: the session as the caller just looked it up (a stream's, whose copy here
+        is the newest: not looked up again)."""
         self.core = core
         self.interrupt = interrupt  # a reset: no waiting for steps in flight, they drop
+        self.sess = sess
         self.sid = sid
         self.lease = lease
         self.position = position
@@ -108,7 +115,10 @@ class Transaction(Generic[A]):
     async def __aenter__(self) -> StepResult:
         core, lease = self.core, self.lease
         core.check()
-        sess = await core.open(self.sid, lease, self.what)
+        if lease is None:
+            sess = await core.open(self.sid, lease, self.what)
+        else:  # a stream's own session: the copy here is the newest
+            sess = self.sess if self.sess is not None else core.sessions.get(self.sid)
         if self.interrupt:  # a new generation at once: a step in flight drops its result
             core.own(sess, lease, self.what)
             sess.epoch += 1
@@ -124,9 +134,11 @@ class Transaction(Generic[A]):
             raise
 
     async def _compute(self) -> StepResult:
-        core = self.core
+        core, lease = self.core, self.lease
         sess = core.sessions.get(self.sid)  # closed/expired while waiting?
-        core.own(sess, self.lease, self.what)  # the authoritative check: renews a lease
+        # the authoritative check: renews a stream's lease
+        if lease is None or not core.sessions.leases.renew(lease):
+            core.own(sess, lease, self.what)
         epoch = sess.epoch
         kept = core.records.check_position(sess, self.position)
         if kept is not None:
@@ -134,23 +146,27 @@ class Transaction(Generic[A]):
                 kept.outputs, kept.start, kept.steps_total, kept.revised, True, _nothing
             )
         change = await self.compute(sess, self.arg)
-        core.check_epoch(sess, epoch)
+        if sess.epoch != epoch:
+            core.check_epoch(sess, epoch)  # raises
         self._sess, self._epoch, self._change = sess, epoch, change
         r = change.result
         if r is None:
             return StepResult({}, 0, change.steps, False, False, self.persist)
-        return StepResult(r.outputs, r.start, r.steps_total, r.revised, False, self.persist)
+        r.persist = self.persist  # handed out with the transaction's persist (cleared at commit)
+        return r
 
     async def persist(self) -> None:
         """Fence the change again and write it through the state store before its response
         goes out."""
         sess, change = self._sess, self._change
         assert sess is not None and change is not None
-        core = self.core
-        core.check_epoch(sess, self._epoch)
-        core.still_own(sess, self.lease, self.what)
-        snap = core.records.snapshot(sess, change.state, change.steps, change.buffer)
-        await core.records.write(sess, snap, self.lease, change.result, change.rpos)
+        core, lease = self.core, self.lease
+        if sess.epoch != self._epoch:
+            core.check_epoch(sess, self._epoch)  # raises
+        if lease is None or not core.sessions.leases.current(lease):
+            core.own(sess, lease, self.what)  # raises unless no live stream holds it
+        snap = core.records.snapshot(sess, change.state, change.steps, change.buffer, change.entry)
+        await core.records.write(sess, snap, lease, change.result, change.rpos)
         self._persisted = True
 
     async def __aexit__(
@@ -158,7 +174,7 @@ class Transaction(Generic[A]):
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> Literal[False]:  # never swallows an exception (so `return` inside is a return)
         lock, self._lock = self._lock, None
         try:
             if exc_type is None and self._sess is not None:
@@ -177,4 +193,8 @@ class Transaction(Generic[A]):
             await self.persist()
         sess.state, sess.steps, sess.buffer = change.state, change.steps, change.buffer
         r = change.result
-        sess.last = (change.rpos, r) if r is not None else None
+        if r is not None:
+            r.persist = None  # the kept result does not hold this transaction
+            sess.last = (change.rpos, r)
+        else:
+            sess.last = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from rnnzoo.errors import InvalidArgument
 
@@ -60,8 +60,9 @@ class ServerConfig:
             except OSError as exc:
                 raise InvalidArgument(f"cannot read the {what} {path}: {exc.strerror}") from None
 
-        key = read(self.tls_key, "TLS key (--tls-key)")
-        cert = read(self.tls_cert, "TLS certificate (--tls-cert)")
+        # tls: a certificate given, and with it a key (checked where the config is made)
+        key = read(cast(str, self.tls_key), "TLS key (--tls-key)")
+        cert = read(cast(str, self.tls_cert), "TLS certificate (--tls-cert)")
         ca = read(self.tls_client_ca, "client CA (--tls-client-ca)") if self.tls_client_ca else None
         return grpc.ssl_server_credentials(
             [(key, cert)], root_certificates=ca, require_client_auth=ca is not None

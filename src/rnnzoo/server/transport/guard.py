@@ -39,12 +39,16 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rnnzoo.errors import InvalidArgument, ResourceExhausted, Unauthenticated
 from rnnzoo.server.runtime.caller import CALLER, Caller
 
 from .auth_failures import AuthFailures
 from .logs import call_fields, log
+
+if TYPE_CHECKING:
+    from rnnzoo.server.runtime.store.api import QuotaStore
 
 LOG = logging.getLogger("rnnzoo.auth")
 EXEMPT = ("/grpc.health.v1.Health/",)
@@ -196,11 +200,11 @@ class RateQuota:
         self.clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
         self.refused = 0
-        self.store = None  # a StateStore once shared
+        self.store: QuotaStore | None = None  # a StateStore once shared
         self.grant = max(1, min(int(self.rate / 20), int(self.burst / 4)))
         self._grants: dict[str, float] = {}  # shared: key -> tokens taken, not yet spent
 
-    def share(self, store) -> None:
+    def share(self, store: QuotaStore) -> None:
         """Keep the buckets in ``store`` (a StateStore), shared with every process using it."""
         self.store = store
 
@@ -226,6 +230,7 @@ class RateQuota:
 
     async def _refill(self, caller: Caller, n: float) -> None:
         want = max(self.grant, math.ceil(n))
+        assert self.store is not None  # take() refills only once shared
         got = await self.store.take_tokens(caller.key, want, self.rate, self.burst)
         left = self._grants.get(caller.key, 0.0) + got  # re-read: other calls refill too
         if left < n:

@@ -113,7 +113,7 @@ def _guard_only(behavior, guard: Guard, decision: Decision):
 
     if inspect.isasyncgenfunction(behavior):
 
-        async def wrapper(request, context):
+        async def stream_wrapper(request, context):
             try:
                 await guard.enter(decision, context)
             except RnnzooError as exc:  # refused, or its quota's store unreachable
@@ -121,7 +121,7 @@ def _guard_only(behavior, guard: Guard, decision: Decision):
             async for response in behavior(request, context):
                 yield response
 
-        return wrapper
+        return stream_wrapper
 
     async def wrapper(request, context):
         try:
@@ -142,6 +142,7 @@ def _admit(rpc: str, request, context, admission: Admission | None):
     ticket = admission.enter(rpc, context.peer()) if admission is not None else None
     if type(request) is Malformed:
         if ticket is not None:
+            assert admission is not None  # a ticket comes from it
             admission.leave(ticket)
         raise request.error()
     return ticket

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -52,6 +53,9 @@ from .guard import charge
 from .interceptors import status_of
 from .kserve_tensors import OF_DTYPE, decode_inputs, fill_outputs, param_value
 from .logs import annotate, call_fields
+
+if TYPE_CHECKING:
+    from rnnzoo.server.runtime.control import RepositoryControl
 
 LOG = logging.getLogger("rnnzoo.rpc")
 SERVER_NAME = "rnnzoo"
@@ -149,7 +153,9 @@ class KServeServicer:
         self.rt = runtime  # replaced by the loaded runtime (server.load)
         self.max_response_bytes = max_response_bytes
         self.stats: dict[str, ModelStats] = {}  # by model version key
-        self.control = None  # the runtime's RepositoryControl (server.load)
+        self.control: RepositoryControl | None = (
+            None  # the runtime's RepositoryControl (server.load)
+        )
         # version key -> (repository generation, input name -> datatype)
         self._datatypes: dict[str, tuple[int, dict[str, str]]] = {}
 
@@ -250,7 +256,7 @@ class KServeServicer:
         def dims(spec) -> list[int]:
             return _dims(spec.shape[1:] if batched else spec.shape)
 
-        def dtype(name: str) -> int:
+        def dtype(name: str) -> mc.DataType:
             return mc.DataType.Value("TYPE_" + OF_DTYPE.get(name, "INVALID"))
 
         config = mc.ModelConfig(

@@ -135,7 +135,8 @@ def decode_inputs(req) -> dict[str, np.ndarray | list[str]]:
 
 
 def _split_bytes(data: bytes, what: str) -> list[bytes]:
-    items, pos = [], 0
+    items: list[bytes] = []
+    pos = 0
     while pos < len(data):
         if pos + 4 > len(data) or len(items) >= MAX_BYTES_ELEMENTS:
             raise InvalidArgument(

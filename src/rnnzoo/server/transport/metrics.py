@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     REGISTRY,
@@ -39,6 +40,9 @@ from prometheus_client import (
 from prometheus_client import start_http_server as _start_http_server
 
 from rnnzoo.server.runtime import telemetry
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 PER_MESSAGE = frozenset({"Stream", "StepMany", "ModelStreamInfer"})
 ENABLED = False  # set by install(): until then recording costs one check
@@ -156,7 +160,7 @@ def models_loaded(names, ready: bool = True) -> None:
         MODEL_READY.labels(n).set(1 if ready else 0)
 
 
-def start_exporter(port: int, host: str = "127.0.0.1"):
+def start_exporter(port: int, host: str = "127.0.0.1") -> WSGIServer:
     """Serve /metrics over HTTP; returns the HTTP server (``.server_port``, ``.shutdown()``)."""
     registry = REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

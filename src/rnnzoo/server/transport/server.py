@@ -29,6 +29,7 @@ import logging
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -50,6 +51,9 @@ from .kserve import KServeServicer
 from .logs import log
 from .servicer import RnnzooServicer
 from .store_health import StoreHealth
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 LOG = logging.getLogger("rnnzoo.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Rnnzoo"].full_name  # "rnnzoo.v1.Rnnzoo"
@@ -83,7 +87,7 @@ class RnnzooServer:
         size = int(self.config.max_message_mb * MB)
         self.servicer = RnnzooServicer(_Unloaded(), size)  # type: ignore[arg-type]
         self.admission = Admission(self.config.admission)
-        self._metrics = None  # the Prometheus HTTP server (config.metrics_port)
+        self._metrics: WSGIServer | None = None  # the Prometheus HTTP server (config.metrics_port)
         self.metrics_port: int | None = None
         self.guard = self.config.guard()  # first in every call: refused callers reach nothing
         self._credentials = self.config.credentials()

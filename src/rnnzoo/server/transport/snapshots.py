@@ -7,9 +7,14 @@ inputs; the runtime validates them against the model's contract on restore.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 from rnnzoo.proto.tensors import fill_tensors, from_tensors
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.server.runtime.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from rnnzoo.server.runtime.model import Chunk
 
 
 def to_proto(snap: Snapshot, state: dict, initial: dict, buffer: list[dict]) -> pb.SessionSnapshot:
@@ -40,6 +45,9 @@ def from_proto(msg: pb.SessionSnapshot) -> Snapshot:
         steps=msg.steps,
         state=from_tensors(msg.state, what="snapshot state"),
         initial=from_tensors(msg.initial_state, what="snapshot initial state"),
-        buffer=[from_tensors(c.inputs, what="snapshot chunk") for c in msg.buffer],
+        # raw arrays: Runtime.restore_snapshot makes them Chunks
+        buffer=cast(
+            "list[Chunk]", [from_tensors(c.inputs, what="snapshot chunk") for c in msg.buffer]
+        ),
         source=dict(msg.model_source),
     )

@@ -13,14 +13,14 @@ class GroupWriter:
 
     def __init__(self, store: StateStore, lease_ttl_s: float) -> None:
         self.store, self.lease_ttl_s = store, lease_ttl_s
-        self._pending: list[tuple[Write, asyncio.Future]] = []
-        self._task: asyncio.Task | None = None
+        self._pending: list[tuple[Write, asyncio.Future[bool | None]]] = []
+        self._task: asyncio.Task[None] | None = None
         self._scheduled = False
 
     async def write(self, w: Write) -> bool | None:
         """The write's result (see ``StateStore.write``)."""
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
+        fut: asyncio.Future[bool | None] = loop.create_future()
         self._pending.append((w, fut))
         if not self._scheduled and (self._task is None or self._task.done()):
             self._scheduled = True

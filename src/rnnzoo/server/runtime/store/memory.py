@@ -74,9 +74,13 @@ class MemoryStore(StateStore):
         self.round_trips += 1
         now = self.clock()
         out: list[bool | None] = []
+        rows = self._rows
         for w in writes:
             expires = now + min(w.ttl_s, self.max_ttl_s)
-            row = self._live(w.sid, now)
+            row = rows.get(w.sid)
+            if row is not None and row.expires < now:
+                del rows[w.sid]
+                row = None
             if w.create:
                 if w.quota_max > 0 and w.quota_key is not None:
                     live = sum(
@@ -102,7 +106,8 @@ class MemoryStore(StateStore):
             if w.leased and row.holder:
                 row.lexp = now + lease_ttl_s
             out.append(True)
-        self._sweep(now)
+        if now - self._last_sweep > self.SWEEP_EVERY_S:
+            self._sweep(now)
         return out
 
     async def take_tokens(self, key: str, want: int, rate: float, burst: float) -> int:

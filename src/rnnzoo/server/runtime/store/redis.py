@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
 
 from rnnzoo.errors import InvalidArgument, StoreOutcomeUnknown, StoreUnavailable
 
 from ..redact import scrub
 from . import wire
 from .api import DEFAULT_MAX_TTL_S, Acquired, Record, StateStore, Write, redact
+
+Call = tuple[Sequence[wire.Arg], Sequence[wire.Arg]]  # one script call's (keys, args)
 
 _NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
 
@@ -142,6 +146,7 @@ class RedisStore(StateStore):
     PREFIX = "rnnzoo:s:"
     QUOTA_PREFIX = "rnnzoo:q:"  # a set per quota key: the ids of its sessions
     RATE_PREFIX = "rnnzoo:r:"  # a hash per rate key: its token bucket
+    PROBE_KEY = "rnnzoo:probe"  # the health probe's write
     BACKOFF_S = (0.1, 2.0)  # after a failed connection: first wait, longest wait
 
     def __init__(self, url: str, max_ttl_s: float = DEFAULT_MAX_TTL_S):
@@ -192,7 +197,7 @@ class RedisStore(StateStore):
         )
 
     @contextlib.asynccontextmanager
-    async def _guard(self, write: bool = False, probe: bool = False):
+    async def _guard(self, write: bool = False, probe: bool = False) -> AsyncIterator[None]:
         """One round trip: maps redis-py's errors to ours. ``write``: a state write, whose
         outcome is unknown when the connection fails after sending. ``probe``: the health
         probe, which tries even during the backoff."""
@@ -230,14 +235,14 @@ class RedisStore(StateStore):
             s.sha = await self._client.script_load(s.script)
         self._loaded = True
 
-    async def _pipeline(self, name: str, calls: list[tuple[list, list]], write=False) -> list:
+    async def _pipeline(self, name: str, calls: list[Call], write: bool = False) -> list[Any]:
         import redis.exceptions as rex
 
         script = self._scripts[name]
         async with self._guard(write):
             if not self._loaded:
                 await self._load_scripts()
-            out: list = [None] * len(calls)
+            out: list[Any] = [None] * len(calls)
             todo = list(range(len(calls)))
             for attempt in (0, 1):
                 # packed by us (wire.py: redis-py's Pipeline cost ~100 us per call to build)
@@ -259,22 +264,24 @@ class RedisStore(StateStore):
             return out
 
     async def ping(self) -> None:
-        """The health probe: one round trip (tried even while backing off)."""
+        """The health probe (tried even while backing off): a small write that expires, so
+        that a Redis which answers but refuses writes (a read-only replica after a failover,
+        out of memory) is not healthy either; one round trip."""
         async with self._guard(probe=True):
-            await self._client.ping()
+            await self._client.set(self.PROBE_KEY, b"1", px=10_000)
 
     async def write(self, writes: list[Write], lease_ttl_s: float) -> list[bool | None]:
         results = await self._pipeline("write", self.write_calls(writes, lease_ttl_s), write=True)
         return [None if r == -1 else r == 1 for r in results]
 
-    def write_calls(self, writes: list[Write], lease_ttl_s: float) -> list[tuple[list, list]]:
+    def write_calls(self, writes: list[Write], lease_ttl_s: float) -> list[Call]:
         """The write script's (keys, args) for each write (benchmarks.write_parts packs them
         both ways)."""
-        calls = []
+        calls: list[Call] = []
         for w in writes:
             ttl_ms = int(1000 * min(w.ttl_s, self.max_ttl_s))
-            keys = [self._key(w.sid)]
-            args = [
+            keys: list[wire.Arg] = [self._key(w.sid)]
+            args: list[wire.Arg] = [
                 w.epoch,
                 w.snap,
                 w.resp or b"",
@@ -287,7 +294,7 @@ class RedisStore(StateStore):
             ]
             if w.create:  # the quota's arguments: only a create reads them (not every step)
                 quota = w.quota_max > 0 and w.quota_key is not None
-                keys.append(self.QUOTA_PREFIX + w.quota_key if quota else keys[0])
+                keys.append(self.QUOTA_PREFIX + cast(str, w.quota_key) if quota else keys[0])
                 args += [
                     w.quota_max if quota else 0,
                     self.PREFIX,
@@ -335,7 +342,7 @@ class RedisStore(StateStore):
         return Acquired(True, int(epoch), 0.0, rec)
 
     async def renew(self, leases: list[tuple[str, str, int]], ttl_s: float) -> list[bool]:
-        calls = [([self._key(s)], [h, e, int(ttl_s * 1000)]) for s, h, e in leases]
+        calls: list[Call] = [([self._key(s)], [h, e, int(ttl_s * 1000)]) for s, h, e in leases]
         return [bool(r) for r in await self._pipeline("renew", calls)]
 
     async def release(self, sid: str, holder: str, epoch: int) -> None:

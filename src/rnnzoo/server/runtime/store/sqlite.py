@@ -9,12 +9,16 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from rnnzoo.errors import InvalidArgument, StoreUnavailable
 
 from ..redact import scrub
 from .api import DEFAULT_MAX_TTL_S, Acquired, Record, StateStore, Write
+
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -58,7 +62,7 @@ class SqliteStore(StateStore):
 
     SWEEP_EVERY_S = 30.0
 
-    def __init__(self, directory: str | os.PathLike, max_ttl_s: float = DEFAULT_MAX_TTL_S):
+    def __init__(self, directory: str | os.PathLike[str], max_ttl_s: float = DEFAULT_MAX_TTL_S):
         self.dir = Path(directory)
         self.path = self.dir / "sessions.sqlite3"
         self.url = str(self.path)
@@ -105,7 +109,7 @@ class SqliteStore(StateStore):
             self._local.conn = conn
         return conn
 
-    async def _run(self, fn, *args):
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         self.round_trips += 1
         try:
             return await asyncio.to_thread(self._locked, fn, *args)
@@ -151,7 +155,7 @@ class SqliteStore(StateStore):
         if self._broken is not None:
             raise StoreUnavailable(self._broken)
 
-    def _locked(self, fn, *args):
+    def _locked(self, fn: Callable[..., T], *args: Any) -> T:
         with self._lock:
             self._check_files()
             return fn(self._conn(), *args)
@@ -173,10 +177,12 @@ class SqliteStore(StateStore):
             raise
         self._full = None
 
-    async def write(self, writes: list[Write], lease_ttl_s: float) -> list[bool]:
+    async def write(self, writes: list[Write], lease_ttl_s: float) -> list[bool | None]:
         return await self._run(self._write, writes, lease_ttl_s)
 
-    def _write(self, conn: sqlite3.Connection, writes: list[Write], lease_ttl_s: float):
+    def _write(
+        self, conn: sqlite3.Connection, writes: list[Write], lease_ttl_s: float
+    ) -> list[bool | None]:
         now = time.time()
         self._largest = max(self._largest, min(1 << 20, sum(len(w.snap) for w in writes)))
         out: list[bool | None] = []
@@ -276,7 +282,7 @@ class SqliteStore(StateStore):
     async def acquire(self, sid: str, holder: str, ttl_s: float) -> Acquired:
         return await self._run(self._acquire, sid, holder, ttl_s)
 
-    def _acquire(self, conn: sqlite3.Connection, sid: str, holder: str, ttl_s: float):
+    def _acquire(self, conn: sqlite3.Connection, sid: str, holder: str, ttl_s: float) -> Acquired:
         conn.execute("BEGIN IMMEDIATE")
         try:
             rec = self._load(conn, sid)
@@ -302,7 +308,9 @@ class SqliteStore(StateStore):
     async def renew(self, leases: list[tuple[str, str, int]], ttl_s: float) -> list[bool]:
         return await self._run(self._renew, leases, ttl_s)
 
-    def _renew(self, conn: sqlite3.Connection, leases, ttl_s: float) -> list[bool]:
+    def _renew(
+        self, conn: sqlite3.Connection, leases: list[tuple[str, str, int]], ttl_s: float
+    ) -> list[bool]:
         now = time.time()
         out = []
         conn.execute("BEGIN IMMEDIATE")
