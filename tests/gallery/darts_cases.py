@@ -9,7 +9,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-from gallery_case import EXPORTS, REFUSED, Case
+from gallery_case import EXPORTS, REFUSED, STREAMS, Case
 from torch import nn
 
 LIB = "darts"
@@ -155,30 +155,27 @@ CASES = [
         LIB,
         "darts_rnn_lstm_future_covariates",
         _rnn("LSTM", covariates=2),
-        known_failure="F4: inputs that grow together: axis inference asks for axes=",
     ),
     Case(
         LIB,
         "darts_rnn_predict_step",
         _predict_step,
-        expect=EXPORTS,
-        # the layer reads only past_target[:, -1:]: the input has no time axis to stream
+        expect=STREAMS,
+        # the layer reads only past_target[:, -1:]: the input has no time axis, the module is
+        # one step of darts' prediction loop (a one-step graph, stepped with its state)
         kwargs={"axes": {"past_target": {"batch": 0, "time": None}}},
-        known_failure="F5: 'name it with axes=' although axes= was given",
     ),
     Case(
         LIB,
         "darts_block_lstm_last_steps",
         _block("LSTM", 4),
         expect=EXPORTS,
-        known_failure="F1: verify_module runs T=1 < output_chunk_length: raw RuntimeError",
     ),
     Case(
         LIB,
         "darts_block_gru_fc",
         _block("GRU", 3, fc=[8]),
         expect=EXPORTS,
-        known_failure="F1: verify_module runs T=1 < output_chunk_length: raw RuntimeError",
     ),
     Case(
         LIB,
@@ -187,6 +184,5 @@ CASES = [
         _block("RNN", 16, in_len=6),
         expect=REFUSED,
         why="must run at other sizes than the example's",
-        known_failure="F7: without axes= the refusal asks for axes=, which cannot help",
     ),
 ]

@@ -54,14 +54,12 @@ CASES = [
         "nf_gru_recurrent_last_steps",
         _model("GRU", 12, h=4, recurrent=True),
         expect=EXPORTS,
-        known_failure="F9: output[:, -h:]: 'the code fixes one of them' with no source line",
     ),
     Case(
         LIB,
         "nf_lstm_direct_last_steps",
         _model("LSTM", 12, h=4, encoder_n_layers=2, decoder_hidden_size=8),
         expect=EXPORTS,
-        known_failure="F9: output[:, -h:]: 'the code fixes one of them' with no source line",
     ),
     Case(
         LIB,
@@ -70,6 +68,5 @@ CASES = [
         _model("RNN", 6, h=10, decoder_hidden_size=8),
         expect=REFUSED,
         why="must run at other sizes than the example's",
-        known_failure="F7: without axes= the refusal asks for axes=, which cannot help",
     ),
 ]

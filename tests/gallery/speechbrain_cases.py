@@ -95,6 +95,5 @@ CASES = [
         "sb_gru_relative_lengths",
         _gru_lengths,
         expect=EXPORTS,  # ragged rows: a chunk of a padded row is not that row's chunk
-        known_failure="F3: lengths= packs the batch: refused, to be exported as sequence_lens",
     ),
 ]
