@@ -25,9 +25,11 @@ import onnxruntime as ort
 import pytest
 from onnx_fixtures import CHARS, build_rnn, build_zoo
 from scaleout_harness import RNNZOO, Proc, Redis, free_port
+from test_kserve import _out, _request
 from test_kserve_tritonclient import TRITON_PY, triton_python  # noqa: F401  (a fixture)
 from test_security import _ca, _leaf
 
+from rnnzoo.proto.inference.v2 import grpc_service_pb2_grpc as kgrpc
 from rnnzoo.proto.tensors import from_tensor, to_tensor
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.proto.v1 import rnnzoo_pb2_grpc as pb_grpc
@@ -168,6 +170,7 @@ class Conn:
         else:
             self.ch = grpc.insecure_channel(target, opts)
         self.v1 = pb_grpc.RnnzooStub(self.ch)
+        self.kserve = kgrpc.GRPCInferenceServiceStub(self.ch)
         self.md = md
 
     def close(self) -> None:
@@ -325,6 +328,25 @@ def test_every_operation_composes_in_this_configuration(
             np.savez(data, x=x[None], ref=ref[None], tag=name)
             r = srv.triton(data, "all")
             assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+
+        with subtests.test("a KServe sequence moves between workers, unary and streamed"):
+            seq = f"{name}-moves"
+            xb = x[None]
+
+            def unary(c: Conn, part: np.ndarray, **flags) -> np.ndarray:
+                return _out(c.kserve.ModelInfer(_request("gru", part, seq, **flags), metadata=c.md))
+
+            got = [unary(a, xb[:, :3], start=True), unary(b, xb[:, 3:5])]
+            # read to its end: only an ended stream frees the sequence for others
+            (resp,) = b.kserve.ModelStreamInfer(
+                iter([_request("gru", xb[:, 5:8], seq)]), metadata=b.md
+            )
+            assert not resp.error_message, resp.error_message
+            got += [_out(resp.infer_response), unary(a, xb[:, 8:], end=True)]
+            np.testing.assert_allclose(np.concatenate(got, axis=1)[0], ref, atol=EXACT)
+            with pytest.raises(grpc.RpcError) as info:  # ended: its store record is gone
+                unary(b, xb[:, :1])
+            assert info.value.code() == Code.NOT_FOUND, info.value.details()
 
         with subtests.test("a bidirectional session revises the whole prefix"):
             sid = a.create("bigru")

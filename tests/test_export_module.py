@@ -435,7 +435,8 @@ class Packed(nn.Module):
         self.gru = nn.GRU(3, 4, batch_first=True)
 
     def forward(self, x):
-        packed = nn.utils.rnn.pack_padded_sequence(x, [x.shape[1]] * x.shape[0], batch_first=True)
+        lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.int64)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True)
         return self.gru(packed)[1]
 
 
@@ -462,9 +463,11 @@ def test_a_cell_driven_by_a_python_loop_points_to_export_step(tmp_path):
         export_module(CellLoop(), (torch.randn(2, 5, 3),), tmp_path / "m.onnx", name="m")
 
 
-def test_packed_sequences_are_refused_naming_the_layer(tmp_path):
-    with pytest.raises(InvalidArgument, match=r"layer 'gru'.*PackedSequence.*Fix"):
-        export_module(Packed(), (torch.randn(2, 5, 3),), tmp_path / "m.onnx", name="m")
+def test_a_packing_encoder_that_returns_only_its_final_state_exports(tmp_path):
+    module = Packed().eval()
+    c = export_module(module, (torch.randn(2, 5, 3),), tmp_path / "m.onnx", name="m")
+    assert c.outputs[0].shape == [1, "batch", 4] and [s.output for s in c.states] == ["gru_hn"]
+    assert verify_module(module, tmp_path / "m.onnx", **QUICK).ok
 
 
 def test_data_dependent_control_flow_names_the_source_line(tmp_path):

@@ -132,6 +132,78 @@ def test_many_unread_streams_are_bounded_per_client_and_their_cancellation_is_no
         srv.stop()
 
 
+def test_a_fixed_stream_window_bounds_the_bytes_one_clients_unread_streams_hold(
+    zoo, tmp_path, tokens
+):
+    # issue 21's case under the default stream count: 200 streams of one client, each pushing
+    # 1,000-step chunks and reading nothing. grpc core reads requests ahead into each stream's
+    # window whether or not the servicer reads; measured (shared 2-core machine, peak of 8
+    # one-second samples over the start): grpc's BDP-grown windows +240 to +270 MB, a 16 KB
+    # window +42 to +69 MB. The ceiling sits between them.
+    opened = 200
+    srv = Serve(zoo, None, tmp_path, "--auth-tokens", tokens, "--stream-window-kb", "16")
+    meta = (("authorization", f"Bearer {GREEDY}"),)
+    x = np.zeros((1000, 3), np.float32)
+    chunk = to_tensors({"x": x})
+
+    async def greedy() -> tuple[int, int]:
+        ch = grpc.aio.insecure_channel(srv.target)
+        stub = pbg.RnnzooStub(ch)
+        calls = []
+
+        async def push(sid: str) -> None:
+            call = stub.Stream(metadata=meta)
+            calls.append(call)
+            try:
+                first = pb.StreamRequest(session_id=sid, request_id=0)
+                for k, v in to_tensors({"x": x[:1]}).items():
+                    first.inputs[k].CopyFrom(v)
+                await call.write(first)
+                await call.read()
+                for i in range(1, 100):
+                    req = pb.StreamRequest(session_id=sid, request_id=i)
+                    for k, v in chunk.items():
+                        req.inputs[k].CopyFrom(v)
+                    await call.write(req)
+            except (asyncio.CancelledError, grpc.aio.AioRpcError):
+                return
+
+        sids = [
+            (
+                await stub.CreateSession(pb.CreateSessionRequest(model="gru"), metadata=meta)
+            ).session_id
+            for _ in range(opened)
+        ]
+        before = _rss_mb(srv.pid)
+        tasks = [asyncio.create_task(push(s)) for s in sids]
+        peak = before
+        for _ in range(6):
+            await asyncio.sleep(1.0)
+            peak = max(peak, _rss_mb(srv.pid))
+        # another client meanwhile: answered, a chunk far over the window included
+        with Client(srv.target, token=CANARY, timeout=30) as c:
+            s = c.session("gru")
+            for _ in range(5):
+                s.step(np.ones(3, np.float32))
+            out = s.step(np.ones((50_000, 3), np.float32))  # 600 KB, the window 16 KB
+            assert s.position == 50_005
+            assert out.value.shape[0] == 50_000 and out.steps_total == 50_005
+        peak = max(peak, _rss_mb(srv.pid))
+        for call in calls:
+            call.cancel()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await ch.close()
+        return before, peak
+
+    try:
+        before, peak = asyncio.run(greedy())
+        assert peak - before < 150, (before, peak)
+    finally:
+        srv.stop()
+
+
 def test_failed_authentications_are_rate_limited_per_peer_and_logged_sparingly(
     zoo, tmp_path, tokens
 ):

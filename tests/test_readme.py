@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rnnzoo.cli import main
-from rnnzoo.server.runtime import Runtime
+from rnnzoo.server.runtime import Runtime, RuntimeOptions
 from rnnzoo.server.transport.server import BackgroundServer, ServerConfig
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
@@ -45,7 +45,11 @@ def test_readme_python_example_runs(tmp_path, capsys):
         )
         == 0
     )
-    server = BackgroundServer(lambda: Runtime.from_dir(tmp_path), ServerConfig(port=0)).start()
+    # as scripts/main.sh serves it: sessions in an embedded state store
+    options = RuntimeOptions(state_store=str(tmp_path / "state"))
+    server = BackgroundServer(
+        lambda: Runtime.from_dir(tmp_path, options), ServerConfig(port=0)
+    ).start()
     try:
         capsys.readouterr()
         # The example defines TARGET itself (where `rnnzoo serve` listens by default): point

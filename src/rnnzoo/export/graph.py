@@ -12,6 +12,7 @@ cells, or neither for a one-step graph) and no traced size baked into an inferre
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -41,13 +42,21 @@ def _dims(v: onnx.ValueInfoProto) -> list[int | str | None]:
     ]
 
 
-def finish_graph(model: onnx.ModelProto, contract: Contract) -> None:
+_MIN = re.compile(r"Max\(0, (\w+) - Max\(0, \1 - (\d+)\)\)")
+
+
+def finish_graph(model: onnx.ModelProto, contract: Contract) -> dict[str, dict[int, str]]:
     """Name every batch/time dim of the graph I/O as the contract does, drop unused weights
-    and replace the tracer's value shapes by strict shape inference's (no stale lengths)."""
+    and replace the tracer's value shapes by strict shape inference's (no stale lengths).
+
+    Returns the output dims that the contract has as fixed sizes but the graph computes from
+    the batch/time sizes (``out[:, -4:]``: ``min(time, 4)``), as expressions in the contract's
+    axis names: {output: {axis: expression}}."""
     graph = model.graph
     declared: dict[str, list] = {t.name: t.shape for t in [*contract.inputs, *contract.outputs]}
     for s in contract.states:
         declared[s.input] = declared[s.output] = s.shape
+    renamed: dict[str, str] = {}
     for v in [*graph.input, *graph.output]:
         want = declared.get(v.name)
         dims = v.type.tensor_type.shape.dim
@@ -55,7 +64,20 @@ def finish_graph(model: onnx.ModelProto, contract: Contract) -> None:
             continue
         for d, w in zip(dims, want, strict=True):
             if isinstance(w, str) and d.dim_param:  # symbolic already: give it the axis name
+                renamed.setdefault(d.dim_param, w)
                 d.dim_param = w
+    derived: dict[str, dict[int, str]] = {}
+    for v in graph.output:
+        want = declared.get(v.name)
+        dims = v.type.tensor_type.shape.dim
+        if want is None or len(dims) != len(want):
+            continue
+        for axis, (d, w) in enumerate(zip(dims, want, strict=True)):
+            if isinstance(w, int) and d.dim_param:
+                expr = re.sub(r"\w+", lambda m: renamed.get(m.group(0), m.group(0)), d.dim_param)
+                expr = _MIN.sub(r"min(\1, \2)", expr)
+                d.dim_param = expr
+                derived.setdefault(v.name, {})[axis] = expr
     used = {n for node in graph.node for n in node.input}
     used |= {n for node in graph.node for a in node.attribute for n in _subgraph_inputs(a)}
     keep = [
@@ -66,6 +88,7 @@ def finish_graph(model: onnx.ModelProto, contract: Contract) -> None:
     del graph.value_info[:]
     inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     graph.value_info.extend(inferred.graph.value_info)
+    return derived
 
 
 def _subgraph_inputs(attr: onnx.AttributeProto) -> set[str]:

@@ -1,30 +1,33 @@
 """State lifting: every recurrent call's state becomes graph I/O, whatever the forward's signature.
 
-``FlatModule(module, plan)`` is a copy of the user's module in which each recurrent layer
-(``nn.RNN``/``nn.GRU``/``nn.LSTM``, or rnnzoo's hand-written ``ScratchRNN``) is replaced by a
-``LiftedRNN`` stand-in, called with
+``FlatModule(module, plan)`` holds a copy of the user's module, untouched, and calls it with
 the flat signature ``(*data_inputs, *state_inputs) -> (*data_outputs, *state_outputs)`` in
-contract order. Each recurrent *call* (a layer called twice has two) either
+contract order. Its recurrent calls (``nn.RNN``/``nn.GRU``/``nn.LSTM``, rnnzoo's hand-written
+``ScratchRNN``, a cell called once) are captured for the duration of each forward
+(``rnnzoo.export.capture``), so the module keeps its classes, attributes, ``state_dict`` keys
+and its own forward code. Each recurrent *call* (a layer called twice has two) either
 
 - ``lifted``: reads its initial state from a state input (the forward passed none, or passed
   zeros it made itself) and exposes its final state as a state output;
-- ``given``: the forward takes that state as an argument and returns the final state: those
-  arguments are the state I/O;
+- ``given``: the forward takes that state as an argument (its final state is the state
+  output, whether the forward returns it or not);
 - ``internal``: the forward computes the initial state from data (an encoder's state fed to a
-  decoder); the call is left as it is and the streamability check decides.
+  decoder), or the call's batch is not the sequences' (time folded into batch); the call is
+  left as it is and the streamability check decides.
 
-Eagerly the stand-ins run the original layers, which stay ordinary submodules (so
-``copy.deepcopy(flat).double()`` gives the float64 reference); under
-``torch.onnx.export`` they emit native ONNX nodes (``rnnzoo.export.native.NativeLayers``) or,
-for hand-written cells, placeholders that become ``Scan`` loops over the cell's own step
-(``rnnzoo.export.scan``).
-The per-call states travel through a plain ``_Calls`` object shared by the wrapper and the
-stand-ins, set at the start of each forward.
+Eagerly the captured calls run the layers' own forward (so ``copy.deepcopy(flat).double()``
+gives the float64 reference); under export they emit native ONNX nodes
+(``rnnzoo.export.native.NativeLayers``, ``sequence_lens`` for packed inputs:
+``rnnzoo.export.packing``) or, for hand-written cells, placeholders that become ``Scan``
+loops over the cell's own step (``rnnzoo.export.scan``). The per-call states travel through a
+plain ``_Calls`` object, set at the start of each forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
@@ -35,11 +38,16 @@ from rnnzoo.errors import InvalidArgument
 from rnnzoo.export.capture import Recorder, capturing, is_cell, is_layer
 from rnnzoo.export.guard import in_layer
 from rnnzoo.export.native import NativeLayers, onnx_op
+from rnnzoo.export.packing import fake_packing, repack, unpack
 from rnnzoo.export.probe import Struct, captured_names, flatten, is_recurrent, unflatten
 from rnnzoo.export.scan import ScratchLayers, check_scratch
 from rnnzoo.models.cells import ScratchRNN
 
 MODES = ("lifted", "given", "internal")
+MARK = "_rnnzoo_capture_name"  # set on the flat module's own copy of each layer and cell
+# Set while rnnzoo runs torch.export itself (before torch.onnx.export translates the program):
+# the layers then emit their native nodes as under torch.onnx.export.
+TRACING: ContextVar[bool] = ContextVar("rnnzoo_export_tracing", default=False)
 
 
 @dataclass
@@ -117,19 +125,23 @@ def check_layer(name: str, rnn: nn.Module) -> str:
         raise InvalidArgument(f"layer {name!r}: {exc}") from None
 
 
+def exporting() -> bool:
+    """Whether the forward is being traced for export (native nodes, fake packing)."""
+    return torch.onnx.is_in_onnx_export() or TRACING.get()
+
+
 class _Lifting(Recorder):
     """Routes the flat module's recurrent calls: lifted states in and out, native nodes (or
     Scan placeholders) under ``torch.onnx.export``, the layer's own forward otherwise."""
 
     def __init__(self, flat: FlatModule) -> None:
         self.flat = flat
-        self.names = captured_names(flat.module)
 
     def owns(self, module: nn.Module) -> bool:
-        return id(module) in self.names
+        return MARK in module.__dict__
 
     def call(self, mod: nn.Module, run: Any, x: Any, hx: Any) -> Any:
-        name = self.names[id(mod)]
+        name = mod.__dict__[MARK]
         calls = self.flat.calls
         k = calls.next
         if k >= len(calls.specs) or calls.specs[k].layer != name:
@@ -150,9 +162,20 @@ class _Lifting(Recorder):
             if cell:
                 out = run(x, hx)  # one step: plain tensor ops, traced as they are
                 hn = out
-            elif torch.onnx.is_in_onnx_export():
-                result = self.flat.natives[self.flat.native_index[name]](x, hx)
-                out, hn = result
+            elif exporting():
+                native = self.flat.natives[self.flat.native_index[name]]
+                if isinstance(x, nn.utils.rnn.PackedSequence):  # fake-packed: see packing.py
+                    if not isinstance(native, NativeLayers):
+                        raise InvalidArgument(
+                            f"layer {name!r}: a hand-written cell cannot take a packed sequence"
+                        )
+                    seq, lengths, hx = unpack(x, hx, lstm)
+                    out, hn = native(seq, hx, lengths)
+                    result = repack(x, out, hn, lstm)
+                    out, hn = result
+                else:
+                    result = native(x, hx)
+                    out, hn = result
             else:
                 result = run(x, hx)
                 out, hn = result
@@ -191,6 +214,7 @@ class FlatModule(nn.Module):
         self.plan = plan
         self.calls = _Calls(plan.calls)
         self.module = copy.deepcopy(wrap_bare(module)).eval()
+        self._mark()
         # Export-time stand-ins, one per called layer (cells trace as they are): native
         # nodes from reordered weights, or Scan placeholders for hand-written cells, which
         # ``scratch_cores`` lists in their placeholders' order.
@@ -222,6 +246,15 @@ class FlatModule(nn.Module):
                 self.natives.append(NativeLayers(cast(nn.RNNBase, rnn)))
         self.n_data = len(plan.data_in)
 
+    def _mark(self) -> None:
+        """Each recurrent layer and cell carries its name: torch.export may run the forward
+        on other instances of a submodule than the ones named here (seen with asteroid's
+        LSTMMasker), and a plain attribute travels with every copy. Marked again at every
+        forward: a module that copies itself through its state_dict (flair's LanguageModel
+        ``__getstate__``) comes back from ``copy.deepcopy`` with new, unmarked layers."""
+        for layer_name, m in captured_names(self.module).items():
+            m.__dict__[MARK] = layer_name
+
     @property
     def native(self) -> bool:
         """Whether the graph has native RNN/GRU/LSTM nodes."""
@@ -239,7 +272,10 @@ class FlatModule(nn.Module):
                 initial[ref.call].append(s)
         args = unflatten([leaves[i] for i in range(len(leaves))], plan.args)
         self.calls.reset([tuple(parts) if parts else None for parts in initial])
-        with capturing(_Lifting(self)):
+        if not exporting():
+            self._mark()
+        packing = fake_packing() if exporting() else contextlib.nullcontext()
+        with capturing(_Lifting(self)), packing:
             result = self.module(*args)
         if self.calls.next != len(plan.calls):
             raise InvalidArgument(

@@ -21,8 +21,10 @@ Nothing is written unless every check passes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -37,6 +39,7 @@ from rnnzoo.export.contract_builder import BATCH, TIME, exporter_versions
 from rnnzoo.export.graph import attach_contract, check_graph, finish_graph, write_model
 from rnnzoo.export.guard import doing, guarded
 from rnnzoo.export.lifting import (
+    TRACING,
     CallSpec,
     FlatModule,
     Plan,
@@ -48,12 +51,14 @@ from rnnzoo.export.native import OPSET, one_thread, quiet_export
 from rnnzoo.export.probe import (
     Probe,
     flatten,
+    grow,
     grow_inputs,
     infer_input_axes,
     infer_output_axes,
     probe,
     recurrent_layers,
     resize,
+    unflatten,
 )
 from rnnzoo.export.sampling import make_sampler
 from rnnzoo.export.scan import expand_scratch_cells
@@ -141,6 +146,31 @@ def _plan(base: Probe, leaves: list[torch.Tensor], outs: list[torch.Tensor]):
                 used_out.add(out_idx)
             refs.append(StateRef(k, part, in_idx[part], out_idx))
     return calls, refs, used_in, used_out, notes
+
+
+def _fixes_its_lengths(
+    module: nn.Module,
+    leaves: list[torch.Tensor],
+    struct: Any,
+    data_in: list[int],
+    in_axes: Mapping[int, Mapping[str, int | None]],
+) -> bool:
+    """Whether the module refuses every grown dim of its inputs but their batch axes."""
+    tried = 0
+    for i in data_in:
+        for d in range(leaves[i].dim()):
+            if d == in_axes.get(i, {}).get("batch"):
+                continue
+            new = list(leaves)
+            new[i] = grow(leaves[i], d)
+            tried += 1
+            try:
+                with torch.no_grad():
+                    module(*unflatten(new, struct))
+                return False
+            except Exception:  # the module's own refusal of that size
+                continue
+    return tried > 0
 
 
 def _unbatched_calls(
@@ -258,6 +288,12 @@ def build(
         else (["y"] if len(outs) == 1 else [f"y_{i}" for i in range(len(outs))])
     )
     calls, refs, used_in, used_out, notes = _plan(base, leaves, outs)
+    if outs and used_out == set(range(len(outs))):
+        # The forward returns only final states (an encoder's h_n): they are its outputs,
+        # and the states get their own lifted outputs beside them.
+        for r in refs:
+            r.out_leaf = None
+        used_out = set()
     data_in = [i for i in range(len(leaves)) if i not in used_in]
     data_out = [i for i in range(len(outs)) if i not in used_out]
 
@@ -277,10 +313,23 @@ def build(
     for i in data_in:
         if in_names[i] in axes:
             in_axes[i] = cast("dict[str, int | None]", axes[in_names[i]])  # dicts (above)
-    if not one_step and not any(a.get("time") is not None for a in in_axes.values()):
+    untimed = not any(a.get("time") is not None for a in in_axes.values())
+    named_step = untimed and bool(data_in) and all(in_names[i] in axes for i in data_in)
+    if named_step and any(r.in_leaf is not None for r in refs):
+        # axes= says no input has a time axis (darts' prediction step feeds the layer the
+        # last step with its state): each call is one step from the state given
+        one_step = True
+    if not one_step and untimed and _fixes_its_lengths(work, leaves, struct, data_in, in_axes):
+        raise InvalidArgument(
+            f"{type(module).__name__} fails in PyTorch whenever a dim of its inputs other than "
+            "the batch grows (it fixes its sequence length, e.g. a Linear over the time axis): "
+            "the module must run at other sizes than the example's to export with a time axis"
+        )
+    if not one_step and untimed:
         raise InvalidArgument(
             f"no input of {type(module).__name__} has a time axis that the recurrent layers "
             "read; name it with axes={INPUT_NAME: {'batch': ..., 'time': ...}}"
+            + ("" if not named_step else ": axes= gives none and the module keeps no state")
         )
     sizes = {}
     for kind in ("batch", "time"):
@@ -379,6 +428,11 @@ def build(
             )
         )
     plan = Plan(args=struct, data_in=data_in, data_out=data_out, calls=calls, states=refs)
+    lengths: dict[str, str] = {}  # packed sequences: the inputs that hold their lengths
+    if any(c.packed for c in base.calls):
+        for i, spec in zip(data_in, inputs, strict=True):
+            if spec.shape == [BATCH] and spec.dtype != "bool":
+                lengths[spec.name] = "fraction" if leaves[i].is_floating_point() else "steps"
     int_high = {}
     for i, spec in zip(data_in, inputs, strict=True):
         t = leaves[i]
@@ -395,6 +449,8 @@ def build(
         "calls": [f"{c.layer}:{c.mode}" for c in calls],
         "int_high": int_high,
     }
+    if lengths:  # steps (ints <= T) or fractions of T (speechbrain's relative lengths)
+        extra["lengths"] = lengths
     if notes:
         extra["lifting_notes"] = notes
     fields = dict(contract_fields or {})
@@ -408,10 +464,19 @@ def build(
     )
     flat = FlatModule(module, plan)
     streamable, reason = True, "not checked (check_streaming=False)"
-    if one_step:
+    if any(c.packed for c in base.calls):
+        streamable, reason = (
+            False,
+            (
+                "it packs its input by the lengths given (pack_padded_sequence -> ONNX "
+                "sequence_lens): each call holds whole sequences"
+            ),
+        )
+    elif one_step:
         reason = (
-            "a one-step graph (nn.*Cell called once per forward): each call advances one step "
-            "from the state given, as export_step(mode='step') graphs do"
+            "a one-step graph (nn.*Cell called once per forward, or no input with a time "
+            "axis): each call advances one step from the state given, as "
+            "export_step(mode='step') graphs do"
         )
     elif check_streaming:
         with doing("checking whether chunks with the state carried equal the whole sequence"):
@@ -452,6 +517,69 @@ def _asdict(contract: Contract) -> dict[str, Any]:
     return json.loads(contract.to_json())
 
 
+def _with_derived_dims(contract: Contract, derived: Mapping[str, Mapping[int, str]]) -> Contract:
+    d = _asdict(contract)
+    for out in d["outputs"]:
+        for axis, expr in derived.get(out["name"], {}).items():
+            out["shape"][axis] = expr
+    return Contract.from_dict(d, origin=f"contract for {contract.name}")
+
+
+_BOUND_FIX = re.compile(r"(\w+) = Dim\('\w+', min=(\d+)(?:, max=(\d+))?\)")
+
+
+def _export_refined(flat: nn.Module, args: tuple, dyn: dict[str, Any]) -> Any:
+    """torch.export (non-strict); where it asks for a bound on a dim (a convolution without
+    padding needs time >= its kernel), once more with that bound. A fix that makes a dim a
+    constant is not taken: that error goes to the caller."""
+    try:
+        return torch.export.export(flat, args, dynamic_shapes=dyn, strict=False)
+    except Exception as exc:
+        first = exc
+    bounds = {
+        name: (int(lo), int(hi) if hi else None) for name, lo, hi in _BOUND_FIX.findall(str(first))
+    }
+    text = str(first)
+    if not bounds and "satisfy the generated guard" in text and "specialized" not in text:
+        # A guard torch.export cannot prove from the range (darts' out[:, -4:] then .view:
+        # "max(0, time - max(0, time - 4)) != 1"), with no fix to suggest: kept as a runtime
+        # assert instead. verify runs the graph from the shortest length the module takes.
+        return torch.export.export(
+            flat,
+            args,
+            dynamic_shapes=dyn,
+            strict=False,
+            prefer_deferred_runtime_asserts_over_guards=True,
+        )
+    if not bounds or any(not n.startswith(("batch", "time")) for n in bounds):
+        raise first
+    dims = {}
+    for spec in dyn["flat"]:
+        for d in (spec or {}).values():
+            lo, hi = bounds.get(d.__name__, (None, None))
+            if lo is not None:
+                kw = {"min": lo} if hi is None else {"min": lo, "max": hi}
+                dims[d.__name__] = torch.export.Dim(d.__name__, **kw)
+    refined = {
+        "flat": tuple(
+            {a: dims.get(d.__name__, d) for a, d in spec.items()} if spec else spec
+            for spec in dyn["flat"]
+        )
+    }
+    return torch.export.export(flat, args, dynamic_shapes=refined, strict=False)
+
+
+def _size_oblivious() -> Any:
+    """What torch.onnx.export's own non-strict capture sets: sizes 0/1 stay symbolic (an
+    ``out[:, -4:]`` keeps its ``min(time, 4)`` instead of specialising the time axis)."""
+    try:
+        from torch.fx.experimental import _config
+
+        return _config.patch(backed_size_oblivious=True)  # type: ignore[attr-defined]
+    except (ImportError, AttributeError, TypeError):  # another torch: its default
+        return contextlib.nullcontext()
+
+
 def trace(
     flat: FlatModule,
     contract: Contract,
@@ -460,9 +588,15 @@ def trace(
     *,
     what: str,
     axes_given: bool = False,
-) -> onnx.ModelProto:
-    """``torch.onnx.export`` of the flat module, post-processed and checked (nothing written)."""
-    batch, time = torch.export.Dim(BATCH), torch.export.Dim(TIME)
+) -> tuple[onnx.ModelProto, Contract]:
+    """``torch.onnx.export`` of the flat module, post-processed and checked (nothing written);
+    returns it with its contract (an output dim computed from the time size, such as
+    ``out[:, -4:]``'s ``min(time, 4)``, replaces the fixed size the probe saw)."""
+    # min=2: reshapes of the native nodes' outputs guard on "batch != 1" and "time != 1",
+    # which torch.export refuses for a range that holds 1. The graph itself has no bound
+    # (ONNX dims are symbolic), and verify runs it at batch 1 and T=1.
+    batch = torch.export.Dim(BATCH, min=2)
+    time = torch.export.Dim(TIME, min=2)
     dims = {BATCH: batch, TIME: time}
     specs: list[TensorSpec | StateSpec] = [*contract.inputs, *contract.states]
     dyn = []
@@ -472,14 +606,22 @@ def trace(
     in_names = [t.name for t in contract.inputs] + [s.input for s in contract.states]
     out_names = [t.name for t in contract.outputs] + [s.output for s in contract.states]
     try:
-        with quiet_export(), doing("tracing with torch.onnx.export"):
+        # torch.export in non-strict mode only, then the ONNX translation of its program:
+        # torch.onnx.export would fall back to strict (dynamo) tracing, which does not run
+        # the Python that captures the recurrent calls, and report that attempt's error.
+        with quiet_export(), doing("tracing with torch.export (non-strict)"), _size_oblivious():
+            token = TRACING.set(True)
+            try:
+                ep = _export_refined(flat, tuple(ex_args), {"flat": tuple(dyn)})
+            finally:
+                TRACING.reset(token)
+        with quiet_export(), doing("translating the traced program with torch.onnx.export"):
             prog = torch.onnx.export(
-                flat,
+                ep,
                 tuple(ex_args),
                 dynamo=True,
                 input_names=in_names,
                 output_names=out_names,
-                dynamic_shapes={"flat": tuple(dyn)},  # FlatModule.forward(self, *flat)
                 opset_version=OPSET,
                 verbose=False,
                 report=False,
@@ -492,7 +634,9 @@ def trace(
     model = prog.model_proto
     with doing("checking the exported graph"):
         n_scan = expand_scratch_cells(model, flat.scratch_cores) if flat.scratch_cores else 0
-        finish_graph(model, contract)
+        derived = finish_graph(model, contract)
+        if derived:  # out[:, -4:]: the contract says min(time, 4) where it had 4
+            contract = _with_derived_dims(contract, derived)
         problems = check_graph(
             model, contract, native=flat.native, scan=n_scan > 0, stale_sizes=tuple(sizes)
         )
@@ -500,7 +644,7 @@ def trace(
         raise InvalidArgument(
             f"{what}: the exported graph failed its checks:\n  - " + "\n  - ".join(problems)
         )
-    return attach_contract(model, contract)
+    return attach_contract(model, contract), contract
 
 
 def export_graph(
@@ -537,7 +681,8 @@ def export_graph(
         what = f"module {type(module).__name__!r}"
         named = set(axes or {})
         axes_given = all(t.name in named for t in contract.inputs)
-        return contract, trace(flat, contract, ex_args, sizes, what=what, axes_given=axes_given)
+        model, contract = trace(flat, contract, ex_args, sizes, what=what, axes_given=axes_given)
+        return contract, model
 
 
 @guarded("export_module")

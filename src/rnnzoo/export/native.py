@@ -1,7 +1,8 @@
 """Native ONNX ``RNN``/``GRU``/``LSTM`` nodes for ``nn.RNN``/``nn.GRU``/``nn.LSTM``.
 
 ``NativeLayers`` stands in for an ``nn.RNN``/``nn.GRU``/``nn.LSTM`` during
-``torch.onnx.export(dynamo=True)`` (used by ``rnnzoo.export.lifting.LiftedRNN``): its forward emits one native ONNX node per layer through ``torch.onnx.ops.symbolic_multi_out``
+export (used by ``rnnzoo.export.lifting.FlatModule``'s capture): its forward emits one
+native ONNX node per layer through ``torch.onnx.ops.symbolic_multi_out``
 (bidirectional layers as one node with ``direction="bidirectional"``), so the graph keeps a
 symbolic time axis instead of the unrolled or length-specialised graph that the default
 translation of ``nn.RNN``/``nn.GRU``/``nn.LSTM`` produces in torch 2.13 (see REFERENCE.md).
@@ -138,11 +139,16 @@ class NativeLayers(nn.Module):
             self.register_buffer(f"R{layer}", R)
             self.register_buffer(f"B{layer}", B)
 
-    def forward(self, x: torch.Tensor, hx=None):
-        """x: (B, T, F) or (T, B, F); hx: h0 or (h0, c0), each (L*D, B, H) -> like nn.LSTM."""
+    def forward(self, x: torch.Tensor, hx=None, lengths: torch.Tensor | None = None):
+        """x: (B, T, F) or (T, B, F); hx: h0 or (h0, c0), each (L*D, B, H) -> like nn.LSTM.
+
+        ``lengths`` (B,): per-sequence lengths (ONNX ``sequence_lens``; a packed input): ``x``
+        is then time-major whatever the layer's layout, and so is the output."""
         lstm = self.op == "LSTM"
+        time_major = self.batch_first and lengths is None
         # (T, B, F): ORT runs only the time-major layout
-        seq = x.transpose(0, 1) if self.batch_first else x
+        seq = x.transpose(0, 1) if time_major else x
+        lens = None if lengths is None else lengths.to(torch.int32)
         T, B = seq.shape[0], seq.shape[1]
         D, H = self.num_directions, self.hidden_size
         if hx is None:
@@ -153,7 +159,7 @@ class NativeLayers(nn.Module):
         for layer in range(self.num_layers):
             sl = slice(layer * D, (layer + 1) * D)
             inputs = [seq, getattr(self, f"W{layer}"), getattr(self, f"R{layer}")]
-            inputs += [getattr(self, f"B{layer}"), None, h0[sl]]
+            inputs += [getattr(self, f"B{layer}"), lens, h0[sl]]
             if lstm:
                 inputs.append(cast(Any, c0)[sl])  # an LSTM's hx is (h0, c0)
             n_out = 3 if lstm else 2
@@ -170,6 +176,6 @@ class NativeLayers(nn.Module):
             hs.append(outs[1])
             if lstm:
                 cs.append(outs[2])
-        out = seq.transpose(0, 1) if self.batch_first else seq  # (B, T, D*H) or (T, B, D*H)
+        out = seq.transpose(0, 1) if time_major else seq  # (B, T, D*H) or (T, B, D*H)
         hn = torch.cat(hs, dim=0)  # (L*D, B, H)
         return (out, (hn, torch.cat(cs, dim=0))) if lstm else (out, hn)

@@ -248,6 +248,10 @@ class _Sides:
         self.c = contract
         self.in_axes = [t.time_axis for t in contract.inputs]
         self.out_axes = [t.time_axis for t in contract.outputs]
+        lengths = contract.extra.get("lengths") or {}
+        self.lengths = {
+            i: lengths[t.name] for i, t in enumerate(contract.inputs) if t.name in lengths
+        }
         self.in_names = [t.name for t in contract.inputs] + [s.input for s in contract.states]
         self.out_names = [t.name for t in contract.outputs] + [s.output for s in contract.states]
         self.n_out = len(contract.outputs)
@@ -261,7 +265,19 @@ class _Sides:
         return self._flat64
 
     def chunk(self, xs: list[torch.Tensor], a: int, b: int) -> list[torch.Tensor]:
-        return [_narrow(x, ax, a, b) for x, ax in zip(xs, self.in_axes, strict=True)]
+        out = [_narrow(x, ax, a, b) for x, ax in zip(xs, self.in_axes, strict=True)]
+        if not self.lengths:
+            return out
+        # lengths of packed sequences cannot exceed the steps kept (the longest fills them);
+        # relative ones (fractions of the time axis) are rescaled to the steps kept
+        full = next(x.shape[ax] for x, ax in zip(xs, self.in_axes, strict=True) if ax is not None)
+        for i, kind in self.lengths.items():
+            x = out[i]
+            if kind == "steps":
+                out[i] = x.clamp(max=b - a)
+            else:
+                out[i] = (torch.round(x * full).clamp(1, b - a) / (b - a)).to(x.dtype)
+        return out
 
     def torch(self, xs, states, module: nn.Module | None = None) -> list[torch.Tensor]:
         with torch.no_grad():
@@ -379,8 +395,10 @@ def _growth(
             level, per_step = spread(ya, yb, eta)
             g_state = max(float((a - b).abs().max()) / eta for a, b in zip(sa, sb, strict=True))
             g = np.full(T, max(level, g_state))
-            if per_step is not None:
-                g = np.maximum(g, per_step)
+            if per_step is not None and per_step.size:
+                # an output with another length than the input (a convolution without
+                # padding: T - 2 steps) is charged its worst step at every step
+                g = np.maximum(g, per_step if len(per_step) == T else float(per_step.max()))
             k = 1.0 + float(g.sum())
             kappa[T] = (k, k)
         return kappa
@@ -414,13 +432,13 @@ def _growth(
 # ---- the check ----------------------------------------------------------------------------
 
 
-def _per_step_bytes(sides: _Sides, sample: Sample) -> int:
+def _per_step_bytes(sides: _Sides, sample: Sample, T: int = 2, B: int = 1) -> int:
     """Rough memory of one sequence step in one runtime (inputs, outputs, 4x the states)."""
     gen = torch.Generator().manual_seed(0)
-    xs, st = sample(1, 2, gen)
+    xs, st = sample(B, T, gen)
     out = sides.torch(xs, st)
-    io = sum(t.numel() * t.element_size() for t in [*xs, *out[: sides.n_out]]) // 2
-    return io + 4 * sum(s.numel() * s.element_size() for s in st)
+    io = sum(t.numel() * t.element_size() for t in [*xs, *out[: sides.n_out]]) // (T * B)
+    return io + 4 * sum(s.numel() * s.element_size() for s in st) // B
 
 
 def check_parity(
@@ -438,12 +456,14 @@ def check_parity(
     seed: int = 0,
     max_bytes: int = MAX_BYTES,
     report: Report | None = None,
+    min_time: int = 1,
 ) -> Report:
     """Compare one graph with the eager module it came from; returns (and extends) a Report.
 
     ``flat``: ``(*inputs, *states) -> (*outputs, *states)`` in contract order, float32.
     ``stream``: (T, B) of the longest chunked comparison; chunked cases also run at
     ``min(T, CHUNKED_SHORT_T)``. Only streamable graphs get chunked and per-step cases.
+    ``min_time``: the shortest sequence the module accepts (``verify_module`` probes it).
     """
     if contract.constants:
         raise InvalidArgument(
@@ -459,7 +479,7 @@ def check_parity(
     k_max = max(steps) if streamable else 0
     stream_t, stream_b = stream if (stream and streamable) else (0, 0)
     chunk_lengths = sorted({min(stream_t, CHUNKED_SHORT_T), stream_t} - {0})
-    per_step = _per_step_bytes(sides, sample)
+    per_step = _per_step_bytes(sides, sample, max(2, min_time), min(batches))
     if not streamable:
         report.notes.append(
             f"{g}: not streamable ({contract.extra.get('streamable_reason') or 'bidirectional'}):"

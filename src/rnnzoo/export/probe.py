@@ -24,6 +24,7 @@ from torch import nn
 from rnnzoo.errors import InvalidArgument
 from rnnzoo.export.capture import Recorder, capturing, is_cell, is_layer
 from rnnzoo.export.guard import in_layer
+from rnnzoo.export.packing import recording_packs
 from rnnzoo.models.cells import ScratchRNN
 
 # What the exporter treats as one recurrent layer: native nodes for nn.*, Scan for ScratchRNN.
@@ -40,6 +41,13 @@ def flatten(obj: Any) -> tuple[list[torch.Tensor], Struct]:
         if isinstance(o, torch.Tensor):
             leaves.append(o)
             return "T"
+        if isinstance(o, nn.utils.rnn.PackedSequence):
+            raise InvalidArgument(
+                "a PackedSequence among the inputs/outputs: a graph takes and returns tensors. "
+                "Fix: pass the padded tensor and its lengths, and pack them inside forward "
+                "(pack_padded_sequence, exported as ONNX sequence_lens); return "
+                "pad_packed_sequence's padded tensor"
+            )
         if isinstance(o, (tuple, list)):
             return ["seq", "list" if isinstance(o, list) else "tuple", [walk(v) for v in o]]
         if isinstance(o, dict):
@@ -81,6 +89,7 @@ class Call:
     hx: tuple[torch.Tensor, ...] | None  # the initial state passed: (h,) or (h, c); None: none
     hn: tuple[torch.Tensor, ...]  # the final state returned
     cell: bool = False  # an nn.RNNCell/GRUCell/LSTMCell: states (batch, hidden)
+    packed: bool = False  # fed a PackedSequence (pack_padded_sequence): lengths matter
 
 
 @dataclass
@@ -102,20 +111,20 @@ def recurrent_layers(module: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in module.named_modules() if is_recurrent(m)}
 
 
-def captured_names(module: nn.Module) -> dict[int, str]:
-    """id -> qualified name of every recurrent layer and cell of ``module``."""
-    return {id(m): n for n, m in module.named_modules() if is_layer(m) or is_cell(m)}
+def captured_names(module: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name -> module of every recurrent layer and cell of ``module``."""
+    return {n: m for n, m in module.named_modules() if is_layer(m) or is_cell(m)}
 
 
 def check_input(name: str, mod: nn.Module, x: Any) -> None:
     """Raise for a layer or cell input that ONNX recurrent nodes cannot take."""
     if isinstance(x, nn.utils.rnn.PackedSequence):
-        raise InvalidArgument(
-            f"layer {name!r} ({type(mod).__name__}) is fed a PackedSequence: ONNX "
-            "recurrent nodes take padded tensors only. Fix: pass the padded tensor "
-            "(pad_packed_sequence/pad_sequence) to the layer and mask or slice the "
-            "outputs by length after it"
-        )
+        if is_cell(mod) or not isinstance(mod, nn.RNNBase):
+            raise InvalidArgument(
+                f"layer {name!r} ({type(mod).__name__}) is fed a PackedSequence: only "
+                "nn.RNN/nn.GRU/nn.LSTM take one (as ONNX sequence_lens)"
+            )
+        return
     want = 2 if is_cell(mod) else 3
     if not isinstance(x, torch.Tensor) or x.dim() != want:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -135,6 +144,7 @@ def state_tuple(h: Any) -> tuple[torch.Tensor, ...] | None:
 class _Recording(Recorder):
     def __init__(self, names: dict[int, str]) -> None:
         self.names = names
+        self.padded: dict[int, int] = {}  # id(packed data) -> padded time length
         self.calls: list[Call] = []
         self.cells: dict[str, int] = {}
 
@@ -146,14 +156,24 @@ class _Recording(Recorder):
         check_input(name, mod, x)
         with in_layer(name):
             out = run(x, hx)
-        if is_cell(mod):
+        packed = isinstance(x, nn.utils.rnn.PackedSequence)
+        if packed:
+            if id(x.data) not in self.padded:
+                raise InvalidArgument(
+                    f"layer {name!r} is fed a PackedSequence that pack_padded_sequence did not "
+                    "make in this forward (pack_sequence, or packed outside the module): ONNX "
+                    "takes a padded tensor and its lengths. Fix: pass the padded tensor and "
+                    "the lengths to forward and pack there with pack_padded_sequence"
+                )
+            B, T, hn = int(x.batch_sizes[0]), self.padded[id(x.data)], out[1]
+        elif is_cell(mod):
             self.cells[name] = self.cells.get(name, 0) + 1
             B, T, hn = int(x.shape[0]), 1, out
         else:
             bt = (x.shape[0], x.shape[1]) if getattr(mod, "batch_first", True) else x.shape[1::-1]
             B, T, hn = int(bt[0]), int(bt[1]), out[1]
         hn_t = cast("tuple[torch.Tensor, ...]", state_tuple(hn))  # a layer returns its state
-        self.calls.append(Call(name, mod, B, T, state_tuple(hx), hn_t, is_cell(mod)))
+        self.calls.append(Call(name, mod, B, T, state_tuple(hx), hn_t, is_cell(mod), packed))
         return out
 
 
@@ -169,9 +189,9 @@ def probe(module: nn.Module, args: tuple) -> Probe:
     for m in module.modules():
         if isinstance(m, nn.Embedding):
             handles.append(m.register_forward_pre_hook(embed))
-    rec = _Recording(captured_names(module))
+    rec = _Recording({id(m): n for n, m in captured_names(module).items()})
     try:
-        with torch.no_grad(), capturing(rec):
+        with torch.no_grad(), capturing(rec), recording_packs(rec.padded):
             outputs = module(*args)
     finally:
         for h in handles:
@@ -180,13 +200,13 @@ def probe(module: nn.Module, args: tuple) -> Probe:
 
 
 def resize(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
-    """``t`` with ``size`` entries along ``axis``: values repeated from the start, or zeros
-    where the axis is empty (nothing to repeat)."""
+    """``t`` with ``size`` entries along ``axis``: the first ones, then the last one repeated
+    (sorted lengths stay sorted), or zeros where the axis is empty (nothing to repeat)."""
     if t.shape[axis] == 0:
         shape = list(t.shape)
         shape[axis] = size
         return t.new_zeros(shape)
-    return t.index_select(axis, torch.arange(size) % t.shape[axis])
+    return t.index_select(axis, torch.arange(size).clamp(max=t.shape[axis] - 1))
 
 
 def grow(t: torch.Tensor, axis: int, by: int = 1) -> torch.Tensor:
@@ -215,24 +235,31 @@ def infer_input_axes(
 
     ``states``: leaf index -> batch axis of every state the forward takes as an argument."""
     ref = base.sizes()
+
+    def kind_of(new: list[torch.Tensor]) -> str | None:
+        """Which of the calls' sizes (batch or time, not both) follow the grown inputs."""
+        p = _try(module, unflatten(new, struct))
+        if p is None and states:  # a batch axis also needs the given states grown
+            new = list(new)
+            for s, ax in states.items():
+                new[s] = grow(leaves[s], ax)
+            p = _try(module, unflatten(new, struct))
+        if p is None or len(p.calls) != len(ref):
+            return None
+        got = p.sizes()
+        db = any(g[0] != r[0] for g, r in zip(got, ref, strict=True))
+        dt = any(g[1] != r[1] for g, r in zip(got, ref, strict=True))
+        return None if db == dt else "batch" if db else "time"
+
     found: dict[int, dict[str, int | None]] = {}
     for i in data:
         hits: dict[str, list[int]] = {"batch": [], "time": []}
         for d in range(leaves[i].dim()):
             new = list(leaves)
             new[i] = grow(leaves[i], d)
-            p = _try(module, unflatten(new, struct))
-            if p is None and states:  # a batch axis also needs the given states grown
-                for s, ax in states.items():
-                    new[s] = grow(leaves[s], ax)
-                p = _try(module, unflatten(new, struct))
-            if p is None or len(p.calls) != len(ref):
-                continue
-            got = p.sizes()
-            db = any(g[0] != r[0] for g, r in zip(got, ref, strict=True))
-            dt = any(g[1] != r[1] for g, r in zip(got, ref, strict=True))
-            if db != dt:
-                hits["batch" if db else "time"].append(d)
+            kind = kind_of(new)
+            if kind:
+                hits[kind].append(d)
         axes: dict[str, int | None] = {}
         for kind, ds in hits.items():
             if len(ds) > 1:
@@ -242,6 +269,31 @@ def infer_input_axes(
                 )
             axes[kind] = ds[0] if ds else None
         found[i] = axes
+    # Inputs that only grow together (concatenated on features, an empty (B, T, 0) input, a
+    # padded batch and its lengths): grow a dim of one with the same-sized dim of every other
+    # input (its found axis first), for the axes not found alone.
+    for i in data:
+        if all(a is not None for a in found[i].values()):
+            continue
+        hits = {"batch": [], "time": []}
+        for d in range(leaves[i].dim()):
+            size = leaves[i].shape[d]
+            new = list(leaves)
+            new[i] = grow(leaves[i], d)
+            for j in data:
+                if j == i:
+                    continue
+                known = [a for a in found[j].values() if a is not None]
+                dims = [*known, *range(leaves[j].dim())]
+                e = next((e for e in dims if leaves[j].shape[e] == size), None)
+                if e is not None:
+                    new[j] = grow(leaves[j], e)
+            kind = kind_of(new)
+            if kind:
+                hits[kind].append(d)
+        for k, ds in hits.items():
+            if found[i].get(k) is None and len(ds) == 1 and ds[0] not in found[i].values():
+                found[i][k] = ds[0]
     return found
 
 

@@ -35,10 +35,16 @@ def concrete_shape(shape: list, B: int, T: int) -> list[int]:
 
 def make_sampler(contract: Contract) -> Sampler:
     highs = dict(contract.extra.get("int_high") or {})
+    lengths = dict(contract.extra.get("lengths") or {})
 
     def one(spec: TensorSpec, B: int, T: int, gen: torch.Generator) -> torch.Tensor:
         shape = concrete_shape(spec.shape, B, T)
         dtype = DTYPES[spec.dtype]
+        if spec.name in lengths:  # ragged, longest first, the longest filling the time axis
+            steps = torch.randint(1, T + 1, shape, generator=gen)
+            steps[0] = T
+            steps = steps.sort(descending=True).values
+            return (steps / T if lengths[spec.name] == "fraction" else steps).to(dtype)
         if dtype.is_floating_point:
             return torch.randn(shape, generator=gen).to(dtype)
         if dtype == torch.bool:

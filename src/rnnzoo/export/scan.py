@@ -9,7 +9,7 @@ with the dynamo exporter at a symbolic batch size. The time axis stays symbolic 
 Export runs in two steps, because a graph-valued attribute cannot pass through
 ``symbolic_multi_out``:
 1. ``ScratchLayers`` is the export-time stand-in of a ``ScratchRNN`` (used by
-   ``rnnzoo.export.lifting.LiftedRNN``, like ``NativeLayers`` for ``nn.RNN``/``GRU``/``LSTM``)
+   ``rnnzoo.export.lifting.FlatModule``, like ``NativeLayers`` for ``nn.RNN``/``GRU``/``LSTM``)
    and emits a placeholder node ``rnnzoo::ScratchCell(h0, [c0], X) -> (hn, [cn], Y)`` per
    (layer, direction), tagged with the index of its cell among the module's hand-written cells;
 2. ``expand_scratch_cells`` replaces every placeholder by a ``Scan`` with that cell's exported

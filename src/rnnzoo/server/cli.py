@@ -103,6 +103,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=ADMISSION.max_streams_per_client,
         help="open streams of one client across its connections (its principal, else its address)",
     )
+    lim.add_argument(
+        "--stream-window-kb",
+        type=int,
+        default=SERVER.stream_window_kb,
+        help="each stream's HTTP/2 receive window, fixed (default: grpc's, grown by BDP "
+        "probing): what a stream that is never read can make the server buffer; times "
+        "--max-streams-per-client, one client's share",
+    )
     p.add_argument(
         "--metrics-port",
         type=int,
@@ -274,6 +282,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         requests_per_s=args.requests_per_s,
         burst=args.burst,
         metrics_port=args.metrics_port,
+        stream_window_kb=args.stream_window_kb,
     )
     config.check()
     from rnnzoo.server.runtime.repository import LoadOptions

@@ -43,7 +43,7 @@ from rnnzoo.errors import Aborted, FailedPrecondition, StoreLost, StoreOutcomeUn
 
 from .caller import current
 from .catalog import Catalog
-from .lease import Lease
+from .lease import Lease, process_tag
 from .model import Chunk, ServedModel
 from .options import StepResult
 from .redact import sid_tag
@@ -76,6 +76,7 @@ class Records:
         self.writer = GroupWriter(store, lease_ttl_s) if store.shared else None
         self._deletes: set[asyncio.Task[None]] = set()
         self._ids: dict[str, tuple[ServedEntry, str, dict[str, str]]] = {}
+        self._tag = process_tag() + ":"  # this process's holders' ids start with it
         sessions.on_bury = self._on_bury
         # session id -> the position before a write whose outcome is unknown (until read back)
         self.unsettled: dict[str, int] = {}
@@ -163,6 +164,7 @@ class Records:
         held = sessions.leases.holder_alive(sid) is not None
         if held and sid in sessions._live and sid not in self.unsettled:
             return sessions.get(sid)
+        await sessions.leases.settle()  # this process's releases in flight land first
         rec = await self.store.load(sid)
         if rec is None:
             sessions.get(sid, touch=False)  # a reason known here first (expired, closed)
@@ -208,6 +210,8 @@ class Records:
         held = self.sessions.leases.holder_alive(sess.id)
         if held is not None and held is not lease:
             return ""
+        if sess.held_by.startswith(self._tag):
+            return None  # a stream of this process, released since (the table here knows)
         if (
             sess.held_by
             and (lease is None or sess.held_by != lease.holder)
