@@ -31,8 +31,8 @@ HINTS = {
         "module(*example_inputs) and fix that first"
     ),
     "checking whether": (
-        "pass check_streaming=False to build(), or report the module: the chunked float64 "
-        "runs failed where the whole sequence ran"
+        "check that the module runs on a few steps at a time with its state passed in; if it "
+        "does, this is an rnnzoo bug: report it with the module"
     ),
     "tracing": (
         "write the forward for any batch and time size (x.shape[...] or -1 instead of "

@@ -74,6 +74,12 @@ def explain(exc: BaseException, what: str, *, axes_given: bool = False) -> Inval
     if where:
         src = linecache.getline(where[0], where[1]).strip()
         at = f" at {where[0]}:{where[1]}" + (f" (`{src}`)" if src else "")
+    if "Could not extract specialized integer" in text:
+        return InvalidArgument(
+            f"{what} cannot be exported: a Python int is read from a tensor's value{at} "
+            "(.item(), int(t), or a tensor used as a size, index or dim); keep sizes and dims "
+            "as Python ints or x.shape[...], and values as tensor ops"
+        )
     if any(k in text for k in DATA_DEPENDENT):
         return InvalidArgument(
             f"{what} cannot be exported: Python control flow depends on tensor values{at}; "
