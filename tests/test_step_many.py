@@ -167,6 +167,22 @@ def test_a_resent_message_gets_the_stored_results_and_applies_nothing_twice(clie
         np.testing.assert_allclose(np.concatenate([first[s]["y"], rest[s]["y"]]), truth, atol=EXACT)
 
 
+def test_a_message_mixing_a_replayed_chunk_and_new_ones_answers_each_in_its_place(client, zoo):
+    x = _x(4, 8)
+    a, b, c = (client.create_session("gru").session_id for _ in range(3))
+    first = client.step_many({a: x[:2]}, positions={a: 0})
+    # a: a retry (its kept result); b, c: new chunks computed beside it
+    mixed = client.step_many({b: x[:2], a: x[:2], c: x[:2]}, positions=dict.fromkeys((a, b, c), 0))
+    assert list(mixed) == [b, a, c]
+    np.testing.assert_array_equal(mixed[a]["y"], first[a]["y"])
+    assert mixed[a].steps_total == mixed[b].steps_total == mixed[c].steps_total == 2
+    rest = client.step_many({a: x[2:], b: x[2:], c: x[2:]})
+    truth = ort_whole(zoo / "gru.onnx", x)
+    for s in (a, b, c):
+        assert rest[s].start == 2
+        np.testing.assert_allclose(np.concatenate([mixed[s]["y"], rest[s]["y"]]), truth, atol=EXACT)
+
+
 def test_a_session_attached_to_a_stream_is_refused_in_its_own_place(client):
     x = _x(2, 9)
     held = client.session("gru")

@@ -153,13 +153,25 @@ class Batcher:
             if isinstance(res, Exception):
                 raise res
             return res
+        return await self.enqueue(key, chunk, state)
+
+    def enqueue(
+        self, key: object, chunk: Chunk, state: dict[str, np.ndarray]
+    ) -> asyncio.Future[Result]:
+        """Queue one chunk without waiting: its future. A caller with many chunks (StepMany)
+        queues them all, then awaits the futures in order: only the first wait suspends, the
+        rest are done by then (no task and no wake-up per chunk)."""
+        if self._task is None or self._task.done():
+            raise Unavailable("the server is not running; retry against a running server")
+        if key in self._attached:
+            self._touch(key)
         fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         q = self._queues.get(key)
         if q is None:
             self._queues[key] = q = deque()
         q.append(_Job(key, chunk, state, fut, time.perf_counter(), telemetry.TIMING.get()))
         self._wake()
-        return await fut
+        return fut
 
     @property
     def idle(self) -> bool:

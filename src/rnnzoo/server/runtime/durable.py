@@ -34,6 +34,7 @@ and every session is in it, so every path reads and writes sessions the same way
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 import numpy as np
@@ -303,21 +304,68 @@ class Records:
                 w.value = (snap, result)
                 (ok,) = await store.write([w], self.lease_ttl_s)
         except StoreOutcomeUnknown as exc:
-            self.unsettled[sess.id] = before
-            if len(self.unsettled) > MAX_UNSETTLED:  # bounded: the oldest are forgotten
-                self.unsettled.pop(next(iter(self.unsettled)))
-            raise Aborted(
-                f"session {sid_tag(sess.id)}: {exc}, so whether this request was applied is "
-                "unknown. Nothing is lost: the session is read back from the store before its "
-                f"next request. Resend it with position={before} (if it was applied you get "
-                "its kept result, else it is applied now); without a position, resend it and "
-                "the server first says where the session stands if it had landed; it was at "
-                f"position {before}"
-            ) from None
+            raise self._unknown(sess, before, exc) from None
         if not ok:
             if lease is not None:
                 self.sessions.leases.lost(lease)
             raise await self.refused(sess, lease, rpos)
+
+    def write_soon(
+        self,
+        sess: Session,
+        snap: Snapshot,
+        lease: Lease | None,
+        result: StepResult | None,
+        rpos: int,
+    ) -> Awaitable[None]:
+        """``write``, queued now (a shared store's: in the group writer's next store call)
+        and awaited later: StepMany queues every chunk's write before awaiting any."""
+        store = self.store
+        if not store.shared:
+            return self.write(sess, snap, lease, result, rpos)
+        meta = sess.meta
+        if meta is None:
+            meta = sess.meta = self.meta(sess)
+        snap.meta = meta
+        epoch = lease.epoch if lease is not None else sess.fence
+        ttl = sess.ttl_s or float(store.max_ttl_s)
+        w = Write(sess.id, epoch, b"", ttl, None, rpos, lease is not None)
+        w.steps = snap.steps
+        self._encode(w, snap, result, sess)
+        fut = self.writer.enqueue(w)  # type: ignore[union-attr]
+        return self._written(fut, sess, lease, rpos, rpos if rpos >= 0 else sess.steps)
+
+    async def _written(
+        self,
+        fut: Awaitable[bool | None],
+        sess: Session,
+        lease: Lease | None,
+        rpos: int,
+        before: int,
+    ) -> None:
+        try:
+            ok = await fut
+        except StoreOutcomeUnknown as exc:
+            raise self._unknown(sess, before, exc) from None
+        if not ok:
+            if lease is not None:
+                self.sessions.leases.lost(lease)
+            raise await self.refused(sess, lease, rpos)
+
+    def _unknown(self, sess: Session, before: int, exc: StoreOutcomeUnknown) -> Aborted:
+        """A write whose outcome is unknown: the session is read back before its next
+        request."""
+        self.unsettled[sess.id] = before
+        if len(self.unsettled) > MAX_UNSETTLED:  # bounded: the oldest are forgotten
+            self.unsettled.pop(next(iter(self.unsettled)))
+        return Aborted(
+            f"session {sid_tag(sess.id)}: {exc}, so whether this request was applied is "
+            "unknown. Nothing is lost: the session is read back from the store before its "
+            f"next request. Resend it with position={before} (if it was applied you get "
+            "its kept result, else it is applied now); without a position, resend it and "
+            "the server first says where the session stands if it had landed; it was at "
+            f"position {before}"
+        )
 
     async def refused(self, sess: Session, lease: Lease | None, rpos: int = -1) -> Exception:
         """Why the store refused a write of ``sess``, as the store has it now."""

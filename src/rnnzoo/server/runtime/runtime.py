@@ -289,15 +289,19 @@ class Runtime:
         inputs: dict[str, np.ndarray],
         lease: Lease | None = None,
         position: int | None = None,
+        queued: bool = False,
     ) -> Transaction[Prepared]:
         """``async with rt.stepping(...) as result``: one chunk as a session transaction
         (transaction.py). ``lease``: the calling stream's lease; ``position``: the steps the
         request expects before its chunk (a retry of the last one gets its result again).
-        A caller that sends the response calls ``await result.persist()`` first."""
+        A caller that sends the response calls ``await result.persist()`` first.
+        ``queued``: for ``transaction.enter_all`` (many sessions' chunks at once)."""
         sess = self.sessions.get(session_id, touch=False)  # (the transaction checks the phase)
         p = self.stepper.prepare(sess.model, inputs)  # before anything is queued or locked
         what = "a step from outside it"
-        compute = self.stepper.chunk
+        # queued (StepMany, entered with ``enter_all``): the batcher job is queued as the
+        # transaction starts its computation, not when that is awaited
+        compute = self.stepper.chunk_soon if queued else self.stepper.chunk
         return Transaction(self.core, session_id, lease, position, compute, p, what, sess=sess)
 
     async def _infer_stateless(

@@ -15,6 +15,8 @@ Small chunks run in the batcher, long ones (``long_job_steps`` or more) in the l
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,6 +99,18 @@ class Stepper:
             outs, nxt = await batcher.submit(sess.id, prefix, sess.initial)
         return Change(nxt, total, [*buffer, chunk], StepResult(outs, 0, total, True), steps0, entry)
 
+    def chunk_soon(self, sess: Session, p: Prepared) -> Awaitable[Change]:
+        """``chunk``, with its batcher job queued now (StepMany queues every chunk of a message
+        before awaiting any: no task per chunk). A chunk that ``chunk`` would not hand to the
+        batcher (a restart, a long job, a non-streamable model's prefix) runs as its own task,
+        so it still runs beside the others."""
+        entry, graph, chunk = p.entry, p.graph, p.chunk
+        if p.restart or not entry.info.streamable or chunk.length >= self.options.long_job_steps:
+            return asyncio.ensure_future(self.chunk(sess, p))
+        self.catalog.check_output(graph, 1, chunk.length, "this chunk")
+        fut = self.batchers[(sess.model, "model")].enqueue(sess.id, chunk, sess.state)
+        return _chunk_done(fut, sess.steps, chunk.length, sess.buffer, entry)
+
     async def advance(self, sess: Session, feeds: tuple[dict[str, np.ndarray], int]) -> Change:
         arrays, length = feeds
         _, graph = self.catalog.single(sess.model, "infer")
@@ -116,3 +130,16 @@ def with_batch(contract: Contract, outputs: dict[str, np.ndarray]) -> dict[str, 
         arr = outputs[spec.name]
         out[spec.name] = arr if spec.batch_axis is None else np.expand_dims(arr, spec.batch_axis)
     return out
+
+
+async def _chunk_done(
+    fut: Awaitable[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+    steps0: int,
+    length: int,
+    buffer: list[Chunk],
+    entry: ServedEntry,
+) -> Change:
+    """A streamable chunk queued by ``Stepper.chunk_soon``: its ``Change`` once computed."""
+    outs, nxt = await fut
+    total = steps0 + length
+    return Change(nxt, total, buffer, StepResult(outs, steps0, total, False), steps0, entry)

@@ -22,6 +22,10 @@
 If the send fails after persist, this process's copy does not move on but the store's has:
 a retry adopts the stored state and, with its position, gets the kept result again.
 
+Many sessions at once (StepMany, a session at most once): ``enter_all`` enters their
+transactions and ``persist_all`` persists them without a task per transaction, each step
+and each check the same, each error in its own place; the caller exits each as usual.
+
 A class rather than an ``asynccontextmanager`` generator: this runs once per streamed message,
 and the generator's machinery cost 4.3 µs per use against 1.1 µs for a class (2-core AMD
 EPYC).
@@ -30,7 +34,7 @@ EPYC).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, Literal, TypeVar
@@ -134,30 +138,52 @@ class Transaction(Generic[A]):
             raise
 
     async def _compute(self) -> StepResult:
+        begun = self._begin()
+        if isinstance(begun, StepResult):
+            return begun
+        sess, computing = begun
+        return self._computed(sess, await computing)
+
+    def _begin(self) -> StepResult | tuple[Session, Awaitable[Change]]:
+        """Inside the lock: ownership, then a replay's kept result, or the computation started
+        (awaited by the caller: ``_computed``)."""
         core, lease = self.core, self.lease
         sess = core.sessions.get(self.sid)  # closed/expired while waiting?
         # the authoritative check: renews a stream's lease
         if lease is None or not core.sessions.leases.renew(lease):
             core.own(sess, lease, self.what)
-        epoch = sess.epoch
+        self._epoch = sess.epoch
         kept = core.records.check_position(sess, self.position)
         if kept is not None:
             return StepResult(
                 kept.outputs, kept.start, kept.steps_total, kept.revised, True, _nothing
             )
-        change = await self.compute(sess, self.arg)
-        if sess.epoch != epoch:
-            core.check_epoch(sess, epoch)  # raises
-        self._sess, self._epoch, self._change = sess, epoch, change
+        return sess, self.compute(sess, self.arg)
+
+    def _computed(self, sess: Session, change: Change) -> StepResult:
+        if sess.epoch != self._epoch:
+            self.core.check_epoch(sess, self._epoch)  # raises
+        self._sess, self._change = sess, change
         r = change.result
         if r is None:
             return StepResult({}, 0, change.steps, False, False, self.persist)
         r.persist = self.persist  # handed out with the transaction's persist (cleared at commit)
         return r
 
+    def _unlock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+
     async def persist(self) -> None:
         """Fence the change again and write it through the state store before its response
         goes out."""
+        await self._persist_soon()
+        self._persisted = True
+
+    def _persist_soon(self) -> Awaitable[None]:
+        """``persist``'s checks now and its write queued (``Records.write_soon``): awaited
+        later."""
         sess, change = self._sess, self._change
         assert sess is not None and change is not None
         core, lease = self.core, self.lease
@@ -166,8 +192,7 @@ class Transaction(Generic[A]):
         if lease is None or not core.sessions.leases.current(lease):
             core.own(sess, lease, self.what)  # raises unless no live stream holds it
         snap = core.records.snapshot(sess, change.state, change.steps, change.buffer, change.entry)
-        await core.records.write(sess, snap, lease, change.result, change.rpos)
-        self._persisted = True
+        return core.records.write_soon(sess, snap, lease, change.result, change.rpos)
 
     async def __aexit__(
         self,
@@ -198,3 +223,95 @@ class Transaction(Generic[A]):
             sess.last = (change.rpos, r)
         else:
             sess.last = None
+
+
+async def enter_all(txs: Sequence[Transaction[A]]) -> list[StepResult | BaseException]:
+    """``__aenter__`` of many sessions' transactions (StepMany: a session at most once), each
+    result or error in its place; the entered ones are exited by the caller as usual.
+
+    One pass, without a task per transaction: a stream's transaction whose lock is free is
+    locked, checked and its computation started (``compute`` queues its batcher job at once:
+    ``Stepper.chunk_soon``); then the computations are awaited in order, so only the first
+    wait suspends. A transaction that has to wait (its lock held, no lease, a reset) runs
+    its own ``__aenter__`` as a task beside them. The gathered ``__aenter__`` this replaces
+    scheduled a task and ~3 loop callbacks per chunk (23 k per 30 messages of 256 chunks,
+    2-core AMD EPYC).
+    """
+    out: list[StepResult | BaseException | None] = [None] * len(txs)
+    started: list[tuple[int, Transaction[A], Session, Awaitable[Change]]] = []
+    waiting: list[tuple[int, asyncio.Future[StepResult]]] = []
+    done = 0  # the started ones awaited so far
+    try:
+        for i, tx in enumerate(txs):
+            core = tx.core
+            sess = tx.sess
+            if tx.lease is None or tx.interrupt or sess is None or sess.lock.locked():
+                waiting.append((i, asyncio.ensure_future(tx.__aenter__())))
+                continue
+            try:
+                core.check()
+                await sess.lock.acquire()  # free: returns at once
+                tx._lock = sess.lock
+                begun = tx._begin()
+            except Exception as exc:
+                tx._unlock()
+                out[i] = exc
+                continue
+            if isinstance(begun, StepResult):
+                out[i] = begun
+            else:
+                started.append((i, tx, *begun))
+        while done < len(started):
+            i, tx, sess, computing = started[done]
+            done += 1
+            try:
+                out[i] = tx._computed(sess, await computing)
+            except Exception as exc:
+                tx._unlock()
+                out[i] = exc
+        for i, fut in waiting:
+            try:
+                out[i] = await fut
+            except Exception as exc:
+                out[i] = exc
+    except BaseException:  # cancelled: nothing stays locked
+        for _, _, _, computing in started[done:]:
+            if asyncio.iscoroutine(computing):
+                computing.close()
+            elif isinstance(computing, asyncio.Future):
+                computing.cancel()
+        for i, tx in enumerate(txs):
+            if not isinstance(out[i], BaseException):
+                tx._unlock()
+        for _, fut in waiting:
+            fut.cancel()
+        raise
+    return out  # type: ignore[return-value]
+
+
+async def persist_all(txs: Sequence[Transaction[A]]) -> list[BaseException | None]:
+    """``persist`` of many entered transactions (StepMany), each error in its place: every
+    write is queued first (a shared store's in one store call: the group writer's) and then
+    awaited in order, without a task per write. A replay has nothing to write."""
+    out: list[BaseException | None] = [None] * len(txs)
+    queued: list[tuple[int, Transaction[A], Awaitable[None]]] = []
+    for i, tx in enumerate(txs):
+        if tx._sess is None or tx._persisted:
+            continue
+        try:
+            queued.append((i, tx, tx._persist_soon()))
+        except Exception as exc:
+            out[i] = exc
+    for k, (i, tx, writing) in enumerate(queued):
+        try:
+            await writing
+        except Exception as exc:
+            out[i] = exc
+        except BaseException:  # cancelled: the writes not awaited are left to the store
+            for _, _, rest in queued[k + 1 :]:
+                if asyncio.iscoroutine(rest):
+                    rest.close()
+            raise
+        else:
+            tx._persisted = True
+    return out

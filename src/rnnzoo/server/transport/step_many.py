@@ -21,11 +21,13 @@ Stream chunk's. What differs is the shape around the chunks:
   new state is committed only once that message is written.
 
 A message runs in phases over its chunks' transactions, driven from this one coroutine:
-attach the sessions named for the first time (together) -> open every chunk's transaction
-and compute them at once (``__aenter__`` gathered: the only per-chunk tasks) -> build the
-responses and check the message's size -> write every change through the store (gathered) ->
-send the message -> commit each (``__aexit__``). Before (issue 23), a task per chunk with
-four futures it waited on cost more per session-step than the step itself.
+attach the sessions named for the first time (together) -> enter every chunk's transaction
+(``transaction.enter_all``: one pass locks, checks and queues every chunk's batcher job, then
+the results are awaited in order) -> build the responses and check the message's size ->
+write every change through the store (``transaction.persist_all``: every write queued, one
+store call) -> send the message -> commit each (``__aexit__``). No task per chunk: before
+(issue 23) a task and about three loop callbacks per chunk were a quarter of the message's
+Python function calls (1.36 M -> 1.02 M per 30 messages of 256 chunks, client included).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from rnnzoo.proto.tensors import fill_tensors
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.server.runtime.lease import new_holder
 from rnnzoo.server.runtime.redact import sid_tag
+from rnnzoo.server.runtime.transaction import enter_all, persist_all
 
 from . import metrics
 from .codec import checked
@@ -134,12 +137,12 @@ class StepMany:
                 lease, model = attached[req.session_id]
                 inputs = request_inputs(self.rt, model, req, batched=False)
                 position = req.position if req.HasField("position") else None
-                txs[i] = self.rt.stepping(req.session_id, inputs, lease, position)
+                txs[i] = self.rt.stepping(req.session_id, inputs, lease, position, queued=True)
             except RnnzooError as exc:
                 errors[i] = exc
         # 2. every chunk computed at once (the batcher takes them in one turn)
         live = [i for i, tx in enumerate(txs) if tx is not None]
-        entered = await asyncio.gather(*(txs[i].__aenter__() for i in live), return_exceptions=True)
+        entered = await enter_all([txs[i] for i in live])
         results: list = [None] * len(reqs)
         held: list[int] = []  # chunks inside their transaction: each must be exited
         for i, r in zip(live, entered, strict=True):
@@ -177,19 +180,11 @@ class StepMany:
                 budget -= size
                 resps[i] = resp
             todo = [i for i in held if errors[i] is None]
-            if self.rt.records.store.shared:  # writes through a store: together (one batch)
-                done = await asyncio.gather(
-                    *(results[i].persist() for i in todo), return_exceptions=True
-                )
-                for i, d in zip(todo, done, strict=True):
-                    if isinstance(d, BaseException):
-                        errors[i] = d
-            else:  # kept in memory: nothing to wait for, no task per chunk (~10 us each)
-                for i in todo:
-                    try:
-                        await results[i].persist()
-                    except RnnzooError as exc:
-                        errors[i] = exc
+            # every write queued, then awaited (a shared store: one store call for them all)
+            done = await persist_all([txs[i] for i in todo])
+            for i, d in zip(todo, done, strict=True):
+                if d is not None:
+                    errors[i] = d
             out = pb.StepManyResponse()
             for i, req in enumerate(reqs):
                 err = errors[i]

@@ -19,13 +19,18 @@ class GroupWriter:
 
     async def write(self, w: Write) -> bool | None:
         """The write's result (see ``StateStore.write``)."""
+        return await self.enqueue(w)
+
+    def enqueue(self, w: Write) -> asyncio.Future[bool | None]:
+        """Queue the write without waiting: its result's future (StepMany queues every
+        chunk's write, then awaits them in order: one store call, no task per write)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bool | None] = loop.create_future()
         self._pending.append((w, fut))
         if not self._scheduled and (self._task is None or self._task.done()):
             self._scheduled = True
             loop.call_soon(self._kick)  # after the other sessions the same batch woke
-        return await fut
+        return fut
 
     def _kick(self) -> None:
         self._scheduled = False
