@@ -2,26 +2,26 @@
 # A separate venv, .venv-gallery, with published libraries whose recurrent modules the export
 # gallery (tests/test_gallery.py, tests/gallery/) exports, verifies and streams: speechbrain,
 # pytorch-forecasting, darts, asteroid, neuralforecast and flair, at pinned versions, beside
-# torch 2.13.0 and rnnzoo itself (editable, so the tests run this checkout's export_module). It also
-# holds the silero-vad package, whose ONNX file tests/test_contract_silero.py serves.
+# torch 2.13.0 and rnnzoo itself (editable, so the tests run this checkout's export_module).
+# It also holds the silero-vad package, whose ONNX files tests/test_contract_silero.py serves.
 #
 # torch is installed first and every later install runs under a constraints file that pins
 # it, so no library can replace it. Three libraries are installed with --no-deps and their
 # runtime dependencies by hand:
 # - speechbrain and asteroid require torchaudio, whose PyPI wheel is a CUDA build (its
-#   compiled extensions need libc10_cuda.so) and `import speechbrain` imports it. Its pure-Python
-#   part loads when those extensions are absent (torchaudio checks for the files), and the
-#   recurrent modules used here need nothing else of it: it is installed with --no-deps and
-#   its lib/*.so removed;
+#   compiled extensions need libc10_cuda.so) and `import speechbrain` imports it. Its
+#   pure-Python part loads when those extensions are absent (torchaudio checks for the
+#   files), and the recurrent modules used here need nothing else of it: it is installed with
+#   --no-deps and its lib/*.so removed;
 # - asteroid pins torchmetrics<=0.11.4, which pytorch-forecasting's lightning cannot use;
 # - neuralforecast requires ray[train,tune] and tornado; `import neuralforecast` imports
 #   ray.tune (its Auto* models), not ray.train: ray[tune] and its other dependencies by hand.
 # silero-vad is installed with --no-deps: only its data files (the ONNX graphs) are used.
 #
 # Idempotent and cached: a second run only checks the installed versions against the pins
-# recorded in the venv (under a second). A first run, measured on the shared 2-core machine with
-# PyPI reachable and torch from the local wheel: 4-9 min wall (about 2 min of CPU; the rest is
-# downloads and the other engineers' load), 2.6 GB on disk.
+# recorded in the venv (under a second). A first run, measured on the shared 2-core machine
+# with PyPI reachable and torch from the local wheel: 4-9 min wall (about 2 min of CPU; the
+# rest is downloads and the other engineers' load), 2.6 GB on disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

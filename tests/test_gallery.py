@@ -1,16 +1,19 @@
 """Other people's recurrent modules: a gallery of configurations from published libraries
-(speechbrain, pytorch-forecasting, darts, asteroid; tests/gallery/*_cases.py), each built with
-random weights and called as its own users call it, exported with ``export_module``, verified
-with ``verify_module``, and, where streamable, run through ONNX Runtime in random chunks with
-the state carried against the whole sequence (<= 1e-5). What cannot be expressed must be
-refused with a clear ``InvalidArgument``; nothing may fail with a raw exception.
+(speechbrain, pytorch-forecasting, darts, asteroid, neuralforecast, flair; 38 configurations in
+tests/gallery/*_cases.py), each built with random weights and called as its own users call it,
+exported with ``export_module``, verified with ``verify_module``, and, where streamable, run
+through ONNX Runtime in random chunks with the state carried against the whole sequence
+(<= 1e-5; a one-step graph: step by step against the module's own steps). What cannot be
+expressed must be refused with a clear ``InvalidArgument`` whose reason the case names;
+nothing may fail with a raw exception.
 
 The libraries live in their own venv, ``.venv-gallery`` (``scripts/setup-gallery.sh``, pinned
 versions beside torch 2.13.0 and this checkout's rnnzoo, editable): one subprocess runs every
 configuration (``tests/gallery/run_gallery.py``) and each test reads its own line.
 
-A configuration the exporter still gets wrong carries ``known_failure`` and is
-``xfail(strict=True)``: a fix turns it into XPASS, a failure here until the entry is updated.
+A configuration the exporter gets wrong may carry ``known_failure`` (none does today): it is
+then ``xfail(strict=True)``, so a fix turns it into XPASS, a failure here until the entry is
+updated.
 """
 
 from __future__ import annotations
