@@ -324,3 +324,11 @@ def test_lengths_given_to_a_packing_layer_become_a_graph_input(tmp_path, module,
     # the ONNX node takes them as sequence_lens; verify fed ragged lengths (one full length)
     lstm = next(n for n in onnx.load(str(path)).graph.node if n.op_type in ("LSTM", "GRU"))
     assert lstm.input[4]
+
+
+def test_a_call_that_misses_a_required_argument_says_so_and_not_that_export_failed(tmp_path):
+    with pytest.raises(InvalidArgument) as err:
+        export_module(nn.GRU(2, 3), (torch.randn(1, 2, 2),), tmp_path / "m.onnx")  # no name=
+    msg = str(err.value)
+    assert "export_module() was called wrongly" in msg and "'name'" in msg
+    assert "rnnzoo bug" not in msg

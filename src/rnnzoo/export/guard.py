@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import linecache
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -101,8 +102,17 @@ def guarded(what: str) -> Callable[[F], F]:
     """Decorate a public entry point: rnnzoo errors pass, anything else is described."""
 
     def wrap(fn: F) -> F:
+        signature = inspect.signature(fn)
+
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
+            try:  # a call that does not match the signature is the caller's, not a failed export
+                signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise InvalidArgument(
+                    f"{fn.__name__}() was called wrongly: {exc}; its parameters are "
+                    f"{fn.__name__}{signature}"
+                ) from None
             try:
                 return fn(*args, **kwargs)
             except RnnzooError:
