@@ -58,6 +58,18 @@ def test_validation_lists_every_problem():
     assert "fixed int" in msg
 
 
+def test_context_and_dropped_steps_on_a_tensor_without_a_time_axis_are_refused_at_load():
+    bad = json.loads(lstm_contract().to_json())
+    bad["format"] = "rnnzoo.contract/2"
+    bad["inputs"][0].update(shape=["batch", 1], time_axis=None, context_steps=4)
+    bad["outputs"][0].update(shape=["batch", 1], time_axis=None, drop_leading_steps=4)
+    with pytest.raises(ContractError) as err:
+        Contract.from_dict(bad, origin="m.rnnzoo.json")
+    msg = str(err.value)
+    assert "context_steps needs a batch_axis and a time_axis" in msg
+    assert "drop_leading_steps needs a time_axis" in msg
+
+
 def test_unknown_fields_and_formats_are_named():
     data = json.loads(lstm_contract().to_json())
     data["stateful"] = True

@@ -250,6 +250,16 @@ class Contract:
                         problems.append(f"{where}: {axis_name}={axis} outside shape {spec.shape}")
                 if spec.batch_axis is not None and spec.batch_axis == spec.time_axis:
                     problems.append(f"{where}: batch_axis and time_axis are the same axis")
+                if spec.context_steps and (spec.batch_axis is None or spec.time_axis is None):
+                    problems.append(
+                        f"{where}: context_steps needs a batch_axis and a time_axis (the server "
+                        "keeps the last steps of each sequence); set both, or drop context_steps"
+                    )
+                if spec.drop_leading_steps and spec.time_axis is None:
+                    problems.append(
+                        f"{where}: drop_leading_steps needs a time_axis to drop steps from; set "
+                        "it, or drop drop_leading_steps"
+                    )
                 if spec.context_steps:
                     skip = {spec.batch_axis, spec.time_axis}
                     free = [d for a, d in enumerate(spec.shape) if a not in skip]
