@@ -48,7 +48,6 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import EllipsisType
 from typing import TYPE_CHECKING, Any, cast
@@ -56,6 +55,13 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 import numpy as np
 
+from rnnzoo.client_results import (
+    RETRY_CODES,
+    RpcError,
+    StepOutput,
+    _retryable,
+    _step_output,
+)
 from rnnzoo.errors import InvalidArgument
 from rnnzoo.proto.tensors import from_tensors, to_tensors
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
@@ -65,71 +71,14 @@ from rnnzoo.step_deadline import Watchdog
 if TYPE_CHECKING:
     from rnnzoo.client_many import ManyStepper
 
+# RpcError, StepOutput and RETRY_CODES live in client_results (shared with client_many) and
+# are imported from here by users.
+__all__ = ["RETRY_CODES", "Chunk", "Client", "RpcError", "Session", "StepOutput"]
+
 Chunk = np.ndarray | Mapping[str, Any] | str  # an array (single-input models), named arrays, text
 
 
-class RpcError(grpc.RpcError):
-    """A failed call: ``code()`` is the server's status code, ``details()`` its message."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, request_id: int | None = None):
-        super().__init__(f"{code.name}: {details}")
-        self._code, self._details, self.request_id = code, details, request_id
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    @classmethod
-    def wrap(cls, err: grpc.RpcError) -> RpcError:
-        if isinstance(err, RpcError):
-            return err
-        code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-        details = err.details() if hasattr(err, "details") else str(err)
-        meta = dict(err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else {}
-        rid = meta.get("rnnzoo-request-id")
-        return cls(code, details or "", int(rid) if rid is not None else None)
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    outputs: dict[str, np.ndarray]  # no batch axis: (T, ...)
-    start: int  # index of the first returned step in the session's sequence
-    steps_total: int
-    revised: bool  # True: outputs re-cover the whole sequence so far (non-streamable models)
-    request_id: int
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self.outputs[name]
-
-    @property
-    def value(self) -> np.ndarray:
-        """The first output (most models have one)."""
-        return next(iter(self.outputs.values()))
-
-
 _END = object()
-# Statuses after which a chunk is resent (see the module docstring).
-RETRY_CODES = (
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.DEADLINE_EXCEEDED,  # the per-step deadline: a frozen server
-    grpc.StatusCode.ABORTED,  # the outcome was not settled: resent with its position
-)
-
-
-def _retryable(err: grpc.RpcError, failing_over: bool) -> bool:
-    code = err.code()
-    if code in RETRY_CODES:
-        return True
-    # the dead replica's lease: it runs out by itself
-    return (
-        failing_over
-        and code == grpc.StatusCode.FAILED_PRECONDITION
-        and ("lease runs out" in (err.details() or ""))
-    )
 
 
 class Client:
@@ -505,16 +454,6 @@ def _read(path: str | Path | None, what: str) -> bytes | None:
         return Path(path).read_bytes()
     except OSError as exc:
         raise InvalidArgument(f"cannot read {what} {path}: {exc.strerror}") from None
-
-
-def _step_output(resp: pb.StreamResponse) -> StepOutput:
-    return StepOutput(
-        outputs=from_tensors(resp.outputs, what="output"),
-        start=resp.start,
-        steps_total=resp.steps_total,
-        revised=resp.revised,
-        request_id=resp.request_id,
-    )
 
 
 def _fill(req, info: pb.ModelInfo, data: Chunk | None, *, batched: bool) -> None:

@@ -6,7 +6,7 @@
 One StepMany call is kept open per client and reused (one request message, one response
 message at a time). Each chunk carries the session's position when this client knows it (the
 steps_total of the session's last StepMany result here, or ``positions=``): when the call
-fails with a status in ``client.RETRY_CODES`` the whole message is resent on a new call, and
+fails with a status in ``client_results.RETRY_CODES`` the whole message is resent on a new call, and
 the server answers the chunks it already applied with their stored responses, so no step is
 applied twice. A session stepped through ``step_many`` should be stepped only through it (or
 its position passed in ``positions=``): a chunk whose position does not match is refused.
@@ -25,10 +25,9 @@ from collections.abc import Iterator, Mapping
 
 import grpc
 
+from rnnzoo.client_results import RpcError, StepOutput, _retryable, _step_output
 from rnnzoo.errors import InvalidArgument
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
-
-from .client import RpcError, StepOutput, _retryable
 
 _END = object()
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
@@ -138,8 +137,6 @@ class ManyStepper:
         positions: Mapping[str, int] | None = None,
     ) -> dict[str, StepOutput]:
         """See ``Client.step_many``."""
-        from .client import _step_output
-
         if not chunks:
             return {}
         msg = self.request(chunks, models, positions)
