@@ -285,30 +285,28 @@ class Records:
     ) -> None:
         """Fenced write of ``snap`` (and the step's result, kept for a retry of position
         ``rpos``) as ``sess``'s new state, before its response goes out."""
-        # (inlined: this runs on every step)
+        w = self._step_write(sess, snap, lease, rpos)
+        if self.store.shared:
+            self._encode(w, snap, result, sess)
+            before = rpos if rpos >= 0 else sess.steps
+            await self._written(self.writer.write(w), sess, lease, rpos, before)  # type: ignore[union-attr]
+            return
+        w.value = (snap, result)  # kept as objects: no encoding (~22 µs per step saved)
+        (ok,) = await self.store.write([w], self.lease_ttl_s)  # in memory: no unknown outcome
+        if not ok:
+            raise await self._lost_write(sess, lease, rpos)
+
+    def _step_write(self, sess: Session, snap: Snapshot, lease: Lease | None, rpos: int) -> Write:
+        """The fenced ``Write`` of one step of ``sess`` (runs on every step)."""
         meta = sess.meta
         if meta is None:  # the store-only fields never change: made once per session copy
             meta = sess.meta = self.meta(sess)
         snap.meta = meta
         epoch = lease.epoch if lease is not None else sess.fence
-        store = self.store
-        ttl = sess.ttl_s or float(store.max_ttl_s)
+        ttl = sess.ttl_s or float(self.store.max_ttl_s)
         w = Write(sess.id, epoch, b"", ttl, None, rpos, lease is not None)
         w.steps = snap.steps
-        before = rpos if rpos >= 0 else sess.steps
-        try:
-            if store.shared:
-                self._encode(w, snap, result, sess)
-                ok = await self.writer.write(w)  # type: ignore[union-attr]
-            else:  # kept as objects: no encoding (~22 µs per step saved), no grouping
-                w.value = (snap, result)
-                (ok,) = await store.write([w], self.lease_ttl_s)
-        except StoreOutcomeUnknown as exc:
-            raise self._unknown(sess, before, exc) from None
-        if not ok:
-            if lease is not None:
-                self.sessions.leases.lost(lease)
-            raise await self.refused(sess, lease, rpos)
+        return w
 
     def write_soon(
         self,
@@ -320,20 +318,12 @@ class Records:
     ) -> Awaitable[None]:
         """``write``, queued now (a shared store's: in the group writer's next store call)
         and awaited later: StepMany queues every chunk's write before awaiting any."""
-        store = self.store
-        if not store.shared:
+        if not self.store.shared:
             return self.write(sess, snap, lease, result, rpos)
-        meta = sess.meta
-        if meta is None:
-            meta = sess.meta = self.meta(sess)
-        snap.meta = meta
-        epoch = lease.epoch if lease is not None else sess.fence
-        ttl = sess.ttl_s or float(store.max_ttl_s)
-        w = Write(sess.id, epoch, b"", ttl, None, rpos, lease is not None)
-        w.steps = snap.steps
+        w = self._step_write(sess, snap, lease, rpos)
         self._encode(w, snap, result, sess)
-        fut = self.writer.enqueue(w)  # type: ignore[union-attr]
-        return self._written(fut, sess, lease, rpos, rpos if rpos >= 0 else sess.steps)
+        before = rpos if rpos >= 0 else sess.steps
+        return self._written(self.writer.enqueue(w), sess, lease, rpos, before)  # type: ignore[union-attr]
 
     async def _written(
         self,
@@ -343,14 +333,20 @@ class Records:
         rpos: int,
         before: int,
     ) -> None:
+        """Await a shared store's write (``before``: the position before it, read when it was
+        made) and say what happened when it did not land."""
         try:
             ok = await fut
         except StoreOutcomeUnknown as exc:
             raise self._unknown(sess, before, exc) from None
         if not ok:
-            if lease is not None:
-                self.sessions.leases.lost(lease)
-            raise await self.refused(sess, lease, rpos)
+            raise await self._lost_write(sess, lease, rpos)
+
+    async def _lost_write(self, sess: Session, lease: Lease | None, rpos: int) -> Exception:
+        """A write the store refused: this stream's lease is gone, and why it was refused."""
+        if lease is not None:
+            self.sessions.leases.lost(lease)
+        return await self.refused(sess, lease, rpos)
 
     def _unknown(self, sess: Session, before: int, exc: StoreOutcomeUnknown) -> Aborted:
         """A write whose outcome is unknown: the session is read back before its next
