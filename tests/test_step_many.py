@@ -17,7 +17,7 @@ from rnnzoo.client_many import StepManyError
 from rnnzoo.proto.tensors import to_tensors
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.server.runtime import Runtime, RuntimeOptions
-from rnnzoo.server.transport import BackgroundServer
+from rnnzoo.server.transport import BackgroundServer, ServerConfig
 
 EXACT = 1e-6
 
@@ -149,6 +149,26 @@ def test_a_failing_chunk_gets_its_own_error_and_neither_the_others_nor_the_strea
     assert isinstance(err, RpcError) and err.code() == grpc.StatusCode.NOT_FOUND
     assert list(err.outputs) == [a] and err.outputs[a].steps_total == 4
     assert err.errors["no-such-session"].code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_results_that_would_take_the_response_over_the_message_limit_fail_in_their_place(zoo):
+    # charlm: one character in, 9 floats out per step, so results outgrow their requests
+    cfg = ServerConfig(port=0, max_message_mb=0.01)  # 10 485 bytes
+    factory = lambda: Runtime.from_dir(zoo, RuntimeOptions(session_ttl_s=None))  # noqa: E731
+    text = "abcdefgh " * 11 + "a"  # 100 steps: ~3.7 KB of outputs per result
+    with BackgroundServer(factory, cfg) as srv, Client(srv.target, timeout=20) as c:
+        a, b, d = (c.create_session("charlm").session_id for _ in range(3))
+        with pytest.raises(StepManyError) as info:
+            c.step_many({a: text, b: text, d: text})
+        err = info.value
+        assert list(err.outputs) == [a, b]  # in the chunks' order: the third is over
+        assert err.errors[d].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "message limit" in err.errors[d].details()
+        assert [err.outputs[s].steps_total for s in (a, b)] == [100, 100]
+        # the refused chunk changed nothing: its session is still at 0, the others at 100
+        again = c.step_many({d: text[:10], a: text[:10]})
+        assert again[d].start == 0 and again[d].steps_total == 10
+        assert again[a].start == 100
 
 
 def test_a_resent_message_gets_the_stored_results_and_applies_nothing_twice(client, zoo):
