@@ -47,6 +47,27 @@ def test_the_step_encoder_makes_to_bytes_bytes_and_follows_every_change():
     assert enc.encode(snap, other) == to_bytes(snap)
 
 
+def test_the_step_encoder_keeps_its_header_for_one_sessions_steps_and_follows_a_new_layout():
+    # as the server makes them: one meta, source and initial dict for the session's steps
+    initial = {"h0": np.zeros((2, 1, 4), np.float32), "c0": np.ones((2, 1, 4), np.float32)}
+    meta = {"created_at": 1.5e9, "ttl_s": None, "owner": "alice", "quota_key": "k"}
+    source = {"ckpt": "x"}
+    enc = StepEncoder()
+    rng = np.random.default_rng(0)
+
+    def step(steps: int, state: dict, meta: dict = meta) -> None:
+        snap = Snapshot("m", "ab" * 32, steps, state, initial, [], source, meta)
+        assert enc.encode(snap, initial) == to_bytes(snap)
+
+    for steps in (0, 1, 9, 10, 12345678901):  # the steps value's width changes
+        step(steps, {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in initial.items()})
+    step(3, {k: v.astype(np.float64) for k, v in initial.items()})  # another dtype
+    step(4, {k: np.zeros((2, 2, 4), np.float32) for k in initial})  # another shape
+    step(5, {"c0": initial["c0"], "h0": initial["h0"]})  # another order
+    step(6, {"h0": initial["h0"]})  # fewer arrays
+    step(7, dict(initial), {**meta, "ttl_s": 30.0})  # a session copy's new meta dict
+
+
 def test_packed_commands_are_byte_for_byte_redis_pys():
     pack = Connection().pack_command
     args = [3, b"\x00snap\r\n", b"", -1, 600_000, 1, 0, 30_000, 1.5, "t\u00e9xt"]
