@@ -100,6 +100,28 @@ def test_many_sessions_of_several_models_step_exactly_as_ort_runs_the_whole_sequ
     assert 2 in list(lstm.batch_sizes)[calls_before:]
 
 
+def test_the_same_sessions_stepped_again_in_any_order_stay_exact(client, server, zoo):
+    # the same sessions in the same order: the batcher feeds the last batch's whole next
+    # states again (slabs.py); another order or a subset gathers the rows as usual
+    xs = [_x(9, 40 + i) for i in range(6)]
+    sids = [client.create_session("lstm2").session_id for _ in xs]
+    lstm = server.server.runtime.batchers[("lstm2", "model")]
+    reused = lstm.slabs.reused
+    got: list[list[np.ndarray]] = [[] for _ in xs]
+    orders = [[0, 1, 2, 3, 4, 5]] * 4 + [[0, 2, 1, 3, 4, 5], [5, 3, 1, 0, 2, 4], [2, 4]]
+    orders += [[0, 1, 2, 3, 4, 5]] * 2
+    for order in orders:  # one step per message; a session left out waits a message
+        outs = client.step_many({sids[k]: xs[k][len(got[k]) : len(got[k]) + 1] for k in order})
+        for k in order:
+            got[k].append(outs[sids[k]].outputs["y"])
+    assert lstm.slabs.reused > reused  # the kept batches were fed again
+    for k, x in enumerate(xs):
+        n = len(got[k])
+        np.testing.assert_allclose(
+            np.concatenate(got[k]), ort_whole(zoo / "lstm2.onnx", x[:n]), atol=EXACT
+        )
+
+
 def test_a_failing_chunk_gets_its_own_error_and_neither_the_others_nor_the_stream_fail(client):
     a = client.create_session("gru").session_id
     b = client.create_session("gru").session_id

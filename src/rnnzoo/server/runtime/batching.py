@@ -43,6 +43,7 @@ from rnnzoo.errors import InvalidArgument, RnnzooError, Unavailable
 
 from . import telemetry
 from .model import Chunk, ServedModel
+from .slabs import Slabs
 
 Result = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # batch-free outputs, batch-1 states
 
@@ -104,6 +105,7 @@ class Batcher:
         # batch-size bucket (bit length of the batch size) -> ORT seconds per chunk step,
         # a running average
         self._s_per_step: dict[int, float] = {}
+        self.slabs = Slabs()  # recent batches' whole next states (slabs.py)
         self.calls = 0  # successful ORT calls made (for tests and stats)
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # the most recent calls' sizes
 
@@ -343,15 +345,18 @@ class Batcher:
         if len(jobs) == 1:
             return [self._run_one(jobs[0])]
         feeds = m.stack_chunks([j.chunk for j in jobs])
-        states = m.stack_states([j.state for j in jobs])
+        rows = [j.state for j in jobs]
+        states = self.slabs.whole(rows)  # the same sessions as a kept batch: fed whole
+        if states is None:
+            states = m.stack_states(rows)
         t0 = time.perf_counter()
         telemetry.batch(m.contract.name, len(jobs), [t0 - j.queued for j in jobs if j.queued])
         outs, nxt = m.run(feeds, states)
         self._ran(len(jobs), jobs[0].chunk.length, t0)  # a group shares one length (_run_jobs)
         _timed(jobs, t0)
-        return list(
-            zip(m.split_outputs(outs, len(jobs)), m.split_states(nxt, len(jobs)), strict=True)
-        )
+        nxt_rows = m.split_states(nxt, len(jobs))
+        self.slabs.keep(nxt_rows, {key: nxt[key] for key, _ in m.slots})
+        return list(zip(m.split_outputs(outs, len(jobs)), nxt_rows, strict=True))
 
     def _run_one(self, job: _Job) -> Result:
         """The lean path: a lone chunk. Its batch-1 state is fed as it is (ORT never writes
