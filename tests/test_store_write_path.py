@@ -60,7 +60,9 @@ def test_the_step_encoder_keeps_its_header_for_one_sessions_steps_and_follows_a_
         assert enc.encode(snap, initial) == to_bytes(snap)
 
     for steps in (0, 1, 9, 10, 12345678901):  # the steps value's width changes
-        step(steps, {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in initial.items()})
+        step(
+            steps, {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in initial.items()}
+        )
     step(3, {k: v.astype(np.float64) for k, v in initial.items()})  # another dtype
     step(4, {k: np.zeros((2, 2, 4), np.float32) for k in initial})  # another shape
     step(5, {"c0": initial["c0"], "h0": initial["h0"]})  # another order
