@@ -174,3 +174,64 @@ def test_a_sqlite_batch_with_a_fenced_write_applies_the_others_and_says_which(tm
     assert store._write(conn, fenced, 30.0) == [True, False, True]
     snaps = dict(conn.execute("SELECT sid, snap FROM sessions").fetchall())
     assert snaps == {"a": b"v2-a", "b": b"v1-b", "c": b"v2-c"}
+
+
+def test_a_redis_record_keeps_its_initial_state_apart_and_an_older_whole_record_still_reads(
+    tmp_path,
+):
+    from rnnzoo.server.runtime.snapshot import initial_size
+    from rnnzoo.server.runtime.store import RedisStore, Write
+
+    initial = {"h0": np.zeros((2, 1, 4), np.float32), "c0": np.ones((2, 1, 4), np.float32)}
+    snaps = [to_bytes(_snap(steps, steps, initial)) for steps in range(4)]
+    n = initial_size(_snap(0, 0, initial))
+    assert n == 64 and all(s.endswith(snaps[0][-n:]) for s in snaps)
+    server = Redis(tmp_path)
+
+    async def go() -> None:
+        store = RedisStore(server.url())
+        raw = AsyncRedis(port=server.port)
+        try:
+            # a create sends the tail; a step sends the rest only, and reads back whole
+            assert await store.write([Write("a", 0, snaps[0], 60.0, create=True, tail=n)], 30.0)
+            assert await raw.hget("rnnzoo:s:a", "tail") == snaps[0][-n:]
+            step = Write("a", 0, snaps[1], 60.0, b"r1", 0, False, steps=1, tail=n)
+            assert await store.write([step], 30.0) == [True]
+            assert await raw.hget("rnnzoo:s:a", "snap") == snaps[1][:-n]
+            assert (await store.load("a")).snap == snaps[1]  # type: ignore[union-attr]
+            # fencing and the position check come first
+            late = Write("a", 0, snaps[2], 60.0, b"r", 0, False, steps=1, tail=n)
+            assert await store.write([late, Write("a", 5, snaps[2], 60.0, tail=n)], 30.0) == [
+                False,
+                False,
+            ]
+            # a record as the version before wrote it: whole, no tail field
+            await raw.hset(
+                "rnnzoo:s:b",
+                mapping={"snap": snaps[0], "epoch": 0, "holder": "", "lexp": 0, "resp": ""}
+                | {"rpos": -1, "steps": 0},
+            )
+            assert (await store.load("b")).snap == snaps[0]  # type: ignore[union-attr]
+            trips = store.round_trips
+            step = Write("b", 0, snaps[1], 60.0, b"r1", 0, False, steps=1, tail=n)
+            assert await store.write([step], 30.0) == [True]
+            assert store.round_trips == trips + 2  # refused without its tail, sent again
+            assert await raw.hget("rnnzoo:s:b", "tail") == snaps[1][-n:]
+            got = await store.acquire("b", "h/1", 30.0)
+            assert got.record is not None and got.record.snap == snaps[1]
+            # a write with no tail (a buffered session's) is whole again
+            whole = Write("b", got.epoch, snaps[2], 60.0, b"r2", 1, steps=2)
+            assert await store.write([whole], 30.0) == [True]
+            assert await raw.hget("rnnzoo:s:b", "tail") == b""
+            assert (await store.load("b")).snap == snaps[2]  # type: ignore[union-attr]
+            step = Write("b", got.epoch, snaps[3], 60.0, b"r3", 2, steps=3, tail=n)
+            assert await store.write([step], 30.0) == [True]
+            assert (await store.load("b")).snap == snaps[3]  # type: ignore[union-attr]
+        finally:
+            await raw.aclose()
+            await store.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        server.stop()

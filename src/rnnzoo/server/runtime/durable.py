@@ -53,6 +53,7 @@ from .snapshot import (
     Snapshot,
     StepEncoder,
     from_bytes,
+    initial_size,
     model_hash,
     result_from_bytes,
     result_to_bytes,
@@ -266,11 +267,13 @@ class Records:
         if self.store.shared:
             if sess is None:
                 w.snap = to_bytes(snap)
+                w.tail = initial_size(snap)
             else:  # a step: the header that does not change is encoded once (snapshot.py)
                 encoder = sess.encoder
                 if encoder is None:
                     encoder = sess.encoder = StepEncoder()
                 w.snap = encoder.encode(snap, sess.initial)  # type: ignore[attr-defined]
+                w.tail = encoder.tail_size(snap)  # type: ignore[attr-defined]
             w.resp = result_to_bytes(result) if result is not None else None
         else:  # kept as objects: no encoding (~22 µs per step saved)
             w.value = (snap, result)

@@ -106,6 +106,12 @@ def to_bytes(snap: Snapshot) -> bytes:
     return _pack(head, arrays)
 
 
+def initial_size(snap: Snapshot) -> int:
+    """How many bytes ``to_bytes(snap)`` ends with that are its initial state's arrays (0 with
+    a buffer: its chunks come last)."""
+    return 0 if snap.buffer else sum(a.nbytes for a in snap.initial.values())
+
+
 def from_bytes(data: bytes) -> Snapshot:
     head, arrays = _unpack(data, "session snapshot")
     state, initial = {}, {}
@@ -210,6 +216,10 @@ class StepEncoder:
         parts += [a.tobytes() for a in state.values()]  # C order whatever the layout
         parts.append(self._tail)
         return b"".join(parts)
+
+    def tail_size(self, snap: Snapshot) -> int:
+        """``initial_size`` of the snapshot ``encode`` was just given, without the sum."""
+        return 0 if snap.buffer else len(self._tail)
 
     def _fits(self, snap: Snapshot, initial: dict[str, np.ndarray]) -> bool:
         """Whether the cached header and initial bytes are ``snap``'s (see the class)."""
