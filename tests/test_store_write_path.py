@@ -83,6 +83,23 @@ def test_packed_commands_are_byte_for_byte_redis_pys():
         wire.arg(None)
 
 
+@pytest.mark.parametrize("tails", [False, True])
+def test_a_write_packed_directly_is_byte_for_byte_its_call_packed_generically(tails):
+    from rnnzoo.server.runtime.store import RedisStore, Write
+
+    store = RedisStore("redis://127.0.0.1:1/0", max_ttl_s=100.0)  # never connected
+    snap = bytes(range(256)) * 9
+    writes = [
+        Write("a", 3, snap, 60.0, b"resp", 7, True, steps=8, tail=1024),
+        Write("b\u00e9", 0, snap, 600.0, None, -1, False),  # no tail; ttl over max_ttl_s
+        Write("c", 12, snap, 0.0001, b"", 0, True, steps=1, tail=len(snap)),
+        Write("d", 0, snap, 60.0, create=True, quota_key="k", quota_max=2, steps=0, tail=64),
+    ]
+    sha = store._scripts["write"].sha
+    generic = [wire.evalsha(sha, *c) for c in store.write_calls(writes, 30.0, tails)]
+    assert store.write_commands(writes, 30.0, tails) == generic
+
+
 @pytest.mark.parametrize("parser", ["hiredis", "python"])
 def test_a_packed_pipeline_returns_every_reply_with_error_replies_in_place(tmp_path, parser):
     if parser == "hiredis":
