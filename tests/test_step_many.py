@@ -17,7 +17,7 @@ from rnnzoo.client_many import StepManyError
 from rnnzoo.proto.tensors import to_tensors
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.server.runtime import Runtime, RuntimeOptions
-from rnnzoo.server.transport import BackgroundServer
+from rnnzoo.server.transport import BackgroundServer, ServerConfig
 
 EXACT = 1e-6
 
@@ -100,6 +100,28 @@ def test_many_sessions_of_several_models_step_exactly_as_ort_runs_the_whole_sequ
     assert 2 in list(lstm.batch_sizes)[calls_before:]
 
 
+def test_the_same_sessions_stepped_again_in_any_order_stay_exact(client, server, zoo):
+    # the same sessions in the same order: the batcher feeds the last batch's whole next
+    # states again (slabs.py); another order or a subset gathers the rows as usual
+    xs = [_x(9, 40 + i) for i in range(6)]
+    sids = [client.create_session("lstm2").session_id for _ in xs]
+    lstm = server.server.runtime.batchers[("lstm2", "model")]
+    reused = lstm.slabs.reused
+    got: list[list[np.ndarray]] = [[] for _ in xs]
+    orders = [[0, 1, 2, 3, 4, 5]] * 4 + [[0, 2, 1, 3, 4, 5], [5, 3, 1, 0, 2, 4], [2, 4]]
+    orders += [[0, 1, 2, 3, 4, 5]] * 2
+    for order in orders:  # one step per message; a session left out waits a message
+        outs = client.step_many({sids[k]: xs[k][len(got[k]) : len(got[k]) + 1] for k in order})
+        for k in order:
+            got[k].append(outs[sids[k]].outputs["y"])
+    assert lstm.slabs.reused > reused  # the kept batches were fed again
+    for k, x in enumerate(xs):
+        n = len(got[k])
+        np.testing.assert_allclose(
+            np.concatenate(got[k]), ort_whole(zoo / "lstm2.onnx", x[:n]), atol=EXACT
+        )
+
+
 def test_a_failing_chunk_gets_its_own_error_and_neither_the_others_nor_the_stream_fail(client):
     a = client.create_session("gru").session_id
     b = client.create_session("gru").session_id
@@ -149,6 +171,26 @@ def test_a_failing_chunk_gets_its_own_error_and_neither_the_others_nor_the_strea
     assert isinstance(err, RpcError) and err.code() == grpc.StatusCode.NOT_FOUND
     assert list(err.outputs) == [a] and err.outputs[a].steps_total == 4
     assert err.errors["no-such-session"].code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_results_that_would_take_the_response_over_the_message_limit_fail_in_their_place(zoo):
+    # charlm: one character in, 9 floats out per step, so results outgrow their requests
+    cfg = ServerConfig(port=0, max_message_mb=0.01)  # 10 485 bytes
+    factory = lambda: Runtime.from_dir(zoo, RuntimeOptions(session_ttl_s=None))  # noqa: E731
+    text = "abcdefgh " * 11 + "a"  # 100 steps: ~3.7 KB of outputs per result
+    with BackgroundServer(factory, cfg) as srv, Client(srv.target, timeout=20) as c:
+        a, b, d = (c.create_session("charlm").session_id for _ in range(3))
+        with pytest.raises(StepManyError) as info:
+            c.step_many({a: text, b: text, d: text})
+        err = info.value
+        assert list(err.outputs) == [a, b]  # in the chunks' order: the third is over
+        assert err.errors[d].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "message limit" in err.errors[d].details()
+        assert [err.outputs[s].steps_total for s in (a, b)] == [100, 100]
+        # the refused chunk changed nothing: its session is still at 0, the others at 100
+        again = c.step_many({d: text[:10], a: text[:10]})
+        assert again[d].start == 0 and again[d].steps_total == 10
+        assert again[a].start == 100
 
 
 def test_a_resent_message_gets_the_stored_results_and_applies_nothing_twice(client, zoo):

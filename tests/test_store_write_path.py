@@ -47,6 +47,29 @@ def test_the_step_encoder_makes_to_bytes_bytes_and_follows_every_change():
     assert enc.encode(snap, other) == to_bytes(snap)
 
 
+def test_the_step_encoder_keeps_its_header_for_one_sessions_steps_and_follows_a_new_layout():
+    # as the server makes them: one meta, source and initial dict for the session's steps
+    initial = {"h0": np.zeros((2, 1, 4), np.float32), "c0": np.ones((2, 1, 4), np.float32)}
+    meta = {"created_at": 1.5e9, "ttl_s": None, "owner": "alice", "quota_key": "k"}
+    source = {"ckpt": "x"}
+    enc = StepEncoder()
+    rng = np.random.default_rng(0)
+
+    def step(steps: int, state: dict, meta: dict = meta) -> None:
+        snap = Snapshot("m", "ab" * 32, steps, state, initial, [], source, meta)
+        assert enc.encode(snap, initial) == to_bytes(snap)
+
+    for steps in (0, 1, 9, 10, 12345678901):  # the steps value's width changes
+        step(
+            steps, {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in initial.items()}
+        )
+    step(3, {k: v.astype(np.float64) for k, v in initial.items()})  # another dtype
+    step(4, {k: np.zeros((2, 2, 4), np.float32) for k in initial})  # another shape
+    step(5, {"c0": initial["c0"], "h0": initial["h0"]})  # another order
+    step(6, {"h0": initial["h0"]})  # fewer arrays
+    step(7, dict(initial), {**meta, "ttl_s": 30.0})  # a session copy's new meta dict
+
+
 def test_packed_commands_are_byte_for_byte_redis_pys():
     pack = Connection().pack_command
     args = [3, b"\x00snap\r\n", b"", -1, 600_000, 1, 0, 30_000, 1.5, "t\u00e9xt"]
@@ -58,6 +81,23 @@ def test_packed_commands_are_byte_for_byte_redis_pys():
     )
     with pytest.raises(TypeError):
         wire.arg(None)
+
+
+@pytest.mark.parametrize("tails", [False, True])
+def test_a_write_packed_directly_is_byte_for_byte_its_call_packed_generically(tails):
+    from rnnzoo.server.runtime.store import RedisStore, Write
+
+    store = RedisStore("redis://127.0.0.1:1/0", max_ttl_s=100.0)  # never connected
+    snap = bytes(range(256)) * 9
+    writes = [
+        Write("a", 3, snap, 60.0, b"resp", 7, True, steps=8, tail=1024),
+        Write("b\u00e9", 0, snap, 600.0, None, -1, False),  # no tail; ttl over max_ttl_s
+        Write("c", 12, snap, 0.0001, b"", 0, True, steps=1, tail=len(snap)),
+        Write("d", 0, snap, 60.0, create=True, quota_key="k", quota_max=2, steps=0, tail=64),
+    ]
+    sha = store._scripts["write"].sha
+    generic = [wire.evalsha(sha, *c) for c in store.write_calls(writes, 30.0, tails)]
+    assert store.write_commands(writes, 30.0, tails) == generic
 
 
 @pytest.mark.parametrize("parser", ["hiredis", "python"])
@@ -245,3 +285,64 @@ def test_a_sqlite_store_made_before_write_ids_gains_their_column_and_takes_batch
     batch = [Write("old", 0, b"1", 60.0, b"r", -1), Write("old2", 1, b"1", 60.0, b"r", -1)]
     assert store._write(conn, batch, 30.0) == [True, False]
     assert conn.execute("SELECT snap FROM sessions WHERE sid='old'").fetchone() == (b"1",)
+
+
+def test_a_redis_record_keeps_its_initial_state_apart_and_an_older_whole_record_still_reads(
+    tmp_path,
+):
+    from rnnzoo.server.runtime.snapshot import initial_size
+    from rnnzoo.server.runtime.store import RedisStore, Write
+
+    initial = {"h0": np.zeros((2, 1, 4), np.float32), "c0": np.ones((2, 1, 4), np.float32)}
+    snaps = [to_bytes(_snap(steps, steps, initial)) for steps in range(4)]
+    n = initial_size(_snap(0, 0, initial))
+    assert n == 64 and all(s.endswith(snaps[0][-n:]) for s in snaps)
+    server = Redis(tmp_path)
+
+    async def go() -> None:
+        store = RedisStore(server.url())
+        raw = AsyncRedis(port=server.port)
+        try:
+            # a create sends the tail; a step sends the rest only, and reads back whole
+            assert await store.write([Write("a", 0, snaps[0], 60.0, create=True, tail=n)], 30.0)
+            assert await raw.hget("rnnzoo:s:a", "tail") == snaps[0][-n:]
+            step = Write("a", 0, snaps[1], 60.0, b"r1", 0, False, steps=1, tail=n)
+            assert await store.write([step], 30.0) == [True]
+            assert await raw.hget("rnnzoo:s:a", "snap") == snaps[1][:-n]
+            assert (await store.load("a")).snap == snaps[1]  # type: ignore[union-attr]
+            # fencing and the position check come first
+            late = Write("a", 0, snaps[2], 60.0, b"r", 0, False, steps=1, tail=n)
+            assert await store.write([late, Write("a", 5, snaps[2], 60.0, tail=n)], 30.0) == [
+                False,
+                False,
+            ]
+            # a record as the version before wrote it: whole, no tail field
+            await raw.hset(
+                "rnnzoo:s:b",
+                mapping={"snap": snaps[0], "epoch": 0, "holder": "", "lexp": 0, "resp": ""}
+                | {"rpos": -1, "steps": 0},
+            )
+            assert (await store.load("b")).snap == snaps[0]  # type: ignore[union-attr]
+            trips = store.round_trips
+            step = Write("b", 0, snaps[1], 60.0, b"r1", 0, False, steps=1, tail=n)
+            assert await store.write([step], 30.0) == [True]
+            assert store.round_trips == trips + 2  # refused without its tail, sent again
+            assert await raw.hget("rnnzoo:s:b", "tail") == snaps[1][-n:]
+            got = await store.acquire("b", "h/1", 30.0)
+            assert got.record is not None and got.record.snap == snaps[1]
+            # a write with no tail (a buffered session's) is whole again
+            whole = Write("b", got.epoch, snaps[2], 60.0, b"r2", 1, steps=2)
+            assert await store.write([whole], 30.0) == [True]
+            assert await raw.hget("rnnzoo:s:b", "tail") == b""
+            assert (await store.load("b")).snap == snaps[2]  # type: ignore[union-attr]
+            step = Write("b", got.epoch, snaps[3], 60.0, b"r3", 2, steps=3, tail=n)
+            assert await store.write([step], 30.0) == [True]
+            assert (await store.load("b")).snap == snaps[3]  # type: ignore[union-attr]
+        finally:
+            await raw.aclose()
+            await store.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        server.stop()

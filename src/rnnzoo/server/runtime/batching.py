@@ -32,10 +32,10 @@ import contextlib
 import itertools
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, TypeVar, cast, overload
 
 import numpy as np
 
@@ -43,8 +43,10 @@ from rnnzoo.errors import InvalidArgument, RnnzooError, Unavailable
 
 from . import telemetry
 from .model import Chunk, ServedModel
+from .slabs import Slabs
 
 Result = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # batch-free outputs, batch-1 states
+T = TypeVar("T")
 
 # A batch runs inline on the event loop when its ORT call is predicted to take at most
 # INLINE_BUDGET_S: its steps (summed over its chunks) times the seconds per step the batcher
@@ -72,9 +74,10 @@ class _Job:
     key: object
     chunk: Chunk
     state: dict[str, np.ndarray]
-    future: asyncio.Future[Result] | None  # None: run directly in ``submit``
+    future: asyncio.Future[Any] | None  # None: run directly in ``submit``
     queued: float = 0.0  # perf_counter when it was queued (0: never queued)
     timing: telemetry.Timing | None = None  # the submitting request's (telemetry.TIMING)
+    then: Callable[[Result], object] | None = None  # makes the future's result from the result
 
 
 class Batcher:
@@ -104,6 +107,7 @@ class Batcher:
         # batch-size bucket (bit length of the batch size) -> ORT seconds per chunk step,
         # a running average
         self._s_per_step: dict[int, float] = {}
+        self.slabs = Slabs()  # recent batches' whole next states (slabs.py)
         self.calls = 0  # successful ORT calls made (for tests and stats)
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # the most recent calls' sizes
 
@@ -155,21 +159,37 @@ class Batcher:
             return res
         return await self.enqueue(key, chunk, state)
 
+    @overload
     def enqueue(
         self, key: object, chunk: Chunk, state: dict[str, np.ndarray]
-    ) -> asyncio.Future[Result]:
+    ) -> asyncio.Future[Result]: ...
+
+    @overload
+    def enqueue(
+        self, key: object, chunk: Chunk, state: dict[str, np.ndarray], then: Callable[[Result], T]
+    ) -> asyncio.Future[T]: ...
+
+    def enqueue(
+        self,
+        key: object,
+        chunk: Chunk,
+        state: dict[str, np.ndarray],
+        then: Callable[[Result], Any] | None = None,
+    ) -> asyncio.Future[Any]:
         """Queue one chunk without waiting: its future. A caller with many chunks (StepMany)
         queues them all, then awaits the futures in order: only the first wait suspends, the
-        rest are done by then (no task and no wake-up per chunk)."""
+        rest are done by then (no task and no wake-up per chunk). ``then``: the future's
+        result is ``then(result)`` (made as the batch is delivered: no coroutine per chunk
+        to await the result and make it); without it, the result itself."""
         if self._task is None or self._task.done():
             raise Unavailable("the server is not running; retry against a running server")
         if key in self._attached:
             self._touch(key)
-        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         q = self._queues.get(key)
         if q is None:
             self._queues[key] = q = deque()
-        q.append(_Job(key, chunk, state, fut, time.perf_counter(), telemetry.TIMING.get()))
+        q.append(_Job(key, chunk, state, fut, time.perf_counter(), telemetry.TIMING.get(), then))
         self._wake()
         return fut
 
@@ -315,7 +335,7 @@ class Batcher:
             if isinstance(res, BaseException):
                 job.future.set_exception(res)
             else:
-                job.future.set_result(res)
+                job.future.set_result(res if job.then is None else job.then(res))
 
     # ---- runs inline or in the executor thread -------------------------------------------
     def _run_jobs(self, jobs: list[_Job]) -> list[Result | Exception]:
@@ -343,15 +363,18 @@ class Batcher:
         if len(jobs) == 1:
             return [self._run_one(jobs[0])]
         feeds = m.stack_chunks([j.chunk for j in jobs])
-        states = m.stack_states([j.state for j in jobs])
+        rows = [j.state for j in jobs]
+        states = self.slabs.whole(rows)  # the same sessions as a kept batch: fed whole
+        if states is None:
+            states = m.stack_states(rows)
         t0 = time.perf_counter()
         telemetry.batch(m.contract.name, len(jobs), [t0 - j.queued for j in jobs if j.queued])
         outs, nxt = m.run(feeds, states)
         self._ran(len(jobs), jobs[0].chunk.length, t0)  # a group shares one length (_run_jobs)
         _timed(jobs, t0)
-        return list(
-            zip(m.split_outputs(outs, len(jobs)), m.split_states(nxt, len(jobs)), strict=True)
-        )
+        nxt_rows = m.split_states(nxt, len(jobs))
+        self.slabs.keep(nxt_rows, {key: nxt[key] for key, _ in m.slots})
+        return list(zip(m.split_outputs(outs, len(jobs)), nxt_rows, strict=True))
 
     def _run_one(self, job: _Job) -> Result:
         """The lean path: a lone chunk. Its batch-1 state is fed as it is (ORT never writes

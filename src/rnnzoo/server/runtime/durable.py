@@ -34,6 +34,7 @@ and every session is in it, so every path reads and writes sessions the same way
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable
 from typing import Any
 
@@ -53,6 +54,7 @@ from .snapshot import (
     Snapshot,
     StepEncoder,
     from_bytes,
+    initial_size,
     model_hash,
     result_from_bytes,
     result_to_bytes,
@@ -266,11 +268,13 @@ class Records:
         if self.store.shared:
             if sess is None:
                 w.snap = to_bytes(snap)
+                w.tail = initial_size(snap)
             else:  # a step: the header that does not change is encoded once (snapshot.py)
                 encoder = sess.encoder
                 if encoder is None:
                     encoder = sess.encoder = StepEncoder()
                 w.snap = encoder.encode(snap, sess.initial)  # type: ignore[attr-defined]
+                w.tail = encoder.tail_size(snap)  # type: ignore[attr-defined]
             w.resp = result_to_bytes(result) if result is not None else None
         else:  # kept as objects: no encoding (~22 µs per step saved)
             w.value = (snap, result)
@@ -285,12 +289,10 @@ class Records:
     ) -> None:
         """Fenced write of ``snap`` (and the step's result, kept for a retry of position
         ``rpos``) as ``sess``'s new state, before its response goes out."""
-        w = self._step_write(sess, snap, lease, rpos)
         if self.store.shared:
-            self._encode(w, snap, result, sess)
-            before = rpos if rpos >= 0 else sess.steps
-            await self._written(self.writer.write(w), sess, lease, rpos, before)  # type: ignore[union-attr]
+            await self.write_soon(sess, snap, lease, result, rpos)
             return
+        w = self._step_write(sess, snap, lease, rpos)
         w.value = (snap, result)  # kept as objects: no encoding (~22 µs per step saved)
         (ok,) = await self.store.write([w], self.lease_ttl_s)  # in memory: no unknown outcome
         if not ok:
@@ -322,25 +324,25 @@ class Records:
             return self.write(sess, snap, lease, result, rpos)
         w = self._step_write(sess, snap, lease, rpos)
         self._encode(w, snap, result, sess)
-        before = rpos if rpos >= 0 else sess.steps
-        return self._written(self.writer.enqueue(w), sess, lease, rpos, before)  # type: ignore[union-attr]
+        before = rpos if rpos >= 0 else sess.steps  # the position before it, read now
+        failed = functools.partial(self._failed, sess, lease, rpos, before)
+        return self.writer.enqueue_checked(w, failed)  # type: ignore[union-attr]
 
-    async def _written(
+    async def _failed(
         self,
-        fut: Awaitable[bool | None],
         sess: Session,
         lease: Lease | None,
         rpos: int,
         before: int,
-    ) -> None:
-        """Await a shared store's write (``before``: the position before it, read when it was
-        made) and say what happened when it did not land."""
-        try:
-            ok = await fut
-        except StoreOutcomeUnknown as exc:
-            raise self._unknown(sess, before, exc) from None
-        if not ok:
-            raise await self._lost_write(sess, lease, rpos)
+        outcome: bool | Exception | None,
+    ) -> BaseException:
+        """What a shared store's write that did not land means (``outcome``: its result, or
+        the store's exception; ``before``: the position before it)."""
+        if isinstance(outcome, StoreOutcomeUnknown):
+            return self._unknown(sess, before, outcome)
+        if isinstance(outcome, Exception):
+            return outcome
+        return await self._lost_write(sess, lease, rpos)
 
     async def _lost_write(self, sess: Session, lease: Lease | None, rpos: int) -> Exception:
         """A write the store refused: this stream's lease is gone, and why it was refused."""

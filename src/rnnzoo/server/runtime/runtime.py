@@ -296,7 +296,9 @@ class Runtime:
         request expects before its chunk (a retry of the last one gets its result again).
         A caller that sends the response calls ``await result.persist()`` first.
         ``queued``: for ``transaction.enter_all`` (many sessions' chunks at once)."""
-        sess = self.sessions.get(session_id, touch=False)  # (the transaction checks the phase)
+        # touched now only when queued: ``enter_all`` then takes this copy (same loop turn);
+        # otherwise the transaction looks the session up again inside its lock
+        sess = self.sessions.get(session_id, touch=queued)
         p = self.stepper.prepare(sess.model, inputs)  # before anything is queued or locked
         what = "a step from outside it"
         # queued (StepMany, entered with ``enter_all``): the batcher job is queued as the

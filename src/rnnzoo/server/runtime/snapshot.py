@@ -106,6 +106,12 @@ def to_bytes(snap: Snapshot) -> bytes:
     return _pack(head, arrays)
 
 
+def initial_size(snap: Snapshot) -> int:
+    """How many bytes ``to_bytes(snap)`` ends with that are its initial state's arrays (0 with
+    a buffer: its chunks come last)."""
+    return 0 if snap.buffer else sum(a.nbytes for a in snap.initial.values())
+
+
 def from_bytes(data: bytes) -> Snapshot:
     head, arrays = _unpack(data, "session snapshot")
     state, initial = {}, {}
@@ -175,16 +181,25 @@ class StepEncoder:
     ``tobytes`` per state array and a join, and makes the same bytes as ``to_bytes``.
     Profiled before (64 sessions x 1 step, Redis): ``to_bytes`` took 66 us of a step's write
     under cProfile, half of it ``json.dumps`` of unchanging fields. Streamable sessions only
-    (a buffered prefix changes every step: that goes through ``to_bytes``)."""
+    (a buffered prefix changes every step: that goes through ``to_bytes``).
 
-    __slots__ = ("_held", "_key", "_post", "_pre", "_tail")
+    Whether the cached header still fits is checked by identity: the session's ``meta`` dict
+    is made once per session copy (durable.Records), ``source`` comes from a per-entry cache
+    and ``initial`` is the session's own dict (its arrays too, in case one is replaced); all
+    are held here, so an identity cannot be reused, and none is changed in place (a change
+    makes a new dict). Only the state arrays' names, dtypes and shapes are compared per step. The key tuple of every field this
+    replaced cost ~6 of the 9 us an encode took (2-core AMD EPYC, the benchmark's LSTM:
+    ``python -m rnnzoo.benchmarks.write_parts``); 2.5 us after."""
+
+    __slots__ = ("_held", "_layout", "_post", "_pre", "_tail")
 
     _MARK = 8_207_394_611_509_271  # a steps value no header holds otherwise
 
     def __init__(self) -> None:
-        # the initial dict and its arrays the header was made for (held, so identity is safe)
+        # what the header was made for, held (identity is safe): model, hash, meta, source,
+        # the initial dict and its arrays
         self._held: tuple[Any, ...] = ()
-        self._key: tuple[Any, ...] | None = None
+        self._layout: tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...] = ()
         self._pre = self._post = b""  # the header before and after the steps value
         self._tail = b""  # the initial arrays' bytes
 
@@ -194,29 +209,41 @@ class StepEncoder:
         if snap.buffer:
             return to_bytes(snap)
         state = snap.state
-        key = (
-            snap.model,
-            snap.model_hash,
-            tuple((k, a.dtype.str, a.shape) for k, a in state.items()),
-            tuple(snap.meta.items()),
-            tuple(snap.source.items()),
-        )
-        held = self._held
-        if (
-            key != self._key
-            or not held
-            or held[0] is not initial
-            or len(held) != len(initial) + 1
-            or any(a is not b for a, b in zip(held[1:], initial.values(), strict=False))
-        ):
-            self._build(snap, key, initial)
-        head = b"".join((self._pre, str(int(snap.steps)).encode(), self._post))
+        if not self._fits(snap, initial):
+            self._build(snap, initial)
+        head = b"%b%d%b" % (self._pre, snap.steps, self._post)
         parts = [MAGIC, len(head).to_bytes(4, "little"), head]
-        parts += [np.ascontiguousarray(a).tobytes() for a in state.values()]
+        parts += [a.tobytes() for a in state.values()]  # C order whatever the layout
         parts.append(self._tail)
         return b"".join(parts)
 
-    def _build(self, snap: Snapshot, key: tuple[Any, ...], initial: dict[str, np.ndarray]) -> None:
+    def tail_size(self, snap: Snapshot) -> int:
+        """``initial_size`` of the snapshot ``encode`` was just given, without the sum."""
+        return 0 if snap.buffer else len(self._tail)
+
+    def _fits(self, snap: Snapshot, initial: dict[str, np.ndarray]) -> bool:
+        """Whether the cached header and initial bytes are ``snap``'s (see the class)."""
+        held = self._held
+        if (
+            not held
+            or held[2] is not snap.meta
+            or held[3] is not snap.source
+            or held[4] is not initial
+            or held[0] != snap.model
+            or held[1] != snap.model_hash
+            or len(snap.state) != len(self._layout)
+            or len(initial) != len(held) - 5
+        ):
+            return False
+        for a, b in zip(held[5:], initial.values(), strict=True):  # an array replaced in place
+            if a is not b:
+                return False
+        for (name, dtype, shape), (k, a) in zip(self._layout, snap.state.items(), strict=True):
+            if k != name or a.shape != shape or (a.dtype is not dtype and a.dtype != dtype):
+                return False
+        return True
+
+    def _build(self, snap: Snapshot, initial: dict[str, np.ndarray]) -> None:
         marked = Snapshot(
             snap.model,
             snap.model_hash,
@@ -234,4 +261,6 @@ class StepEncoder:
         assert mark, "to_bytes no longer writes steps as expected"
         self._pre, self._post = before + b'"steps": ', b"," + after
         self._tail = b"".join(np.ascontiguousarray(a).tobytes() for a in snap.initial.values())
-        self._held, self._key = (initial, *initial.values()), key
+        self._held = (snap.model, snap.model_hash, snap.meta, snap.source, initial)
+        self._held += tuple(initial.values())
+        self._layout = tuple((k, a.dtype, a.shape) for k, a in snap.state.items())

@@ -108,8 +108,15 @@ class Stepper:
         if p.restart or not entry.info.streamable or chunk.length >= self.options.long_job_steps:
             return asyncio.ensure_future(self.chunk(sess, p))
         self.catalog.check_output(graph, 1, chunk.length, "this chunk")
-        fut = self.batchers[(sess.model, "model")].enqueue(sess.id, chunk, sess.state)
-        return _chunk_done(fut, sess.steps, chunk.length, sess.buffer, entry)
+        steps0, buffer = sess.steps, sess.buffer
+
+        def change(result: tuple[dict[str, np.ndarray], dict[str, np.ndarray]]) -> Change:
+            outs, nxt = result
+            total = steps0 + chunk.length
+            return Change(nxt, total, buffer, StepResult(outs, steps0, total, False), steps0, entry)
+
+        # the future's result is the Change itself: no coroutine per chunk to make it
+        return self.batchers[(sess.model, "model")].enqueue(sess.id, chunk, sess.state, change)
 
     async def advance(self, sess: Session, feeds: tuple[dict[str, np.ndarray], int]) -> Change:
         arrays, length = feeds
@@ -130,16 +137,3 @@ def with_batch(contract: Contract, outputs: dict[str, np.ndarray]) -> dict[str, 
         arr = outputs[spec.name]
         out[spec.name] = arr if spec.batch_axis is None else np.expand_dims(arr, spec.batch_axis)
     return out
-
-
-async def _chunk_done(
-    fut: Awaitable[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
-    steps0: int,
-    length: int,
-    buffer: list[Chunk],
-    entry: ServedEntry,
-) -> Change:
-    """A streamable chunk queued by ``Stepper.chunk_soon``: its ``Change`` once computed."""
-    outs, nxt = await fut
-    total = steps0 + length
-    return Change(nxt, total, buffer, StepResult(outs, steps0, total, False), steps0, entry)

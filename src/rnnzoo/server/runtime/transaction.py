@@ -144,11 +144,13 @@ class Transaction(Generic[A]):
         sess, computing = begun
         return self._computed(sess, await computing)
 
-    def _begin(self) -> StepResult | tuple[Session, Awaitable[Change]]:
+    def _begin(self, sess: Session | None = None) -> StepResult | tuple[Session, Awaitable[Change]]:
         """Inside the lock: ownership, then a replay's kept result, or the computation started
-        (awaited by the caller: ``_computed``)."""
+        (awaited by the caller: ``_computed``). ``sess``: the session as looked up in this
+        same loop turn (``enter_all``: nothing can have closed it since); else looked up."""
         core, lease = self.core, self.lease
-        sess = core.sessions.get(self.sid)  # closed/expired while waiting?
+        if sess is None:
+            sess = core.sessions.get(self.sid)  # closed/expired while waiting?
         # the authoritative check: renews a stream's lease
         if lease is None or not core.sessions.leases.renew(lease):
             core.own(sess, lease, self.what)
@@ -241,18 +243,21 @@ async def enter_all(txs: Sequence[Transaction[A]]) -> list[StepResult | BaseExce
     started: list[tuple[int, Transaction[A], Session, Awaitable[Change]]] = []
     waiting: list[tuple[int, asyncio.Future[StepResult]]] = []
     done = 0  # the started ones awaited so far
+    if txs:
+        try:
+            txs[0].core.check()  # the runtime is serving (one core for all: one check)
+        except Exception as exc:  # each chunk gets the error in its place
+            return [exc] * len(txs)
     try:
         for i, tx in enumerate(txs):
-            core = tx.core
             sess = tx.sess
             if tx.lease is None or tx.interrupt or sess is None or sess.lock.locked():
                 waiting.append((i, asyncio.ensure_future(tx.__aenter__())))
                 continue
             try:
-                core.check()
                 await sess.lock.acquire()  # free: returns at once
                 tx._lock = sess.lock
-                begun = tx._begin()
+                begun = tx._begin(sess)  # looked up (and touched) by the caller just now
             except Exception as exc:
                 tx._unlock()
                 out[i] = exc

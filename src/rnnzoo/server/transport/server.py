@@ -38,6 +38,7 @@ from grpc_reflection.v1alpha import reflection
 from rnnzoo.errors import FailedPrecondition, Unavailable
 from rnnzoo.proto.inference.v2 import grpc_service_pb2 as kpb
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
+from rnnzoo.server import heap
 from rnnzoo.server.runtime import Runtime, RuntimeOptions
 from rnnzoo.server.runtime.control import RepositoryControl
 from rnnzoo.server.runtime.repository import LoadOptions
@@ -270,6 +271,7 @@ async def serve(
     try:
         runtime = await asyncio.to_thread(Runtime.from_dir, model_dir, options, load)
         await server.load(runtime)
+        heap.settle()  # start-up's objects out of the collector's sight (heap.py)
         ready(f"listening on {server.target}", flush=True)
         if server.metrics_port is not None:
             ready(f"metrics on http://{config.host}:{server.metrics_port}/metrics", flush=True)

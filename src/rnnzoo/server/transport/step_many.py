@@ -152,47 +152,24 @@ class StepMany:
                 results[i] = r
                 held.append(i)
         try:
-            # 3. the responses, within the message limit, then written through the store
-            budget = self.svc.max_response_bytes - 64  # the message's own framing
-            resps: list = [None] * len(reqs)
-            for i in held:
-                req, res = reqs[i], results[i]
-                resp = pb.StreamResponse(
-                    request_id=req.request_id,
-                    session_id=req.session_id,
-                    start=res.start,
-                    steps_total=res.steps_total,
-                    revised=res.revised,
-                )
-                fill_tensors(resp.outputs, res.outputs)
-                size = resp.ByteSize() + 8  # the field's tag and length
-                try:
-                    self.svc._fits(resp)
-                    if size > budget:
-                        raise ResourceExhausted(
-                            "this chunk's result would take the StepMany response over this "
-                            f"server's message limit of {self.svc.max_response_bytes} bytes; "
-                            "send fewer sessions or steps per message"
-                        )
-                except ResourceExhausted as exc:
-                    errors[i] = exc
-                    continue
-                budget -= size
-                resps[i] = resp
+            # 3. the responses, built in place in the one message (no per-chunk message to
+            # copy in), within the message limit; then written through the store
+            out = pb.StepManyResponse()
+            slots = self._results(out, reqs, results, errors)
+            if out.ByteSize() > self.svc.max_response_bytes - 64:  # the message's framing
+                self._over_limit(slots, held, errors)
             todo = [i for i in held if errors[i] is None]
             # every write queued, then awaited (a shared store: one store call for them all)
             done = await persist_all([txs[i] for i in todo])
             for i, d in zip(todo, done, strict=True):
                 if d is not None:
                     errors[i] = d
-            out = pb.StepManyResponse()
-            for i, req in enumerate(reqs):
-                err = errors[i]
-                if err is None:
-                    out.results.append(resps[i])
-                    continue
-                res = out.results.add(request_id=req.request_id, session_id=req.session_id)
-                res.error.code, res.error.message = _status(err)
+            for i, err in enumerate(errors):
+                if err is not None:  # its result (if any) replaced by its error, in place
+                    req, slot = reqs[i], slots[i]
+                    slot.Clear()
+                    slot.request_id, slot.session_id = req.request_id, req.session_id
+                    slot.error.code, slot.error.message = _status(err)
             await context.write(out)
         except BaseException as exc:  # not sent: nothing commits
             for i in held:
@@ -208,6 +185,51 @@ class StepMany:
         for i, req in enumerate(reqs):
             if errors[i] is not None and checked_ok[i]:
                 self._drop(req.session_id, attached)
+
+    @staticmethod
+    def _results(out, reqs, results, errors) -> list:
+        """One result per chunk in ``out``, in the chunks' order: a computed chunk's outputs;
+        an empty place for a chunk that failed (its error is written at the end)."""
+        add = out.results.add
+        slots = []
+        for i, req in enumerate(reqs):
+            res = results[i]
+            if res is None or errors[i] is not None:
+                slots.append(add())
+                continue
+            slot = add(
+                request_id=req.request_id,
+                session_id=req.session_id,
+                start=res.start,
+                steps_total=res.steps_total,
+                revised=res.revised,
+            )
+            fill_tensors(slot.outputs, res.outputs)
+            slots.append(slot)
+        return slots
+
+    def _over_limit(self, slots, held, errors) -> None:
+        """The message is over the limit: in the chunks' order, each result that would take
+        it over fails with RESOURCE_EXHAUSTED (before anything is written through the store);
+        the rest stay."""
+        budget = self.svc.max_response_bytes - 64  # the message's own framing
+        for i in held:
+            if errors[i] is not None:
+                continue
+            slot = slots[i]
+            size = slot.ByteSize() + 8  # the field's tag and length
+            try:
+                self.svc._fits(slot)
+                if size > budget:
+                    raise ResourceExhausted(
+                        "this chunk's result would take the StepMany response over this "
+                        f"server's message limit of {self.svc.max_response_bytes} bytes; "
+                        "send fewer sessions or steps per message"
+                    )
+            except ResourceExhausted as exc:
+                errors[i] = exc
+                continue
+            budget -= size
 
     async def _attach(self, sid: str, holder: str, alive) -> tuple[object, str]:
         lease = await self.rt.attach(sid, holder, alive)

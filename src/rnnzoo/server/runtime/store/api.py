@@ -72,6 +72,11 @@ class Write:
     # is also a compare-and-set on the position: applied only while the stored position is
     # ``rpos`` (the chunk's start), so a write that lands late or twice changes nothing
     steps: int = -1
+    # the last ``tail`` bytes of ``snap`` are the session's initial state (0: not known),
+    # which never changes for a session: a store may keep them from an earlier write and
+    # send only the rest (Redis: half the bytes of an LSTM's step). ``snap`` is still the
+    # whole snapshot, for a store that writes it whole (SQLite)
+    tail: int = 0
 
 
 @dataclass(slots=True)

@@ -64,8 +64,19 @@ def command(args: list[bytes]) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in args])
 
 
+def bulk(value: bytes) -> bytes:
+    """One bytes argument as a RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+def bulk_int(value: int) -> bytes:
+    """One integer argument as a RESP bulk string."""
+    digits = b"%d" % value
+    return b"$%d\r\n%b\r\n" % (len(digits), digits)
+
+
 @functools.lru_cache(maxsize=64)
-def _evalsha_head(sha: str, nargs: int, nkeys: int) -> bytes:
+def evalsha_head(sha: str, nargs: int, nkeys: int) -> bytes:
     """The array header and ``EVALSHA sha numkeys`` of a call with ``nargs`` more items."""
     three = command([b"EVALSHA", sha.encode(), b"%d" % nkeys])
     return b"*%d\r\n" % (nargs + 3) + three.split(b"\r\n", 1)[1]
@@ -75,7 +86,7 @@ def evalsha(sha: str, keys: Sequence[Arg], args: Sequence[Arg]) -> bytes:
     """``EVALSHA sha numkeys keys... args...`` in RESP."""
     items = [arg(a) for a in keys]
     items += [arg(a) for a in args]
-    return _evalsha_head(sha, len(items), len(keys)) + b"".join(
+    return evalsha_head(sha, len(items), len(keys)) + b"".join(
         [b"$%d\r\n%b\r\n" % (len(a), a) for a in items]
     )
 
