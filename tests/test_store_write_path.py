@@ -199,6 +199,100 @@ def test_a_sqlite_batch_with_a_fenced_write_applies_the_others_and_says_which(tm
     assert snaps == {"a": b"v2-a", "b": b"v1-b", "c": b"v2-c"}
 
 
+def _sqlite_rows(conn) -> dict[str, tuple]:
+    rows = conn.execute("SELECT sid, snap, resp, rpos, steps, holder FROM sessions")
+    return {sid: tuple(rest) for sid, *rest in rows}
+
+
+def test_a_sqlite_batch_refuses_each_fenced_write_by_name_and_applies_the_rest(tmp_path):
+    from rnnzoo.server.runtime.store import SqliteStore, Write
+
+    store = SqliteStore(tmp_path / "st")
+    conn = store._conn()
+    sids = ["ok", "stale", "moved", "held", "free", "mine", "gone"]
+    creates = [Write(s, 0, b"v0", 60.0, create=True, steps=0) for s in sids]
+    assert store._write(conn, creates, 30.0) == [True] * 7
+    conn.execute("DELETE FROM sessions WHERE sid='gone'")  # deleted, or expired and swept
+    held = store._acquire(conn, "held", "other/1", 30.0)  # a live lease another process holds
+    mine = store._acquire(conn, "mine", "me/1", 0.5)
+    (lexp_before,) = conn.execute("SELECT lexp FROM sessions WHERE sid='mine'").fetchone()
+    batch = [
+        Write("ok", 0, b"v1", 60.0, b"r-ok", 0, steps=1),
+        Write("stale", 7, b"v1", 60.0, b"r", 0, steps=1),  # an old epoch: fenced off
+        Write("moved", 0, b"v1", 60.0, b"r", 3, steps=4),  # not at position 3: refused
+        Write("held", held.epoch, b"v1", 60.0, b"r", 0, leased=False, steps=1),
+        Write("free", 0, b"v1", 60.0, b"r-free", 0, leased=False, steps=1),
+        Write("mine", mine.epoch, b"v1", 60.0, b"r-mine", 0, steps=1),
+        Write("gone", 0, b"v1", 60.0, b"r", 0, steps=1),  # no such session: not recreated
+    ]
+    assert store._write(conn, batch, 30.0) == [True, False, False, False, True, True, False]
+    assert _sqlite_rows(conn) == {
+        "ok": (b"v1", b"r-ok", 0, 1, ""),
+        "stale": (b"v0", None, -1, 0, ""),
+        "moved": (b"v0", None, -1, 0, ""),
+        "held": (b"v0", None, -1, 0, "other/1"),
+        "free": (b"v1", b"r-free", 0, 1, ""),
+        "mine": (b"v1", b"r-mine", 0, 1, "me/1"),
+    }
+    (lexp,) = conn.execute("SELECT lexp FROM sessions WHERE sid='mine'").fetchone()
+    assert lexp > lexp_before + 20  # the leased write renewed its lease, as a lone one does
+    # the same writes again (a retry): each is now at the wrong position, refused, unchanged
+    assert store._write(conn, batch, 30.0) == [False] * 7
+    assert _sqlite_rows(conn)["ok"] == (b"v1", b"r-ok", 0, 1, "")
+
+
+def test_a_sqlite_batch_naming_one_session_twice_applies_both_writes_in_order(tmp_path):
+    from rnnzoo.server.runtime.store import SqliteStore, Write
+
+    store = SqliteStore(tmp_path / "st")
+    conn = store._conn()
+    batch = [
+        Write("a", 0, b"a0", 60.0, create=True, steps=0),
+        Write("a", 0, b"a1", 60.0, b"r1", 0, steps=1),  # the step right after the create
+        Write("b", 0, b"b0", 60.0, create=True, steps=0),
+        Write("a", 0, b"a2", 60.0, b"r2", 1, steps=2),  # a's next step, in the same call
+        Write("b", 0, b"b1", 60.0, b"r1", 0, steps=1),
+        Write("a", 0, b"a2'", 60.0, b"r2'", 1, steps=2),  # a duplicate of a's second step
+    ]
+    assert store._write(conn, batch, 30.0) == [True, True, True, True, True, False]
+    rows = _sqlite_rows(conn)
+    assert rows == {"a": (b"a2", b"r2", 1, 2, ""), "b": (b"b1", b"r1", 0, 1, "")}
+
+
+def test_a_sqlite_batch_over_one_statement_says_which_write_of_each_part_landed(tmp_path):
+    from rnnzoo.server.runtime.store import SqliteStore, Write
+    from rnnzoo.server.runtime.store.sqlite import _ROWS_PER_STATEMENT
+
+    store = SqliteStore(tmp_path / "st")
+    conn = store._conn()
+    n = _ROWS_PER_STATEMENT + 10
+    sids = [f"s{i}" for i in range(n)]
+    assert all(store._write(conn, [Write(s, 0, b"0", 60.0, create=True) for s in sids], 30.0))
+    refused = {3, _ROWS_PER_STATEMENT + 5}
+    batch = [Write(s, 9 if i in refused else 0, b"1", 60.0, b"r", -1) for i, s in enumerate(sids)]
+    assert store._write(conn, batch, 30.0) == [i not in refused for i in range(n)]
+    snaps = dict(conn.execute("SELECT sid, snap FROM sessions").fetchall())
+    assert snaps == {s: b"0" if i in refused else b"1" for i, s in enumerate(sids)}
+
+
+def test_a_sqlite_store_made_before_write_ids_gains_their_column_and_takes_batches(tmp_path):
+    import sqlite3
+
+    from rnnzoo.server.runtime.store import SqliteStore, Write
+
+    SqliteStore(tmp_path / "st")
+    old = sqlite3.connect(tmp_path / "st" / "sessions.sqlite3")
+    old.execute("ALTER TABLE sessions DROP COLUMN wid")
+    old.execute("INSERT INTO sessions (sid, snap, expires) VALUES ('old', x'00', 1e12)")
+    old.commit()
+    old.close()
+    store = SqliteStore(tmp_path / "st")
+    conn = store._conn()
+    batch = [Write("old", 0, b"1", 60.0, b"r", -1), Write("old2", 1, b"1", 60.0, b"r", -1)]
+    assert store._write(conn, batch, 30.0) == [True, False]
+    assert conn.execute("SELECT snap FROM sessions WHERE sid='old'").fetchone() == (b"1",)
+
+
 def test_a_redis_record_keeps_its_initial_state_apart_and_an_older_whole_record_still_reads(
     tmp_path,
 ):
