@@ -84,20 +84,26 @@ def test_packed_commands_are_byte_for_byte_redis_pys():
 
 
 @pytest.mark.parametrize("tails", [False, True])
-def test_a_write_packed_directly_is_byte_for_byte_its_call_packed_generically(tails):
+def test_a_batchs_writes_packed_directly_are_byte_for_byte_their_calls_packed_generically(tails):
     from rnnzoo.server.runtime.store import RedisStore, Write
 
     store = RedisStore("redis://127.0.0.1:1/0", max_ttl_s=100.0)  # never connected
+    store.STEPS_PER_CALL = 2
     snap = bytes(range(256)) * 9
     writes = [
         Write("a", 3, snap, 60.0, b"resp", 7, True, steps=8, tail=1024),
+        Write("d", 0, snap, 60.0, create=True, quota_key="k", quota_max=2, steps=0, tail=64),
         Write("b\u00e9", 0, snap, 600.0, None, -1, False),  # no tail; ttl over max_ttl_s
         Write("c", 12, snap, 0.0001, b"", 0, True, steps=1, tail=len(snap)),
-        Write("d", 0, snap, 60.0, create=True, quota_key="k", quota_max=2, steps=0, tail=64),
     ]
-    sha = store._scripts["write"].sha
-    generic = [wire.evalsha(sha, *c) for c in store.write_calls(writes, 30.0, tails)]
-    assert store.write_commands(writes, 30.0, tails) == generic
+    packed, carried = store.write_commands(writes, 30.0, tails)
+    steps_sha, write_sha = store._scripts["steps"].sha, store._scripts["write"].sha
+    assert carried == [[1], [0, 2], [3]]  # a create alone; the steps in calls of 2
+    assert packed == [
+        wire.evalsha(write_sha, *store.write_calls([writes[1]], 30.0, tails)[0]),
+        wire.evalsha(steps_sha, *store.steps_call([writes[0], writes[2]], 30.0, tails)),
+        wire.evalsha(steps_sha, *store.steps_call([writes[3]], 30.0, tails)),
+    ]
 
 
 @pytest.mark.parametrize("parser", ["hiredis", "python"])
@@ -316,6 +322,15 @@ def test_a_redis_record_keeps_its_initial_state_apart_and_an_older_whole_record_
                 False,
                 False,
             ]
+            # a batch: creates and steps in their calls, each result in its write's place
+            mixed = [
+                Write("a", 0, snaps[2], 60.0, b"r2", 1, False, steps=2, tail=n),
+                Write("new", 0, snaps[0], 60.0, create=True, tail=n),
+                Write("a", 9, snaps[3], 60.0, b"r", 2, False, steps=3, tail=n),  # fenced off
+                Write("a", 0, snaps[0], 60.0, create=True, tail=n),  # exists
+            ]
+            assert await store.write(mixed, 30.0) == [True, True, False, False]
+            assert (await store.load("a")).snap == snaps[2]  # type: ignore[union-attr]
             # a record as the version before wrote it: whole, no tail field
             await raw.hset(
                 "rnnzoo:s:b",

@@ -56,7 +56,6 @@ def run(sessions: int = 64, batches: int = 300, log=print) -> dict[str, float]:
     from rnnzoo.server.runtime.snapshot import Snapshot, StepEncoder, to_bytes
     from rnnzoo.server.runtime.store import RedisStore, SqliteStore, Write, wire
 
-    from .load import _cpu_s
     from .stores import _free_port
 
     rng = np.random.default_rng(0)
@@ -119,13 +118,11 @@ def run(sessions: int = 64, batches: int = 300, log=print) -> dict[str, float]:
         )
         try:
             time.sleep(0.5)
-            cpu0 = _cpu_s(redis.pid)
             out.update(
-                asyncio.run(_redis_parts(RedisStore, Write, wire, port, blobs, resp, batches))
+                asyncio.run(
+                    _redis_parts(RedisStore, Write, wire, port, blobs, resp, batches, redis.pid)
+                )
             )
-            cpu1 = _cpu_s(redis.pid)
-            if cpu0 is not None and cpu1 is not None:  # both ways, 5 repeats each, above
-                out["redis-server itself, per write"] = (cpu1 - cpu0) / (10 * n) * 1e6
         finally:
             redis.terminate()
             redis.wait(10)
@@ -145,11 +142,20 @@ def run(sessions: int = 64, batches: int = 300, log=print) -> dict[str, float]:
     return out
 
 
-async def _redis_parts(RedisStore, Write, wire, port, blobs, resp, batches) -> dict[str, float]:
+async def _redis_parts(
+    RedisStore, Write, wire, port, blobs, resp, batches, pid
+) -> dict[str, float]:
+    from rnnzoo.server.runtime.snapshot import initial_size
+
     store = RedisStore(f"redis://127.0.0.1:{port}/0")
     sids = [f"s{i:04d}" for i in range(len(blobs))]
+    tail = initial_size_of(blobs[0], initial_size)
     ok = await store.write(
-        [Write(sid, 0, b, 600.0, create=True) for sid, b in zip(sids, blobs, strict=True)], 30.0
+        [
+            Write(sid, 0, b, 600.0, create=True, tail=tail)
+            for sid, b in zip(sids, blobs, strict=True)
+        ],
+        30.0,
     )
     assert all(ok)
     script = store._scripts["write"]
@@ -159,26 +165,48 @@ async def _redis_parts(RedisStore, Write, wire, port, blobs, resp, batches) -> d
     writes = [Write(sid, 1, b, 600.0, resp, -1) for sid, b in zip(sids, blobs, strict=True)]
     calls = store.write_calls(writes, 30.0)
     client = store._client
+    for w in writes:
+        w.tail = tail
 
-    async def old():
+    async def old():  # a call per write, each with the initial state's bytes
         for _ in range(batches):
             pipe = client.pipeline(transaction=False)
             for keys, args in calls:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
             assert all(await pipe.execute())
 
-    async def new():
+    async def per_call():
         for _ in range(batches):
             packed = [wire.evalsha(script.sha, keys, args) for keys, args in calls]
             assert all(await wire.execute(client, packed))
 
+    async def new():  # one call of the steps script, without the initial state's bytes
+        for _ in range(batches):
+            assert all(await store.write(writes, 30.0))
+
+    from .load import _cpu_s
+
     n = len(blobs) * batches
-    out = {
-        "redis: redis-py Pipeline (before)": await _acpu_us_per(old, n),
-        "redis: wire.execute (now)": await _acpu_us_per(new, n),
-    }
+    out = {}
+    for name, way in (
+        ("redis-py Pipeline, a call a write", old),
+        ("wire.execute, a call a write", per_call),
+        ("store.write, one call, no tail (now)", new),
+    ):
+        cpu0 = _cpu_s(pid)
+        out[f"redis: {name}"] = await _acpu_us_per(way, n)
+        cpu1 = _cpu_s(pid)
+        if cpu0 is not None and cpu1 is not None:  # 5 repeats, above
+            out["  its redis-server CPU" + " " * len(out)] = (cpu1 - cpu0) / (5 * n) * 1e6
     await store.close()
     return out
+
+
+def initial_size_of(blob: bytes, initial_size) -> int:
+    """The initial state's bytes at the end of a snapshot's bytes."""
+    from rnnzoo.server.runtime.snapshot import from_bytes
+
+    return initial_size(from_bytes(blob))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,12 +20,33 @@ _NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] /
 
 # A session's snapshot is kept in two fields: ``snap`` and ``tail``, the snapshot's last bytes
 # when they are its initial state (``Write.tail``), which never change for a session: a step
-# sends only ``snap`` (ARGV[10]: the tail's length, ARGV[11] empty) and the tail stays. A
-# record is ``snap .. tail``; one written whole (``tail`` empty or absent: by a write with no
-# tail, or by a version before this) is read as it is. A step write whose tail is not the
-# stored one's length (an older record) changes nothing and returns -4: the writer sends it
-# again with its tail (``RedisStore.write``).
-_WRITE = """
+# sends only ``snap`` (its tail's length, and an empty tail) and the tail stays. A record is
+# ``snap .. tail``; one written whole (``tail`` empty or absent: by a write with no tail, or
+# by a version before this) is read as it is. A step write whose tail is not the stored
+# one's length (an older record) changes nothing and returns -4: the writer sends it again
+# with its tail (``RedisStore.write``).
+_STEP = """
+local function step(key, epoch, snap, resp, rpos, ttl, leased, lease_ms, steps, n, tail)
+  local v = redis.call('HMGET', key, 'epoch', 'holder', 'lexp', 'steps')
+  if not v[1] then return -2 end
+  if v[1] ~= epoch then return 0 end
+  if leased == '0' and v[2] ~= '' and tonumber(v[3]) > now then return 0 end
+  if tonumber(rpos) >= 0 and v[4] and v[4] ~= '-1' and v[4] ~= rpos then return -3 end
+  if n > 0 and tail == '' and redis.call('HSTRLEN', key, 'tail') ~= n then return -4 end
+  -- one HSET: each call costs redis-server ~1 us
+  local f = {'snap', snap, 'resp', resp, 'rpos', rpos, 'steps', steps}
+  if leased == '1' and v[2] ~= '' then f[9] = 'lexp' f[10] = now + lease_ms end
+  if n == 0 or tail ~= '' then f[#f + 1] = 'tail' f[#f + 1] = tail end
+  redis.call('HSET', key, unpack(f))
+  redis.call('PEXPIRE', key, ttl)
+  return 1
+end
+"""
+
+# one write (a create: its quota too), as RedisStore.write_calls makes it
+_WRITE = (
+    _STEP
+    + """
 local n = tonumber(ARGV[10])
 if ARGV[7] == '1' then
   if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -45,20 +66,29 @@ if ARGV[7] == '1' then
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
   return 1
 end
-local v = redis.call('HMGET', KEYS[1], 'epoch', 'holder', 'lexp', 'steps')
-if not v[1] then return -2 end
-if v[1] ~= ARGV[1] then return 0 end
-if ARGV[6] == '0' and v[2] ~= '' and tonumber(v[3]) > now then return 0 end
-if tonumber(ARGV[4]) >= 0 and v[4] and v[4] ~= '-1' and v[4] ~= ARGV[4] then return -3 end
-if n > 0 and ARGV[11] == '' and redis.call('HSTRLEN', KEYS[1], 'tail') ~= n then return -4 end
--- one HSET: each call costs redis-server ~1 us
-local f = {'snap', ARGV[2], 'resp', ARGV[3], 'rpos', ARGV[4], 'steps', ARGV[9]}
-if ARGV[6] == '1' and v[2] ~= '' then f[9] = 'lexp' f[10] = now + tonumber(ARGV[8]) end
-if n == 0 or ARGV[11] ~= '' then f[#f + 1] = 'tail' f[#f + 1] = ARGV[11] end
-redis.call('HSET', KEYS[1], unpack(f))
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return 1
+return step(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[8]),
+            ARGV[9], n, ARGV[11])
 """
+)
+
+# the step writes of a batch in one call (RedisStore.steps_call): KEYS the sessions' keys,
+# ARGV[1] the lease's ms, then 9 per write; one result each. One call instead of one per
+# write: Redis answered a batch of 64 separate calls in ~8 pieces as it read them (16 KB a
+# read), and each piece woke the server's event loop (cProfile: 5517 loop turns for 300
+# batches of 2.6 KB writes, 1934 of 300-byte ones); one call is one reply
+_STEPS = (
+    _STEP
+    + """
+local lease_ms = tonumber(ARGV[1])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local a = 2 + (i - 1) * 9
+  out[i] = step(key, ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5],
+                lease_ms, ARGV[a + 6], tonumber(ARGV[a + 7]), ARGV[a + 8])
+end
+return out
+"""
+)
 
 _FIELDS = "'snap', 'epoch', 'holder', 'lexp', 'resp', 'rpos', 'steps', 'tail'"
 
@@ -160,6 +190,7 @@ class RedisStore(StateStore):
     RATE_PREFIX = "rnnzoo:r:"  # a hash per rate key: its token bucket
     PROBE_KEY = "rnnzoo:probe"  # the health probe's write
     BACKOFF_S = (0.1, 2.0)  # after a failed connection: first wait, longest wait
+    STEPS_PER_CALL = 128  # step writes a call of the steps script (Redis runs one ~1.5 ms)
 
     def __init__(self, url: str, max_ttl_s: float = DEFAULT_MAX_TTL_S):
         try:
@@ -185,6 +216,7 @@ class RedisStore(StateStore):
             )
             for name, src in (
                 ("write", _WRITE),
+                ("steps", _STEPS),
                 ("load", _LOAD),
                 ("acquire", _ACQUIRE),
                 ("renew", _RENEW),
@@ -251,10 +283,10 @@ class RedisStore(StateStore):
         """Script ``name``'s calls in one round trip; their results, in order."""
         sha = self._scripts[name].sha  # the script's SHA1, known without Redis (redis-py)
         # packed by us (wire.py: redis-py's Pipeline cost ~100 us per call to build)
-        return await self._send(name, [wire.evalsha(sha, *c) for c in calls], write)
+        return await self._send([wire.evalsha(sha, *c) for c in calls], write)
 
-    async def _send(self, name: str, packed: list[bytes], write: bool = False) -> list[Any]:
-        """Script ``name``'s packed EVALSHA commands in one round trip; their results."""
+    async def _send(self, packed: list[bytes], write: bool = False) -> list[Any]:
+        """Packed EVALSHA commands of our scripts in one round trip; their results."""
         import redis.exceptions as rex
 
         async with self._guard(write):
@@ -286,63 +318,93 @@ class RedisStore(StateStore):
             await self._client.set(self.PROBE_KEY, b"1", px=10_000)
 
     async def write(self, writes: list[Write], lease_ttl_s: float) -> list[bool | None]:
-        results = await self._send("write", self.write_commands(writes, lease_ttl_s), True)
+        results = await self._write(writes, lease_ttl_s, False)
         short = [i for i, r in enumerate(results) if r == -4]
         if short:  # stored whole (an older record): these did not run; again with their tails
             # (a fault now makes the whole batch's outcome unknown, the ones applied above
             # too: they are read back, as after any unknown outcome)
-            again = self.write_commands([writes[i] for i in short], lease_ttl_s, tails=True)
-            for i, r in zip(short, await self._send("write", again, True), strict=True):
+            again = await self._write([writes[i] for i in short], lease_ttl_s, True)
+            for i, r in zip(short, again, strict=True):
                 results[i] = r
         return [None if r == -1 else r == 1 for r in results]
 
+    async def _write(self, writes: list[Write], lease_ttl_s: float, tails: bool) -> list[int]:
+        """One round trip: a create per write script call, the steps in calls of the steps
+        script (``write_commands``); each write's result code."""
+        packed, carried = self.write_commands(writes, lease_ttl_s, tails)
+        results = [0] * len(writes)
+        for reply, indices in zip(await self._send(packed, True), carried, strict=True):
+            if isinstance(reply, list):
+                for i, r in zip(indices, reply, strict=True):
+                    results[i] = r
+            else:
+                results[indices[0]] = reply
+        return results
+
     def write_commands(
         self, writes: list[Write], lease_ttl_s: float, tails: bool = False
-    ) -> list[bytes]:
-        """The write script's EVALSHA commands, packed. A step's (most writes) is packed
-        here directly, a bulk string per argument and one join: 1.9 us against 4.6 us
-        through ``write_calls`` and ``wire.evalsha`` (which pack a create), measured with
-        64 writes of the benchmark's LSTM (2-core AMD EPYC)."""
-        sha = self._scripts["write"].sha
-        head = wire.evalsha_head(sha, 12, 1)
-        lease = wire.bulk_int(int(lease_ttl_s * 1000))
+    ) -> tuple[list[bytes], list[list[int]]]:
+        """The packed commands of ``writes`` and the writes each carries (their indices): a
+        create in a call of the write script each, the steps in one call of the steps script
+        per ``STEPS_PER_CALL``."""
+        packed: list[bytes] = []
+        carried: list[list[int]] = []
+        steps: list[int] = []
+        for i, w in enumerate(writes):
+            if w.create:
+                sha = self._scripts["write"].sha
+                packed.append(wire.evalsha(sha, *self.write_calls([w], lease_ttl_s, tails)[0]))
+                carried.append([i])
+            else:
+                steps.append(i)
+        for at in range(0, len(steps), self.STEPS_PER_CALL):
+            group = steps[at : at + self.STEPS_PER_CALL]
+            packed.append(self.steps_command([writes[i] for i in group], lease_ttl_s, tails))
+            carried.append(group)
+        return packed, carried
+
+    def steps_command(self, writes: list[Write], lease_ttl_s: float, tails: bool) -> bytes:
+        """``steps_call`` packed here directly, a bulk string per argument and one join (the
+        same bytes as ``wire.evalsha`` makes of it, at 1.9 against 4.6 us a write: 64
+        writes of the benchmark's LSTM, 2-core AMD EPYC)."""
         bulk, bulk_int = wire.bulk, wire.bulk_int
-        out = []
+        parts = [wire.evalsha_head(self._scripts["steps"].sha, len(writes) * 10 + 1, len(writes))]
+        parts += [bulk((self.PREFIX + w.sid).encode()) for w in writes]
+        parts.append(bulk_int(int(lease_ttl_s * 1000)))
         for w in writes:
-            if w.create:  # the quota's arguments too
-                out.append(wire.evalsha(sha, *self.write_calls([w], lease_ttl_s, tails)[0]))
-                continue
             snap, n, tail = self._snap_args(w, tails)
-            ttl_ms = max(int(1000 * min(w.ttl_s, self.max_ttl_s)), 1)
-            out.append(
-                b"".join(
-                    [
-                        head,
-                        bulk((self.PREFIX + w.sid).encode()),
-                        bulk_int(w.epoch),
-                        bulk(snap),
-                        bulk(w.resp or b""),
-                        bulk_int(w.rpos),
-                        bulk_int(ttl_ms),
-                        _ONE if w.leased else _ZERO,
-                        _ZERO,  # not a create
-                        lease,
-                        bulk_int(w.steps),
-                        bulk_int(n),
-                        bulk(tail),
-                    ]
-                )
+            parts += (
+                bulk_int(w.epoch),
+                bulk(snap),
+                bulk(w.resp or b""),
+                bulk_int(w.rpos),
+                bulk_int(self._ttl_ms(w)),
+                _ONE if w.leased else _ZERO,
+                bulk_int(w.steps),
+                bulk_int(n),
+                bulk(tail),
             )
-        return out
+        return b"".join(parts)
+
+    def steps_call(self, writes: list[Write], lease_ttl_s: float, tails: bool = False) -> Call:
+        """The steps script's (keys, args) for step writes (not creates)."""
+        args: list[wire.Arg] = [int(lease_ttl_s * 1000)]
+        for w in writes:
+            snap, n, tail = self._snap_args(w, tails)
+            args += [w.epoch, snap, w.resp or b"", w.rpos, self._ttl_ms(w), int(w.leased)]
+            args += [w.steps, n, tail]
+        return [self._key(w.sid) for w in writes], args
+
+    def _ttl_ms(self, w: Write) -> int:
+        return max(int(1000 * min(w.ttl_s, self.max_ttl_s)), 1)
 
     def write_calls(
         self, writes: list[Write], lease_ttl_s: float, tails: bool = False
     ) -> list[Call]:
-        """The write script's (keys, args) for each write (``write_commands`` packs a step's
-        the same way directly; benchmarks.write_parts packs them both ways)."""
+        """The write script's (keys, args) for each write, one call each (a create's; the
+        steps go in ``steps_call``: benchmarks.write_parts measures both ways)."""
         calls: list[Call] = []
         for w in writes:
-            ttl_ms = int(1000 * min(w.ttl_s, self.max_ttl_s))
             keys: list[wire.Arg] = [self._key(w.sid)]
             snap, n, tail = self._snap_args(w, tails)
             args: list[wire.Arg] = [
@@ -350,7 +412,7 @@ class RedisStore(StateStore):
                 snap,
                 w.resp or b"",
                 w.rpos,
-                max(ttl_ms, 1),
+                self._ttl_ms(w),
                 int(w.leased),
                 int(w.create),
                 int(lease_ttl_s * 1000),
