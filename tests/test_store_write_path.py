@@ -275,6 +275,19 @@ def test_a_sqlite_batch_over_one_statement_says_which_write_of_each_part_landed(
     assert snaps == {s: b"0" if i in refused else b"1" for i, s in enumerate(sids)}
 
 
+def test_two_sqlite_stores_on_one_file_never_take_each_others_write_ids_for_their_own(tmp_path):
+    from rnnzoo.server.runtime.store import SqliteStore, Write
+
+    a, b = SqliteStore(tmp_path / "st"), SqliteStore(tmp_path / "st")  # two processes' worth
+    ca, cb = a._conn(), b._conn()
+    assert a._write(ca, [Write(s, 0, b"0", 60.0, create=True) for s in "xy"], 30.0) == [True] * 2
+    assert a._write(ca, [Write("x", 0, b"a", 60.0, b"r", -1)], 30.0) == [True]
+    # b's first write ids, were they counted from where a's were, would name a's row of x
+    refused = [Write("x", 3, b"b", 60.0, b"r", -1), Write("y", 3, b"b", 60.0, b"r", -1)]
+    assert b._write(cb, refused, 30.0) == [False, False]
+    assert dict(cb.execute("SELECT sid, snap FROM sessions")) == {"x": b"a", "y": b"0"}
+
+
 def test_a_sqlite_store_made_before_write_ids_gains_their_column_and_takes_batches(tmp_path):
     import sqlite3
 

@@ -107,8 +107,9 @@ class SqliteStore(StateStore):
         if "wid" not in {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}:
             with contextlib.suppress(sqlite3.OperationalError):
                 conn.execute("ALTER TABLE sessions ADD COLUMN wid INTEGER NOT NULL DEFAULT 0")
-        self._wid = self._wid_end = 0  # this process's next write id and its range's end
-        self._new_writer(conn)
+        # this process's next write id and its range's end: a writer id is taken at the
+        # first write (a write of its own, which startup does not need)
+        self._wid = self._wid_end = 0
         self._files = {p: _identity(p) for p in (self.path, Path(f"{self.path}-wal"))}
         self._files = {p: i for p, i in self._files.items() if i is not None}
         self._broken: str | None = None  # why every call now fails (files removed/replaced)
