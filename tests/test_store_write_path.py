@@ -374,3 +374,18 @@ def test_a_redis_record_keeps_its_initial_state_apart_and_an_older_whole_record_
         asyncio.run(go())
     finally:
         server.stop()
+
+
+def test_a_closed_sqlite_store_stops_its_thread_and_refuses_calls_by_name(tmp_path):
+    from rnnzoo.errors import StoreUnavailable
+    from rnnzoo.server.runtime.store import SqliteStore, Write
+
+    async def run() -> None:
+        store = SqliteStore(tmp_path / "st")
+        assert await store.write([Write("a", 0, b"v0", 60.0, create=True)], 30.0) == [True]
+        await store.close()
+        assert store._thread._shutdown
+        with pytest.raises(StoreUnavailable, match="is closed"):
+            await store.load("a")
+
+    asyncio.run(run())

@@ -90,6 +90,7 @@ class SqliteStore(StateStore):
         # every call runs in this one thread: one connection, which compiles each statement
         # once (the default executor's threads each had their own)
         self._thread = ThreadPoolExecutor(1, "rnnzoo-sqlite")
+        self._closed = False
         self._lock = threading.Lock()  # one writer thread at a time within this process
         self._last_sweep = 0.0
         conn = self._conn()
@@ -141,6 +142,11 @@ class SqliteStore(StateStore):
             # here, not in the store's thread: each stat there had that thread drop and
             # retake the GIL, and every retake waits while the event loop runs Python
             self._check_files()
+            if self._closed:
+                raise StoreUnavailable(
+                    f"the state store {self.path} is closed (this server is stopping); retry "
+                    "against a running server"
+                )
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._thread, self._locked, fn, *args)
         except sqlite3.Error as exc:
@@ -188,6 +194,12 @@ class SqliteStore(StateStore):
     def _locked(self, fn: Callable[..., T], *args: Any) -> T:
         with self._lock:
             return fn(self._conn(), *args)
+
+    async def close(self) -> None:
+        """Stop the store's thread once the calls queued to it have run (its connection goes
+        with the thread)."""
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.shutdown, True)
 
     async def ping(self) -> None:
         """The health probe: the files are the ones opened, and a write of the largest size
