@@ -5,16 +5,17 @@ run (docs/scale-out.md, "Cost of the write-through").
 
 For the benchmark model (LSTM, 2 layers, H=128: 2 KB of state per session) and ``--sessions``
 sessions, one batch = every session's write once, as the server makes them after one batched
-step. Parts, each in microseconds of CPU per session-step (``time.process_time``; the
-redis-server is another process and its CPU is not counted), median of 5 repeats:
+step. Parts, each in microseconds of CPU per session-step (``time.process_time``: this
+process; the redis-server's own CPU is given apart), median of 5 repeats:
 
 - ``encode``: the session's snapshot bytes: ``to_bytes`` (before) vs ``StepEncoder`` (now);
 - ``step result``: the step's result kept for a retry (``result_to_bytes``): the JSON
   header encoded whole (before) vs the outputs' index cached per layout (now);
-- ``redis pack+send+read``: one pipelined round trip of the batch's fenced writes: redis-py's
-  ``Pipeline`` (before) vs ``wire.execute`` (now);
-- ``redis-server itself``: the server process's CPU for those writes (the Lua script), which
-  shares the machine's cores with rnnzoo;
+- ``redis``: one pipelined round trip of the batch's fenced writes, three ways: a call per
+  write with the whole snapshot, through redis-py's ``Pipeline`` and through ``wire.execute``
+  (before), and ``RedisStore.write`` (now: one call of the steps script, the initial state's
+  bytes kept in the record); under each, the redis-server process's own CPU for those writes
+  (the Lua scripts), which shares the machine's cores with rnnzoo;
 - ``sqlite``: one transaction of the batch's fenced writes (``SqliteStore``), in this thread.
 
 Needs redis-server on PATH; runs its own on a free loopback port.
