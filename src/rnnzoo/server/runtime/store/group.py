@@ -89,6 +89,9 @@ class GroupWriter:
 async def _settle(fut: asyncio.Future[Any], why: Awaitable[BaseException]) -> None:
     try:
         exc = await why
+    except asyncio.CancelledError:  # shutting down: its waiter is cancelled too, not left
+        fut.cancel()
+        raise
     except Exception as error:  # saying why failed: that error, rather than none
         exc = error
     if not fut.done():
