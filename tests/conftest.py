@@ -20,6 +20,17 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """The runtime tests' model directory (onnx_fixtures.build_zoo), built once per test
+    module; a module that needs the repository or the reference params defines its own."""
+    from onnx_fixtures import build_zoo
+
+    d = tmp_path_factory.mktemp("zoo")
+    build_zoo(d)
+    return d
+
+
 @pytest.fixture(params=["dir", "redis"])
 def state_store(request, tmp_path):
     """A ``--state-store`` for one test: the embedded store (a directory) or a real

@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from onnx_fixtures import build_rnn, build_zoo
+from onnx_fixtures import build_rnn
 
 from rnnzoo.client import Client, RpcError
 from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
@@ -18,13 +18,6 @@ EXACT = 1e-6
 
 def _x(steps: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(steps, 3)).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("zoo")
-    build_zoo(d)
-    return d
 
 
 def _server(d, **kw):

@@ -11,7 +11,6 @@ import json
 import grpc
 import numpy as np
 import pytest
-from onnx_fixtures import build_zoo
 from scaleout_harness import Serve
 
 from rnnzoo.client import Client
@@ -21,13 +20,6 @@ from rnnzoo.proto.v1 import rnnzoo_pb2_grpc as pbg
 
 GREEDY = "greedy-client-token-0123456789"
 CANARY = "canary-client-token-0123456789"
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("zoo")
-    build_zoo(d)
-    return d
 
 
 @pytest.fixture

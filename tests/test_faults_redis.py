@@ -22,19 +22,11 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 from faults_harness import HealthWatch, Load
-from onnx_fixtures import build_zoo
 from scaleout_harness import Proc, Serve, free_port, wait_port
 
 STORE_TIMEOUT_S = 1.0  # the store's socket timeout in these tests (?socket_timeout=)
 # a full session id: secrets.token_urlsafe(24), 32 characters
 ID_RUN = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{32}(?![A-Za-z0-9_-])")
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("zoo")
-    build_zoo(d)
-    return d
 
 
 class RedisCtl:

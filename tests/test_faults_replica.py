@@ -22,20 +22,11 @@ import os
 import signal
 import time
 
-import pytest
 from faults_harness import Load
-from onnx_fixtures import build_zoo
 from scaleout_harness import Nginx, Redis, Serve
 from test_faults_redis import ID_RUN, _report
 
 from rnnzoo.client import Client
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("zoo")
-    build_zoo(d)
-    return d
 
 
 def test_a_frozen_replica_is_marked_down_and_its_zombie_writes_are_fenced(zoo, tmp_path):

@@ -19,18 +19,10 @@ import grpc
 import numpy as np
 import pytest
 from faults_harness import HealthWatch, Load
-from onnx_fixtures import build_zoo
 from scaleout_harness import Serve
 from test_faults_redis import ID_RUN, _recovery, _report
 
 from rnnzoo.client import Client, RpcError
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("zoo")
-    build_zoo(d)
-    return d
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from onnx_fixtures import build_zoo
 from prometheus_client.parser import text_string_to_metric_families
 
 from rnnzoo.proto.inference.v2 import grpc_service_pb2 as kpb
@@ -18,13 +17,6 @@ from rnnzoo.proto.v1 import rnnzoo_pb2 as pb
 from rnnzoo.proto.v1 import rnnzoo_pb2_grpc as pb_grpc
 from rnnzoo.server.runtime import Runtime, RuntimeOptions
 from rnnzoo.server.transport import RnnzooServer, ServerConfig
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("zoo")
-    build_zoo(d)
-    return d
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple], float]:

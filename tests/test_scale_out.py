@@ -13,7 +13,6 @@ import time
 import grpc
 import numpy as np
 import pytest
-from onnx_fixtures import build_zoo
 from scaleout_harness import Nginx, Redis, Serve, free_port
 
 from rnnzoo.client import Client, RpcError
@@ -24,13 +23,6 @@ EXACT = 1e-6
 
 def _x(steps: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(steps, 3)).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("zoo")
-    build_zoo(d)
-    return d
 
 
 @pytest.fixture

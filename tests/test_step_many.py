@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx_fixtures import CHARS, build_zoo
+from onnx_fixtures import CHARS
 from scaleout_harness import Serve
 
 from rnnzoo.client import Client, RpcError
@@ -20,13 +20,6 @@ from rnnzoo.server.runtime import Runtime, RuntimeOptions
 from rnnzoo.server.transport import BackgroundServer, ServerConfig
 
 EXACT = 1e-6
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("zoo")
-    build_zoo(d)
-    return d
 
 
 @pytest.fixture(scope="module")

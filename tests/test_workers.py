@@ -15,7 +15,6 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from onnx_fixtures import build_zoo
 from scaleout_harness import RNNZOO, Proc, free_port
 
 from rnnzoo.cli import main
@@ -25,13 +24,6 @@ from rnnzoo.errors import FailedPrecondition, InvalidArgument
 from rnnzoo.server.supervisor import reserve_port, worker_count
 
 EXACT = 1e-6
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("zoo")
-    build_zoo(d)
-    return d
 
 
 def _cgroup(tmp_path, rel: str, files: dict[str, str]):
