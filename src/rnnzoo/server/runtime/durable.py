@@ -293,7 +293,7 @@ class Records:
             await self.write_soon(sess, snap, lease, result, rpos)
             return
         w = self._step_write(sess, snap, lease, rpos)
-        w.value = (snap, result)  # kept as objects: no encoding (~22 µs per step saved)
+        self._encode(w, snap, result, sess)  # in memory: kept as objects
         (ok,) = await self.store.write([w], self.lease_ttl_s)  # in memory: no unknown outcome
         if not ok:
             raise await self._lost_write(sess, lease, rpos)
