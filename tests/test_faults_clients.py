@@ -44,6 +44,16 @@ def _log(srv: Serve) -> list[dict]:
     return out
 
 
+async def _hang_up(calls, tasks, ch) -> None:
+    """Cancel a greedy client's calls and their tasks, then close its channel."""
+    for call in calls:
+        call.cancel()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await ch.close()
+
+
 def test_many_unread_streams_are_bounded_per_client_and_their_cancellation_is_no_error(
     zoo, tmp_path, tokens
 ):
@@ -96,12 +106,7 @@ def test_many_unread_streams_are_bounded_per_client_and_their_cancellation_is_no
                 s.step(np.ones(3, np.float32))
             assert s.position == 20
         during = _rss_mb(srv.pid)
-        for call in calls:
-            call.cancel()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await ch.close()
+        await _hang_up(calls, tasks, ch)
         return before, during
 
     try:
@@ -181,12 +186,7 @@ def test_a_fixed_stream_window_bounds_the_bytes_one_clients_unread_streams_hold(
             assert s.position == 50_005
             assert out.value.shape[0] == 50_000 and out.steps_total == 50_005
         peak = max(peak, _rss_mb(srv.pid))
-        for call in calls:
-            call.cancel()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await ch.close()
+        await _hang_up(calls, tasks, ch)
         return before, peak
 
     try:
